@@ -1,0 +1,209 @@
+//! Per-file encoders of bsi, behind one interface.
+//!
+//! A payload is produced either by [`compress`] (a whole new file, plain zstd) or by one of the
+//! [`DeltaEncoder`]s, which rebuild the new file from the old one. [`encode_best`] tries every
+//! delta encoder and plain compression and keeps the smallest result. Decoders never trust the
+//! payload: the expected output length comes from the signed manifest and bounds every
+//! allocation and the zstd window.
+#![forbid(unsafe_code)]
+
+mod zstd_prefix;
+
+use std::io::{self, Read};
+
+pub use zstd_prefix::ZstdPrefix;
+
+/// Name of plain compression (used for added and replaced files).
+pub const PLAIN: &str = "zstd";
+
+/// zstd level for payloads: packages are built once and downloaded by every device.
+pub const LEVEL: i32 = 19;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown encoder {0:?}")]
+    UnknownEncoder(String),
+    #[error("payload is corrupt: {0}")]
+    Corrupt(#[source] io::Error),
+    #[error("payload decodes to more than the {expected} bytes the manifest names")]
+    TooLong { expected: u64 },
+    #[error("payload decodes to {actual} bytes but the manifest names {expected}")]
+    WrongLength { expected: u64, actual: u64 },
+}
+
+/// A delta encoder: turns (old, new) into a payload and back.
+pub trait DeltaEncoder: Send + Sync {
+    /// Stable name written into manifests.
+    fn name(&self) -> &'static str;
+    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>>;
+    /// Rebuild the new file, which the manifest says is `new_len` bytes long.
+    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError>;
+}
+
+static ZSTD_PREFIX: ZstdPrefix = ZstdPrefix;
+static DELTA_ENCODERS: [&dyn DeltaEncoder; 1] = [&ZSTD_PREFIX];
+
+/// Every delta encoder, in the order they are tried.
+pub fn delta_encoders() -> &'static [&'static dyn DeltaEncoder] {
+    &DELTA_ENCODERS
+}
+
+/// The delta encoder with this manifest name.
+pub fn delta_encoder(name: &str) -> Result<&'static dyn DeltaEncoder, DecodeError> {
+    DELTA_ENCODERS
+        .iter()
+        .copied()
+        .find(|e| e.name() == name)
+        .ok_or_else(|| DecodeError::UnknownEncoder(name.to_owned()))
+}
+
+/// Plain zstd of a whole file.
+pub fn compress(new: &[u8]) -> io::Result<Vec<u8>> {
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), LEVEL)?;
+    encoder.set_pledged_src_size(Some(new.len() as u64))?;
+    encoder.include_checksum(false)?;
+    encoder.include_contentsize(true)?;
+    encoder.window_log(window_log(new.len() as u64))?;
+    io::Write::write_all(&mut encoder, new)?;
+    encoder.finish()
+}
+
+/// Inverse of [`compress`], for a file the manifest says is `new_len` bytes long.
+pub fn decompress(payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(payload).map_err(DecodeError::Corrupt)?;
+    decoder
+        .window_log_max(window_log(new_len))
+        .map_err(DecodeError::Corrupt)?;
+    read_exact_len(decoder, new_len)
+}
+
+/// What [`encode_best`] chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// `None` for plain compression, else the delta encoder's name.
+    pub encoder: Option<&'static str>,
+    pub payload: Vec<u8>,
+}
+
+/// Encode `new` with every delta encoder against `old` (when there is one) and with plain
+/// compression; keep the smallest payload. Ties go to plain compression, which needs no old file.
+pub fn encode_best(old: Option<&[u8]>, new: &[u8]) -> io::Result<Encoded> {
+    let mut best = Encoded {
+        encoder: None,
+        payload: compress(new)?,
+    };
+    if let Some(old) = old {
+        for encoder in delta_encoders() {
+            let payload = encoder.encode(old, new)?;
+            if payload.len() < best.payload.len() {
+                best = Encoded {
+                    encoder: Some(encoder.name()),
+                    payload,
+                };
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// Smallest zstd window log (10..=31) that covers `len` bytes.
+pub(crate) fn window_log(len: u64) -> u32 {
+    let bits = 64 - len.saturating_sub(1).leading_zeros();
+    bits.clamp(10, 31)
+}
+
+/// Read exactly `expected` bytes from `reader` and make sure nothing follows; never allocates
+/// more than `expected` up front.
+pub(crate) fn read_exact_len(reader: impl Read, expected: u64) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::with_capacity(usize::try_from(expected.min(1 << 30)).unwrap_or(0));
+    let read = reader
+        .take(expected.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(DecodeError::Corrupt)? as u64;
+    if read > expected {
+        return Err(DecodeError::TooLong { expected });
+    }
+    if read != expected {
+        return Err(DecodeError::WrongLength {
+            expected,
+            actual: read,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn window_log_covers_length() {
+        assert_eq!(window_log(0), 10);
+        assert_eq!(window_log(1024), 10);
+        assert_eq!(window_log(1025), 11);
+        assert_eq!(window_log(90 << 20), 27);
+        assert_eq!(window_log(u64::MAX), 31);
+    }
+
+    #[test]
+    fn plain_round_trip_and_length_checks() {
+        let data = b"hello hello hello hello".repeat(100);
+        let payload = compress(&data).expect("compress");
+        assert_eq!(decompress(&payload, data.len() as u64).expect("decode"), data);
+        assert!(matches!(
+            decompress(&payload, data.len() as u64 - 1),
+            Err(DecodeError::TooLong { .. })
+        ));
+        assert!(matches!(
+            decompress(&payload, data.len() as u64 + 1),
+            Err(DecodeError::WrongLength { .. })
+        ));
+        assert!(decompress(b"not zstd at all", 10).is_err());
+    }
+
+    #[test]
+    fn best_prefers_delta_for_a_small_edit() {
+        let mut state = 1u64;
+        let old: Vec<u8> = (0..200_000)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (state >> 56) as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        new.splice(1000..1000, b"inserted".iter().copied());
+        new[150_000] ^= 0xff;
+        let best = encode_best(Some(&old), &new).expect("encode");
+        assert_eq!(best.encoder, Some("zstd-prefix"));
+        assert!(best.payload.len() < 200, "payload {} bytes", best.payload.len());
+        let decoded = delta_encoder("zstd-prefix")
+            .expect("known")
+            .decode(&old, &best.payload, new.len() as u64)
+            .expect("decode");
+        assert_eq!(decoded, new);
+        assert!(matches!(delta_encoder("bsdiff9"), Err(DecodeError::UnknownEncoder(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn every_encoder_round_trips(old in proptest::collection::vec(any::<u8>(), 0..4000),
+                                     new in proptest::collection::vec(any::<u8>(), 0..4000)) {
+            for encoder in delta_encoders() {
+                let payload = encoder.encode(&old, &new).expect("encode");
+                let decoded = encoder.decode(&old, &payload, new.len() as u64).expect("decode");
+                prop_assert_eq!(&decoded, &new);
+            }
+        }
+
+        #[test]
+        fn decoders_refuse_garbage_without_panicking(old in proptest::collection::vec(any::<u8>(), 0..2000),
+                                                     junk in proptest::collection::vec(any::<u8>(), 0..2000),
+                                                     len in 0u64..100_000) {
+            for encoder in delta_encoders() {
+                let _ = encoder.decode(&old, &junk, len);
+            }
+            let _ = decompress(&junk, len);
+        }
+    }
+}

@@ -1,0 +1,36 @@
+use std::io::{self, Write};
+
+use zstd::stream::raw::{CParameter, DParameter};
+
+use crate::{read_exact_len, window_log, DecodeError, DeltaEncoder, LEVEL};
+
+/// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
+/// a window that covers old and new file together.
+#[derive(Debug, Clone, Copy)]
+pub struct ZstdPrefix;
+
+impl DeltaEncoder for ZstdPrefix {
+    fn name(&self) -> &'static str {
+        "zstd-prefix"
+    }
+
+    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
+        let window = window_log(old.len() as u64 + new.len() as u64);
+        let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), LEVEL, old)?;
+        encoder.set_parameter(CParameter::WindowLog(window))?;
+        encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+        encoder.set_parameter(CParameter::ChecksumFlag(false))?;
+        encoder.set_pledged_src_size(Some(new.len() as u64))?;
+        encoder.write_all(new)?;
+        encoder.finish()
+    }
+
+    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+        let window = window_log(old.len() as u64 + new_len);
+        let mut raw = zstd::stream::raw::Decoder::with_ref_prefix(old).map_err(DecodeError::Corrupt)?;
+        raw.set_parameter(DParameter::WindowLogMax(window))
+            .map_err(DecodeError::Corrupt)?;
+        let decoder = zstd::stream::zio::Reader::new(io::BufReader::new(payload), raw);
+        read_exact_len(decoder, new_len)
+    }
+}

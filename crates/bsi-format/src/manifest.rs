@@ -1,0 +1,348 @@
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Digest, Letter, PkgPath, Version};
+
+/// The manifest format this crate writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Largest file a manifest may name (1 TiB): sizes come from the manifest and are checked
+/// against this before anything is allocated for them.
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+
+/// A modification time: seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mtime {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// What one path holds, before or after the patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Image {
+    File {
+        sha256: Digest,
+        size: u64,
+        mode: u32,
+        mtime: Mtime,
+    },
+    Symlink {
+        target: String,
+        mtime: Mtime,
+    },
+    Dir {
+        mode: u32,
+        mtime: Mtime,
+    },
+}
+
+impl Image {
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Image::File { .. } => "file",
+            Image::Symlink { .. } => "symlink",
+            Image::Dir { .. } => "directory",
+        }
+    }
+
+    pub fn mtime(&self) -> Mtime {
+        match self {
+            Image::File { mtime, .. } | Image::Symlink { mtime, .. } | Image::Dir { mtime, .. } => {
+                *mtime
+            }
+        }
+    }
+
+    /// True when both images hold the same content (bytes or link target) and kind, whatever
+    /// their metadata.
+    pub fn same_content(&self, other: &Image) -> bool {
+        match (self, other) {
+            (Image::File { sha256: a, size: sa, .. }, Image::File { sha256: b, size: sb, .. }) => {
+                a == b && sa == sb
+            }
+            (Image::Symlink { target: a, .. }, Image::Symlink { target: b, .. }) => a == b,
+            (Image::Dir { .. }, Image::Dir { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// How the post-image of an entry is produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Operation {
+    /// Nothing was there; the post-image is created (a file's bytes come from its payload).
+    Add,
+    /// The pre-image is removed.
+    Delete,
+    /// The pre-image is replaced whole (a file's bytes come from its payload).
+    Replace,
+    /// A file is rebuilt from its pre-image and a payload written by the named encoder.
+    Delta { encoder: String },
+    /// Same content; only permission bits or times change.
+    Metadata,
+}
+
+impl Operation {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Add => "add",
+            Operation::Delete => "delete",
+            Operation::Replace => "replace",
+            Operation::Delta { .. } => "delta",
+            Operation::Metadata => "metadata",
+        }
+    }
+}
+
+/// Where an entry's payload lies in the payload section, and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    pub offset: u64,
+    pub len: u64,
+    pub sha256: Digest,
+}
+
+/// One changed path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub path: PkgPath,
+    pub component: String,
+    pub pre: Option<Image>,
+    pub post: Option<Image>,
+    #[serde(flatten)]
+    pub op: Operation,
+    pub payload: Option<Payload>,
+}
+
+/// A named subtree of the root that the package covers; an empty path is the whole root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Component {
+    pub name: String,
+    pub path: String,
+}
+
+/// The full release a package is built against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseRelease {
+    pub version: Version,
+    pub build: Option<String>,
+}
+
+/// Everything a package promises, signed as one canonical byte string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub product: String,
+    pub base: BaseRelease,
+    pub letter: Letter,
+    /// Key id (see `bsi-sign`) of the key that signed the package.
+    pub signer: String,
+    pub components: Vec<Component>,
+    pub entries: Vec<Entry>,
+    /// Length of the payload section that follows the signature.
+    pub payload_len: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("manifest is not in canonical form")]
+    NotCanonical,
+    #[error("manifest format {0} is not supported (this bsi reads format {FORMAT_VERSION})")]
+    Format(u32),
+    #[error("manifest names {what} {value:?}, which is not allowed")]
+    BadName { what: &'static str, value: String },
+    #[error("component {0:?} is named twice")]
+    DuplicateComponent(String),
+    #[error("components {0:?} and {1:?} overlap")]
+    OverlappingComponents(String, String),
+    #[error("entries are not sorted by path or repeat one: {0}")]
+    EntryOrder(PkgPath),
+    #[error("entry {path} names component {component:?}, which does not hold it")]
+    EntryComponent { path: PkgPath, component: String },
+    #[error("entry {path}: operation {op} does not fit its pre- and post-image ({reason})")]
+    Inconsistent {
+        path: PkgPath,
+        op: &'static str,
+        reason: &'static str,
+    },
+    #[error("entry {path}: file size {size} exceeds the limit")]
+    TooLarge { path: PkgPath, size: u64 },
+    #[error("entry {path}: payload at offset {offset} does not follow the previous one at {expected}")]
+    PayloadGap {
+        path: PkgPath,
+        offset: u64,
+        expected: u64,
+    },
+    #[error("payloads cover {covered} bytes but the manifest declares {declared}")]
+    PayloadLength { covered: u64, declared: u64 },
+}
+
+impl Manifest {
+    /// The canonical bytes of this manifest: what is signed.
+    pub fn to_canonical_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a manifest always serialises: it holds no maps or floats")
+    }
+
+    /// Parse canonical manifest bytes and check every structural rule.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        let manifest: Manifest = serde_json::from_slice(bytes)?;
+        if manifest.to_canonical_bytes() != bytes {
+            return Err(ManifestError::NotCanonical);
+        }
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Check the rules every manifest obeys: supported format, sane names, sorted unique paths
+    /// inside their components, operations consistent with their images, payloads contiguous.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.format != FORMAT_VERSION {
+            return Err(ManifestError::Format(self.format));
+        }
+        check_name("product", &self.product)?;
+        if let Some(build) = &self.base.build {
+            check_name("base build", build)?;
+        }
+        let mut names = BTreeSet::new();
+        for (i, c) in self.components.iter().enumerate() {
+            check_name("component", &c.name)?;
+            if !c.path.is_empty() {
+                PkgPath::new(&c.path).map_err(|_| ManifestError::BadName {
+                    what: "component path",
+                    value: c.path.clone(),
+                })?;
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(ManifestError::DuplicateComponent(c.name.clone()));
+            }
+            for other in &self.components[..i] {
+                let overlap = match (PkgPath::new(&c.path), PkgPath::new(&other.path)) {
+                    (Ok(a), Ok(b)) => a.is_within(b.as_str()) || b.is_within(a.as_str()),
+                    _ => true,
+                };
+                if overlap {
+                    return Err(ManifestError::OverlappingComponents(
+                        other.name.clone(),
+                        c.name.clone(),
+                    ));
+                }
+            }
+        }
+        let mut previous: Option<&PkgPath> = None;
+        let mut next_offset = 0u64;
+        for entry in &self.entries {
+            if previous.is_some_and(|p| p >= &entry.path) {
+                return Err(ManifestError::EntryOrder(entry.path.clone()));
+            }
+            previous = Some(&entry.path);
+            let holds = self
+                .components
+                .iter()
+                .any(|c| c.name == entry.component && entry.path.is_within(&c.path));
+            if !holds {
+                return Err(ManifestError::EntryComponent {
+                    path: entry.path.clone(),
+                    component: entry.component.clone(),
+                });
+            }
+            entry.check_consistent()?;
+            if let Some(payload) = &entry.payload {
+                if payload.offset != next_offset {
+                    return Err(ManifestError::PayloadGap {
+                        path: entry.path.clone(),
+                        offset: payload.offset,
+                        expected: next_offset,
+                    });
+                }
+                next_offset = next_offset.checked_add(payload.len).ok_or(
+                    ManifestError::PayloadLength {
+                        covered: u64::MAX,
+                        declared: self.payload_len,
+                    },
+                )?;
+            }
+        }
+        if next_offset != self.payload_len {
+            return Err(ManifestError::PayloadLength {
+                covered: next_offset,
+                declared: self.payload_len,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Entry {
+    fn check_consistent(&self) -> Result<(), ManifestError> {
+        let fail = |reason| ManifestError::Inconsistent {
+            path: self.path.clone(),
+            op: self.op.name(),
+            reason,
+        };
+        for image in [&self.pre, &self.post].into_iter().flatten() {
+            if let Image::File { size, .. } = image {
+                if *size > MAX_FILE_SIZE {
+                    return Err(ManifestError::TooLarge {
+                        path: self.path.clone(),
+                        size: *size,
+                    });
+                }
+            }
+            if let Image::Symlink { target, .. } = image {
+                if target.is_empty() || target.contains('\0') || target.len() > crate::path::MAX_PATH_LEN {
+                    return Err(fail("symlink target is empty, too long or holds NUL"));
+                }
+            }
+        }
+        let post_is_file = matches!(self.post, Some(Image::File { .. }));
+        match (&self.op, &self.pre, &self.post) {
+            (Operation::Add, None, Some(_)) => {}
+            (Operation::Add, _, _) => return Err(fail("add needs no pre-image and a post-image")),
+            (Operation::Delete, Some(_), None) => {}
+            (Operation::Delete, _, _) => return Err(fail("delete needs a pre-image only")),
+            (Operation::Replace, Some(_), Some(_)) => {}
+            (Operation::Replace, _, _) => return Err(fail("replace needs both images")),
+            (Operation::Delta { encoder }, Some(Image::File { .. }), Some(Image::File { .. })) => {
+                check_name("encoder", encoder)?;
+            }
+            (Operation::Delta { .. }, _, _) => return Err(fail("delta needs files on both sides")),
+            (Operation::Metadata, Some(pre), Some(post)) if pre.same_content(post) => {}
+            (Operation::Metadata, _, _) => {
+                return Err(fail("metadata needs the same content on both sides"))
+            }
+        }
+        let wants_payload = post_is_file && !matches!(self.op, Operation::Metadata);
+        if wants_payload != self.payload.is_some() {
+            return Err(fail("a payload is present exactly when a file's bytes are written"));
+        }
+        Ok(())
+    }
+}
+
+/// Names (product, build, component, encoder) are short printable ASCII without `/`.
+fn check_name(what: &'static str, value: &str) -> Result<(), ManifestError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+ ".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError::BadName {
+            what,
+            value: value.to_owned(),
+        })
+    }
+}
