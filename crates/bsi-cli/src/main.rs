@@ -1,1 +1,291 @@
-fn main() {}
+//! `bsi`: build, sign, verify, apply and revert lettered patch packages.
+//!
+//! Exit codes: 0 success, 1 refused or failed, 2 usage error. Errors are one sentence on stderr;
+//! `--json` output goes to stdout.
+
+mod inspect;
+mod progress;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use bsi_engine::{ApplyOutcome, BuildOptions, ComponentSpec, VerifiedPackage};
+use bsi_format::{Letter, Version};
+use bsi_sign::{PublicKey, SecretKey};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bsi",
+    version,
+    about = "Build, sign, verify, apply and revert lettered security patch packages"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make an ed25519 key pair: DIR/NAME.key.pem (PKCS#8) and DIR/NAME.pub.pem (SPKI).
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Diff two trees into a signed patch package.
+    Build {
+        #[arg(long, value_name = "OLD_TREE")]
+        base: PathBuf,
+        #[arg(long, value_name = "NEW_TREE")]
+        target: PathBuf,
+        #[arg(long, value_name = "NAME")]
+        product: String,
+        #[arg(long, value_name = "VER")]
+        base_version: Version,
+        #[arg(long, value_name = "L")]
+        letter: Letter,
+        #[arg(long, value_name = "KEY.pem")]
+        key: PathBuf,
+        #[arg(long, value_name = "PKG")]
+        out: PathBuf,
+        #[arg(long, value_name = "BUILD")]
+        base_build: Option<String>,
+        /// Limit the package to a subtree, named in the manifest (repeatable).
+        #[arg(long = "component", value_name = "NAME=SUBPATH")]
+        components: Vec<ComponentSpec>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Show what a package contains (the signature is not checked: use `verify`).
+    Inspect {
+        package: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a package's signature and structure, and optionally that it turns a tree into its target.
+    Verify {
+        package: PathBuf,
+        #[arg(long, value_name = "PUB.pem")]
+        trust: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        base_tree: Option<PathBuf>,
+    },
+    /// Install a package on a root.
+    Apply {
+        package: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        #[arg(long, value_name = "PUB.pem")]
+        trust: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Remove the installed patch, restoring the base release byte for byte.
+    Revert {
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Show the release and installed letter of a root.
+    Status {
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message.push_str(": ");
+                    message.push_str(&cause);
+                }
+            }
+            eprintln!("bsi: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn state_dir(root: &Path, given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| bsi_engine::default_state_dir(root))
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Keygen { out_dir, name } => {
+            anyhow::ensure!(
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+                "key name {name:?} may hold only letters, digits, '-', '_' and '.'"
+            );
+            let key = SecretKey::generate()?;
+            let (secret, public) = bsi_sign::write_keypair(&out_dir, &name, &key)?;
+            eprintln!(
+                "wrote {} and {} (key id {})",
+                secret.display(),
+                public.display(),
+                key.public().key_id()
+            );
+        }
+        Command::Build {
+            base,
+            target,
+            product,
+            base_version,
+            letter,
+            key,
+            out,
+            base_build,
+            components,
+            quiet,
+        } => {
+            let key = SecretKey::load(&key)?;
+            let opts = BuildOptions {
+                base,
+                target,
+                product,
+                base_version,
+                base_build,
+                letter,
+                components,
+                key: &key,
+            };
+            let bar = progress::Bar::new(quiet);
+            let built = bsi_engine::build(&opts, &bar)?;
+            bsi_engine::write_atomically(&out, &built.bytes)?;
+            if !quiet {
+                let m = &built.manifest;
+                eprintln!(
+                    "wrote {}: {} {} ({}), {} bytes, {} changed entries, {} payload bytes",
+                    out.display(),
+                    m.product,
+                    m.base.version,
+                    m.letter,
+                    built.bytes.len(),
+                    m.entries.len(),
+                    m.payload_len
+                );
+            }
+        }
+        Command::Inspect { package, json } => inspect::run(&package, json)?,
+        Command::Verify {
+            package,
+            trust,
+            base_tree,
+        } => {
+            let trust = PublicKey::load(&trust)?;
+            let pkg = VerifiedPackage::open(&package, &trust)?;
+            println!(
+                "{}: good signature by key {}; {}, {} entries, {} bytes",
+                package.display(),
+                pkg.manifest.signer,
+                pkg.title(),
+                pkg.manifest.entries.len(),
+                pkg.len()
+            );
+            if let Some(tree) = base_tree {
+                let decoded = bsi_engine::verify_against_tree(&pkg, &tree)?;
+                println!(
+                    "{}: turns {} into its target ({} pre-images matched, {} payloads decoded and checked)",
+                    package.display(),
+                    tree.display(),
+                    pkg.manifest.entries.len(),
+                    decoded
+                );
+            }
+        }
+        Command::Apply {
+            package,
+            root,
+            trust,
+            state_dir: given,
+            quiet,
+        } => {
+            let trust = PublicKey::load(&trust)?;
+            let pkg = VerifiedPackage::open(&package, &trust)?;
+            let state = state_dir(&root, given);
+            let bar = progress::Bar::new(quiet);
+            let outcome = bsi_engine::apply(&pkg, &root, &state, &bar)
+                .with_context(|| format!("cannot apply {}", package.display()))?;
+            if !quiet {
+                match outcome {
+                    ApplyOutcome::Installed => {
+                        eprintln!("installed {} on {}", pkg.title(), root.display())
+                    }
+                    ApplyOutcome::AlreadyInstalled => {
+                        eprintln!(
+                            "{} is already installed on {}; nothing changed",
+                            pkg.title(),
+                            root.display()
+                        )
+                    }
+                    ApplyOutcome::Replaced { previous } => eprintln!(
+                        "installed {} on {}, replacing ({previous})",
+                        pkg.title(),
+                        root.display()
+                    ),
+                }
+            }
+        }
+        Command::Revert {
+            root,
+            state_dir: given,
+            quiet,
+        } => {
+            let state = state_dir(&root, given);
+            let before = bsi_engine::status(&root, &state)?;
+            let letter = bsi_engine::revert(&root, &state)?;
+            if !quiet {
+                let base = bsi_engine::Status {
+                    letter: None,
+                    ..before
+                };
+                eprintln!(
+                    "removed ({letter}) from {}; it is back to {base}",
+                    root.display()
+                );
+            }
+        }
+        Command::Status {
+            root,
+            state_dir: given,
+            json,
+        } => {
+            let status = bsi_engine::status(&root, &state_dir(&root, given))?;
+            if json {
+                let mut value = serde_json::to_value(&status)?;
+                value["display"] = serde_json::Value::String(status.to_string());
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("{status}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True when progress bars may be drawn.
+fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}

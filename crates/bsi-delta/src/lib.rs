@@ -57,9 +57,15 @@ pub fn delta_encoder(name: &str) -> Result<&'static dyn DeltaEncoder, DecodeErro
         .ok_or_else(|| DecodeError::UnknownEncoder(name.to_owned()))
 }
 
-/// Plain zstd of a whole file.
+/// Plain zstd of a whole file, at the package level.
 pub fn compress(new: &[u8]) -> io::Result<Vec<u8>> {
-    let mut encoder = zstd::stream::Encoder::new(Vec::new(), LEVEL)?;
+    compress_at(new, LEVEL)
+}
+
+/// Plain zstd of a whole file at `level`, with a window no larger than the file, so that
+/// [`decompress`] accepts it.
+pub fn compress_at(new: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), level)?;
     encoder.set_pledged_src_size(Some(new.len() as u64))?;
     encoder.include_checksum(false)?;
     encoder.include_contentsize(true)?;
@@ -70,7 +76,8 @@ pub fn compress(new: &[u8]) -> io::Result<Vec<u8>> {
 
 /// Inverse of [`compress`], for a file the manifest says is `new_len` bytes long.
 pub fn decompress(payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(payload).map_err(DecodeError::Corrupt)?;
+    let mut decoder =
+        zstd::stream::read::Decoder::with_buffer(payload).map_err(DecodeError::Corrupt)?;
     decoder
         .window_log_max(window_log(new_len))
         .map_err(DecodeError::Corrupt)?;
@@ -150,7 +157,10 @@ mod tests {
     fn plain_round_trip_and_length_checks() {
         let data = b"hello hello hello hello".repeat(100);
         let payload = compress(&data).expect("compress");
-        assert_eq!(decompress(&payload, data.len() as u64).expect("decode"), data);
+        assert_eq!(
+            decompress(&payload, data.len() as u64).expect("decode"),
+            data
+        );
         assert!(matches!(
             decompress(&payload, data.len() as u64 - 1),
             Err(DecodeError::TooLong { .. })
@@ -167,7 +177,9 @@ mod tests {
         let mut state = 1u64;
         let old: Vec<u8> = (0..200_000)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (state >> 56) as u8
             })
             .collect();
@@ -176,13 +188,20 @@ mod tests {
         new[150_000] ^= 0xff;
         let best = encode_best(Some(&old), &new).expect("encode");
         assert_eq!(best.encoder, Some("zstd-prefix"));
-        assert!(best.payload.len() < 200, "payload {} bytes", best.payload.len());
+        assert!(
+            best.payload.len() < 200,
+            "payload {} bytes",
+            best.payload.len()
+        );
         let decoded = delta_encoder("zstd-prefix")
             .expect("known")
             .decode(&old, &best.payload, new.len() as u64)
             .expect("decode");
         assert_eq!(decoded, new);
-        assert!(matches!(delta_encoder("bsdiff9"), Err(DecodeError::UnknownEncoder(_))));
+        assert!(matches!(
+            delta_encoder("bsdiff9"),
+            Err(DecodeError::UnknownEncoder(_))
+        ));
     }
 
     proptest! {

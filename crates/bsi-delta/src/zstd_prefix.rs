@@ -27,7 +27,8 @@ impl DeltaEncoder for ZstdPrefix {
 
     fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
         let window = window_log(old.len() as u64 + new_len);
-        let mut raw = zstd::stream::raw::Decoder::with_ref_prefix(old).map_err(DecodeError::Corrupt)?;
+        let mut raw =
+            zstd::stream::raw::Decoder::with_ref_prefix(old).map_err(DecodeError::Corrupt)?;
         raw.set_parameter(DParameter::WindowLogMax(window))
             .map_err(DecodeError::Corrupt)?;
         let decoder = zstd::stream::zio::Reader::new(io::BufReader::new(payload), raw);

@@ -60,9 +60,18 @@ impl Image {
     /// their metadata.
     pub fn same_content(&self, other: &Image) -> bool {
         match (self, other) {
-            (Image::File { sha256: a, size: sa, .. }, Image::File { sha256: b, size: sb, .. }) => {
-                a == b && sa == sb
-            }
+            (
+                Image::File {
+                    sha256: a,
+                    size: sa,
+                    ..
+                },
+                Image::File {
+                    sha256: b,
+                    size: sb,
+                    ..
+                },
+            ) => a == b && sa == sb,
             (Image::Symlink { target: a, .. }, Image::Symlink { target: b, .. }) => a == b,
             (Image::Dir { .. }, Image::Dir { .. }) => true,
             _ => false,
@@ -107,9 +116,9 @@ pub struct Payload {
     pub sha256: Digest,
 }
 
-/// One changed path.
+/// One changed path. (Unknown fields are refused by the canonical-bytes check: serde cannot
+/// combine `deny_unknown_fields` with the flattened operation.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Entry {
     pub path: PkgPath,
     pub component: String,
@@ -178,7 +187,9 @@ pub enum ManifestError {
     },
     #[error("entry {path}: file size {size} exceeds the limit")]
     TooLarge { path: PkgPath, size: u64 },
-    #[error("entry {path}: payload at offset {offset} does not follow the previous one at {expected}")]
+    #[error(
+        "entry {path}: payload at offset {offset} does not follow the previous one at {expected}"
+    )]
     PayloadGap {
         path: PkgPath,
         offset: u64,
@@ -265,12 +276,13 @@ impl Manifest {
                         expected: next_offset,
                     });
                 }
-                next_offset = next_offset.checked_add(payload.len).ok_or(
-                    ManifestError::PayloadLength {
-                        covered: u64::MAX,
-                        declared: self.payload_len,
-                    },
-                )?;
+                next_offset =
+                    next_offset
+                        .checked_add(payload.len)
+                        .ok_or(ManifestError::PayloadLength {
+                            covered: u64::MAX,
+                            declared: self.payload_len,
+                        })?;
             }
         }
         if next_offset != self.payload_len {
@@ -300,7 +312,10 @@ impl Entry {
                 }
             }
             if let Image::Symlink { target, .. } = image {
-                if target.is_empty() || target.contains('\0') || target.len() > crate::path::MAX_PATH_LEN {
+                if target.is_empty()
+                    || target.contains('\0')
+                    || target.len() > crate::path::MAX_PATH_LEN
+                {
                     return Err(fail("symlink target is empty, too long or holds NUL"));
                 }
             }
@@ -324,7 +339,9 @@ impl Entry {
         }
         let wants_payload = post_is_file && !matches!(self.op, Operation::Metadata);
         if wants_payload != self.payload.is_some() {
-            return Err(fail("a payload is present exactly when a file's bytes are written"));
+            return Err(fail(
+                "a payload is present exactly when a file's bytes are written",
+            ));
         }
         Ok(())
     }

@@ -66,7 +66,9 @@ impl PkgPath {
 
     /// The parent path, or `None` for a top-level entry.
     pub fn parent(&self) -> Option<PkgPath> {
-        self.0.rsplit_once('/').map(|(head, _)| PkgPath(head.to_owned()))
+        self.0
+            .rsplit_once('/')
+            .map(|(head, _)| PkgPath(head.to_owned()))
     }
 
     /// True when `self` is `prefix` or lies below it. An empty prefix contains everything.
@@ -108,7 +110,13 @@ mod tests {
 
     #[test]
     fn accepts_plain_relative_paths() {
-        for ok in ["a", "a/b", "Applications/Safari.app/Contents/MacOS/Safari", "a b/..c/c..", ".hidden"] {
+        for ok in [
+            "a",
+            "a/b",
+            "Applications/Safari.app/Contents/MacOS/Safari",
+            "a b/..c/c..",
+            ".hidden",
+        ] {
             assert_eq!(PkgPath::new(ok).map(|p| p.to_string()), Ok(ok.to_owned()));
         }
     }
@@ -116,22 +124,37 @@ mod tests {
     #[test]
     fn refuses_paths_that_could_escape() {
         assert_eq!(PkgPath::new(""), Err(PathError::Empty));
-        assert!(matches!(PkgPath::new("/etc/passwd"), Err(PathError::Absolute(_))));
+        assert!(matches!(
+            PkgPath::new("/etc/passwd"),
+            Err(PathError::Absolute(_))
+        ));
         for bad in ["..", "../x", "a/../../x", "a/.."] {
-            assert!(matches!(PkgPath::new(bad), Err(PathError::ParentComponent(_))), "{bad}");
+            assert!(
+                matches!(PkgPath::new(bad), Err(PathError::ParentComponent(_))),
+                "{bad}"
+            );
         }
         for bad in ["a//b", "a/", "./a", "a/./b"] {
-            assert!(matches!(PkgPath::new(bad), Err(PathError::EmptyComponent(_))), "{bad}");
+            assert!(
+                matches!(PkgPath::new(bad), Err(PathError::EmptyComponent(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(PkgPath::new("a\0b"), Err(PathError::Nul(_))));
-        assert_eq!(PkgPath::new(&"x".repeat(MAX_PATH_LEN + 1)), Err(PathError::TooLong));
+        assert_eq!(
+            PkgPath::new(&"x".repeat(MAX_PATH_LEN + 1)),
+            Err(PathError::TooLong)
+        );
     }
 
     #[test]
     fn parent_depth_and_prefix() {
         let p = PkgPath::new("System/Library/WebKit.framework").expect("valid");
         assert_eq!(p.depth(), 3);
-        assert_eq!(p.parent().map(|p| p.to_string()), Some("System/Library".to_owned()));
+        assert_eq!(
+            p.parent().map(|p| p.to_string()),
+            Some("System/Library".to_owned())
+        );
         assert!(p.is_within("System"));
         assert!(p.is_within(""));
         assert!(p.is_within("System/Library/WebKit.framework"));

@@ -139,7 +139,9 @@ macro_rules! serde_via_str {
 
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+                String::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
             }
         }
     };
@@ -175,10 +177,27 @@ mod tests {
     #[test]
     fn refuses_everything_else_with_a_reason() {
         for bad in ["", "A", "aa", "é", "1", "{"] {
-            assert_eq!(bad.parse::<Letter>(), Err(VersionError::Letter(bad.to_owned())));
+            assert_eq!(
+                bad.parse::<Letter>(),
+                Err(VersionError::Letter(bad.to_owned()))
+            );
         }
-        for bad in ["26.3", "26.3(a)", "26.3 (a", "26.3 (A)", "26.3 ()", "x (a)", "26.03 (a)", "26..3 (a)", "-1 (a)", "26.3 (a) "] {
-            assert!(bad.parse::<LetteredVersion>().is_err(), "{bad:?} was accepted");
+        for bad in [
+            "26.3",
+            "26.3(a)",
+            "26.3 (a",
+            "26.3 (A)",
+            "26.3 ()",
+            "x (a)",
+            "26.03 (a)",
+            "26..3 (a)",
+            "-1 (a)",
+            "26.3 (a) ",
+        ] {
+            assert!(
+                bad.parse::<LetteredVersion>().is_err(),
+                "{bad:?} was accepted"
+            );
         }
         assert!("26.3.1.1.1".parse::<Version>().is_err());
         assert!("99999999999".parse::<Version>().is_err());

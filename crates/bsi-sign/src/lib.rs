@@ -7,8 +7,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
@@ -142,7 +142,11 @@ impl PublicKey {
     }
 
     /// Strict verification (rejects small-order keys and non-canonical signatures).
-    pub fn verify(&self, message: &[u8], signature: &[u8; SIGNATURE_LENGTH]) -> Result<(), BadSignature> {
+    pub fn verify(
+        &self,
+        message: &[u8],
+        signature: &[u8; SIGNATURE_LENGTH],
+    ) -> Result<(), BadSignature> {
         let sig = Signature::from_bytes(signature);
         self.0
             .verify_strict(message, &sig)
@@ -154,7 +158,11 @@ impl PublicKey {
 
 /// Write a new key pair as `DIR/NAME.key.pem` (mode 0600) and `DIR/NAME.pub.pem`; refuses to
 /// overwrite either.
-pub fn write_keypair(dir: &Path, name: &str, key: &SecretKey) -> Result<(PathBuf, PathBuf), KeyError> {
+pub fn write_keypair(
+    dir: &Path,
+    name: &str,
+    key: &SecretKey,
+) -> Result<(PathBuf, PathBuf), KeyError> {
     let secret_path = dir.join(format!("{name}.key.pem"));
     let public_path = dir.join(format!("{name}.pub.pem"));
     for path in [&secret_path, &public_path] {
@@ -218,11 +226,22 @@ mod tests {
         public.verify(b"hello", &sig).expect("verifies");
         assert_eq!(
             public.verify(b"hellp", &sig),
-            Err(BadSignature { key_id: public.key_id() })
+            Err(BadSignature {
+                key_id: public.key_id()
+            })
         );
-        assert!(matches!(write_keypair(dir.path(), "t", &key), Err(KeyError::Exists { .. })));
-        assert!(matches!(SecretKey::load(&pk), Err(KeyError::NotPrivateKey { .. })));
-        assert!(matches!(PublicKey::load(&sk), Err(KeyError::NotPublicKey { .. })));
+        assert!(matches!(
+            write_keypair(dir.path(), "t", &key),
+            Err(KeyError::Exists { .. })
+        ));
+        assert!(matches!(
+            SecretKey::load(&pk),
+            Err(KeyError::NotPrivateKey { .. })
+        ));
+        assert!(matches!(
+            PublicKey::load(&sk),
+            Err(KeyError::NotPublicKey { .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,144 @@
+//! `bsi inspect`: what a package contains, per component.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use bsi_format::{Image, Manifest, Operation, RawPackage};
+use serde_json::json;
+
+pub fn run(path: &Path, as_json: bool) -> Result<()> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read package {}", path.display()))?;
+    let raw = RawPackage::split(&bytes).with_context(|| format!("{}", path.display()))?;
+    let manifest =
+        Manifest::from_bytes(raw.manifest).with_context(|| format!("{}", path.display()))?;
+    let report = report(&manifest, bytes.len() as u64);
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(path, &report);
+    }
+    Ok(())
+}
+
+fn size(image: &Option<Image>) -> Option<u64> {
+    match image {
+        Some(Image::File { size, .. }) => Some(*size),
+        _ => None,
+    }
+}
+
+fn report(m: &Manifest, package_bytes: u64) -> serde_json::Value {
+    let components: Vec<_> = m
+        .components
+        .iter()
+        .map(|c| {
+            let (mut added, mut deleted, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+            for e in m.entries.iter().filter(|e| e.component == c.name) {
+                let encoder = match &e.op {
+                    Operation::Delta { encoder } => Some(encoder.as_str()),
+                    _ if e.payload.is_some() => Some(bsi_delta_plain()),
+                    _ => None,
+                };
+                let payload_bytes = e.payload.as_ref().map_or(0, |p| p.len);
+                let item = json!({
+                    "path": e.path.as_str(),
+                    "op": e.op.name(),
+                    "old_kind": e.pre.as_ref().map(Image::kind_name),
+                    "new_kind": e.post.as_ref().map(Image::kind_name),
+                    "old_size": size(&e.pre),
+                    "new_size": size(&e.post),
+                    "encoder": encoder,
+                    "payload_bytes": payload_bytes,
+                });
+                match e.op {
+                    Operation::Add => added.push(item),
+                    Operation::Delete => deleted.push(item),
+                    _ => changed.push(item),
+                }
+            }
+            json!({"name": c.name, "path": c.path, "added": added, "deleted": deleted, "changed": changed})
+        })
+        .collect();
+    json!({
+        "product": m.product,
+        "base_version": m.base.version.to_string(),
+        "base_build": m.base.build,
+        "letter": m.letter.to_string(),
+        "title": format!("{} {} ({})", m.product, m.base.version, m.letter),
+        "signer": m.signer,
+        "signature_checked": false,
+        "package_bytes": package_bytes,
+        "payload_bytes": m.payload_len,
+        "entries": m.entries.len(),
+        "components": components,
+    })
+}
+
+fn bsi_delta_plain() -> &'static str {
+    "zstd"
+}
+
+fn print_text(path: &Path, r: &serde_json::Value) {
+    println!(
+        "package    {} ({} bytes)",
+        path.display(),
+        r["package_bytes"]
+    );
+    println!("title      {}", r["title"].as_str().unwrap_or_default());
+    println!("product    {}", r["product"].as_str().unwrap_or_default());
+    let build = r["base_build"]
+        .as_str()
+        .map(|b| format!(" ({b})"))
+        .unwrap_or_default();
+    println!(
+        "base       {}{build}",
+        r["base_version"].as_str().unwrap_or_default()
+    );
+    println!("letter     {}", r["letter"].as_str().unwrap_or_default());
+    println!(
+        "signer     {} (not checked here: run `bsi verify`)",
+        r["signer"].as_str().unwrap_or_default()
+    );
+    println!(
+        "entries    {}, payloads {} bytes",
+        r["entries"], r["payload_bytes"]
+    );
+    for c in r["components"].as_array().into_iter().flatten() {
+        let path = c["path"].as_str().unwrap_or_default();
+        let path = if path.is_empty() { "whole tree" } else { path };
+        println!(
+            "\ncomponent {} ({path})",
+            c["name"].as_str().unwrap_or_default()
+        );
+        for (label, key) in [
+            ("added", "added"),
+            ("deleted", "deleted"),
+            ("changed", "changed"),
+        ] {
+            let items = c[key].as_array().map(Vec::as_slice).unwrap_or_default();
+            println!("  {label}: {}", items.len());
+            for item in items {
+                let sizes = match (item["old_size"].as_u64(), item["new_size"].as_u64()) {
+                    (Some(a), Some(b)) => format!("{a} -> {b} bytes"),
+                    (None, Some(b)) => format!("{b} bytes"),
+                    (Some(a), None) => format!("{a} bytes"),
+                    (None, None) => item["new_kind"]
+                        .as_str()
+                        .or(item["old_kind"].as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                };
+                let payload = match item["encoder"].as_str() {
+                    Some(enc) => format!(", payload {} bytes ({enc})", item["payload_bytes"]),
+                    None => String::new(),
+                };
+                println!(
+                    "    {:<8} {}  {sizes}{payload}",
+                    item["op"].as_str().unwrap_or_default(),
+                    item["path"].as_str().unwrap_or_default()
+                );
+            }
+        }
+    }
+}

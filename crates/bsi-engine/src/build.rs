@@ -1,0 +1,259 @@
+//! Turning two trees into a signed package.
+
+use std::path::{Path, PathBuf};
+
+use bsi_format::{
+    signed_bytes, write_package, BaseRelease, Component, Entry, Image, Letter, Manifest,
+    ManifestError, Operation, Payload, PkgPath, Version, FORMAT_VERSION, MAX_MANIFEST_LEN,
+};
+use bsi_sign::SecretKey;
+use rayon::prelude::*;
+
+use crate::tree::{scan, ScanError};
+use crate::{FsContext, FsError, Progress};
+
+/// `--component NAME=SUBPATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentSpec {
+    pub name: String,
+    pub path: String,
+}
+
+impl std::str::FromStr for ComponentSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ComponentSpec, String> {
+        let (name, path) = text
+            .split_once('=')
+            .ok_or_else(|| format!("component {text:?} is not of the form NAME=SUBPATH"))?;
+        let path = path.trim_end_matches('/');
+        PkgPath::new(path).map_err(|e| format!("component {name:?}: {e}"))?;
+        Ok(ComponentSpec {
+            name: name.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct BuildOptions<'a> {
+    pub base: PathBuf,
+    pub target: PathBuf,
+    pub product: String,
+    pub base_version: Version,
+    pub base_build: Option<String>,
+    pub letter: Letter,
+    /// Empty: the whole tree is one component named after the product.
+    pub components: Vec<ComponentSpec>,
+    pub key: &'a SecretKey,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("base tree: {0}")]
+    Base(ScanError),
+    #[error("target tree: {0}")]
+    Target(ScanError),
+    #[error("component {name:?}: {path} is in neither tree")]
+    MissingComponent { name: String, path: String },
+    #[error("package would be invalid: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("manifest of {0} bytes is too large")]
+    ManifestTooLarge(usize),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct BuildSummary {
+    pub bytes: Vec<u8>,
+    pub manifest: Manifest,
+}
+
+/// Diff `base` against `target` and return the signed package bytes. Output is a function of the
+/// trees, options and key only: file order on disk, time and thread count do not change it.
+pub fn build(opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<BuildSummary, BuildError> {
+    let components: Vec<Component> = if opts.components.is_empty() {
+        vec![Component {
+            name: opts.product.clone(),
+            path: String::new(),
+        }]
+    } else {
+        opts.components
+            .iter()
+            .map(|c| Component {
+                name: c.name.clone(),
+                path: c.path.clone(),
+            })
+            .collect()
+    };
+    let subpaths: Vec<&str> = components
+        .iter()
+        .filter(|c| !c.path.is_empty())
+        .map(|c| c.path.as_str())
+        .collect();
+    let (base, target) = rayon::join(
+        || scan(&opts.base, &subpaths).map_err(BuildError::Base),
+        || scan(&opts.target, &subpaths).map_err(BuildError::Target),
+    );
+    let (base, target) = (base?, target?);
+    for c in &components {
+        if c.path.is_empty() {
+            continue;
+        }
+        let path = PkgPath::new(&c.path).expect("component paths were validated");
+        if !base.entries.contains_key(&path) && !target.entries.contains_key(&path) {
+            return Err(BuildError::MissingComponent {
+                name: c.name.clone(),
+                path: c.path.clone(),
+            });
+        }
+    }
+
+    // Pair paths and decide each entry's operation; payloads come next.
+    let mut paths: Vec<&PkgPath> = base.entries.keys().chain(target.entries.keys()).collect();
+    paths.sort();
+    paths.dedup();
+    let mut planned = Vec::new();
+    for path in paths {
+        let pre = base.entries.get(path);
+        let post = target.entries.get(path);
+        if pre == post {
+            continue;
+        }
+        let component = components
+            .iter()
+            .find(|c| path.is_within(&c.path))
+            .expect("scanned paths lie inside a component")
+            .name
+            .clone();
+        let op = match (pre, post) {
+            (None, Some(_)) => Operation::Add,
+            (Some(_), None) => Operation::Delete,
+            (Some(a), Some(b)) if a.same_content(b) => Operation::Metadata,
+            (Some(Image::File { .. }), Some(Image::File { .. })) => Operation::Replace, // maybe delta
+            _ => Operation::Replace,
+        };
+        planned.push(Entry {
+            path: path.clone(),
+            component,
+            pre: pre.cloned(),
+            post: post.cloned(),
+            op,
+            payload: None,
+        });
+    }
+
+    let to_encode: u64 = planned
+        .iter()
+        .filter(|e| needs_payload(e))
+        .filter_map(|e| match &e.post {
+            Some(Image::File { size, .. }) => Some(*size),
+            _ => None,
+        })
+        .sum();
+    progress.start("encoding", to_encode);
+    let encoded: Vec<Option<(Operation, Vec<u8>)>> = planned
+        .par_iter()
+        .map(|entry| encode_entry(opts, entry, progress))
+        .collect::<Result<_, _>>()?;
+    progress.finish();
+
+    let mut offset = 0u64;
+    let mut payloads = Vec::new();
+    for (entry, encoded) in planned.iter_mut().zip(encoded) {
+        if let Some((op, payload)) = encoded {
+            entry.op = op;
+            entry.payload = Some(Payload {
+                offset,
+                len: payload.len() as u64,
+                sha256: bsi_format::sha256(&payload),
+            });
+            offset += payload.len() as u64;
+            payloads.push(payload);
+        }
+    }
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        product: opts.product.clone(),
+        base: BaseRelease {
+            version: opts.base_version.clone(),
+            build: opts.base_build.clone(),
+        },
+        letter: opts.letter,
+        signer: opts.key.public().key_id().to_string(),
+        components,
+        entries: planned,
+        payload_len: offset,
+    };
+    manifest.validate()?;
+    let manifest_bytes = manifest.to_canonical_bytes();
+    if manifest_bytes.len() > MAX_MANIFEST_LEN {
+        return Err(BuildError::ManifestTooLarge(manifest_bytes.len()));
+    }
+    let signed = signed_bytes(&manifest_bytes);
+    let signature = opts.key.sign(&signed);
+    let mut bytes = Vec::with_capacity(signed.len() + 64 + offset as usize);
+    write_package(
+        &mut bytes,
+        &signed,
+        &signature,
+        payloads.iter().map(Vec::as_slice),
+    )
+    .expect("writing to a Vec cannot fail");
+    Ok(BuildSummary { bytes, manifest })
+}
+
+fn needs_payload(entry: &Entry) -> bool {
+    matches!(entry.post, Some(Image::File { .. })) && entry.op != Operation::Metadata
+}
+
+/// The operation and payload for one entry, or `None` when it carries no bytes.
+fn encode_entry(
+    opts: &BuildOptions<'_>,
+    entry: &Entry,
+    progress: &dyn Progress,
+) -> Result<Option<(Operation, Vec<u8>)>, BuildError> {
+    if !needs_payload(entry) {
+        return Ok(None);
+    }
+    let new_path = opts.target.join(entry.path.as_str());
+    let new = std::fs::read(&new_path).fs("read", &new_path)?;
+    let old = match entry.pre {
+        Some(Image::File { .. }) => {
+            let old_path = opts.base.join(entry.path.as_str());
+            Some(std::fs::read(&old_path).fs("read", &old_path)?)
+        }
+        _ => None,
+    };
+    let best = bsi_delta::encode_best(old.as_deref(), &new).fs("encode", &new_path)?;
+    progress.advance(new.len() as u64);
+    let op = match (best.encoder, &entry.op) {
+        (Some(name), _) => Operation::Delta {
+            encoder: name.to_owned(),
+        },
+        (None, op) => op.clone(),
+    };
+    Ok(Some((op, best.payload)))
+}
+
+/// Write `bytes` to `path` (mode 0644) through a temporary file in the same directory, so that
+/// `path` is either untouched or complete.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir).fs("create a file in", &dir)?;
+    tmp.write_all(bytes).fs("write", tmp.path())?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .fs("set permissions of", tmp.path())?;
+    tmp.as_file().sync_all().fs("write", tmp.path())?;
+    tmp.persist(path)
+        .map_err(|e| FsError::new("write", path, e.error))?;
+    Ok(())
+}

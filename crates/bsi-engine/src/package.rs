@@ -1,0 +1,208 @@
+//! Opening a package (signature first, then structure) and proving it against a tree.
+
+use std::path::{Path, PathBuf};
+
+use bsi_format::{ContainerError, Digest, Entry, Image, Manifest, Operation, PkgPath, RawPackage};
+use bsi_sign::{BadSignature, PublicKey};
+
+use crate::tree::{describe_mismatch, matches_image, observe, ScanError};
+use crate::{FsContext, FsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Read(#[from] FsError),
+    #[error("{path}: {source}")]
+    Container {
+        path: PathBuf,
+        source: ContainerError,
+    },
+    #[error("{path}: {source}; the package was not signed by that key or was altered")]
+    Signature { path: PathBuf, source: BadSignature },
+    #[error("{path}: manifest names signer {named} but it verifies with key {trusted}")]
+    Signer {
+        path: PathBuf,
+        named: String,
+        trusted: String,
+    },
+}
+
+/// A package whose signature and payload digests have been checked. It owns the bytes it was
+/// checked on, so that what is used is exactly what was verified, whatever happens to the file.
+#[derive(Debug)]
+pub struct VerifiedPackage {
+    bytes: Vec<u8>,
+    pub manifest: Manifest,
+    /// sha256 of the whole package file.
+    pub digest: Digest,
+    /// Where it was read from, for messages.
+    pub path: PathBuf,
+}
+
+impl VerifiedPackage {
+    /// Read `path` once and verify it with `trust`.
+    pub fn open(path: &Path, trust: &PublicKey) -> Result<VerifiedPackage, OpenError> {
+        let bytes = std::fs::read(path).fs("read package", path)?;
+        VerifiedPackage::from_bytes(bytes, trust, path)
+    }
+
+    /// Verify package bytes: signature over the header and manifest first, then the manifest's
+    /// structure, then every payload digest.
+    pub fn from_bytes(
+        bytes: Vec<u8>,
+        trust: &PublicKey,
+        path: &Path,
+    ) -> Result<VerifiedPackage, OpenError> {
+        let container = |source| OpenError::Container {
+            path: path.to_owned(),
+            source,
+        };
+        let raw = RawPackage::split(&bytes).map_err(container)?;
+        trust
+            .verify(raw.signed, raw.signature)
+            .map_err(|source| OpenError::Signature {
+                path: path.to_owned(),
+                source,
+            })?;
+        let manifest = raw.check_after_signature().map_err(container)?;
+        let trusted = trust.key_id().to_string();
+        if manifest.signer != trusted {
+            return Err(OpenError::Signer {
+                path: path.to_owned(),
+                named: manifest.signer,
+                trusted,
+            });
+        }
+        let digest = bsi_format::sha256(&bytes);
+        Ok(VerifiedPackage {
+            bytes,
+            manifest,
+            digest,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The payload bytes of one of this package's entries.
+    pub fn payload(&self, entry: &Entry) -> Option<&[u8]> {
+        let raw =
+            RawPackage::split(&self.bytes).expect("split succeeded when the package was opened");
+        entry.payload.as_ref().map(|p| raw.payload(p))
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// `product version (letter)` as a person reads it.
+    pub fn title(&self) -> String {
+        format!(
+            "{} {} ({})",
+            self.manifest.product, self.manifest.base.version, self.manifest.letter
+        )
+    }
+
+    /// Rebuild the post-image bytes of a file entry from the pre-image bytes (`old`, for a
+    /// delta) and check them against the post-image digest and size.
+    pub fn decode(&self, entry: &Entry, old: Option<&[u8]>) -> Result<Vec<u8>, DecodeFailure> {
+        let fail = |reason: String| DecodeFailure {
+            path: entry.path.clone(),
+            reason,
+        };
+        let (Some(Image::File { sha256, size, .. }), Some(payload)) =
+            (&entry.post, self.payload(entry))
+        else {
+            return Err(fail("entry carries no file payload".to_owned()));
+        };
+        let bytes = match &entry.op {
+            Operation::Delta { encoder } => {
+                let old = old.ok_or_else(|| fail("delta has no pre-image bytes".to_owned()))?;
+                bsi_delta::delta_encoder(encoder)
+                    .and_then(|e| e.decode(old, payload, *size))
+                    .map_err(|e| fail(e.to_string()))?
+            }
+            _ => bsi_delta::decompress(payload, *size).map_err(|e| fail(e.to_string()))?,
+        };
+        if bsi_format::sha256(&bytes) != *sha256 {
+            return Err(fail(
+                "decoded bytes do not match the post-image sha256".to_owned(),
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// A payload that does not rebuild its post-image.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct DecodeFailure {
+    pub path: PkgPath,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeVerifyError {
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error("{tree}: {path} is not the package's pre-image: {reason}")]
+    PreImage {
+        tree: PathBuf,
+        path: PkgPath,
+        reason: String,
+    },
+    #[error("{tree}: payload of {0} does not rebuild its post-image: {1}", .failure.path, .failure.reason)]
+    Decode {
+        tree: PathBuf,
+        failure: DecodeFailure,
+    },
+}
+
+/// Prove offline that `pkg` turns the tree at `root` into its target: every pre-image matches
+/// and every payload decodes against it to the post-image. Writes nothing. Returns the number of
+/// payloads decoded.
+pub fn verify_against_tree(pkg: &VerifiedPackage, root: &Path) -> Result<usize, TreeVerifyError> {
+    if !root.is_dir() {
+        return Err(TreeVerifyError::NotADirectory(root.to_owned()));
+    }
+    for entry in &pkg.manifest.entries {
+        let image = observe(root, &entry.path)?;
+        let ok = match (&entry.pre, &image) {
+            (None, None) => true,
+            (Some(e), Some(a)) => matches_image(e, a),
+            _ => false,
+        };
+        if !ok {
+            return Err(TreeVerifyError::PreImage {
+                tree: root.to_owned(),
+                path: entry.path.clone(),
+                reason: describe_mismatch(entry.pre.as_ref(), image.as_ref()),
+            });
+        }
+    }
+    let mut decoded = 0;
+    for entry in pkg.manifest.entries.iter().filter(|e| e.payload.is_some()) {
+        let old = match &entry.op {
+            Operation::Delta { .. } => {
+                let full = root.join(entry.path.as_str());
+                Some(
+                    std::fs::read(&full)
+                        .fs("read", &full)
+                        .map_err(ScanError::from)?,
+                )
+            }
+            _ => None,
+        };
+        pkg.decode(entry, old.as_deref())
+            .map_err(|failure| TreeVerifyError::Decode {
+                tree: root.to_owned(),
+                failure,
+            })?;
+        decoded += 1;
+    }
+    Ok(decoded)
+}

@@ -1,0 +1,243 @@
+//! Walking trees and observing single paths.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use bsi_format::{Digest, Image, Mtime, PkgPath};
+use sha2::{Digest as _, Sha256};
+
+use crate::{FsContext, FsError};
+
+/// Name of the engine's state directory at the top of a root; never part of a tree.
+pub const STATE_DIR_NAME: &str = ".bsi";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{path} is a {kind}, which a package cannot carry")]
+    Special { path: PathBuf, kind: &'static str },
+    #[error("{0} has a name that is not UTF-8")]
+    NotUtf8(PathBuf),
+    #[error("{path} has a symlink target that is not UTF-8 or is empty")]
+    BadLinkTarget { path: PathBuf },
+    #[error("{path}: {reason}")]
+    BadPath { path: PathBuf, reason: String },
+}
+
+/// Every entry under a root (or some subtrees of it), keyed by package path. Directories are
+/// entries too, so empty ones are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tree {
+    pub entries: BTreeMap<PkgPath, Image>,
+}
+
+/// Walk `root`, or only the listed subpaths of it (each included with its own entry), never
+/// following symlinks. A top-level `.bsi` state directory is skipped.
+pub fn scan(root: &Path, subpaths: &[&str]) -> Result<Tree, ScanError> {
+    let meta = fs::metadata(root).fs("read", root)?;
+    if !meta.is_dir() {
+        return Err(ScanError::NotADirectory(root.to_owned()));
+    }
+    let mut tree = Tree::default();
+    let starts: Vec<PathBuf> = if subpaths.is_empty() {
+        vec![root.to_owned()]
+    } else {
+        subpaths.iter().map(|s| root.join(s)).collect()
+    };
+    for start in starts {
+        if start != root && start.symlink_metadata().is_err() {
+            continue; // a component absent from this tree: everything in it is added or deleted
+        }
+        let walker = walkdir::WalkDir::new(&start)
+            .follow_links(false)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_entry(|e| {
+                !(e.depth() == 1 && start == root && e.file_name() == STATE_DIR_NAME)
+            });
+        for item in walker {
+            let item = item.map_err(|e| {
+                let path = e.path().unwrap_or(&start).to_owned();
+                let source = e
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("filesystem loop"));
+                FsError::new("read", &path, source)
+            })?;
+            let full = item.path();
+            let rel = full
+                .strip_prefix(root)
+                .expect("walkdir yields paths below its start");
+            if rel.as_os_str().is_empty() {
+                continue; // the root itself is not an entry
+            }
+            let rel = pkg_path_of(full, rel)?;
+            let image = image_of(
+                full,
+                &item.metadata().map_err(|e| {
+                    let source = e
+                        .into_io_error()
+                        .unwrap_or_else(|| io::Error::other("walk error"));
+                    FsError::new("read", full, source)
+                })?,
+            )?;
+            tree.entries.insert(rel, image);
+        }
+    }
+    Ok(tree)
+}
+
+fn pkg_path_of(full: &Path, rel: &Path) -> Result<PkgPath, ScanError> {
+    let text = rel
+        .to_str()
+        .ok_or_else(|| ScanError::NotUtf8(full.to_owned()))?;
+    PkgPath::new(text).map_err(|e| ScanError::BadPath {
+        path: full.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// The image of what `full` holds, from its (lstat) metadata; files are read and hashed.
+pub(crate) fn image_of(full: &Path, meta: &fs::Metadata) -> Result<Image, ScanError> {
+    let ft = meta.file_type();
+    let mtime = mtime_of(meta);
+    let mode = meta.mode() & 0o7777;
+    if ft.is_symlink() {
+        let target = fs::read_link(full).fs("read the link", full)?;
+        let target = target
+            .to_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ScanError::BadLinkTarget {
+                path: full.to_owned(),
+            })?
+            .to_owned();
+        Ok(Image::Symlink { target, mtime })
+    } else if ft.is_dir() {
+        Ok(Image::Dir { mode, mtime })
+    } else if ft.is_file() {
+        let (sha256, size) = hash_file(full)?;
+        Ok(Image::File {
+            sha256,
+            size,
+            mode,
+            mtime,
+        })
+    } else {
+        let kind = if ft.is_fifo() {
+            "fifo"
+        } else if ft.is_socket() {
+            "socket"
+        } else if ft.is_block_device() {
+            "block device"
+        } else if ft.is_char_device() {
+            "character device"
+        } else {
+            "special file"
+        };
+        Err(ScanError::Special {
+            path: full.to_owned(),
+            kind,
+        })
+    }
+}
+
+pub(crate) fn mtime_of(meta: &fs::Metadata) -> Mtime {
+    Mtime {
+        secs: meta.mtime(),
+        nanos: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+    }
+}
+
+/// Stream a file through sha256.
+pub(crate) fn hash_file(path: &Path) -> Result<(Digest, u64), FsError> {
+    let mut file = fs::File::open(path).fs("open", path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).fs("read", path)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((Digest(hasher.finalize().into()), size))
+}
+
+/// What `root/path` holds now (`None` when nothing is there), never following a symlink.
+pub(crate) fn observe(root: &Path, path: &PkgPath) -> Result<Option<Image>, ScanError> {
+    let full = root.join(path.as_str());
+    match fs::symlink_metadata(&full) {
+        Ok(meta) => image_of(&full, &meta).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(20) => Ok(None), // ENOTDIR: an ancestor is a file
+        Err(e) => Err(FsError::new("read", &full, e).into()),
+    }
+}
+
+/// True when `actual` is what a package's pre-image (or post-image) promises: same kind, same
+/// bytes or link target, same permission bits. Times are not compared: copies of a release
+/// differ in them, and revert restores the times that were really there.
+pub(crate) fn matches_image(expected: &Image, actual: &Image) -> bool {
+    match (expected, actual) {
+        (
+            Image::File {
+                sha256: a,
+                size: sa,
+                mode: ma,
+                ..
+            },
+            Image::File {
+                sha256: b,
+                size: sb,
+                mode: mb,
+                ..
+            },
+        ) => a == b && sa == sb && ma == mb,
+        (Image::Symlink { target: a, .. }, Image::Symlink { target: b, .. }) => a == b,
+        (Image::Dir { mode: a, .. }, Image::Dir { mode: b, .. }) => a == b,
+        _ => false,
+    }
+}
+
+/// One line describing how `actual` differs from `expected`.
+pub(crate) fn describe_mismatch(expected: Option<&Image>, actual: Option<&Image>) -> String {
+    match (expected, actual) {
+        (None, Some(a)) => format!("a {} is present where nothing should be", a.kind_name()),
+        (Some(e), None) => format!("the {} is missing", e.kind_name()),
+        (Some(e), Some(a)) if e.kind_name() != a.kind_name() => {
+            format!("expected a {}, found a {}", e.kind_name(), a.kind_name())
+        }
+        (
+            Some(Image::File {
+                sha256: e,
+                mode: me,
+                ..
+            }),
+            Some(Image::File {
+                sha256: a,
+                mode: ma,
+                ..
+            }),
+        ) => {
+            if e != a {
+                format!("content differs (sha256 {a}, expected {e})")
+            } else {
+                format!("permission bits are {ma:o}, expected {me:o}")
+            }
+        }
+        (Some(Image::Symlink { target: e, .. }), Some(Image::Symlink { target: a, .. })) => {
+            format!("link points to {a:?}, expected {e:?}")
+        }
+        (Some(Image::Dir { mode: me, .. }), Some(Image::Dir { mode: ma, .. })) => {
+            format!("permission bits are {ma:o}, expected {me:o}")
+        }
+        _ => "it differs".to_owned(),
+    }
+}
