@@ -184,7 +184,8 @@ impl<'a> BaseView<'a> {
     fn children(&self, dir: &PkgPath) -> Result<BTreeSet<String>, FsError> {
         let full = self.root.join(dir.as_str());
         let mut names = BTreeSet::new();
-        if let Ok(read) = fs::read_dir(&full) {
+        let on_disk = matches!(observe(self.root, dir), Ok(Some(Image::Dir { .. })));
+        if let (true, Ok(read)) = (on_disk, fs::read_dir(&full)) {
             for item in read {
                 let item = item.fs("read directory", &full)?;
                 names.insert(item.file_name().to_string_lossy().into_owned());

@@ -170,8 +170,20 @@ pub(crate) fn hash_file(path: &Path) -> Result<(Digest, u64), FsError> {
     Ok((Digest(hasher.finalize().into()), size))
 }
 
-/// What `root/path` holds now (`None` when nothing is there), never following a symlink.
+/// What `root/path` holds now (`None` when nothing is there), never following a symlink: not
+/// the last component, and not an ancestor (a path below a symlink or a file holds nothing).
 pub(crate) fn observe(root: &Path, path: &PkgPath) -> Result<Option<Image>, ScanError> {
+    let mut ancestor = root.to_path_buf();
+    let components: Vec<&str> = path.components().collect();
+    for part in &components[..components.len() - 1] {
+        ancestor.push(part);
+        match fs::symlink_metadata(&ancestor) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(FsError::new("read", &ancestor, e).into()),
+        }
+    }
     let full = root.join(path.as_str());
     match fs::symlink_metadata(&full) {
         Ok(meta) => image_of(&full, &meta).map(Some),

@@ -1,0 +1,4 @@
+//! Engine integration tests: round trips over random trees.
+
+mod fixture;
+mod roundtrip;

@@ -1,0 +1,86 @@
+//! apply(build(a, b)) == b and revert == a, over random trees.
+
+use std::path::Path;
+
+use bsi_engine::{
+    apply, build, revert, scan, verify_against_tree, BuildOptions, NoProgress, VerifiedPackage,
+};
+use bsi_sign::SecretKey;
+use proptest::prelude::*;
+
+use crate::fixture::{apply_edits, edit_strategy, materialize, model_strategy, Model};
+
+fn key() -> SecretKey {
+    SecretKey::from_seed([42; 32])
+}
+
+fn tree_dir(parent: &Path, name: &str, model: &Model) -> std::path::PathBuf {
+    let dir = parent.join(name);
+    std::fs::create_dir(&dir).expect("mkdir");
+    materialize(model, &dir);
+    dir
+}
+
+fn package(base: &Path, target: &Path, letter: char) -> VerifiedPackage {
+    let key = key();
+    let opts = BuildOptions {
+        base: base.to_owned(),
+        target: target.to_owned(),
+        product: "macOS".to_owned(),
+        base_version: "26.3".parse().expect("version"),
+        base_build: Some("25D125".to_owned()),
+        letter: letter.to_string().parse().expect("letter"),
+        components: Vec::new(),
+        key: &key,
+    };
+    let built = build(&opts, &NoProgress).expect("build");
+    VerifiedPackage::from_bytes(built.bytes, &key.public(), Path::new("test.bsi"))
+        .expect("verifies")
+}
+
+fn same_tree(a: &Path, b: &Path) -> Result<(), TestCaseError> {
+    let (ta, tb) = (scan(a, &[]).expect("scan a"), scan(b, &[]).expect("scan b"));
+    for (path, image) in &ta.entries {
+        prop_assert_eq!(Some(image), tb.entries.get(path), "{} differs", path);
+    }
+    prop_assert_eq!(ta.entries.len(), tb.entries.len(), "entry counts differ");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn apply_then_revert_restores_exactly(
+        base in model_strategy(),
+        edits_a in proptest::collection::vec(edit_strategy(), 1..10),
+        edits_b in proptest::collection::vec(edit_strategy(), 1..10),
+    ) {
+        let target_a = apply_edits(&base, &edits_a);
+        let target_b = apply_edits(&target_a, &edits_b);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let base_dir = tree_dir(tmp.path(), "base", &base);
+        let a_dir = tree_dir(tmp.path(), "a", &target_a);
+        let b_dir = tree_dir(tmp.path(), "b", &target_b);
+        let root = tree_dir(tmp.path(), "root", &base);
+        let state = tmp.path().join("state");
+
+        let pkg_a = package(&base_dir, &a_dir, 'a');
+        let pkg_b = package(&base_dir, &b_dir, 'b');
+        verify_against_tree(&pkg_a, &base_dir).expect("a verifies against its base");
+
+        apply(&pkg_a, &root, &state, &NoProgress).expect("apply a");
+        same_tree(&root, &a_dir)?;
+        apply(&pkg_b, &root, &state, &NoProgress).expect("switch to b");
+        same_tree(&root, &b_dir)?;
+        revert(&root, &state).expect("revert b");
+        same_tree(&root, &base_dir)?;
+        prop_assert!(std::fs::read_dir(&state).expect("state dir").next().is_none(), "state dir not empty");
+
+        // The default state directory inside the root is not part of the tree.
+        apply(&pkg_a, &root, &bsi_engine::default_state_dir(&root), &NoProgress).expect("apply a in place");
+        same_tree(&root, &a_dir)?;
+        revert(&root, &bsi_engine::default_state_dir(&root)).expect("revert a in place");
+        same_tree(&root, &base_dir)?;
+    }
+}
