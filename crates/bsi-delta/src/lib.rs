@@ -92,25 +92,43 @@ pub struct Encoded {
     pub payload: Vec<u8>,
 }
 
+/// A delta this small relative to the new file (1/64) already beats anything plain compression
+/// of real files achieves, so plain compression is not tried: on a 90 MB library it would cost
+/// half the build.
+const TINY_DELTA_RATIO: usize = 64;
+
 /// Encode `new` with every delta encoder against `old` (when there is one) and with plain
-/// compression; keep the smallest payload. Ties go to plain compression, which needs no old file.
+/// compression; keep the smallest payload. Ties go to plain compression, which needs no old
+/// file. Plain compression is skipped when a delta is already tiny (see `TINY_DELTA_RATIO`).
 pub fn encode_best(old: Option<&[u8]>, new: &[u8]) -> io::Result<Encoded> {
-    let mut best = Encoded {
-        encoder: None,
-        payload: compress(new)?,
-    };
+    let mut best: Option<Encoded> = None;
     if let Some(old) = old {
         for encoder in delta_encoders() {
             let payload = encoder.encode(old, new)?;
-            if payload.len() < best.payload.len() {
-                best = Encoded {
+            if best
+                .as_ref()
+                .is_none_or(|b| payload.len() < b.payload.len())
+            {
+                best = Some(Encoded {
                     encoder: Some(encoder.name()),
                     payload,
-                };
+                });
             }
         }
     }
-    Ok(best)
+    match best {
+        Some(delta) if delta.payload.len() <= new.len() / TINY_DELTA_RATIO => Ok(delta),
+        best => {
+            let plain = compress(new)?;
+            Ok(match best {
+                Some(delta) if delta.payload.len() < plain.len() => delta,
+                _ => Encoded {
+                    encoder: None,
+                    payload: plain,
+                },
+            })
+        }
+    }
 }
 
 /// Smallest zstd window log (10..=31) that covers `len` bytes.
