@@ -1,0 +1,51 @@
+//! `cargo xtask`: the workspace's pipelines.
+//!
+//! - `cargo xtask testdata [--out DIR]`: deterministic example release trees (see testdata/README.md)
+//! - `cargo xtask demo`: the end-to-end build / verify / apply / revert example
+
+mod demo;
+mod exe;
+mod rng;
+mod testdata;
+mod tree;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  testdata [--out DIR]   generate the example trees 26.3, 26.3a, 26.3b (default DIR: target/testdata)
+  demo                   run the end-to-end example: build, verify, apply, revert, compare";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ws = demo::workspace_root();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["testdata"] => testdata::generate(&ws.join("target/testdata")),
+        ["testdata", "--out", dir] => testdata::generate(&PathBuf::from(dir)),
+        ["demo"] => demo::demo(&ws),
+        ["help" | "--help" | "-h"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}
