@@ -305,10 +305,10 @@ pub fn apply(
     let by_path: BTreeMap<&PkgPath, &Entry> = m.entries.iter().map(|e| (&e.path, e)).collect();
     let mut before: BTreeMap<&PkgPath, Option<Image>> = BTreeMap::new();
     for entry in &m.entries {
-        if state_rel.as_deref().is_some_and(|s| {
-            entry.path.is_within(s)
-                || PkgPath::new(s).is_ok_and(|s| s.is_within(entry.path.as_str()))
-        }) {
+        if state_rel
+            .as_deref()
+            .is_some_and(|s| entry.path.is_within(s))
+        {
             return Err(ApplyError::InsideState {
                 root: root.to_owned(),
                 path: entry.path.clone(),
@@ -353,6 +353,14 @@ pub fn apply(
     }
 
     // 2. Decode every payload into staging and keep a copy of every file that goes away.
+    let state_existed = state.dir.exists();
+    let cleanup = || {
+        let _ = remove_dir_if_present(&state.staging_dir());
+        let _ = remove_dir_if_present(&state.dir.join("revert.new"));
+        if !state_existed {
+            let _ = fs::remove_dir(&state.dir);
+        }
+    };
     let staging = state.fresh_staging()?;
     let revert_new = state.dir.join("revert.new");
     remove_dir_if_present(&revert_new)?;
@@ -408,10 +416,7 @@ pub fn apply(
             Ok((staged, revert))
         })
         .collect::<Result<_, _>>()
-        .inspect_err(|_| {
-            let _ = remove_dir_if_present(&staging);
-            let _ = remove_dir_if_present(&revert_new);
-        })?;
+        .inspect_err(|_| cleanup())?;
     progress.finish();
 
     // 3. Write: undo the installed letter if there is one, then this package.

@@ -56,6 +56,7 @@ pub fn scan(root: &Path, subpaths: &[&str]) -> Result<Tree, ScanError> {
         }
         let walker = walkdir::WalkDir::new(&start)
             .follow_links(false)
+            .follow_root_links(start == root)
             .sort_by_file_name()
             .into_iter()
             .filter_entry(|e| {
