@@ -314,6 +314,8 @@ pub fn apply(
                 path: entry.path.clone(),
             });
         }
+        // Ancestors first: a path below a symlink reads as missing, which would hide the reason.
+        check_ancestors(root, &view, &by_path, entry)?;
         let actual = view.image(&entry.path)?;
         let ok = match (&entry.pre, &actual) {
             (None, None) => true,
@@ -327,7 +329,6 @@ pub fn apply(
                 reason: describe_mismatch(entry.pre.as_ref(), actual.as_ref()),
             });
         }
-        check_ancestors(root, &view, &by_path, entry)?;
         if matches!(entry.pre, Some(Image::Dir { .. }))
             && !matches!(entry.post, Some(Image::Dir { .. }))
         {

@@ -30,6 +30,28 @@ fn opts<'a>(
     }
 }
 
+/// Give every entry of `root` the same time, so that only content differs between trees.
+fn pin_times(root: &Path) {
+    let t = filetime::FileTime::from_unix_time(1_700_000_000, 0);
+    let mut paths: Vec<_> = walk(root);
+    paths.reverse(); // children before parents
+    for p in paths {
+        filetime::set_symlink_file_times(&p, t, t).expect("set time");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for item in fs::read_dir(dir).expect("read dir") {
+        let path = item.expect("entry").path();
+        out.push(path.clone());
+        if fs::symlink_metadata(&path).expect("lstat").is_dir() {
+            out.extend(walk(&path));
+        }
+    }
+    out
+}
+
 fn write(root: &Path, rel: &str, bytes: &[u8]) {
     let full = root.join(rel);
     fs::create_dir_all(full.parent().expect("has parent")).expect("mkdir");
@@ -48,6 +70,8 @@ fn only_named_subtrees_are_packaged_and_symlinked_roots_are_not_followed() {
     write(&target, "Safari.app/Contents/Info.plist", b"changed");
     write(&target, "outside/changed", b"not in any component");
     write(&target, "real/lib.dylib", b"changed through the symlink");
+    pin_times(&base);
+    pin_times(&target);
 
     let key = SecretKey::from_seed([3; 32]);
     let built = build(

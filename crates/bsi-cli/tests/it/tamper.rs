@@ -1,0 +1,224 @@
+//! Every byte of a package is covered: flipping any bit, cutting or extending the file makes
+//! verification fail, and `bsi apply` then writes nothing.
+
+use std::fs;
+use std::path::Path;
+
+use bsi_engine::VerifiedPackage;
+use bsi_sign::PublicKey;
+
+use crate::support::*;
+
+fn example_trust() -> PublicKey {
+    PublicKey::load(&example_pub()).expect("example public key loads")
+}
+
+/// Offsets (sorted, unique) whose flipped bit `from_bytes` accepted.
+fn accepted_flips(bytes: &[u8], offsets: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    let trust = example_trust();
+    let path = Path::new("tampered.bsi");
+    let mut accepted = Vec::new();
+    for i in offsets {
+        let mut flipped = bytes.to_vec();
+        flipped[i] ^= 0x01;
+        if VerifiedPackage::from_bytes(flipped, &trust, path).is_ok() {
+            accepted.push(i);
+        }
+    }
+    accepted
+}
+
+/// Section boundaries of a package: (manifest length N, total length).
+fn layout(bytes: &[u8]) -> (usize, usize) {
+    let n = manifest_len(bytes);
+    assert!(bytes.len() > 12 + n + 64, "package has a payload section");
+    (n, bytes.len())
+}
+
+#[test]
+fn every_flipped_bit_of_a_small_package_is_refused_in_process() {
+    let fx = Fixture::release_a();
+    let pkg = fx.path("a.bsi");
+    let bytes = build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+    assert!(
+        bytes.len() < 16 * 1024,
+        "the small package is a few KB, not {} bytes",
+        bytes.len()
+    );
+    VerifiedPackage::from_bytes(bytes.clone(), &example_trust(), &pkg)
+        .expect("the untouched package verifies");
+    assert_eq!(accepted_flips(&bytes, 0..bytes.len()), Vec::<usize>::new());
+}
+
+#[test]
+fn sampled_flipped_bits_of_a_large_package_are_refused_in_process() {
+    let mut base = Model::new();
+    let mut target = Model::new();
+    for m in [&mut base, &mut target] {
+        m.insert("lib".into(), dir(0o755, T0));
+        m.insert("lib/keep.dylib".into(), file(pattern(9, 50_000), 0o755, T0));
+    }
+    base.insert(
+        "lib/edited.dylib".into(),
+        file(noise(1, 600_000), 0o755, T0),
+    );
+    let mut edited = noise(1, 600_000);
+    edited[300_000..300_100].fill(0xAA);
+    target.insert("lib/edited.dylib".into(), file(edited, 0o755, T1));
+    for i in 0..6u64 {
+        target.insert(
+            format!("lib/new-{i}.dylib"),
+            file(noise(100 + i, 500_000), 0o644, T1),
+        );
+    }
+    let fx = Fixture::new(&base, &target);
+    let pkg = fx.path("large.bsi");
+    let bytes = build(&fx.base, &fx.target, "a", &example_key(), &pkg, &[]);
+    let (n, len) = layout(&bytes);
+    assert!(
+        (2_000_000..=5_500_000).contains(&len),
+        "the large package is 2-5 MB, not {len} bytes"
+    );
+    VerifiedPackage::from_bytes(bytes.clone(), &example_trust(), &pkg)
+        .expect("the untouched package verifies");
+    let mut offsets: Vec<usize> = (0..12).collect();
+    offsets.extend((0..40).map(|k| 12 + k * n / 40));
+    offsets.extend((0..16).map(|k| 12 + n + k * 4));
+    let payload = len - (76 + n);
+    offsets.extend((0..131).map(|k| 76 + n + k * payload / 131));
+    offsets.push(len - 1);
+    offsets.sort_unstable();
+    offsets.dedup();
+    assert!(offsets.len() >= 195, "{} offsets", offsets.len());
+    assert_eq!(accepted_flips(&bytes, offsets), Vec::<usize>::new());
+}
+
+#[test]
+fn flipped_bits_are_refused_by_verify_and_apply() {
+    let fx = Fixture::release_a();
+    let pkg = fx.path("a.bsi");
+    let bytes = build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+    let (n, len) = layout(&bytes);
+    let payload = len - (76 + n);
+    let offsets = [
+        // header: magic, length
+        0,
+        7,
+        8,
+        11,
+        // manifest
+        12,
+        12 + n / 3,
+        12 + 2 * n / 3,
+        11 + n,
+        // signature
+        12 + n,
+        12 + n + 31,
+        12 + n + 32,
+        75 + n,
+        // payload section
+        76 + n,
+        76 + n + payload / 5,
+        76 + n + 2 * payload / 5,
+        76 + n + 3 * payload / 5,
+        76 + n + 4 * payload / 5,
+        len - 2,
+        len - 1,
+    ];
+    let root = fx.base_root("root");
+    let before = tree_snapshot(&root);
+    let tampered = fx.path("tampered.bsi");
+    let trust = example_pub();
+    for i in offsets {
+        let mut flipped = bytes.clone();
+        flipped[i] ^= 0x01;
+        fs::write(&tampered, &flipped).expect("write tampered package");
+        let context = format!("bit flipped at offset {i} of {len} (manifest {n} bytes)");
+        let out = run(["verify", p(&tampered), "--trust", p(&trust)]);
+        assert_eq!(out.status.code(), Some(1), "verify accepted a {context}");
+        refused(&out, &[p(&tampered)]);
+        let out = run([
+            "apply",
+            p(&tampered),
+            "--root",
+            p(&root),
+            "--trust",
+            p(&trust),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "apply accepted a {context}");
+        refused(&out, &[p(&tampered)]);
+        assert_eq!(tree_snapshot(&root), before, "apply wrote with a {context}");
+        assert!(
+            !root.join(".bsi").exists(),
+            "apply created state with a {context}"
+        );
+    }
+    assert_eq!(
+        ok(&run(["status", "--root", p(&root)])),
+        "macOS 26.3\n",
+        "no letter is installed"
+    );
+}
+
+#[test]
+fn truncated_and_extended_packages_are_refused() {
+    let fx = Fixture::release_a();
+    let pkg = fx.path("a.bsi");
+    let bytes = build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+    let (n, len) = layout(&bytes);
+    let payload = len - (76 + n);
+    let trust = example_trust();
+    let cut = fx.path("cut.bsi");
+    let mut cases: Vec<(String, Vec<u8>, &str)> = Vec::new();
+    for (what, at) in [
+        ("empty", 0),
+        ("inside the magic", 5),
+        ("header minus one", 11),
+        ("header only", 12),
+        ("mid-manifest", 12 + n / 2),
+        ("manifest without signature", 12 + n),
+        ("mid-signature", 12 + n + 32),
+    ] {
+        cases.push((what.to_owned(), bytes[..at].to_vec(), "truncated"));
+    }
+    for (what, at) in [
+        ("no payload section", 76 + n),
+        ("mid-payload", 76 + n + payload / 2),
+        ("last byte missing", len - 1),
+    ] {
+        cases.push((what.to_owned(), bytes[..at].to_vec(), "payload section"));
+    }
+    for extra in [1usize, 1000] {
+        let mut longer = bytes.clone();
+        longer.extend(std::iter::repeat_n(0u8, extra));
+        cases.push((format!("{extra} bytes appended"), longer, "payload section"));
+    }
+    let root = fx.base_root("root");
+    let before = tree_snapshot(&root);
+    for (what, cut_bytes, phrase) in cases {
+        let result = VerifiedPackage::from_bytes(cut_bytes.clone(), &trust, &cut);
+        let err = match result {
+            Ok(_) => panic!("{what}: accepted in process"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(phrase), "{what}: {err}");
+        fs::write(&cut, &cut_bytes).expect("write cut package");
+        refused(
+            &run(["verify", p(&cut), "--trust", p(&example_pub())]),
+            &[phrase, p(&cut)],
+        );
+        refused(
+            &run([
+                "apply",
+                p(&cut),
+                "--root",
+                p(&root),
+                "--trust",
+                p(&example_pub()),
+            ]),
+            &[phrase],
+        );
+        assert_eq!(tree_snapshot(&root), before, "{what}: apply wrote");
+    }
+    assert!(!root.join(".bsi").exists());
+}
