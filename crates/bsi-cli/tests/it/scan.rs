@@ -82,3 +82,50 @@ fn a_name_that_is_not_utf8_is_refused() {
         "no temporary file is left beside --out"
     );
 }
+
+/// An unreadable file stops the build naming it. Root reads every file, so when the tests run as
+/// root (as CI does) bsi runs as `nobody` through util-linux's `setpriv`.
+#[test]
+fn an_unreadable_file_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let top = tmp.path();
+    let open = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    for tree in ["base", "target"] {
+        std::fs::create_dir_all(top.join(tree).join("lib")).expect("mkdir");
+        std::fs::write(top.join(tree).join("lib/readable.dylib"), tree).expect("write");
+        std::fs::write(top.join(tree).join("lib/secret.dylib"), tree).expect("write");
+        open(&top.join(tree).join("lib/readable.dylib"), 0o644);
+        open(&top.join(tree).join("lib"), 0o755);
+        open(&top.join(tree), 0o755);
+    }
+    let secret = top.join("target/lib/secret.dylib");
+    open(&top.join("base/lib/secret.dylib"), 0o644);
+    open(&secret, 0o000);
+    let out_dir = top.join("out");
+    std::fs::create_dir(&out_dir).expect("mkdir");
+    open(&out_dir, 0o777);
+    let key = top.join("key.pem");
+    std::fs::copy(example_key(), &key).expect("copy key");
+    open(&key, 0o644);
+    open(top, 0o755);
+
+    let pkg = out_dir.join("a.bsi");
+    let args = build_args(&top.join("base"), &top.join("target"), "a", &key, &pkg, &[]);
+    let we_are_root = std::fs::metadata(&key).expect("stat").uid() == 0;
+    let output = if we_are_root {
+        let bsi = assert_cmd::cargo::cargo_bin("bsi");
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bsi)
+            .args(&args)
+            .output()
+            .expect("setpriv (util-linux) runs bsi as nobody")
+    } else {
+        run(&args)
+    };
+    refused(&output, &[p(&secret), "Permission denied", "target tree"]);
+    assert!(!pkg.exists(), "--out is not created on failure");
+}
