@@ -36,7 +36,7 @@ fn report(m: &Manifest, package_bytes: u64) -> serde_json::Value {
             let (mut added, mut deleted, mut changed) = (Vec::new(), Vec::new(), Vec::new());
             for e in m.entries.iter().filter(|e| e.component == c.name) {
                 let encoder = match &e.op {
-                    Operation::Delta { encoder } => Some(encoder.as_str()),
+                    Operation::Delta { encoder, .. } => Some(encoder.as_str()),
                     _ if e.payload.is_some() => Some(bsi_delta_plain()),
                     _ => None,
                 };
@@ -50,6 +50,10 @@ fn report(m: &Manifest, package_bytes: u64) -> serde_json::Value {
                     "new_size": size(&e.post),
                     "encoder": encoder,
                     "payload_bytes": payload_bytes,
+                    "source": match &e.op {
+                        Operation::Delta { source: Some(src), .. } => Some(src.path.as_str()),
+                        _ => None,
+                    },
                 });
                 match e.op {
                     Operation::Add => added.push(item),
@@ -129,9 +133,17 @@ fn print_text(path: &Path, r: &serde_json::Value) {
                         .unwrap_or_default()
                         .to_owned(),
                 };
-                let payload = match item["encoder"].as_str() {
-                    Some(enc) => format!(", payload {} bytes ({enc})", item["payload_bytes"]),
-                    None => String::new(),
+                let payload = match (item["encoder"].as_str(), item["source"].as_str()) {
+                    (Some(enc), Some(src)) => {
+                        format!(
+                            ", payload {} bytes ({enc} from {src})",
+                            item["payload_bytes"]
+                        )
+                    }
+                    (Some(enc), None) => {
+                        format!(", payload {} bytes ({enc})", item["payload_bytes"])
+                    }
+                    _ => String::new(),
                 };
                 println!(
                     "    {:<8} {}  {sizes}{payload}",

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::exec::{execute, stage_file, Change};
-use crate::package::{DecodeFailure, VerifiedPackage};
+use crate::package::{reference, source_matches, DecodeFailure, VerifiedPackage};
 use crate::state::{
     remove_dir_if_present, Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT,
 };
@@ -350,6 +350,17 @@ pub fn apply(
                 }
             }
         }
+        if let Some((_, Some(src))) = reference(entry) {
+            let image = view.image(&src.path)?;
+            let inside_state = state_rel.as_deref().is_some_and(|s| src.path.is_within(s));
+            if inside_state || !source_matches(src, image.as_ref()) {
+                return Err(ApplyError::PreImage {
+                    root: root.to_owned(),
+                    path: src.path.clone(),
+                    reason: format!("it is not the source of {} the package names", entry.path),
+                });
+            }
+        }
         before.insert(&entry.path, actual);
     }
 
@@ -383,10 +394,15 @@ pub fn apply(
             let base = before.get(&entry.path).cloned().flatten();
             let keeps_bytes =
                 matches!((&base, &entry.post), (Some(a), Some(b)) if a.same_content(b));
+            let own_is_reference = matches!(reference(entry), Some((_, None)));
             let old = match &base {
-                Some(img @ Image::File { .. }) if entry.payload.is_some() || !keeps_bytes => {
+                Some(img @ Image::File { .. }) if own_is_reference || !keeps_bytes => {
                     Some(view.bytes(&entry.path, img)?)
                 }
+                _ => None,
+            };
+            let source_bytes = match reference(entry) {
+                Some((_, Some(src))) => Some(view.bytes(&src.path, &source_image(src))?),
                 _ => None,
             };
             let revert = match (&old, keeps_bytes) {
@@ -406,7 +422,7 @@ pub fn apply(
                     }),
                     true,
                 ) => {
-                    let bytes = pkg.decode(entry, old.as_deref())?;
+                    let bytes = pkg.decode(entry, source_bytes.as_deref().or(old.as_deref()))?;
                     let file = staging.join(format!("{i}"));
                     stage_file(&file, &bytes, *mode, *mtime)?;
                     progress.advance(*size);
@@ -647,4 +663,14 @@ fn plist_string(plist: &str, key: &str) -> Option<String> {
     let after = plist.split_once(&format!("<key>{key}</key>"))?.1;
     let value = after.trim_start().strip_prefix("<string>")?;
     Some(value.split_once("</string>")?.0.trim().to_owned())
+}
+
+/// A file image with a source record's digest and size (all that reading its bytes needs).
+fn source_image(src: &bsi_format::Source) -> Image {
+    Image::File {
+        sha256: src.sha256,
+        size: src.size,
+        mode: 0,
+        mtime: bsi_format::Mtime { secs: 0, nanos: 0 },
+    }
 }

@@ -2,14 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
 use bsi_format::{
-    signed_bytes, write_package, BaseRelease, Component, Entry, Image, Letter, Manifest,
-    ManifestError, Operation, Payload, PkgPath, Version, FORMAT_VERSION, MAX_MANIFEST_LEN,
+    signed_bytes, write_package, BaseRelease, Component, Digest, Entry, Image, Letter, Manifest,
+    ManifestError, Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, MAX_MANIFEST_LEN,
 };
 use bsi_sign::SecretKey;
 use rayon::prelude::*;
 
-use crate::tree::{scan, ScanError};
+use crate::tree::{scan, ScanError, Tree};
 use crate::{FsContext, FsError, Progress};
 
 /// `--component NAME=SUBPATH`.
@@ -154,9 +156,10 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<BuildSu
         })
         .sum();
     progress.start("encoding", to_encode);
+    let references = References::new(&base);
     let encoded: Vec<Option<(Operation, Vec<u8>)>> = planned
         .par_iter()
-        .map(|entry| encode_entry(opts, entry, progress))
+        .map(|entry| encode_entry(opts, entry, &references, progress))
         .collect::<Result<_, _>>()?;
     progress.finish();
 
@@ -209,10 +212,80 @@ fn needs_payload(entry: &Entry) -> bool {
     matches!(entry.post, Some(Image::File { .. })) && entry.op != Operation::Metadata
 }
 
+/// Old files a new file can be encoded against, besides its own pre-image: by content (a rename
+/// or copy) and by name with version numbers removed (a library renamed for its new version).
+struct References<'t> {
+    by_digest: HashMap<Digest, (&'t PkgPath, u64)>,
+    by_stem: HashMap<(Option<PkgPath>, String), Vec<(&'t PkgPath, u64, Digest)>>,
+}
+
+impl<'t> References<'t> {
+    fn new(base: &'t Tree) -> References<'t> {
+        let mut by_digest = HashMap::new();
+        let mut by_stem: HashMap<_, Vec<_>> = HashMap::new();
+        // Trees iterate in path order, so the first path of a digest wins: deterministic.
+        for (path, image) in &base.entries {
+            if let Image::File { sha256, size, .. } = image {
+                by_digest.entry(*sha256).or_insert((path, *size));
+                by_stem
+                    .entry((path.parent(), name_stem(path)))
+                    .or_default()
+                    .push((path, *size, *sha256));
+            }
+        }
+        References { by_digest, by_stem }
+    }
+
+    /// The old file to encode `entry`'s new content against, when it is not its own pre-image.
+    fn source_for(&self, entry: &Entry) -> Option<Source> {
+        let Some(Image::File { sha256, size, .. }) = &entry.post else {
+            return None;
+        };
+        if let Some((path, old_size)) = self.by_digest.get(sha256) {
+            if *path != &entry.path {
+                return Some(Source {
+                    path: (*path).clone(),
+                    sha256: *sha256,
+                    size: *old_size,
+                });
+            }
+        }
+        if matches!(entry.pre, Some(Image::File { .. })) {
+            return None;
+        }
+        let candidates = self
+            .by_stem
+            .get(&(entry.path.parent(), name_stem(&entry.path)))?;
+        candidates
+            .iter()
+            .filter(|(path, old_size, _)| {
+                *path != &entry.path
+                    && *old_size <= size.saturating_mul(2)
+                    && *size <= old_size.saturating_mul(2)
+            })
+            .min_by_key(|(path, old_size, _)| (old_size.abs_diff(*size), *path))
+            .map(|(path, old_size, digest)| Source {
+                path: (*path).clone(),
+                sha256: *digest,
+                size: *old_size,
+            })
+    }
+}
+
+/// A file name without digits and separators: `libcrypto.3.dylib` and `libcrypto.3.1.dylib`
+/// both become `libcryptodylib`.
+fn name_stem(path: &PkgPath) -> String {
+    let name = path.as_str().rsplit('/').next().unwrap_or_default();
+    name.chars()
+        .filter(|c| !c.is_ascii_digit() && !matches!(c, '.' | '-' | '_'))
+        .collect()
+}
+
 /// The operation and payload for one entry, or `None` when it carries no bytes.
 fn encode_entry(
     opts: &BuildOptions<'_>,
     entry: &Entry,
+    references: &References<'_>,
     progress: &dyn Progress,
 ) -> Result<Option<(Operation, Vec<u8>)>, BuildError> {
     if !needs_payload(entry) {
@@ -220,20 +293,27 @@ fn encode_entry(
     }
     let new_path = opts.target.join(entry.path.as_str());
     let new = std::fs::read(&new_path).fs("read", &new_path)?;
-    let old = match entry.pre {
-        Some(Image::File { .. }) => {
-            let old_path = opts.base.join(entry.path.as_str());
+    let source = references.source_for(entry);
+    let reference_path = match (&source, &entry.pre) {
+        (Some(src), _) => Some(&src.path),
+        (None, Some(Image::File { .. })) => Some(&entry.path),
+        (None, _) => None,
+    };
+    let old = match reference_path {
+        Some(path) => {
+            let old_path = opts.base.join(path.as_str());
             Some(std::fs::read(&old_path).fs("read", &old_path)?)
         }
-        _ => None,
+        None => None,
     };
     let best = bsi_delta::encode_best(old.as_deref(), &new).fs("encode", &new_path)?;
     progress.advance(new.len() as u64);
-    let op = match (best.encoder, &entry.op) {
-        (Some(name), _) => Operation::Delta {
+    let op = match best.encoder {
+        Some(name) => Operation::Delta {
             encoder: name.to_owned(),
+            source,
         },
-        (None, op) => op.clone(),
+        None => entry.op.clone(),
     };
     Ok(Some((op, best.payload)))
 }

@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use bsi_format::{ContainerError, Digest, Entry, Image, Manifest, Operation, PkgPath, RawPackage};
+use bsi_format::{
+    ContainerError, Digest, Entry, Image, Manifest, Operation, PkgPath, RawPackage, Source,
+};
 use bsi_sign::{BadSignature, PublicKey};
 
 use crate::tree::{describe_mismatch, matches_image, observe, ScanError};
@@ -118,7 +120,7 @@ impl VerifiedPackage {
             return Err(fail("entry carries no file payload".to_owned()));
         };
         let bytes = match &entry.op {
-            Operation::Delta { encoder } => {
+            Operation::Delta { encoder, .. } => {
                 let old = old.ok_or_else(|| fail("delta has no pre-image bytes".to_owned()))?;
                 bsi_delta::delta_encoder(encoder)
                     .and_then(|e| e.decode(old, payload, *size))
@@ -186,16 +188,29 @@ pub fn verify_against_tree(pkg: &VerifiedPackage, root: &Path) -> Result<usize, 
     }
     let mut decoded = 0;
     for entry in pkg.manifest.entries.iter().filter(|e| e.payload.is_some()) {
-        let old = match &entry.op {
-            Operation::Delta { .. } => {
-                let full = root.join(entry.path.as_str());
+        let old = match reference(entry) {
+            Some((path, source)) => {
+                if let Some(src) = source {
+                    let image = observe(root, &src.path)?;
+                    if !source_matches(src, image.as_ref()) {
+                        return Err(TreeVerifyError::PreImage {
+                            tree: root.to_owned(),
+                            path: src.path.clone(),
+                            reason: format!(
+                                "it is not the source of {} the package names",
+                                entry.path
+                            ),
+                        });
+                    }
+                }
+                let full = root.join(path.as_str());
                 Some(
                     std::fs::read(&full)
                         .fs("read", &full)
                         .map_err(ScanError::from)?,
                 )
             }
-            _ => None,
+            None => None,
         };
         pkg.decode(entry, old.as_deref())
             .map_err(|failure| TreeVerifyError::Decode {
@@ -205,4 +220,21 @@ pub fn verify_against_tree(pkg: &VerifiedPackage, root: &Path) -> Result<usize, 
         decoded += 1;
     }
     Ok(decoded)
+}
+
+/// The path whose old bytes a delta entry is decoded against, and its source record when that
+/// is not the entry's own pre-image. `None` for entries that are not deltas.
+pub(crate) fn reference(entry: &Entry) -> Option<(&PkgPath, Option<&Source>)> {
+    match &entry.op {
+        Operation::Delta {
+            source: Some(src), ..
+        } => Some((&src.path, Some(src))),
+        Operation::Delta { source: None, .. } => Some((&entry.path, None)),
+        _ => None,
+    }
+}
+
+/// True when `image` is the file a delta's source record names.
+pub(crate) fn source_matches(src: &Source, image: Option<&Image>) -> bool {
+    matches!(image, Some(Image::File { sha256, size, .. }) if *sha256 == src.sha256 && *size == src.size)
 }

@@ -18,7 +18,7 @@ pub use container::{
 pub use digest::{sha256, Digest};
 pub use manifest::{
     BaseRelease, Component, Entry, Image, Manifest, ManifestError, Mtime, Operation, Payload,
-    FORMAT_VERSION,
+    Source, FORMAT_VERSION,
 };
 pub use path::{PathError, PkgPath};
 pub use version::{Letter, LetteredVersion, Version, VersionError};

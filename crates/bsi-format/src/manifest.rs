@@ -89,8 +89,13 @@ pub enum Operation {
     Delete,
     /// The pre-image is replaced whole (a file's bytes come from its payload).
     Replace,
-    /// A file is rebuilt from its pre-image and a payload written by the named encoder.
-    Delta { encoder: String },
+    /// A file is rebuilt from a reference file and a payload written by the named encoder. The
+    /// reference is the entry's own pre-image, or `source` (a renamed or copied old file).
+    Delta {
+        encoder: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<Source>,
+    },
     /// Same content; only permission bits or times change.
     Metadata,
 }
@@ -105,6 +110,16 @@ impl Operation {
             Operation::Metadata => "metadata",
         }
     }
+}
+
+/// The old file a delta is computed against when it is not the entry's own pre-image: another
+/// path of the base release, with the digest and size it must have there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub path: PkgPath,
+    pub sha256: Digest,
+    pub size: u64,
 }
 
 /// Where an entry's payload lies in the payload section, and its digest.
@@ -328,10 +343,24 @@ impl Entry {
             (Operation::Delete, _, _) => return Err(fail("delete needs a pre-image only")),
             (Operation::Replace, Some(_), Some(_)) => {}
             (Operation::Replace, _, _) => return Err(fail("replace needs both images")),
-            (Operation::Delta { encoder }, Some(Image::File { .. }), Some(Image::File { .. })) => {
+            (Operation::Delta { encoder, source }, pre, Some(Image::File { .. })) => {
                 check_name("encoder", encoder)?;
+                match source {
+                    Some(src) if src.path == self.path => {
+                        return Err(fail("a delta's source is another path"))
+                    }
+                    Some(src) if src.size > MAX_FILE_SIZE => {
+                        return Err(ManifestError::TooLarge {
+                            path: src.path.clone(),
+                            size: src.size,
+                        })
+                    }
+                    Some(_) => {}
+                    None if matches!(pre, Some(Image::File { .. })) => {}
+                    None => return Err(fail("a delta needs a pre-image file or a source")),
+                }
             }
-            (Operation::Delta { .. }, _, _) => return Err(fail("delta needs files on both sides")),
+            (Operation::Delta { .. }, _, _) => return Err(fail("delta needs a file post-image")),
             (Operation::Metadata, Some(pre), Some(post)) if pre.same_content(post) => {}
             (Operation::Metadata, _, _) => {
                 return Err(fail("metadata needs the same content on both sides"))

@@ -2,4 +2,5 @@
 
 mod components;
 mod fixture;
+mod renames;
 mod roundtrip;
