@@ -216,8 +216,13 @@ fn needs_payload(entry: &Entry) -> bool {
 /// or copy) and by name with version numbers removed (a library renamed for its new version).
 struct References<'t> {
     by_digest: HashMap<Digest, (&'t PkgPath, u64)>,
-    by_stem: HashMap<(Option<PkgPath>, String), Vec<(&'t PkgPath, u64, Digest)>>,
+    by_stem: HashMap<StemKey, Vec<OldFile<'t>>>,
 }
+
+/// Parent directory and name stem (see [`name_stem`]).
+type StemKey = (Option<PkgPath>, String);
+/// An old file: path, size, digest.
+type OldFile<'t> = (&'t PkgPath, u64, Digest);
 
 impl<'t> References<'t> {
     fn new(base: &'t Tree) -> References<'t> {
