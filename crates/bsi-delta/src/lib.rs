@@ -7,10 +7,12 @@
 //! allocation and the zstd window.
 #![forbid(unsafe_code)]
 
+mod blocks;
 mod zstd_prefix;
 
 use std::io::{self, Read};
 
+pub use blocks::Blocks;
 pub use zstd_prefix::ZstdPrefix;
 
 /// Name of plain compression (used for added and replaced files).
@@ -40,8 +42,9 @@ pub trait DeltaEncoder: Send + Sync {
     fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError>;
 }
 
+static BLOCKS: Blocks = Blocks;
 static ZSTD_PREFIX: ZstdPrefix = ZstdPrefix;
-static DELTA_ENCODERS: [&dyn DeltaEncoder; 1] = [&ZSTD_PREFIX];
+static DELTA_ENCODERS: [&dyn DeltaEncoder; 2] = [&BLOCKS, &ZSTD_PREFIX];
 
 /// Every delta encoder, in the order they are tried.
 pub fn delta_encoders() -> &'static [&'static dyn DeltaEncoder] {
@@ -92,15 +95,18 @@ pub struct Encoded {
     pub payload: Vec<u8>,
 }
 
-/// A delta this small relative to the new file (1/64) already beats anything plain compression
-/// of real files achieves, so plain compression is not tried: on a 90 MB library it would cost
-/// half the build.
-const TINY_DELTA_RATIO: usize = 64;
+/// A payload this small is good enough: at most 1/1024 of the new file, or 512 bytes. Once an
+/// encoder reaches it, the slower ones (and plain compression) are not tried: they could save at
+/// most that much, and on a 90 MB library they cost most of the build.
+pub fn good_enough(new_len: usize) -> usize {
+    (new_len / 1024).max(512)
+}
 
-/// Encode `new` with every delta encoder against `old` (when there is one) and with plain
-/// compression; keep the smallest payload. Ties go to plain compression, which needs no old
-/// file. Plain compression is skipped when a delta is already tiny (see `TINY_DELTA_RATIO`).
+/// Encode `new` with every delta encoder against `old` (when there is one), cheapest first, and
+/// with plain compression; keep the smallest payload (ties go to the earlier encoder, and to
+/// plain compression, which needs no old file). Stops as soon as a payload is [`good_enough`].
 pub fn encode_best(old: Option<&[u8]>, new: &[u8]) -> io::Result<Encoded> {
+    let enough = good_enough(new.len());
     let mut best: Option<Encoded> = None;
     if let Some(old) = old {
         for encoder in delta_encoders() {
@@ -114,10 +120,13 @@ pub fn encode_best(old: Option<&[u8]>, new: &[u8]) -> io::Result<Encoded> {
                     payload,
                 });
             }
+            if best.as_ref().is_some_and(|b| b.payload.len() <= enough) {
+                break;
+            }
         }
     }
     match best {
-        Some(delta) if delta.payload.len() <= new.len() / TINY_DELTA_RATIO => Ok(delta),
+        Some(delta) if delta.payload.len() <= enough => Ok(delta),
         best => {
             let plain = compress(new)?;
             Ok(match best {
@@ -205,13 +214,15 @@ mod tests {
         new.splice(1000..1000, b"inserted".iter().copied());
         new[150_000] ^= 0xff;
         let best = encode_best(Some(&old), &new).expect("encode");
-        assert_eq!(best.encoder, Some("zstd-prefix"));
+        let name = best
+            .encoder
+            .expect("a delta beats plain compression of random bytes");
         assert!(
             best.payload.len() < 200,
             "payload {} bytes",
             best.payload.len()
         );
-        let decoded = delta_encoder("zstd-prefix")
+        let decoded = delta_encoder(name)
             .expect("known")
             .decode(&old, &best.payload, new.len() as u64)
             .expect("decode");

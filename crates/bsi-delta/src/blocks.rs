@@ -1,0 +1,383 @@
+//! The fast path for near-identical files (a rebuild where a few bytes differ): find the long
+//! equal runs with a rolling hash over the old file's blocks, and encode only the rest.
+//!
+//! Payload, format 1:
+//!
+//! ```text
+//! "BLK1"                      magic and version
+//! u64 LE                      body length (bounded by the new file's length, see BODY_SLACK)
+//! zstd frame                  the body:
+//!   repeated { varint literal_len, literal bytes,
+//!              varint zigzag(copy_start - previous_copy_end), varint copy_len }
+//!   ending right after the literal (or copy) that completes the new file
+//! ```
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::{self, Read};
+
+use crate::{window_log, DecodeError, DeltaEncoder};
+
+const MAGIC: &[u8; 4] = b"BLK1";
+/// A body never exceeds the new file plus this much per 32 bytes, plus a constant: each copy
+/// op (at most 30 bytes of varints) covers at least `MIN_MATCH` bytes.
+const BODY_SLACK_CONSTANT: u64 = 1024;
+const MIN_MATCH: usize = 32;
+/// Polynomial rolling hash base (odd).
+const BASE: u64 = 0x100_0000_01b3;
+
+/// See the module documentation.
+#[derive(Debug, Clone, Copy)]
+pub struct Blocks;
+
+fn body_bound(new_len: u64) -> u64 {
+    new_len
+        .saturating_mul(2)
+        .saturating_add(BODY_SLACK_CONSTANT)
+}
+
+fn block_size(old_len: usize) -> usize {
+    if old_len < 8 << 20 {
+        32
+    } else {
+        64
+    }
+}
+
+/// The rolling hash of a window is already a 64-bit value; mix it once and use it as is.
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        let mut x = v ^ (v >> 31);
+        x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = x ^ (x >> 29);
+    }
+}
+
+fn hash(window: &[u8]) -> u64 {
+    window.iter().fold(0u64, |h, &b| {
+        h.wrapping_mul(BASE).wrapping_add(u64::from(b))
+    })
+}
+
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 8 <= n && a[i..i + 8] == b[i..i + 8] {
+        i += 8;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+struct Body {
+    bytes: Vec<u8>,
+    previous_copy_end: usize,
+}
+
+impl Body {
+    fn op(&mut self, literal: &[u8], copy: Option<(usize, usize)>) {
+        put_varint(&mut self.bytes, literal.len() as u64);
+        self.bytes.extend_from_slice(literal);
+        if let Some((start, len)) = copy {
+            put_varint(
+                &mut self.bytes,
+                zigzag(start as i64 - self.previous_copy_end as i64),
+            );
+            put_varint(&mut self.bytes, len as u64);
+            self.previous_copy_end = start + len;
+        }
+    }
+}
+
+/// The body for `new` against `old`: copies of every run of at least `MIN_MATCH` equal bytes
+/// found, literals for the rest.
+fn body(old: &[u8], new: &[u8]) -> Vec<u8> {
+    let b = block_size(old.len());
+    let mut index: HashMap<u64, u32, BuildHasherDefault<MixHasher>> = HashMap::default();
+    if old.len() >= b && new.len() >= b {
+        index.reserve(old.len() / b);
+        for (i, block) in old.chunks_exact(b).enumerate() {
+            index.entry(hash(block)).or_insert(i as u32);
+        }
+    }
+    let top = (0..b - 1).fold(1u64, |p, _| p.wrapping_mul(BASE)); // BASE^(b-1)
+    let mut out = Body {
+        bytes: Vec::new(),
+        previous_copy_end: 0,
+    };
+    let (mut n, mut literal_start) = (0usize, 0usize);
+    // `diagonal`: old offset minus new offset of the last copy; a substitution keeps it.
+    let mut diagonal: i64 = 0;
+    let mut rolling: Option<u64> = None;
+    while n + b <= new.len() {
+        let mut found = None;
+        let expected = n as i64 + diagonal;
+        if expected >= 0 && (expected as usize) + MIN_MATCH <= old.len() {
+            let e = expected as usize;
+            if new[n] == old[e]
+                && new[n..n + MIN_MATCH.min(new.len() - n)]
+                    == old[e..e + MIN_MATCH.min(new.len() - n)]
+            {
+                found = Some(e);
+            }
+        }
+        if found.is_none() && !index.is_empty() {
+            let h = match rolling {
+                Some(h) => h,
+                None => hash(&new[n..n + b]),
+            };
+            rolling = Some(h);
+            if let Some(&block) = index.get(&h) {
+                let start = block as usize * b;
+                if old[start..start + b] == new[n..n + b] {
+                    found = Some(start);
+                }
+            }
+        }
+        match found {
+            Some(mut start) => {
+                let mut from = n;
+                while from > literal_start && start > 0 && new[from - 1] == old[start - 1] {
+                    from -= 1;
+                    start -= 1;
+                }
+                let len = common_prefix(&old[start..], &new[from..]);
+                out.op(&new[literal_start..from], Some((start, len)));
+                n = from + len;
+                literal_start = n;
+                diagonal = start as i64 - from as i64;
+                rolling = None;
+            }
+            None => {
+                if let (Some(h), true) = (rolling, n + b < new.len()) {
+                    let h = h.wrapping_sub(u64::from(new[n]).wrapping_mul(top));
+                    rolling = Some(h.wrapping_mul(BASE).wrapping_add(u64::from(new[n + b])));
+                } else {
+                    rolling = None;
+                }
+                n += 1;
+            }
+        }
+    }
+    if literal_start < new.len() || new.is_empty() {
+        out.op(&new[literal_start..], None);
+    }
+    out.bytes
+}
+
+impl DeltaEncoder for Blocks {
+    fn name(&self) -> &'static str {
+        "blocks"
+    }
+
+    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
+        let mut body = body(old, new);
+        if body.len() as u64 > body_bound(new.len() as u64) {
+            // Cannot happen (each copy covers >= MIN_MATCH bytes), but stay decodable.
+            let mut literal_only = Body {
+                bytes: Vec::new(),
+                previous_copy_end: 0,
+            };
+            literal_only.op(new, None);
+            body = literal_only.bytes;
+        }
+        // Large bodies mean the files differ a lot; another encoder will win, so be quick.
+        let level = if body.len() < 1 << 20 { 19 } else { 3 };
+        let mut out = Vec::with_capacity(body.len() / 2 + 16);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crate::compress_at(&body, level)?);
+        Ok(out)
+    }
+
+    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+        let corrupt = |what: &str| {
+            DecodeError::Corrupt(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()))
+        };
+        let rest = payload
+            .strip_prefix(MAGIC)
+            .ok_or_else(|| corrupt("not a blocks payload"))?;
+        let (len_bytes, frame) = rest
+            .split_at_checked(8)
+            .ok_or_else(|| corrupt("truncated header"))?;
+        let body_len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+        if body_len > body_bound(new_len) {
+            return Err(corrupt("body longer than the new file allows"));
+        }
+        let mut decoder =
+            zstd::stream::read::Decoder::with_buffer(frame).map_err(DecodeError::Corrupt)?;
+        decoder
+            .window_log_max(window_log(body_len))
+            .map_err(DecodeError::Corrupt)?;
+        let mut body = io::BufReader::new(decoder.take(body_len));
+        let capacity = usize::try_from(new_len.min(1 << 30)).unwrap_or(0);
+        let mut out = Vec::with_capacity(capacity);
+        let mut previous_copy_end: u64 = 0;
+        let new_len_usize = usize::try_from(new_len).map_err(|_| corrupt("new file too large"))?;
+        loop {
+            let remaining = new_len_usize - out.len();
+            let literal = read_varint(&mut body)?;
+            if literal > remaining as u64 {
+                return Err(DecodeError::TooLong { expected: new_len });
+            }
+            let start = out.len();
+            out.resize(start + literal as usize, 0);
+            body.read_exact(&mut out[start..])
+                .map_err(DecodeError::Corrupt)?;
+            if out.len() == new_len_usize {
+                break;
+            }
+            let delta = unzigzag(read_varint(&mut body)?);
+            let len = read_varint(&mut body)?;
+            let copy_start = (previous_copy_end as i64)
+                .checked_add(delta)
+                .filter(|s| *s >= 0)
+                .ok_or_else(|| corrupt("copy before the start of the old file"))?
+                as u64;
+            let copy_end = copy_start
+                .checked_add(len)
+                .filter(|e| *e <= old.len() as u64)
+                .ok_or_else(|| corrupt("copy beyond the end of the old file"))?;
+            if len == 0 {
+                return Err(corrupt("empty copy"));
+            }
+            if len > (new_len_usize - out.len()) as u64 {
+                return Err(DecodeError::TooLong { expected: new_len });
+            }
+            out.extend_from_slice(&old[copy_start as usize..copy_end as usize]);
+            previous_copy_end = copy_end;
+            if out.len() == new_len_usize {
+                break;
+            }
+        }
+        let mut extra = [0u8; 1];
+        match body.read(&mut extra).map_err(DecodeError::Corrupt)? {
+            0 => Ok(out),
+            _ => Err(corrupt("data after the end of the new file")),
+        }
+    }
+}
+
+fn read_varint(r: &mut impl Read) -> Result<u64, DecodeError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let mut byte = [0u8; 1];
+        r.read_exact(&mut byte).map_err(DecodeError::Corrupt)?;
+        value |= u64::from(byte[0] & 0x7f) << shift;
+        if byte[0] & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(DecodeError::Corrupt(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "varint too long",
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut s = seed | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect()
+    }
+
+    fn round_trip(old: &[u8], new: &[u8]) -> usize {
+        let payload = Blocks.encode(old, new).expect("encode");
+        assert_eq!(
+            Blocks
+                .decode(old, &payload, new.len() as u64)
+                .expect("decode"),
+            new
+        );
+        payload.len()
+    }
+
+    #[test]
+    fn a_few_scattered_changes_cost_a_few_bytes_each() {
+        let old = noise(7, 4 << 20);
+        let mut new = old.clone();
+        for i in 0..60 {
+            new[(i * 65_537 + 1000) % old.len()] ^= 0x5a;
+        }
+        new.splice(2_000_000..2_000_000, *b"inserted run");
+        let size = round_trip(&old, &new);
+        assert!(
+            size < 1_000,
+            "60 substitutions and an insertion cost {size} bytes"
+        );
+    }
+
+    #[test]
+    fn edge_cases_round_trip() {
+        for (old, new) in [
+            (vec![], vec![]),
+            (vec![], b"new".to_vec()),
+            (b"old".to_vec(), vec![]),
+            (noise(1, 100), noise(1, 100)),
+            (noise(1, 10_000), noise(2, 10_000)),
+            (noise(3, 31), noise(3, 33)),
+        ] {
+            round_trip(&old, &new);
+        }
+    }
+
+    #[test]
+    fn hostile_payloads_are_refused() {
+        let old = noise(5, 1000);
+        let new = noise(5, 1000);
+        let good = Blocks.encode(&old, &new).expect("encode");
+        for cut in 0..good.len() {
+            assert!(
+                Blocks.decode(&old, &good[..cut], 1000).is_err(),
+                "truncated at {cut}"
+            );
+        }
+        assert!(Blocks.decode(&old, &good, 999).is_err());
+        assert!(Blocks.decode(&old, &good, 1001).is_err());
+        assert!(
+            Blocks.decode(&old[..500], &good, 1000).is_err(),
+            "copy beyond a shorter old file"
+        );
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Blocks.decode(&old, &huge, 1000).is_err());
+    }
+}
