@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 use crate::{window_log, DecodeError, DeltaEncoder};
 
@@ -220,6 +220,18 @@ impl DeltaEncoder for Blocks {
     }
 
     fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+        let mut out = Vec::with_capacity(crate::initial_capacity(new_len));
+        self.decode_into(old, payload, new_len, &mut out)?;
+        Ok(out)
+    }
+
+    fn decode_into(
+        &self,
+        old: &[u8],
+        payload: &[u8],
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
         let corrupt = |what: &str| {
             DecodeError::Corrupt(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()))
         };
@@ -239,21 +251,23 @@ impl DeltaEncoder for Blocks {
             .window_log_max(window_log(body_len))
             .map_err(DecodeError::Corrupt)?;
         let mut body = io::BufReader::new(decoder.take(body_len));
-        let capacity = usize::try_from(new_len.min(1 << 30)).unwrap_or(0);
-        let mut out = Vec::with_capacity(capacity);
-        let mut previous_copy_end: u64 = 0;
-        let new_len_usize = usize::try_from(new_len).map_err(|_| corrupt("new file too large"))?;
+        let mut written = 0u64;
+        let mut previous_copy_end = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let remaining = new_len_usize - out.len();
             let literal = read_varint(&mut body)?;
-            if literal > remaining as u64 {
+            if literal > new_len - written {
                 return Err(DecodeError::TooLong { expected: new_len });
             }
-            let start = out.len();
-            out.resize(start + literal as usize, 0);
-            body.read_exact(&mut out[start..])
-                .map_err(DecodeError::Corrupt)?;
-            if out.len() == new_len_usize {
+            let mut left = literal;
+            while left > 0 {
+                let chunk = &mut buf[..left.min(64 * 1024) as usize];
+                body.read_exact(chunk).map_err(DecodeError::Corrupt)?;
+                out.write_all(chunk).map_err(DecodeError::Output)?;
+                left -= chunk.len() as u64;
+            }
+            written += literal;
+            if written == new_len {
                 break;
             }
             let delta = unzigzag(read_varint(&mut body)?);
@@ -270,18 +284,20 @@ impl DeltaEncoder for Blocks {
             if len == 0 {
                 return Err(corrupt("empty copy"));
             }
-            if len > (new_len_usize - out.len()) as u64 {
+            if len > new_len - written {
                 return Err(DecodeError::TooLong { expected: new_len });
             }
-            out.extend_from_slice(&old[copy_start as usize..copy_end as usize]);
+            out.write_all(&old[copy_start as usize..copy_end as usize])
+                .map_err(DecodeError::Output)?;
+            written += len;
             previous_copy_end = copy_end;
-            if out.len() == new_len_usize {
+            if written == new_len {
                 break;
             }
         }
         let mut extra = [0u8; 1];
         match body.read(&mut extra).map_err(DecodeError::Corrupt)? {
-            0 => Ok(out),
+            0 => Ok(()),
             _ => Err(corrupt("data after the end of the new file")),
         }
     }

@@ -10,7 +10,7 @@
 mod blocks;
 mod zstd_prefix;
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 pub use blocks::Blocks;
 pub use zstd_prefix::ZstdPrefix;
@@ -31,6 +31,8 @@ pub enum DecodeError {
     TooLong { expected: u64 },
     #[error("payload decodes to {actual} bytes but the manifest names {expected}")]
     WrongLength { expected: u64, actual: u64 },
+    #[error("cannot write the decoded file: {0}")]
+    Output(#[source] io::Error),
 }
 
 /// A delta encoder: turns (old, new) into a payload and back.
@@ -40,6 +42,18 @@ pub trait DeltaEncoder: Send + Sync {
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>>;
     /// Rebuild the new file, which the manifest says is `new_len` bytes long.
     fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError>;
+    /// Like [`decode`](Self::decode), but write the new file to `out` as it is produced, so that
+    /// it is never whole in memory. On success `out` received exactly `new_len` bytes.
+    fn decode_into(
+        &self,
+        old: &[u8],
+        payload: &[u8],
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
+        let bytes = self.decode(old, payload, new_len)?;
+        out.write_all(&bytes).map_err(DecodeError::Output)
+    }
 }
 
 static BLOCKS: Blocks = Blocks;
@@ -75,6 +89,77 @@ pub fn compress_at(new: &[u8], level: i32) -> io::Result<Vec<u8>> {
     encoder.window_log(window_log(new.len() as u64))?;
     io::Write::write_all(&mut encoder, new)?;
     encoder.finish()
+}
+
+/// Largest window of [`compress_into`]: 16 MiB, whatever the file size.
+pub const STREAM_WINDOW_LOG: u32 = 24;
+
+/// Plain zstd of `data` at `level`, written to `out` as it is produced, with a window of at most
+/// 16 MiB: compressing and decompressing it never holds more than that in zstd's buffers.
+pub fn compress_into(data: &[u8], level: i32, out: impl Write) -> io::Result<()> {
+    let mut encoder = zstd::stream::Encoder::new(out, level)?;
+    encoder.set_pledged_src_size(Some(data.len() as u64))?;
+    encoder.include_checksum(false)?;
+    encoder.include_contentsize(true)?;
+    encoder.window_log(window_log(data.len() as u64).min(STREAM_WINDOW_LOG))?;
+    encoder.write_all(data)?;
+    encoder.finish()?.flush()
+}
+
+/// Like [`decompress`], writing the file to `out` as it is produced.
+pub fn decompress_into(
+    payload: &[u8],
+    new_len: u64,
+    out: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    let mut decoder =
+        zstd::stream::read::Decoder::with_buffer(payload).map_err(DecodeError::Corrupt)?;
+    decoder
+        .window_log_max(window_log(new_len))
+        .map_err(DecodeError::Corrupt)?;
+    copy_exact_len(decoder, new_len, out)
+}
+
+/// Like [`decompress_into`], reading the compressed bytes from `input` (a file, say).
+pub fn decompress_stream_into(
+    input: impl Read,
+    new_len: u64,
+    out: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    let mut decoder = zstd::stream::read::Decoder::new(input).map_err(DecodeError::Corrupt)?;
+    decoder
+        .window_log_max(window_log(new_len))
+        .map_err(DecodeError::Corrupt)?;
+    copy_exact_len(decoder, new_len, out)
+}
+
+/// Copy exactly `expected` bytes from `reader` to `out` and make sure nothing follows; read
+/// failures are corruption, write failures are output errors.
+pub(crate) fn copy_exact_len(
+    mut reader: impl Read,
+    expected: u64,
+    out: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut copied = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(DecodeError::Corrupt)?;
+        if n == 0 {
+            break;
+        }
+        copied += n as u64;
+        if copied > expected {
+            return Err(DecodeError::TooLong { expected });
+        }
+        out.write_all(&buf[..n]).map_err(DecodeError::Output)?;
+    }
+    if copied != expected {
+        return Err(DecodeError::WrongLength {
+            expected,
+            actual: copied,
+        });
+    }
+    Ok(())
 }
 
 /// Inverse of [`compress`], for a file the manifest says is `new_len` bytes long.
@@ -146,10 +231,16 @@ pub(crate) fn window_log(len: u64) -> u32 {
     bits.clamp(10, 31)
 }
 
+/// Room reserved up front for an output of `expected` bytes: never more than 16 MiB, so that a
+/// large length costs memory only as real data arrives.
+pub(crate) fn initial_capacity(expected: u64) -> usize {
+    usize::try_from(expected.min(16 << 20)).unwrap_or(0)
+}
+
 /// Read exactly `expected` bytes from `reader` and make sure nothing follows; never allocates
 /// more than `expected` up front.
 pub(crate) fn read_exact_len(reader: impl Read, expected: u64) -> Result<Vec<u8>, DecodeError> {
-    let mut out = Vec::with_capacity(usize::try_from(expected.min(1 << 30)).unwrap_or(0));
+    let mut out = Vec::with_capacity(initial_capacity(expected));
     let read = reader
         .take(expected.saturating_add(1))
         .read_to_end(&mut out)

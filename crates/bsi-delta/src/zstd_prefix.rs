@@ -2,7 +2,7 @@ use std::io::{self, Write};
 
 use zstd::stream::raw::{CParameter, DParameter};
 
-use crate::{read_exact_len, window_log, DecodeError, DeltaEncoder, LEVEL};
+use crate::{copy_exact_len, initial_capacity, window_log, DecodeError, DeltaEncoder, LEVEL};
 
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
 /// a window that covers old and new file together.
@@ -26,12 +26,24 @@ impl DeltaEncoder for ZstdPrefix {
     }
 
     fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+        let mut out = Vec::with_capacity(initial_capacity(new_len));
+        self.decode_into(old, payload, new_len, &mut out)?;
+        Ok(out)
+    }
+
+    fn decode_into(
+        &self,
+        old: &[u8],
+        payload: &[u8],
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
         let window = window_log(old.len() as u64 + new_len);
         let mut raw =
             zstd::stream::raw::Decoder::with_ref_prefix(old).map_err(DecodeError::Corrupt)?;
         raw.set_parameter(DParameter::WindowLogMax(window))
             .map_err(DecodeError::Corrupt)?;
         let decoder = zstd::stream::zio::Reader::new(io::BufReader::new(payload), raw);
-        read_exact_len(decoder, new_len)
+        copy_exact_len(decoder, new_len, out)
     }
 }

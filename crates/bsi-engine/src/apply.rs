@@ -9,8 +9,8 @@ use bsi_format::{Entry, Image, Letter, PkgPath};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::exec::{execute, stage_file, Change};
-use crate::package::{reference, source_matches, DecodeFailure, VerifiedPackage};
+use crate::exec::{execute, stage_with, Change};
+use crate::package::{reference, source_matches, DecodeFailure, HashingWriter, VerifiedPackage};
 use crate::state::{
     remove_dir_if_present, Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT,
 };
@@ -19,6 +19,18 @@ use crate::{FsContext, FsError, Progress};
 
 /// zstd level of revert copies: made on the device, so fast.
 const REVERT_LEVEL: i32 = 3;
+
+/// Files at least this large (old or new) are decoded one at a time.
+const LARGE_FILE: u64 = 32 << 20;
+
+/// The larger of an entry's old and new file sizes.
+fn entry_weight(entry: &Entry) -> u64 {
+    let size = |image: &Option<Image>| match image {
+        Some(Image::File { size, .. }) => *size,
+        _ => 0,
+    };
+    size(&entry.pre).max(size(&entry.post))
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyOutcome {
@@ -211,6 +223,19 @@ impl<'a> BaseView<'a> {
 }
 
 fn read_revert(file: &Path, path: &PkgPath, image: &Image) -> Result<Vec<u8>, RevertError> {
+    let mut bytes = Vec::new();
+    read_revert_into(file, path, image, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// Stream the revert copy `file` of `path`, whose base image is `image`, into `out`, checking
+/// its length and digest; `out` must be discarded on error.
+fn read_revert_into(
+    file: &Path,
+    path: &PkgPath,
+    image: &Image,
+    out: &mut dyn std::io::Write,
+) -> Result<(), RevertError> {
     let damaged = || RevertError::RevertData {
         file: file.to_owned(),
         path: path.clone(),
@@ -218,12 +243,18 @@ fn read_revert(file: &Path, path: &PkgPath, image: &Image) -> Result<Vec<u8>, Re
     let Image::File { sha256, size, .. } = image else {
         return Err(damaged());
     };
-    let packed = fs::read(file).fs("read", file)?;
-    let bytes = bsi_delta::decompress(&packed, *size).map_err(|_| damaged())?;
-    if bsi_format::sha256(&bytes) != *sha256 {
+    let input = std::io::BufReader::new(fs::File::open(file).fs("read", file)?);
+    let mut hashing = HashingWriter::new(out);
+    bsi_delta::decompress_stream_into(input, *size, &mut hashing).map_err(|e| match e {
+        bsi_delta::DecodeError::Output(source) => {
+            RevertError::Fs(FsError::new("write", file, source))
+        }
+        _ => damaged(),
+    })?;
+    if hashing.digest() != *sha256 {
         return Err(damaged());
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// Where the state directory lies inside the root, if it does.
@@ -386,54 +417,69 @@ pub fn apply(
         })
         .sum();
     progress.start("decoding", total);
-    let prepared: Vec<(Option<PathBuf>, Option<String>)> = m
-        .entries
-        .par_iter()
-        .enumerate()
-        .map(|(i, entry)| -> Result<_, ApplyError> {
-            let base = before.get(&entry.path).cloned().flatten();
-            let keeps_bytes =
-                matches!((&base, &entry.post), (Some(a), Some(b)) if a.same_content(b));
-            let own_is_reference = matches!(reference(entry), Some((_, None)));
-            let old = match &base {
-                Some(img @ Image::File { .. }) if own_is_reference || !keeps_bytes => {
-                    Some(view.bytes(&entry.path, img)?)
-                }
-                _ => None,
-            };
-            let source_bytes = match reference(entry) {
-                Some((_, Some(src))) => Some(view.bytes(&src.path, &source_image(src))?),
-                _ => None,
-            };
-            let revert = match (&old, keeps_bytes) {
-                (Some(old), false) => {
-                    let name = format!("{i}.zst");
-                    let file = revert_new.join(&name);
-                    let packed = bsi_delta::compress_at(old, REVERT_LEVEL).fs("compress", &file)?;
-                    fs::write(&file, packed).fs("write", &file)?;
-                    Some(name)
-                }
-                _ => None,
-            };
-            let staged = match (&entry.post, entry.payload.is_some()) {
-                (
-                    Some(Image::File {
-                        mode, mtime, size, ..
-                    }),
-                    true,
-                ) => {
-                    let bytes = pkg.decode(entry, source_bytes.as_deref().or(old.as_deref()))?;
-                    let file = staging.join(format!("{i}"));
-                    stage_file(&file, &bytes, *mode, *mtime)?;
-                    progress.advance(*size);
-                    Some(file)
-                }
-                _ => None,
-            };
-            Ok((staged, revert))
-        })
+    let prepare = |i: usize| -> Result<(Option<PathBuf>, Option<String>), ApplyError> {
+        let entry = &m.entries[i];
+        let base = before.get(&entry.path).cloned().flatten();
+        let keeps_bytes = matches!((&base, &entry.post), (Some(a), Some(b)) if a.same_content(b));
+        let own_is_reference = matches!(reference(entry), Some((_, None)));
+        let old = match &base {
+            Some(img @ Image::File { .. }) if own_is_reference || !keeps_bytes => {
+                Some(view.bytes(&entry.path, img)?)
+            }
+            _ => None,
+        };
+        let source_bytes = match reference(entry) {
+            Some((_, Some(src))) => Some(view.bytes(&src.path, &source_image(src))?),
+            _ => None,
+        };
+        let revert = match (&old, keeps_bytes) {
+            (Some(old), false) => {
+                let name = format!("{i}.zst");
+                let file = revert_new.join(&name);
+                let out = fs::File::create(&file).fs("create", &file)?;
+                bsi_delta::compress_into(old, REVERT_LEVEL, std::io::BufWriter::new(out))
+                    .fs("write", &file)?;
+                Some(name)
+            }
+            _ => None,
+        };
+        let staged = match (&entry.post, entry.payload.is_some()) {
+            (
+                Some(Image::File {
+                    mode, mtime, size, ..
+                }),
+                true,
+            ) => {
+                let file = staging.join(format!("{i}"));
+                let reference = source_bytes.as_deref().or(old.as_deref());
+                stage_with(&file, *mode, *mtime, |out| -> Result<(), ApplyError> {
+                    Ok(pkg.decode_into(entry, reference, out)?)
+                })?;
+                progress.advance(*size);
+                Some(file)
+            }
+            _ => None,
+        };
+        Ok((staged, revert))
+    };
+    // Large files one at a time, so that memory stays near the largest file; the rest in parallel.
+    let (large, small): (Vec<usize>, Vec<usize>) =
+        (0..m.entries.len()).partition(|&i| entry_weight(&m.entries[i]) >= LARGE_FILE);
+    let mut prepared: Vec<(Option<PathBuf>, Option<String>)> = vec![(None, None); m.entries.len()];
+    let done: Vec<(usize, (Option<PathBuf>, Option<String>))> = small
+        .into_par_iter()
+        .map(|i| prepare(i).map(|r| (i, r)))
+        .chain(
+            large
+                .into_iter()
+                .map(|i| prepare(i).map(|r| (i, r)))
+                .collect::<Vec<_>>(),
+        )
         .collect::<Result<_, _>>()
         .inspect_err(|_| cleanup())?;
+    for (i, result) in done {
+        prepared[i] = result;
+    }
     progress.finish();
 
     // 3. Write: undo the installed letter if there is one, then this package.
@@ -558,9 +604,10 @@ fn revert_installed(
     for (i, entry) in inst.entries.iter().enumerate() {
         let content = match (&entry.before, &entry.revert) {
             (Some(img @ Image::File { mode, mtime, .. }), Some(name)) => {
-                let bytes = read_revert(&revert_dir.join(name), &entry.path, img)?;
                 let file = staging.join(format!("revert-{i}"));
-                stage_file(&file, &bytes, *mode, *mtime)?;
+                stage_with(&file, *mode, *mtime, |out| {
+                    read_revert_into(&revert_dir.join(name), &entry.path, img, out)
+                })?;
                 Some(file)
             }
             _ => None,
@@ -594,7 +641,12 @@ pub fn revert(root: &Path, state_dir: &Path) -> Result<Letter, RevertError> {
     // Check the revert data before the first write, too.
     for entry in &inst.entries {
         if let (Some(img), Some(name)) = (&entry.before, &entry.revert) {
-            read_revert(&state.revert_dir().join(name), &entry.path, img)?;
+            read_revert_into(
+                &state.revert_dir().join(name),
+                &entry.path,
+                img,
+                &mut std::io::sink(),
+            )?;
         }
     }
     let staging = state.fresh_staging()?;

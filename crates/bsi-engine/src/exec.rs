@@ -30,20 +30,30 @@ fn same_kind(a: &Image, b: &Image) -> bool {
     a.kind_name() == b.kind_name()
 }
 
-/// Write a staged file with the given bytes, mode and mtime, synced to disk.
-pub(crate) fn stage_file(
+/// Write a staged file through `fill` (which streams its bytes), then give it its mode and
+/// mtime and sync it. The file is removed again when `fill` fails.
+pub(crate) fn stage_with<E: From<FsError>>(
     path: &Path,
-    bytes: &[u8],
     mode: u32,
     mtime: Mtime,
-) -> Result<(), FsError> {
-    let mut file = fs::File::create(path).fs("create staging file", path)?;
-    file.write_all(bytes).fs("write staging file", path)?;
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<(), E> {
+    let file = fs::File::create(path).fs("create staging file", path)?;
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+    if let Err(e) = fill(&mut out) {
+        drop(out);
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| FsError::new("write staging file", path, e.into_error()))?;
     file.set_permissions(fs::Permissions::from_mode(mode))
         .fs("set permissions of", path)?;
     file.sync_all().fs("sync", path)?;
     drop(file);
-    filetime::set_file_mtime(path, file_time(mtime)).fs("set the time of", path)
+    filetime::set_file_mtime(path, file_time(mtime)).fs("set the time of", path)?;
+    Ok(())
 }
 
 /// Apply `changes` (sorted by path) under `root`. Directories above the changes keep the

@@ -1,6 +1,9 @@
 //! Opening a package (signature first, then structure) and proving it against a tree.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
 
 use bsi_format::{
     ContainerError, Digest, Entry, Image, Manifest, Operation, PkgPath, RawPackage, Source,
@@ -107,9 +110,22 @@ impl VerifiedPackage {
         )
     }
 
-    /// Rebuild the post-image bytes of a file entry from the pre-image bytes (`old`, for a
+    /// Rebuild the post-image bytes of a file entry from the reference bytes (`old`, for a
     /// delta) and check them against the post-image digest and size.
     pub fn decode(&self, entry: &Entry, old: Option<&[u8]>) -> Result<Vec<u8>, DecodeFailure> {
+        let mut out = Vec::new();
+        self.decode_into(entry, old, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`decode`](Self::decode), writing the bytes to `out` as they are produced; the
+    /// digest is checked when the last byte is written, so `out` must be discarded on error.
+    pub fn decode_into(
+        &self,
+        entry: &Entry,
+        old: Option<&[u8]>,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeFailure> {
         let fail = |reason: String| DecodeFailure {
             path: entry.path.clone(),
             reason,
@@ -119,21 +135,54 @@ impl VerifiedPackage {
         else {
             return Err(fail("entry carries no file payload".to_owned()));
         };
-        let bytes = match &entry.op {
+        let mut hashing = HashingWriter::new(out);
+        match &entry.op {
             Operation::Delta { encoder, .. } => {
-                let old = old.ok_or_else(|| fail("delta has no pre-image bytes".to_owned()))?;
+                let old = old.ok_or_else(|| fail("delta has no reference bytes".to_owned()))?;
                 bsi_delta::delta_encoder(encoder)
-                    .and_then(|e| e.decode(old, payload, *size))
+                    .and_then(|e| e.decode_into(old, payload, *size, &mut hashing))
                     .map_err(|e| fail(e.to_string()))?
             }
-            _ => bsi_delta::decompress(payload, *size).map_err(|e| fail(e.to_string()))?,
+            _ => bsi_delta::decompress_into(payload, *size, &mut hashing)
+                .map_err(|e| fail(e.to_string()))?,
         };
-        if bsi_format::sha256(&bytes) != *sha256 {
+        if hashing.digest() != *sha256 {
             return Err(fail(
                 "decoded bytes do not match the post-image sha256".to_owned(),
             ));
         }
-        Ok(bytes)
+        Ok(())
+    }
+}
+
+/// Passes bytes through and hashes them.
+pub(crate) struct HashingWriter<'w> {
+    pub inner: &'w mut dyn Write,
+    pub hasher: Sha256,
+}
+
+impl<'w> HashingWriter<'w> {
+    pub fn new(inner: &'w mut dyn Write) -> HashingWriter<'w> {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    pub fn digest(self) -> Digest {
+        Digest(self.hasher.finalize().into())
+    }
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -212,7 +261,7 @@ pub fn verify_against_tree(pkg: &VerifiedPackage, root: &Path) -> Result<usize, 
             }
             None => None,
         };
-        pkg.decode(entry, old.as_deref())
+        pkg.decode_into(entry, old.as_deref(), &mut std::io::sink())
             .map_err(|failure| TreeVerifyError::Decode {
                 tree: root.to_owned(),
                 failure,
