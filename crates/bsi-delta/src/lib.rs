@@ -8,11 +8,13 @@
 #![forbid(unsafe_code)]
 
 mod blocks;
+mod bsdiff;
 mod zstd_prefix;
 
 use std::io::{self, Read, Write};
 
 pub use blocks::Blocks;
+pub use bsdiff::Bsdiff;
 pub use zstd_prefix::ZstdPrefix;
 
 /// Name of plain compression (used for added and replaced files).
@@ -58,7 +60,8 @@ pub trait DeltaEncoder: Send + Sync {
 
 static BLOCKS: Blocks = Blocks;
 static ZSTD_PREFIX: ZstdPrefix = ZstdPrefix;
-static DELTA_ENCODERS: [&dyn DeltaEncoder; 2] = [&BLOCKS, &ZSTD_PREFIX];
+static BSDIFF: Bsdiff = Bsdiff::PLAIN;
+static DELTA_ENCODERS: [&dyn DeltaEncoder; 3] = [&BLOCKS, &ZSTD_PREFIX, &BSDIFF];
 
 /// Every delta encoder, in the order they are tried.
 pub fn delta_encoders() -> &'static [&'static dyn DeltaEncoder] {

@@ -15,22 +15,13 @@ use crate::state::{
     remove_dir_if_present, Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT,
 };
 use crate::tree::{describe_mismatch, matches_image, observe, ScanError};
-use crate::{FsContext, FsError, Progress};
+use crate::{entry_weight, FsContext, FsError, Progress, LARGE_FILE};
+
+/// What preparing one entry leaves: its staged new file and the name of its revert copy.
+type Prepared = (Option<PathBuf>, Option<String>);
 
 /// zstd level of revert copies: made on the device, so fast.
 const REVERT_LEVEL: i32 = 3;
-
-/// Files at least this large (old or new) are decoded one at a time.
-const LARGE_FILE: u64 = 32 << 20;
-
-/// The larger of an entry's old and new file sizes.
-fn entry_weight(entry: &Entry) -> u64 {
-    let size = |image: &Option<Image>| match image {
-        Some(Image::File { size, .. }) => *size,
-        _ => 0,
-    };
-    size(&entry.pre).max(size(&entry.post))
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyOutcome {
@@ -417,7 +408,7 @@ pub fn apply(
         })
         .sum();
     progress.start("decoding", total);
-    let prepare = |i: usize| -> Result<(Option<PathBuf>, Option<String>), ApplyError> {
+    let prepare = |i: usize| -> Result<Prepared, ApplyError> {
         let entry = &m.entries[i];
         let base = before.get(&entry.path).cloned().flatten();
         let keeps_bytes = matches!((&base, &entry.post), (Some(a), Some(b)) if a.same_content(b));
@@ -465,8 +456,8 @@ pub fn apply(
     // Large files one at a time, so that memory stays near the largest file; the rest in parallel.
     let (large, small): (Vec<usize>, Vec<usize>) =
         (0..m.entries.len()).partition(|&i| entry_weight(&m.entries[i]) >= LARGE_FILE);
-    let mut prepared: Vec<(Option<PathBuf>, Option<String>)> = vec![(None, None); m.entries.len()];
-    let done: Vec<(usize, (Option<PathBuf>, Option<String>))> = small
+    let mut prepared: Vec<Prepared> = vec![(None, None); m.entries.len()];
+    let done: Vec<(usize, Prepared)> = small
         .into_par_iter()
         .map(|i| prepare(i).map(|r| (i, r)))
         .chain(

@@ -12,7 +12,7 @@ use bsi_sign::SecretKey;
 use rayon::prelude::*;
 
 use crate::tree::{scan, ScanError, Tree};
-use crate::{FsContext, FsError, Progress};
+use crate::{entry_weight, FsContext, FsError, Progress, LARGE_FILE};
 
 /// `--component NAME=SUBPATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,10 +157,20 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<BuildSu
         .sum();
     progress.start("encoding", to_encode);
     let references = References::new(&base);
-    let encoded: Vec<Option<(Operation, Vec<u8>)>> = planned
-        .par_iter()
-        .map(|entry| encode_entry(opts, entry, &references, progress))
+    // Small files in parallel, then large ones one at a time (see LARGE_FILE).
+    let (large, small): (Vec<usize>, Vec<usize>) =
+        (0..planned.len()).partition(|&i| entry_weight(&planned[i]) >= LARGE_FILE);
+    let mut encoded: Vec<Option<(Operation, Vec<u8>)>> = vec![None; planned.len()];
+    let done: Vec<_> = small
+        .into_par_iter()
+        .map(|i| encode_entry(opts, &planned[i], &references, progress).map(|r| (i, r)))
         .collect::<Result<_, _>>()?;
+    for (i, result) in done {
+        encoded[i] = result;
+    }
+    for i in large {
+        encoded[i] = encode_entry(opts, &planned[i], &references, progress)?;
+    }
     progress.finish();
 
     let mut offset = 0u64;

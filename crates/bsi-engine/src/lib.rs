@@ -22,6 +22,19 @@ pub use package::{verify_against_tree, OpenError, TreeVerifyError, VerifiedPacka
 pub use state::default_state_dir;
 pub use tree::{scan, ScanError, Tree, STATE_DIR_NAME};
 
+/// Files at least this large (old or new) are encoded and decoded one at a time, so that
+/// memory follows the largest file rather than the sum of the largest few.
+pub(crate) const LARGE_FILE: u64 = 32 << 20;
+
+/// The larger of an entry's old and new file sizes.
+pub(crate) fn entry_weight(entry: &bsi_format::Entry) -> u64 {
+    let size = |image: &Option<bsi_format::Image>| match image {
+        Some(bsi_format::Image::File { size, .. }) => *size,
+        _ => 0,
+    };
+    size(&entry.pre).max(size(&entry.post))
+}
+
 /// Receives progress of long operations (a CLI turns it into a progress bar).
 pub trait Progress: Sync {
     /// A phase with `total` units of work begins.

@@ -1,0 +1,602 @@
+//! bsdiff-class delta: approximate matches found through a suffix array of the old file (see
+//! `matcher`), stored as three separately compressed streams. The control and extra streams are
+//! zstd frames; the diff stream, which dominates, is coded by a context-mixing model that also
+//! sees the old bytes (see `cm`), about 20% smaller than zstd or xz on real libraries.
+//!
+//! Payload, format 1:
+//!
+//! ```text
+//! "BSD" 0x01                       magic and version
+//! u8                               filter applied to both files before diffing (0: none)
+//! 3 x { varint raw_len,            control, diff and extra stream, in this order: decompressed
+//!       varint packed_len }        and compressed length (both 0 for an empty stream)
+//! control, extra                   each one zstd frame, packed_len bytes
+//! diff                             `cm` range-coder bytes, packed_len bytes (between the two)
+//! ```
+//!
+//! The control stream is a sequence of steps `{ varint add, varint copy, varint zigzag(seek) }`:
+//! the next `add` bytes of the new file are the old file's bytes at the old position plus (mod
+//! 256) the next `add` bytes of the diff stream, the old position advances by `add`; the next
+//! `copy` bytes are taken from the extra stream; then the old position moves by `seek`. The
+//! old position starts at 0 and never leaves `0..=old_len`; diff and extra raw lengths add up to
+//! the new file's length, and every stream is consumed exactly.
+
+use std::borrow::Cow;
+use std::io::{self, BufRead, BufReader, Read, Write};
+
+use zstd::stream::raw::CParameter;
+
+use crate::{window_log, DecodeError, DeltaEncoder};
+
+mod cm;
+mod matcher;
+
+const MAGIC: &[u8; 4] = b"BSD\x01";
+/// zstd level of the streams (zstd's maximum: a payload is built once, downloaded many times).
+const STREAM_LEVEL: i32 = 22;
+/// A control step is at most three 10-byte varints.
+const MAX_STEP_BYTES: u64 = 30;
+
+/// The bsdiff encoder, see the module documentation.
+#[derive(Debug, Clone, Copy)]
+pub struct Bsdiff {
+    filter: Filter,
+}
+
+/// A reversible, length-preserving transform of both files before diffing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    None = 0,
+}
+
+impl Bsdiff {
+    /// Plain bsdiff, named "bsdiff".
+    pub const PLAIN: Bsdiff = Bsdiff {
+        filter: Filter::None,
+    };
+}
+
+impl DeltaEncoder for Bsdiff {
+    fn name(&self) -> &'static str {
+        match self.filter {
+            Filter::None => "bsdiff",
+        }
+    }
+
+    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
+        let (old, new) = (self.forward(old), self.forward(new));
+        let ops = matcher::diff_ops(&old, &new)?;
+        let streams = streams(&ops, &old, &new);
+        let cap = new.len() as u64;
+        let raw = [
+            streams.control.len() as u64,
+            streams.diff_len,
+            streams.extra.len() as u64,
+        ];
+        let packed = [
+            pack(&streams.control, cap)?,
+            streams.diff,
+            pack(&streams.extra, cap)?,
+        ];
+        let mut out = Vec::with_capacity(64 + packed.iter().map(Vec::len).sum::<usize>());
+        out.extend_from_slice(MAGIC);
+        out.push(self.filter as u8);
+        for (raw, packed) in raw.iter().zip(&packed) {
+            put_varint(&mut out, *raw);
+            put_varint(&mut out, packed.len() as u64);
+        }
+        for packed in &packed {
+            out.extend_from_slice(packed);
+        }
+        Ok(out)
+    }
+
+    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+        let header = Header::parse(payload, new_len)?;
+        if header.filter != self.filter as u8 {
+            return Err(corrupt("filter does not match the encoder"));
+        }
+        let old = self.forward(old);
+        let new = apply(&old, &header, new_len)?;
+        Ok(self.backward(new))
+    }
+}
+
+impl Bsdiff {
+    fn forward<'a>(&self, data: &'a [u8]) -> Cow<'a, [u8]> {
+        match self.filter {
+            Filter::None => Cow::Borrowed(data),
+        }
+    }
+
+    fn backward(&self, data: Vec<u8>) -> Vec<u8> {
+        match self.filter {
+            Filter::None => data,
+        }
+    }
+}
+
+struct Streams {
+    control: Vec<u8>,
+    /// Raw length and coded bytes of the diff stream (see `cm`).
+    diff_len: u64,
+    diff: Vec<u8>,
+    extra: Vec<u8>,
+}
+
+/// The control, diff and extra streams of `ops`.
+fn streams(ops: &[matcher::Op], old: &[u8], new: &[u8]) -> Streams {
+    let mut control = Vec::with_capacity(ops.len() * 6);
+    let mut diff = cm::DiffEncoder::new();
+    let mut diff_len = 0u64;
+    let mut extra = Vec::new();
+    let (mut old_pos, mut new_pos) = (0usize, 0usize);
+    for op in ops {
+        put_varint(&mut control, op.add);
+        put_varint(&mut control, op.copy);
+        put_varint(&mut control, zigzag(op.seek));
+        // The matcher only produces steps inside both files.
+        let add = op.add as usize;
+        diff.push_step(
+            new_pos as u64,
+            &new[new_pos..new_pos + add],
+            &old[old_pos..old_pos + add],
+        );
+        diff_len += op.add;
+        new_pos += add;
+        old_pos += add;
+        let copy = op.copy as usize;
+        extra.extend_from_slice(&new[new_pos..new_pos + copy]);
+        new_pos += copy;
+        old_pos = old_pos.wrapping_add_signed(op.seek as isize);
+    }
+    debug_assert_eq!(new_pos, new.len());
+    Streams {
+        control,
+        diff_len,
+        diff: if diff_len == 0 {
+            Vec::new()
+        } else {
+            diff.finish()
+        },
+        extra,
+    }
+}
+
+/// The zstd window of a stream of `raw_len` bytes in a payload for a file of `new_len` bytes.
+/// The control stream may be longer than the new file, but its window need not be.
+fn stream_window(raw_len: u64, new_len: u64) -> u32 {
+    window_log(raw_len.min(new_len))
+}
+
+/// One zstd frame of `data` (nothing for no data).
+fn pack(data: &[u8], new_len: u64) -> io::Result<Vec<u8>> {
+    if data.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), STREAM_LEVEL)?;
+    encoder.set_pledged_src_size(Some(data.len() as u64))?;
+    encoder.include_checksum(false)?;
+    encoder.include_contentsize(true)?;
+    encoder.set_parameter(CParameter::WindowLog(stream_window(
+        data.len() as u64,
+        new_len,
+    )))?;
+    encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+    encoder.write_all(data)?;
+    encoder.finish()
+}
+
+/// A stream of the payload: its declared raw length and compressed bytes.
+#[derive(Debug, Clone, Copy)]
+struct StreamSpec<'a> {
+    raw: u64,
+    packed: &'a [u8],
+}
+
+#[derive(Debug)]
+struct Header<'a> {
+    filter: u8,
+    control: StreamSpec<'a>,
+    diff: StreamSpec<'a>,
+    extra: StreamSpec<'a>,
+}
+
+impl<'a> Header<'a> {
+    /// Parse and check the header against the new file's length.
+    fn parse(payload: &'a [u8], new_len: u64) -> Result<Self, DecodeError> {
+        let rest = payload
+            .strip_prefix(MAGIC)
+            .ok_or_else(|| corrupt("not a bsdiff payload of format 1"))?;
+        let (&filter, mut rest) = rest
+            .split_first()
+            .ok_or_else(|| corrupt("truncated header"))?;
+        let mut lens = [(0u64, 0u64); 3];
+        for len in &mut lens {
+            *len = (take_varint(&mut rest)?, take_varint(&mut rest)?);
+        }
+        let mut specs = [StreamSpec {
+            raw: 0,
+            packed: &[],
+        }; 3];
+        for (spec, &(raw, packed)) in specs.iter_mut().zip(&lens) {
+            if (raw == 0) != (packed == 0) {
+                return Err(corrupt("stream lengths disagree about emptiness"));
+            }
+            let packed = usize::try_from(packed)
+                .ok()
+                .filter(|&p| p <= rest.len())
+                .ok_or_else(|| corrupt("stream extends past the payload"))?;
+            (spec.packed, rest) = rest.split_at(packed);
+            spec.raw = raw;
+        }
+        if !rest.is_empty() {
+            return Err(corrupt("trailing bytes after the streams"));
+        }
+        let [control, diff, extra] = specs;
+        if diff.raw.checked_add(extra.raw) != Some(new_len) {
+            return Err(DecodeError::WrongLength {
+                expected: new_len,
+                actual: diff.raw.saturating_add(extra.raw),
+            });
+        }
+        // Every step but a leading pure seek produces at least one byte.
+        if control.raw > MAX_STEP_BYTES.saturating_mul(new_len.saturating_add(1)) {
+            return Err(corrupt("control stream longer than the new file justifies"));
+        }
+        Ok(Header {
+            filter,
+            control,
+            diff,
+            extra,
+        })
+    }
+}
+
+/// A decompressing reader of one stream that refuses to deliver more than its declared length.
+struct Stream<'a> {
+    inner: Option<BufReader<zstd::stream::read::Decoder<'static, &'a [u8]>>>,
+    left: u64,
+}
+
+impl<'a> Stream<'a> {
+    fn open(spec: StreamSpec<'a>, new_len: u64) -> Result<Self, DecodeError> {
+        let inner = if spec.packed.is_empty() {
+            None
+        } else {
+            let mut decoder = zstd::stream::read::Decoder::with_buffer(spec.packed)
+                .map_err(DecodeError::Corrupt)?;
+            decoder
+                .window_log_max(stream_window(spec.raw, new_len))
+                .map_err(DecodeError::Corrupt)?;
+            Some(BufReader::with_capacity(1 << 16, decoder))
+        };
+        Ok(Stream {
+            inner,
+            left: spec.raw,
+        })
+    }
+
+    /// Append exactly `n` bytes of the stream to `out`.
+    fn take_into(&mut self, n: u64, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if n > self.left {
+            return Err(corrupt("stream shorter than its steps need"));
+        }
+        let inner = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| corrupt("stream is empty"))?;
+        let read = inner
+            .take(n)
+            .read_to_end(out)
+            .map_err(DecodeError::Corrupt)? as u64;
+        if read != n {
+            return Err(corrupt("stream shorter than its declared length"));
+        }
+        self.left -= n;
+        Ok(())
+    }
+
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let mut byte = [0u8];
+        match (self.left, self.inner.as_mut()) {
+            (1.., Some(inner)) => {
+                inner.read_exact(&mut byte).map_err(DecodeError::Corrupt)?;
+                self.left -= 1;
+                Ok(byte[0])
+            }
+            _ => Err(corrupt("control stream ends inside a step")),
+        }
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(corrupt("varint overflows 64 bits"));
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(corrupt("varint longer than 10 bytes"))
+    }
+
+    /// Check that the stream was consumed exactly: all declared bytes, and nothing after them.
+    fn finish(mut self) -> Result<(), DecodeError> {
+        if self.left != 0 {
+            return Err(corrupt("stream longer than its steps need"));
+        }
+        if let Some(inner) = self.inner.as_mut() {
+            let more = inner.fill_buf().map_err(DecodeError::Corrupt)?;
+            if !more.is_empty() {
+                return Err(corrupt("stream longer than its declared length"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rebuild the (filtered) new file from the (filtered) old file and the checked header.
+fn apply(old: &[u8], header: &Header<'_>, new_len: u64) -> Result<Vec<u8>, DecodeError> {
+    let mut control = Stream::open(header.control, new_len)?;
+    let mut diff = (header.diff.raw > 0).then(|| cm::DiffDecoder::new(header.diff.packed));
+    let mut diff_left = header.diff.raw;
+    let mut extra = Stream::open(header.extra, new_len)?;
+    let mut out = Vec::with_capacity(usize::try_from(new_len.min(16 << 20)).unwrap_or(0));
+    let mut old_pos = 0usize;
+    while control.left > 0 {
+        let add = control.varint()?;
+        let copy = control.varint()?;
+        let seek = unzigzag(control.varint()?);
+        let room = new_len - out.len() as u64;
+        if add > room || copy > room - add {
+            return Err(DecodeError::TooLong { expected: new_len });
+        }
+        let old_end = usize::try_from(add)
+            .ok()
+            .and_then(|add| old_pos.checked_add(add))
+            .filter(|&end| end <= old.len())
+            .ok_or_else(|| corrupt("step reads past the end of the old file"))?;
+        if add > diff_left {
+            return Err(corrupt("diff stream shorter than its steps need"));
+        }
+        diff_left -= add;
+        if let Some(diff) = diff.as_mut() {
+            diff.step(&old[old_pos..old_end], &mut out);
+        }
+        extra.take_into(copy, &mut out)?;
+        old_pos = isize::try_from(seek)
+            .ok()
+            .and_then(|seek| old_end.checked_add_signed(seek))
+            .filter(|&pos| pos <= old.len())
+            .ok_or_else(|| corrupt("step seeks outside the old file"))?;
+    }
+    control.finish()?;
+    if diff_left != 0 || diff.is_some_and(|diff| !diff.consumed_exactly()) {
+        return Err(corrupt("diff stream longer than its steps need"));
+    }
+    extra.finish()?;
+    if out.len() as u64 != new_len {
+        return Err(DecodeError::WrongLength {
+            expected: new_len,
+            actual: out.len() as u64,
+        });
+    }
+    Ok(out)
+}
+
+fn corrupt(message: &str) -> DecodeError {
+    DecodeError::Corrupt(io::Error::new(io::ErrorKind::InvalidData, message))
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Read a varint from the front of `input` and advance it.
+fn take_varint(input: &mut &[u8]) -> Result<u64, DecodeError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = input
+            .split_first()
+            .ok_or_else(|| corrupt("truncated header"))?;
+        *input = rest;
+        let bits = u64::from(byte & 0x7f);
+        if shift == 63 && bits > 1 {
+            return Err(corrupt("varint overflows 64 bits"));
+        }
+        value |= bits << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(corrupt("varint longer than 10 bytes"))
+}
+
+fn zigzag(value: i64) -> u64 {
+    ((value << 1) ^ (value >> 63)) as u64
+}
+
+fn unzigzag(value: u64) -> i64 {
+    (value >> 1) as i64 ^ -((value & 1) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn round_trip(old: &[u8], new: &[u8]) -> Vec<u8> {
+        let payload = Bsdiff::PLAIN.encode(old, new).expect("encode");
+        let decoded = Bsdiff::PLAIN
+            .decode(old, &payload, new.len() as u64)
+            .expect("decode");
+        assert_eq!(decoded, new);
+        assert_eq!(
+            Bsdiff::PLAIN.encode(old, new).expect("encode"),
+            payload,
+            "deterministic"
+        );
+        payload
+    }
+
+    /// An executable-like file: code with 8-byte pointers sprinkled in.
+    fn program(len: usize, seed: u64) -> Vec<u8> {
+        let mut data = pseudo_random(len, seed);
+        for (i, chunk) in data.chunks_exact_mut(64).enumerate() {
+            chunk[..8].copy_from_slice(&(0x40_0000u64 + i as u64 * 64).to_le_bytes());
+        }
+        data
+    }
+
+    #[test]
+    fn round_trips() {
+        let old = pseudo_random(50_000, 1);
+        round_trip(&[], &[]);
+        round_trip(&[], &old);
+        round_trip(&old, &[]);
+        round_trip(&old, &old);
+        round_trip(b"a", b"b");
+
+        let mut edited = old.clone();
+        edited[20_000] ^= 0x55;
+        let payload = round_trip(&old, &edited);
+        assert!(
+            payload.len() < 200,
+            "small edit costs {} bytes",
+            payload.len()
+        );
+
+        let mut shifted = old.clone();
+        shifted.splice(100..100, pseudo_random(777, 2));
+        shifted.drain(30_000..30_500);
+        let payload = round_trip(&old, &shifted);
+        assert!(
+            payload.len() < 1200,
+            "insertion costs {} bytes",
+            payload.len()
+        );
+
+        round_trip(&old, &pseudo_random(30_000, 3));
+    }
+
+    #[test]
+    fn shifted_pointers_cost_little() {
+        let old = program(200_000, 4);
+        let mut new = old.clone();
+        for chunk in new.chunks_exact_mut(64) {
+            let pointer = u64::from_le_bytes(chunk[..8].try_into().expect("8 bytes"));
+            chunk[..8].copy_from_slice(&(pointer + 0x1040).to_le_bytes());
+        }
+        let payload = round_trip(&old, &new);
+        assert!(
+            payload.len() < 2000,
+            "shifted pointers cost {} bytes",
+            payload.len()
+        );
+    }
+
+    #[test]
+    fn refuses_bad_payloads() {
+        let old = pseudo_random(10_000, 5);
+        let mut new = old.clone();
+        new.splice(5000..5000, pseudo_random(300, 6));
+        new[100] = new[100].wrapping_add(3);
+        let len = new.len() as u64;
+        let payload = Bsdiff::PLAIN.encode(&old, &new).expect("encode");
+        for cut in [0, 3, 4, 5, 8, payload.len() / 2, payload.len() - 1] {
+            assert!(
+                Bsdiff::PLAIN.decode(&old, &payload[..cut], len).is_err(),
+                "truncated at {cut}"
+            );
+        }
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert!(Bsdiff::PLAIN.decode(&old, &longer, len).is_err());
+        assert!(matches!(
+            Bsdiff::PLAIN.decode(&old, &payload, len + 1),
+            Err(DecodeError::WrongLength { .. })
+        ));
+        assert!(Bsdiff::PLAIN.decode(&old, &payload, len - 1).is_err());
+        assert!(Bsdiff::PLAIN.decode(&old[..9000], &payload, len).is_err());
+        assert!(Bsdiff::PLAIN.decode(&old, b"garbage garbage", len).is_err());
+        assert!(Bsdiff::PLAIN.decode(&old, &[], 0).is_err());
+        // Every single-byte corruption is caught or decodes to something of the right length.
+        for i in 0..payload.len() {
+            let mut bad = payload.clone();
+            bad[i] ^= 0x41;
+            if let Ok(decoded) = Bsdiff::PLAIN.decode(&old, &bad, len) {
+                assert_eq!(decoded.len() as u64, len);
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_hostile_headers() {
+        let old = pseudo_random(1000, 7);
+        let mut header = MAGIC.to_vec();
+        header.push(0);
+        // A control stream claiming far more than the new file justifies.
+        for v in [u64::MAX, 1] {
+            put_varint(&mut header, v);
+        }
+        assert!(Bsdiff::PLAIN.decode(&old, &header, 10).is_err());
+        // A varint of 11 bytes.
+        let mut long = MAGIC.to_vec();
+        long.push(0);
+        long.extend_from_slice(&[0xff; 11]);
+        assert!(Bsdiff::PLAIN.decode(&old, &long, 10).is_err());
+        // Lengths that do not add up to the new file.
+        let mut lens = MAGIC.to_vec();
+        lens.push(0);
+        for v in [0, 0, 5, 1, 0, 0] {
+            put_varint(&mut lens, v);
+        }
+        lens.push(0);
+        assert!(matches!(
+            Bsdiff::PLAIN.decode(&old, &lens, 10),
+            Err(DecodeError::WrongLength { .. })
+        ));
+        // A wrong filter byte.
+        let payload = Bsdiff::PLAIN.encode(&old, &old).expect("encode");
+        let mut filtered = payload.clone();
+        filtered[4] = 1;
+        assert!(Bsdiff::PLAIN.decode(&old, &filtered, 1000).is_err());
+    }
+
+    #[test]
+    fn varints_and_zigzag() {
+        for v in [0, 1, 127, 128, 300, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            let mut input = out.as_slice();
+            assert_eq!(take_varint(&mut input).expect("varint"), v);
+            assert!(input.is_empty());
+        }
+        for v in [0, 1, -1, i64::MIN, i64::MAX] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+}

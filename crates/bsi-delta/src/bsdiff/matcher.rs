@@ -1,0 +1,216 @@
+//! Colin Percival's bsdiff matching: a suffix array over the old file finds the longest exact
+//! match for each position of the new file; matches are then extended forwards and backwards
+//! while at least half of the bytes agree, so that the byte-wise difference of an approximate
+//! match (mostly zeros, a few changed addresses) goes to the diff stream.
+
+use std::io;
+
+/// One step of the reconstruction: `add` bytes of old + diff, then `copy` bytes from the extra
+/// stream, then move the old position by `seek`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Op {
+    pub add: u64,
+    pub copy: u64,
+    pub seek: i64,
+}
+
+/// A new position must beat the match that continues the previous one by more than this many
+/// bytes before a new control triple is started (bsdiff uses 8).
+const MIN_GAIN: i64 = 8;
+
+/// Suffix array of `old`, built single-threaded (libsais), as `u32`-ranged `i32` positions.
+fn suffix_array(old: &[u8]) -> io::Result<Vec<i32>> {
+    if old.is_empty() {
+        return Ok(Vec::new());
+    }
+    if i32::try_from(old.len()).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("old file of {} bytes is too large for bsdiff", old.len()),
+        ));
+    }
+    let sa = libsais::SuffixArrayConstruction::for_text(old)
+        .in_owned_buffer()
+        .single_threaded()
+        .run()
+        .map_err(|e| io::Error::other(format!("suffix array construction failed: {e:?}")))?
+        .into_vec();
+    Ok(sa)
+}
+
+/// Length of the common prefix of `a` and `b`.
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut done = 0;
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let wa = u64::from_le_bytes(ca.try_into().expect("chunks of 8"));
+        let wb = u64::from_le_bytes(cb.try_into().expect("chunks of 8"));
+        if wa != wb {
+            return done + ((wa ^ wb).trailing_zeros() / 8) as usize;
+        }
+        done += 8;
+    }
+    done + a[done..]
+        .iter()
+        .zip(&b[done..])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// The old file and its suffix array.
+struct Index<'a> {
+    old: &'a [u8],
+    sa: Vec<i32>,
+}
+
+impl Index<'_> {
+    fn suffix(&self, rank: usize) -> usize {
+        // Entries of a suffix array of `old` are in 0..old.len().
+        self.sa[rank] as usize
+    }
+
+    /// Longest prefix of `target` that occurs in the old file: (old position, length). Binary
+    /// search over the suffix array that skips the prefix both bounds already share.
+    fn longest_match(&self, target: &[u8]) -> (usize, usize) {
+        if self.sa.is_empty() || target.is_empty() {
+            return (0, 0);
+        }
+        let lcp_at = |rank: usize, skip: usize| {
+            let pos = self.suffix(rank);
+            skip + common_prefix(&self.old[pos + skip..], &target[skip..])
+        };
+        let (mut lo, mut hi) = (0, self.sa.len() - 1);
+        let (mut lcp_lo, mut lcp_hi) = (lcp_at(lo, 0), lcp_at(hi, 0));
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            let l = lcp_at(mid, lcp_lo.min(lcp_hi));
+            if l == target.len() {
+                return (self.suffix(mid), l);
+            }
+            let pos = self.suffix(mid);
+            // A suffix that ends first sorts first (libsais' sentinel convention).
+            if pos + l == self.old.len() || self.old[pos + l] < target[l] {
+                (lo, lcp_lo) = (mid, l);
+            } else {
+                (hi, lcp_hi) = (mid, l);
+            }
+        }
+        if lcp_lo >= lcp_hi {
+            (self.suffix(lo), lcp_lo)
+        } else {
+            (self.suffix(hi), lcp_hi)
+        }
+    }
+}
+
+/// The control triples that rebuild `new` from `old` (bsdiff 4 matching).
+pub(super) fn diff_ops(old: &[u8], new: &[u8]) -> io::Result<Vec<Op>> {
+    let index = Index {
+        old,
+        sa: suffix_array(old)?,
+    };
+    let (old_len, new_len) = (old.len() as i64, new.len());
+    let old_at = |i: i64| usize::try_from(i).ok().and_then(|i| old.get(i));
+
+    let mut ops = Vec::new();
+    let (mut scan, mut len, mut pos) = (0usize, 0usize, 0usize);
+    let (mut last_scan, mut last_pos, mut last_offset) = (0usize, 0usize, 0i64);
+    while scan < new_len {
+        let mut old_score = 0i64;
+        scan += len;
+        let mut scsc = scan;
+        while scan < new_len {
+            (pos, len) = index.longest_match(&new[scan..]);
+            while scsc < scan + len {
+                if old_at(scsc as i64 + last_offset) == Some(&new[scsc]) {
+                    old_score += 1;
+                }
+                scsc += 1;
+            }
+            let len_i = len as i64;
+            if (len_i == old_score && len != 0) || len_i > old_score + MIN_GAIN {
+                break;
+            }
+            if old_at(scan as i64 + last_offset) == Some(&new[scan]) {
+                old_score -= 1;
+            }
+            scan += 1;
+        }
+        if len as i64 == old_score && scan != new_len {
+            continue;
+        }
+
+        // Extend the previous match forwards while at least half of the bytes agree.
+        let (mut s, mut best, mut len_f) = (0i64, 0i64, 0usize);
+        let mut i = 0;
+        while last_scan + i < scan && last_pos + i < old.len() {
+            if old[last_pos + i] == new[last_scan + i] {
+                s += 1;
+            }
+            i += 1;
+            if s * 2 - i as i64 > best * 2 - len_f as i64 {
+                best = s;
+                len_f = i;
+            }
+        }
+
+        // Extend the new match backwards likewise.
+        let mut len_b = 0usize;
+        if scan < new_len {
+            let (mut s, mut best) = (0i64, 0i64);
+            let mut i = 1;
+            while scan >= last_scan + i && pos >= i {
+                if old[pos - i] == new[scan - i] {
+                    s += 1;
+                }
+                if s * 2 - i as i64 > best * 2 - len_b as i64 {
+                    best = s;
+                    len_b = i;
+                }
+                i += 1;
+            }
+        }
+
+        // Where both extensions overlap, split at the best point.
+        if last_scan + len_f > scan - len_b {
+            let overlap = (last_scan + len_f) - (scan - len_b);
+            let (mut s, mut best, mut len_s) = (0i64, 0i64, 0usize);
+            for i in 0..overlap {
+                if new[last_scan + len_f - overlap + i] == old[last_pos + len_f - overlap + i] {
+                    s += 1;
+                }
+                if new[scan - len_b + i] == old[pos - len_b + i] {
+                    s -= 1;
+                }
+                if s > best {
+                    best = s;
+                    len_s = i + 1;
+                }
+            }
+            len_f = len_f + len_s - overlap;
+            len_b -= len_s;
+        }
+
+        let copy = (scan - len_b) - (last_scan + len_f);
+        let seek = (pos - len_b) as i64 - (last_pos + len_f) as i64;
+        if len_f > 0 || copy > 0 || (ops.is_empty() && seek != 0) {
+            ops.push(Op {
+                add: len_f as u64,
+                copy: copy as u64,
+                seek,
+            });
+        } else if let Some(prev) = ops.last_mut() {
+            prev.seek += seek;
+        }
+        debug_assert!((pos - len_b) as i64 <= old_len);
+        last_scan = scan - len_b;
+        last_pos = pos - len_b;
+        last_offset = pos as i64 - scan as i64;
+    }
+    // The seek after the last step leads nowhere.
+    if let Some(last) = ops.last_mut() {
+        last.seek = 0;
+    }
+    Ok(ops)
+}
