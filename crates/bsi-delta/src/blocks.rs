@@ -219,12 +219,6 @@ impl DeltaEncoder for Blocks {
         Ok(out)
     }
 
-    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
-        let mut out = Vec::with_capacity(crate::initial_capacity(new_len));
-        self.decode_into(old, payload, new_len, &mut out)?;
-        Ok(out)
-    }
-
     fn decode_into(
         &self,
         old: &[u8],

@@ -91,14 +91,21 @@ impl DeltaEncoder for Bsdiff {
         Ok(out)
     }
 
-    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+    fn decode_into(
+        &self,
+        old: &[u8],
+        payload: &[u8],
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
         let header = Header::parse(payload, new_len)?;
         if header.filter != self.filter as u8 {
             return Err(corrupt("filter does not match the encoder"));
         }
         let old = self.forward(old);
         let new = apply(&old, &header, new_len)?;
-        Ok(self.backward(new))
+        out.write_all(&self.backward(new))
+            .map_err(DecodeError::Output)
     }
 }
 

@@ -42,19 +42,22 @@ pub trait DeltaEncoder: Send + Sync {
     /// Stable name written into manifests.
     fn name(&self) -> &'static str;
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>>;
-    /// Rebuild the new file, which the manifest says is `new_len` bytes long.
-    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError>;
-    /// Like [`decode`](Self::decode), but write the new file to `out` as it is produced, so that
-    /// it is never whole in memory. On success `out` received exactly `new_len` bytes.
+    /// Rebuild the new file, which the manifest says is `new_len` bytes long, writing it to `out`
+    /// as it is produced where the encoder can. On success `out` received exactly `new_len`
+    /// bytes; on error it must be discarded.
     fn decode_into(
         &self,
         old: &[u8],
         payload: &[u8],
         new_len: u64,
         out: &mut dyn Write,
-    ) -> Result<(), DecodeError> {
-        let bytes = self.decode(old, payload, new_len)?;
-        out.write_all(&bytes).map_err(DecodeError::Output)
+    ) -> Result<(), DecodeError>;
+
+    /// Like [`decode_into`](Self::decode_into), into memory.
+    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+        let mut out = Vec::with_capacity(initial_capacity(new_len));
+        self.decode_into(old, payload, new_len, &mut out)?;
+        Ok(out)
     }
 }
 

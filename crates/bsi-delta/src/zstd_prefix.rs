@@ -2,7 +2,7 @@ use std::io::{self, Write};
 
 use zstd::stream::raw::{CParameter, DParameter};
 
-use crate::{copy_exact_len, initial_capacity, window_log, DecodeError, DeltaEncoder, LEVEL};
+use crate::{copy_exact_len, window_log, DecodeError, DeltaEncoder, LEVEL};
 
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
 /// a window that covers old and new file together.
@@ -23,12 +23,6 @@ impl DeltaEncoder for ZstdPrefix {
         encoder.set_pledged_src_size(Some(new.len() as u64))?;
         encoder.write_all(new)?;
         encoder.finish()
-    }
-
-    fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
-        let mut out = Vec::with_capacity(initial_capacity(new_len));
-        self.decode_into(old, payload, new_len, &mut out)?;
-        Ok(out)
     }
 
     fn decode_into(

@@ -14,7 +14,7 @@ use crate::package::{reference, source_matches, DecodeFailure, HashingWriter, Ve
 use crate::state::{
     remove_dir_if_present, Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT,
 };
-use crate::tree::{describe_mismatch, matches_image, observe, ScanError};
+use crate::tree::{describe_mismatch, image_mismatch, matches_image, observe, ScanError};
 use crate::{entry_weight, FsContext, FsError, Progress, LARGE_FILE};
 
 /// What preparing one entry leaves: its staged new file and the name of its revert copy.
@@ -266,16 +266,11 @@ fn state_inside_root(root: &Path, state_dir: &Path) -> Option<String> {
 fn check_installed(root: &Path, installed: &Installed) -> Result<(), RevertError> {
     for entry in &installed.entries {
         let actual = observe(root, &entry.path)?;
-        let ok = match (&entry.after, &actual) {
-            (None, None) => true,
-            (Some(e), Some(a)) => matches_image(e, a),
-            _ => false,
-        };
-        if !ok {
+        if let Some(reason) = image_mismatch(entry.after.as_ref(), actual.as_ref()) {
             return Err(RevertError::Changed {
                 root: root.to_owned(),
                 path: entry.path.clone(),
-                reason: describe_mismatch(entry.after.as_ref(), actual.as_ref()),
+                reason,
             });
         }
     }
@@ -339,16 +334,11 @@ pub fn apply(
         // Ancestors first: a path below a symlink reads as missing, which would hide the reason.
         check_ancestors(root, &view, &by_path, entry)?;
         let actual = view.image(&entry.path)?;
-        let ok = match (&entry.pre, &actual) {
-            (None, None) => true,
-            (Some(e), Some(a)) => matches_image(e, a),
-            _ => false,
-        };
-        if !ok {
+        if let Some(reason) = image_mismatch(entry.pre.as_ref(), actual.as_ref()) {
             return Err(ApplyError::PreImage {
                 root: root.to_owned(),
                 path: entry.path.clone(),
-                reason: describe_mismatch(entry.pre.as_ref(), actual.as_ref()),
+                reason,
             });
         }
         if matches!(entry.pre, Some(Image::Dir { .. }))

@@ -10,7 +10,7 @@ use bsi_format::{
 };
 use bsi_sign::{BadSignature, PublicKey};
 
-use crate::tree::{describe_mismatch, matches_image, observe, ScanError};
+use crate::tree::{image_mismatch, observe, ScanError};
 use crate::{FsContext, FsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -222,16 +222,11 @@ pub fn verify_against_tree(pkg: &VerifiedPackage, root: &Path) -> Result<usize, 
     }
     for entry in &pkg.manifest.entries {
         let image = observe(root, &entry.path)?;
-        let ok = match (&entry.pre, &image) {
-            (None, None) => true,
-            (Some(e), Some(a)) => matches_image(e, a),
-            _ => false,
-        };
-        if !ok {
+        if let Some(reason) = image_mismatch(entry.pre.as_ref(), image.as_ref()) {
             return Err(TreeVerifyError::PreImage {
                 tree: root.to_owned(),
                 path: entry.path.clone(),
-                reason: describe_mismatch(entry.pre.as_ref(), image.as_ref()),
+                reason,
             });
         }
     }

@@ -219,6 +219,17 @@ pub(crate) fn matches_image(expected: &Image, actual: &Image) -> bool {
     }
 }
 
+/// `None` when `actual` is what `expected` promises (both absent, or [`matches_image`]), else one
+/// line saying how it differs.
+pub(crate) fn image_mismatch(expected: Option<&Image>, actual: Option<&Image>) -> Option<String> {
+    let ok = match (expected, actual) {
+        (None, None) => true,
+        (Some(e), Some(a)) => matches_image(e, a),
+        _ => false,
+    };
+    (!ok).then(|| describe_mismatch(expected, actual))
+}
+
 /// One line describing how `actual` differs from `expected`.
 pub(crate) fn describe_mismatch(expected: Option<&Image>, actual: Option<&Image>) -> String {
     match (expected, actual) {
