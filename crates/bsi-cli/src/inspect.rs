@@ -11,7 +11,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         std::fs::read(path).with_context(|| format!("cannot read package {}", path.display()))?;
     let raw = RawPackage::split(&bytes).with_context(|| format!("{}", path.display()))?;
     let manifest =
-        Manifest::from_bytes(raw.manifest).with_context(|| format!("{}", path.display()))?;
+        Manifest::from_packed(raw.manifest).with_context(|| format!("{}", path.display()))?;
     let report = report(&manifest, bytes.len() as u64);
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);

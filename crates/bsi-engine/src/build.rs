@@ -201,7 +201,7 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<BuildSu
         payload_len: offset,
     };
     manifest.validate()?;
-    let manifest_bytes = manifest.to_canonical_bytes();
+    let manifest_bytes = manifest.to_packed_bytes();
     if manifest_bytes.len() > MAX_MANIFEST_LEN {
         return Err(BuildError::ManifestTooLarge(manifest_bytes.len()));
     }

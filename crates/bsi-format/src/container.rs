@@ -3,7 +3,7 @@
 //! ```text
 //! offset 0   8 bytes   magic "BSIPKG\0\x01"
 //! offset 8   4 bytes   manifest length N, little-endian u32
-//! offset 12  N bytes   manifest, canonical JSON
+//! offset 12  N bytes   manifest: a zstd frame of canonical JSON
 //! 12+N       64 bytes  ed25519 signature over bytes 0 .. 12+N
 //! 76+N       ...       payload section, exactly `payload_len` bytes as the manifest declares
 //! ```
@@ -85,7 +85,7 @@ impl<'a> RawPackage<'a> {
     /// that every payload matches its digest. Call only after the signature over `signed` has
     /// been checked.
     pub fn check_after_signature(&self) -> Result<Manifest, ContainerError> {
-        let manifest = Manifest::from_bytes(self.manifest)?;
+        let manifest = Manifest::from_packed(self.manifest)?;
         let actual = self.payloads.len() as u64;
         if actual != manifest.payload_len {
             return Err(ContainerError::PayloadSection {

@@ -17,8 +17,8 @@ pub use container::{
 };
 pub use digest::{sha256, Digest};
 pub use manifest::{
-    BaseRelease, Component, Entry, Image, Manifest, ManifestError, Mtime, Operation, Payload,
-    Source, FORMAT_VERSION,
+    pack_manifest, unpack_manifest, BaseRelease, Component, Entry, Image, Manifest, ManifestError,
+    Mtime, Operation, Payload, Source, FORMAT_VERSION,
 };
 pub use path::{PathError, PkgPath};
 pub use version::{Letter, LetteredVersion, Version, VersionError};

@@ -180,6 +180,8 @@ pub struct Manifest {
 pub enum ManifestError {
     #[error("manifest is not valid: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("manifest cannot be unpacked: {0}")]
+    Packing(String),
     #[error("manifest is not in canonical form")]
     NotCanonical,
     #[error("manifest format {0} is not supported (this bsi reads format {FORMAT_VERSION})")]
@@ -214,8 +216,49 @@ pub enum ManifestError {
     PayloadLength { covered: u64, declared: u64 },
 }
 
+/// zstd level of packed manifests. Manifests repeat themselves (paths, kinds, equal digests of
+/// entries whose only change is a time), so they shrink about tenfold.
+const PACK_LEVEL: i32 = 19;
+
+/// Compress canonical manifest JSON into the form a package carries (and signs).
+pub fn pack_manifest(json: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(json, PACK_LEVEL).expect("compressing into memory cannot fail")
+}
+
+/// Decompress a packed manifest, refusing anything that would exceed `MAX_MANIFEST_LEN`.
+pub fn unpack_manifest(packed: &[u8]) -> Result<Vec<u8>, ManifestError> {
+    use std::io::Read;
+    let limit = crate::MAX_MANIFEST_LEN as u64;
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(packed)
+        .map_err(|e| ManifestError::Packing(e.to_string()))?;
+    decoder
+        .window_log_max(26)
+        .map_err(|e| ManifestError::Packing(e.to_string()))?;
+    let mut json = Vec::new();
+    decoder
+        .take(limit + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| ManifestError::Packing(e.to_string()))?;
+    if json.len() as u64 > limit {
+        return Err(ManifestError::Packing(format!(
+            "it unpacks to more than {limit} bytes"
+        )));
+    }
+    Ok(json)
+}
+
 impl Manifest {
-    /// The canonical bytes of this manifest: what is signed.
+    /// The packed canonical bytes of this manifest: what a package carries and signs.
+    pub fn to_packed_bytes(&self) -> Vec<u8> {
+        pack_manifest(&self.to_canonical_bytes())
+    }
+
+    /// Unpack and parse a packed manifest (see [`Manifest::from_bytes`]).
+    pub fn from_packed(packed: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::from_bytes(&unpack_manifest(packed)?)
+    }
+
+    /// The canonical bytes of this manifest (JSON), before packing.
     pub fn to_canonical_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a manifest always serialises: it holds no maps or floats")
     }

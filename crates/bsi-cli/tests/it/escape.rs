@@ -25,11 +25,12 @@ fn escape_target() -> Model {
     m
 }
 
-/// `original` with its manifest replaced by `manifest`, re-signed with the example key.
+/// `original` with its manifest replaced by `manifest` (JSON), packed and re-signed with the
+/// example key.
 fn resign(original: &[u8], manifest: &[u8]) -> Vec<u8> {
     let raw = RawPackage::split(original).expect("package splits");
     let key = SecretKey::load(&example_key()).expect("example key loads");
-    let signed = bsi_format::signed_bytes(manifest);
+    let signed = bsi_format::signed_bytes(&bsi_format::pack_manifest(manifest));
     let mut out = signed.clone();
     out.extend_from_slice(&key.sign(&signed));
     out.extend_from_slice(raw.payloads);
@@ -61,7 +62,7 @@ fn signed_manifests_with_escaping_paths_are_refused() {
     let pkg = fx.path("pkg.bsi");
     let bytes = build(&fx.base, &fx.target, "a", &example_key(), &pkg, &[]);
     let raw = RawPackage::split(&bytes).expect("package splits");
-    let manifest = raw.manifest.to_vec();
+    let manifest = bsi_format::unpack_manifest(raw.manifest).expect("manifest unpacks");
     let paths: Vec<String> = manifest_json(&bytes)["entries"]
         .as_array()
         .expect("entries")
@@ -94,7 +95,10 @@ fn signed_manifests_with_escaping_paths_are_refused() {
         );
         let crafted = fx.path("crafted.bsi");
         let crafted_bytes = resign(&bytes, &crafted_manifest);
-        assert_eq!(manifest_len(&crafted_bytes), crafted_manifest.len());
+        assert_eq!(
+            manifest_len(&crafted_bytes),
+            bsi_format::pack_manifest(&crafted_manifest).len()
+        );
         fs::write(&crafted, &crafted_bytes).expect("write crafted package");
         refused(
             &run(["verify", p(&crafted), "--trust", p(&example_pub())]),

@@ -555,7 +555,8 @@ impl Fixture {
 /// The parsed manifest of package bytes (signature not checked).
 pub fn manifest_json(bytes: &[u8]) -> serde_json::Value {
     let raw = bsi_format::RawPackage::split(bytes).expect("package splits");
-    serde_json::from_slice(raw.manifest).expect("manifest is JSON")
+    let json = bsi_format::unpack_manifest(raw.manifest).expect("manifest unpacks");
+    serde_json::from_slice(&json).expect("manifest is JSON")
 }
 
 /// Length N of the manifest of package bytes.
