@@ -20,8 +20,9 @@ use crate::{entry_weight, FsContext, FsError, Progress, LARGE_FILE};
 /// What preparing one entry leaves: its staged new file and the name of its revert copy.
 type Prepared = (Option<PathBuf>, Option<String>);
 
-/// zstd level of revert copies: made on the device, so fast.
-const REVERT_LEVEL: i32 = 3;
+/// zstd level of revert copies: made on the device while it applies, so the fastest level
+/// (level 3 took a sixth of the apply time on the testdata, for copies about 10% smaller).
+const REVERT_LEVEL: i32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyOutcome {
