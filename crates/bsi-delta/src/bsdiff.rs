@@ -23,6 +23,8 @@
 
 use std::borrow::Cow;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use zstd::stream::raw::CParameter;
 
@@ -34,6 +36,9 @@ mod matcher;
 const MAGIC: &[u8; 4] = b"BSD\x01";
 /// zstd level of the streams (zstd's maximum: a payload is built once, downloaded many times).
 const STREAM_LEVEL: i32 = 22;
+/// Bytes of the new file searched as one region, on their own (see [`streams`]). Fixed, so that
+/// the payload does not depend on the number of threads; each region boundary costs a few bytes.
+const REGION: usize = 1 << 20;
 /// A control step is at most three 10-byte varints.
 const MAX_STEP_BYTES: u64 = 30;
 
@@ -65,19 +70,17 @@ impl DeltaEncoder for Bsdiff {
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
         let (old, new) = (self.forward(old), self.forward(new));
-        let ops = matcher::diff_ops(&old, &new)?;
-        let streams = streams(&ops, &old, &new);
+        let index = matcher::Index::new(&old)?;
+        let streams = streams(&index, &old, &new, REGION);
         let cap = new.len() as u64;
         let raw = [
             streams.control.len() as u64,
             streams.diff_len,
             streams.extra.len() as u64,
         ];
-        let packed = [
-            pack(&streams.control, cap)?,
-            streams.diff,
-            pack(&streams.extra, cap)?,
-        ];
+        let (control, extra) =
+            rayon::join(|| pack(&streams.control, cap), || pack(&streams.extra, cap));
+        let packed = [control?, streams.diff, extra?];
         let mut out = Vec::with_capacity(64 + packed.iter().map(Vec::len).sum::<usize>());
         out.extend_from_slice(MAGIC);
         out.push(self.filter as u8);
@@ -131,43 +134,121 @@ struct Streams {
     extra: Vec<u8>,
 }
 
-/// The control, diff and extra streams of `ops`.
-fn streams(ops: &[matcher::Op], old: &[u8], new: &[u8]) -> Streams {
-    let mut control = Vec::with_capacity(ops.len() * 6);
-    let mut diff = cm::DiffEncoder::new();
-    let mut diff_len = 0u64;
-    let mut extra = Vec::new();
-    let (mut old_pos, mut new_pos) = (0usize, 0usize);
-    for op in ops {
-        put_varint(&mut control, op.add);
-        put_varint(&mut control, op.copy);
-        put_varint(&mut control, zigzag(op.seek));
+/// The control, diff and extra streams that rebuild `new` from the old file of `index`.
+///
+/// The new file is cut into regions of `region` bytes, searched in parallel; their steps are
+/// coded in order as they come in, by the thread that started the encoding, which helps with the
+/// search while it waits. The steps and so the streams depend only on the inputs, never on the
+/// number of threads or the order in which regions finish.
+fn streams(index: &matcher::Index<'_>, old: &[u8], new: &[u8], region: usize) -> Streams {
+    let starts: Vec<usize> = (0..new.len()).step_by(region).collect();
+    let slots: Vec<OnceLock<Vec<matcher::Op>>> = starts.iter().map(|_| OnceLock::new()).collect();
+    let mut builder = StreamBuilder::new(old, new);
+    rayon::scope_fifo(|scope| {
+        for (&start, slot) in starts.iter().zip(&slots) {
+            let end = new.len().min(start + region);
+            scope.spawn_fifo(move |_| {
+                slot.get_or_init(|| matcher::region_ops(index, &new[..end], start));
+            });
+        }
+        for slot in &slots {
+            let ops = loop {
+                if let Some(ops) = slot.get() {
+                    break ops;
+                }
+                // Search a pending region meanwhile, or wait for one that another thread has.
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            };
+            for op in ops {
+                builder.push(op);
+            }
+        }
+    });
+    builder.finish()
+}
+
+/// Writes the streams step by step.
+struct StreamBuilder<'a> {
+    old: &'a [u8],
+    new: &'a [u8],
+    control: Vec<u8>,
+    diff: cm::DiffEncoder,
+    diff_len: u64,
+    extra: Vec<u8>,
+    new_pos: usize,
+    /// The old position after the last step's add, whose seek is not written yet; `None`
+    /// before the first step.
+    old_pos: Option<usize>,
+}
+
+impl<'a> StreamBuilder<'a> {
+    fn new(old: &'a [u8], new: &'a [u8]) -> Self {
+        StreamBuilder {
+            old,
+            new,
+            control: Vec::new(),
+            diff: cm::DiffEncoder::new(),
+            diff_len: 0,
+            extra: Vec::new(),
+            new_pos: 0,
+            old_pos: None,
+        }
+    }
+
+    /// Append a step of the matcher, which produces the next bytes of the new file.
+    fn push(&mut self, op: &matcher::Op) {
+        match self.old_pos {
+            Some(old_pos) => put_varint(&mut self.control, zigzag(seek(old_pos, op.from))),
+            // The old position starts at 0: reach the first step's with a pure seek.
+            None if op.from != 0 => {
+                put_varint(&mut self.control, 0);
+                put_varint(&mut self.control, 0);
+                put_varint(&mut self.control, zigzag(seek(0, op.from)));
+            }
+            None => {}
+        }
+        put_varint(&mut self.control, op.add);
+        put_varint(&mut self.control, op.copy);
         // The matcher only produces steps inside both files.
         let add = op.add as usize;
-        diff.push_step(
-            new_pos as u64,
-            &new[new_pos..new_pos + add],
-            &old[old_pos..old_pos + add],
+        self.diff.push_step(
+            self.new_pos as u64,
+            &self.new[self.new_pos..self.new_pos + add],
+            &self.old[op.from..op.from + add],
         );
-        diff_len += op.add;
-        new_pos += add;
-        old_pos += add;
+        self.diff_len += op.add;
+        self.new_pos += add;
         let copy = op.copy as usize;
-        extra.extend_from_slice(&new[new_pos..new_pos + copy]);
-        new_pos += copy;
-        old_pos = old_pos.wrapping_add_signed(op.seek as isize);
+        self.extra
+            .extend_from_slice(&self.new[self.new_pos..self.new_pos + copy]);
+        self.new_pos += copy;
+        self.old_pos = Some(op.from + add);
     }
-    debug_assert_eq!(new_pos, new.len());
-    Streams {
-        control,
-        diff_len,
-        diff: if diff_len == 0 {
-            Vec::new()
-        } else {
-            diff.finish()
-        },
-        extra,
+
+    fn finish(mut self) -> Streams {
+        // The seek after the last step leads nowhere.
+        if self.old_pos.is_some() {
+            put_varint(&mut self.control, 0);
+        }
+        debug_assert_eq!(self.new_pos, self.new.len());
+        Streams {
+            control: self.control,
+            diff_len: self.diff_len,
+            diff: if self.diff_len == 0 {
+                Vec::new()
+            } else {
+                self.diff.finish()
+            },
+            extra: self.extra,
+        }
     }
+}
+
+/// The seek from old position `from` to `to`, both inside the old file (so below `i64::MAX`).
+fn seek(from: usize, to: usize) -> i64 {
+    to as i64 - from as i64
 }
 
 /// The zstd window of a stream of `raw_len` bytes in a payload for a file of `new_len` bytes.
@@ -591,6 +672,52 @@ mod tests {
         let mut filtered = payload.clone();
         filtered[4] = 1;
         assert!(Bsdiff::PLAIN.decode(&old, &filtered, 1000).is_err());
+    }
+
+    /// Encoded streams of `new`: (control, diff, extra) sizes after packing, searched in regions.
+    fn packed_size(old: &[u8], new: &[u8], region: usize) -> usize {
+        let index = matcher::Index::new(old).expect("index");
+        let streams = streams(&index, old, new, region);
+        let cap = new.len() as u64;
+        pack(&streams.control, cap).expect("pack").len()
+            + streams.diff.len()
+            + pack(&streams.extra, cap).expect("pack").len()
+    }
+
+    #[test]
+    fn regions_cost_little_and_do_not_depend_on_threads() {
+        // Three regions and a bit; blocks moved across region boundaries, pointers shifted.
+        let old = program(REGION * 3 + 12_345, 8);
+        let mut new = old.clone();
+        let moved: Vec<u8> = new.drain(100_000..400_000).collect();
+        let at = REGION * 2 - 150_000;
+        new.splice(at..at, moved);
+        for chunk in new.chunks_exact_mut(4096) {
+            chunk[..8].copy_from_slice(&0x1234_5678u64.to_le_bytes());
+        }
+        new.splice(REGION - 10..REGION - 10, pseudo_random(5_000, 9));
+
+        let payloads: Vec<Vec<u8>> = [1, 2, 3]
+            .into_iter()
+            .map(|threads| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool");
+                pool.install(|| round_trip(&old, &new))
+            })
+            .collect();
+        assert!(
+            payloads.windows(2).all(|w| w[0] == w[1]),
+            "same bytes on 1, 2 and 3 threads"
+        );
+
+        let whole = packed_size(&old, &new, new.len());
+        let split = packed_size(&old, &new, REGION);
+        assert!(
+            split * 100 <= whole * 101,
+            "regions cost {split} bytes against {whole} in one piece"
+        );
     }
 
     #[test]

@@ -2,16 +2,20 @@
 //! match for each position of the new file; matches are then extended forwards and backwards
 //! while at least half of the bytes agree, so that the byte-wise difference of an approximate
 //! match (mostly zeros, a few changed addresses) goes to the diff stream.
+//!
+//! The search can run over any region of the new file on its own against the whole old file,
+//! so that regions fixed in advance are searched in parallel and give the same steps whatever
+//! the number of threads.
 
 use std::io;
 
-/// One step of the reconstruction: `add` bytes of old + diff, then `copy` bytes from the extra
-/// stream, then move the old position by `seek`.
+/// One step of the reconstruction: `add` bytes of old (from old position `from`) + diff, then
+/// `copy` bytes from the extra stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Op {
     pub add: u64,
     pub copy: u64,
-    pub seek: i64,
+    pub from: usize,
 }
 
 /// A new position must beat the match that continues the previous one by more than this many
@@ -59,12 +63,19 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 }
 
 /// The old file and its suffix array.
-struct Index<'a> {
+pub(super) struct Index<'a> {
     old: &'a [u8],
     sa: Vec<i32>,
 }
 
-impl Index<'_> {
+impl<'a> Index<'a> {
+    pub fn new(old: &'a [u8]) -> io::Result<Self> {
+        Ok(Index {
+            old,
+            sa: suffix_array(old)?,
+        })
+    }
+
     fn suffix(&self, rank: usize) -> usize {
         // Entries of a suffix array of `old` are in 0..old.len().
         self.sa[rank] as usize
@@ -104,18 +115,17 @@ impl Index<'_> {
     }
 }
 
-/// The control triples that rebuild `new` from `old` (bsdiff 4 matching).
-pub(super) fn diff_ops(old: &[u8], new: &[u8]) -> io::Result<Vec<Op>> {
-    let index = Index {
-        old,
-        sa: suffix_array(old)?,
-    };
+/// The steps that rebuild `new[start..]` from the old file (bsdiff 4 matching), searched as if
+/// the new file began at `start`, lined up with the same position of the old file. Steps that
+/// produce nothing are left out.
+pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize) -> Vec<Op> {
+    let old = index.old;
     let (old_len, new_len) = (old.len() as i64, new.len());
     let old_at = |i: i64| usize::try_from(i).ok().and_then(|i| old.get(i));
 
     let mut ops = Vec::new();
-    let (mut scan, mut len, mut pos) = (0usize, 0usize, 0usize);
-    let (mut last_scan, mut last_pos, mut last_offset) = (0usize, 0usize, 0i64);
+    let (mut scan, mut len, mut pos) = (start, 0usize, 0usize);
+    let (mut last_scan, mut last_pos, mut last_offset) = (start, 0usize, -(start as i64));
     while scan < new_len {
         let mut old_score = 0i64;
         scan += len;
@@ -193,24 +203,17 @@ pub(super) fn diff_ops(old: &[u8], new: &[u8]) -> io::Result<Vec<Op>> {
         }
 
         let copy = (scan - len_b) - (last_scan + len_f);
-        let seek = (pos - len_b) as i64 - (last_pos + len_f) as i64;
-        if len_f > 0 || copy > 0 || (ops.is_empty() && seek != 0) {
+        if len_f > 0 || copy > 0 {
             ops.push(Op {
                 add: len_f as u64,
                 copy: copy as u64,
-                seek,
+                from: last_pos,
             });
-        } else if let Some(prev) = ops.last_mut() {
-            prev.seek += seek;
         }
         debug_assert!((pos - len_b) as i64 <= old_len);
         last_scan = scan - len_b;
         last_pos = pos - len_b;
         last_offset = pos as i64 - scan as i64;
     }
-    // The seek after the last step leads nowhere.
-    if let Some(last) = ops.last_mut() {
-        last.seek = 0;
-    }
-    Ok(ops)
+    ops
 }
