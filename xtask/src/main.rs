@@ -2,7 +2,9 @@
 //!
 //! - `cargo xtask testdata [--out DIR]`: deterministic example release trees (see testdata/README.md)
 //! - `cargo xtask demo`: the end-to-end build / verify / apply / revert example
+//! - `cargo xtask bench [--smoke] [--pairs NAME,...] [--out FILE]`: bsi against peer delta tools
 
+mod bench;
 mod demo;
 mod exe;
 mod rng;
@@ -18,7 +20,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   testdata [--out DIR]   generate the example trees 26.3, 26.3a, 26.3b (default DIR: target/testdata)
-  demo                   run the end-to-end example: build, verify, apply, revert, compare";
+  demo                   run the end-to-end example: build, verify, apply, revert, compare
+  bench [--smoke] [--pairs NAME,...] [--out FILE]
+                         compare bsi with bsdiff, xdelta3 and zstd on synthetic and Debian pairs
+                         (tables on stdout; default FILE: BENCHMARKS.md, none with --smoke)";
 
 fn main() -> ExitCode {
     match run() {
@@ -42,6 +47,7 @@ fn run() -> Result<()> {
         ["testdata"] => testdata::generate(&ws.join("target/testdata")),
         ["testdata", "--out", dir] => testdata::generate(&PathBuf::from(dir)),
         ["demo"] => demo::demo(&ws),
+        ["bench", rest @ ..] => bench::bench(&ws, rest),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())
