@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use bsi_engine::{ApplyOutcome, BuildOptions, ComponentSpec, VerifiedPackage};
+use bsi_engine::{ApplyOutcome, BuildOptions, ComponentSpec, Session, VerifiedPackage};
 use bsi_format::{Letter, Version};
 use bsi_sign::{PublicKey, SecretKey};
 use clap::{Parser, Subcommand};
@@ -83,6 +83,9 @@ enum Command {
         trust: PathBuf,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Wait for another bsi operation on the root to end instead of refusing
+        #[arg(long)]
+        wait: bool,
         #[arg(long)]
         quiet: bool,
     },
@@ -92,8 +95,21 @@ enum Command {
         root: PathBuf,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Wait for another bsi operation on the root to end instead of refusing
+        #[arg(long)]
+        wait: bool,
         #[arg(long)]
         quiet: bool,
+    },
+    /// Complete or roll back an interrupted apply, revert or switch, and say which.
+    Recover {
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Wait for another bsi operation on the root to end instead of refusing
+        #[arg(long)]
+        wait: bool,
     },
     /// Show the release and installed letter of a root.
     Status {
@@ -220,13 +236,18 @@ fn run(command: Command) -> Result<()> {
             root,
             trust,
             state_dir: given,
+            wait,
             quiet,
         } => {
             let trust = PublicKey::load(&trust)?;
             let pkg = VerifiedPackage::open(&package, &trust)?;
             let state = state_dir(&root, given);
+            let session = Session::open(&root, &state, wait)
+                .with_context(|| format!("cannot apply {}", package.display()))?;
+            report_recovery(&root, &session, quiet);
             let bar = progress::Bar::new(quiet);
-            let outcome = bsi_engine::apply(&pkg, &root, &state, &bar)
+            let outcome = session
+                .apply(&pkg, &bar)
                 .with_context(|| format!("cannot apply {}", package.display()))?;
             if !quiet {
                 match outcome {
@@ -251,11 +272,14 @@ fn run(command: Command) -> Result<()> {
         Command::Revert {
             root,
             state_dir: given,
+            wait,
             quiet,
         } => {
             let state = state_dir(&root, given);
+            let session = Session::open(&root, &state, wait)?;
+            report_recovery(&root, &session, quiet);
             let before = bsi_engine::status(&root, &state)?;
-            let letter = bsi_engine::revert(&root, &state)?;
+            let letter = session.revert()?;
             if !quiet {
                 let base = bsi_engine::Status {
                     letter: None,
@@ -279,10 +303,35 @@ fn run(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!("{status}");
+                if let Some(interrupted) = &status.interrupted {
+                    println!(
+                        "{interrupted} awaits recovery: run `bsi recover --root {}`",
+                        root.display()
+                    );
+                }
+            }
+        }
+        Command::Recover {
+            root,
+            state_dir: given,
+            wait,
+        } => {
+            let state = state_dir(&root, given);
+            let session = Session::open(&root, &state, wait)?;
+            match &session.recovered {
+                Some(done) => println!("{}: {done}", root.display()),
+                None => println!("{}: nothing to recover", root.display()),
             }
         }
     }
     Ok(())
+}
+
+/// Say on stderr what opening a session recovered, if anything.
+fn report_recovery(root: &Path, session: &Session, quiet: bool) {
+    if let (Some(done), false) = (&session.recovered, quiet) {
+        eprintln!("{}: {done}", root.display());
+    }
 }
 
 /// True when progress bars may be drawn.

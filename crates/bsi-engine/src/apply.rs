@@ -9,16 +9,12 @@ use bsi_format::{Entry, Image, Letter, PkgPath};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::exec::{execute, stage_with, Change};
+use crate::fsx;
 use crate::package::{reference, source_matches, DecodeFailure, HashingWriter, VerifiedPackage};
-use crate::state::{
-    remove_dir_if_present, Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT,
-};
-use crate::tree::{describe_mismatch, image_mismatch, matches_image, observe, ScanError};
-use crate::{entry_weight, FsContext, FsError, Progress, LARGE_FILE};
-
-/// What preparing one entry leaves: its staged new file and the name of its revert copy.
-type Prepared = (Option<PathBuf>, Option<String>);
+use crate::state::{Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT};
+use crate::tree::{image_mismatch, observe, ScanError};
+use crate::txn::{self, Failed, Interrupted, Journal, Recovered, Step, TxnDir, TxnError, TxnKind};
+use crate::{FsContext, FsError, Progress, LARGE_FILE};
 
 /// zstd level of revert copies: made on the device while it applies, so the fastest level
 /// (level 3 took a sixth of the apply time on the testdata, for copies about 10% smaller).
@@ -36,11 +32,46 @@ pub enum ApplyOutcome {
 }
 
 #[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("root {0} does not exist or is not a directory")]
+    Root(PathBuf),
+    #[error("another bsi operation is under way on {0}; try again later, or pass --wait")]
+    Busy(PathBuf),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("cannot recover the interrupted operation on {root}: {source}")]
+    Recover { root: PathBuf, source: TxnError },
+    #[error(
+        "state directory {state} is not on the filesystem of root {root}; atomic renames into the root need one filesystem"
+    )]
+    OtherFilesystem { state: PathBuf, root: PathBuf },
+}
+
+/// The device of `path`, or of its nearest existing ancestor.
+fn device_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    path.ancestors()
+        .find_map(|p| {
+            fs::metadata(if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            })
+            .ok()
+        })
+        .map(|m| m.dev())
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
     #[error("root {0} does not exist or is not a directory")]
     Root(PathBuf),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("{root}: {source}")]
+    Txn { root: PathBuf, source: Box<Failed> },
     #[error("{root} has {installed} installed; {package} is for another product or release")]
     OtherRelease {
         root: PathBuf,
@@ -86,16 +117,14 @@ pub enum ApplyError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Scan(#[from] ScanError),
-    #[error("{root}: after writing, {path} is not the expected image: {reason}")]
-    Check {
-        root: PathBuf,
-        path: PkgPath,
-        reason: String,
-    },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RevertError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("{root}: {source}")]
+    Txn { root: PathBuf, source: Box<Failed> },
     #[error("root {0} does not exist or is not a directory")]
     Root(PathBuf),
     #[error("{0} has no patch installed")]
@@ -114,12 +143,6 @@ pub enum RevertError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Scan(#[from] ScanError),
-    #[error("{root}: after reverting, {path} is not the base image: {reason}")]
-    Check {
-        root: PathBuf,
-        path: PkgPath,
-        reason: String,
-    },
 }
 
 impl From<RevertError> for ApplyError {
@@ -137,7 +160,8 @@ impl From<RevertError> for ApplyError {
                 path,
                 reason: "its revert data is damaged".to_owned(),
             },
-            RevertError::Check { root, path, reason } => ApplyError::Check { root, path, reason },
+            RevertError::Session(e) => ApplyError::Session(e),
+            RevertError::Txn { root, source } => ApplyError::Txn { root, source },
         }
     }
 }
@@ -278,20 +302,106 @@ fn check_installed(root: &Path, installed: &Installed) -> Result<(), RevertError
     Ok(())
 }
 
-/// Install `pkg` on `root`. Every pre-image is checked and every payload decoded and checked
-/// before the first write into the root; a newer letter for the same release replaces an
-/// installed one.
+/// Install `pkg` on `root` (taking the root's lock and recovering first). Every pre-image is
+/// checked and every payload decoded and checked before the first write into the root; a newer
+/// letter for the same release replaces an installed one in the same transaction.
 pub fn apply(
     pkg: &VerifiedPackage,
     root: &Path,
     state_dir: &Path,
     progress: &dyn Progress,
 ) -> Result<ApplyOutcome, ApplyError> {
-    if !root.is_dir() {
-        return Err(ApplyError::Root(root.to_owned()));
+    Session::open(root, state_dir, false)?.apply(pkg, progress)
+}
+
+/// Remove the installed patch (taking the root's lock and recovering first); see
+/// [`Session::revert`].
+pub fn revert(root: &Path, state_dir: &Path) -> Result<Letter, RevertError> {
+    Session::open(root, state_dir, false)?.revert()
+}
+
+/// Complete or roll back an interrupted operation on `root`; `None` when there was none.
+pub fn recover(
+    root: &Path,
+    state_dir: &Path,
+    wait: bool,
+) -> Result<Option<Recovered>, SessionError> {
+    Ok(Session::open(root, state_dir, wait)?.recovered)
+}
+
+/// The right to change a root: its lock, held until the session is dropped. Opening a session
+/// completes or rolls back an interrupted operation first.
+#[derive(Debug)]
+pub struct Session {
+    root: PathBuf,
+    state: StateDir,
+    _lock: fs::File,
+    /// What recovery did when the session opened.
+    pub recovered: Option<Recovered>,
+}
+
+impl Session {
+    /// Lock `root` (an advisory lock on the directory itself, so that no file is added to the
+    /// tree); refused at once when another operation holds it, unless `wait`.
+    pub fn open(root: &Path, state_dir: &Path, wait: bool) -> Result<Session, SessionError> {
+        if !root.is_dir() {
+            return Err(SessionError::Root(root.to_owned()));
+        }
+        let lock = fs::File::open(root).fs("open", root)?;
+        if wait {
+            lock.lock().fs("lock", root)?;
+        } else {
+            match lock.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(SessionError::Busy(root.to_owned()))
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(FsError::new("lock", root, e).into()),
+            }
+        }
+        if device_of(root) != device_of(state_dir) {
+            return Err(SessionError::OtherFilesystem {
+                state: state_dir.to_owned(),
+                root: root.to_owned(),
+            });
+        }
+        let state = StateDir::new(state_dir);
+        let recovered = txn::recover(root, &state).map_err(|source| SessionError::Recover {
+            root: root.to_owned(),
+            source,
+        })?;
+        Ok(Session {
+            root: root.to_owned(),
+            state,
+            _lock: lock,
+            recovered,
+        })
     }
+
+    /// Install `pkg`; see [`apply`].
+    pub fn apply(
+        &self,
+        pkg: &VerifiedPackage,
+        progress: &dyn Progress,
+    ) -> Result<ApplyOutcome, ApplyError> {
+        apply_locked(pkg, &self.root, &self.state, progress)
+    }
+
+    /// Remove the installed patch: the root returns to its base release exactly, and nothing of
+    /// the patch stays in the state directory. Refused, writing nothing, when any patched path
+    /// changed.
+    pub fn revert(&self) -> Result<Letter, RevertError> {
+        revert_locked(&self.root, &self.state)
+    }
+}
+
+fn apply_locked(
+    pkg: &VerifiedPackage,
+    root: &Path,
+    state: &StateDir,
+    progress: &dyn Progress,
+) -> Result<ApplyOutcome, ApplyError> {
     let m = &pkg.manifest;
-    let state = StateDir::new(state_dir);
     let installed = state.load()?;
     let package_title = pkg.title();
     if let Some(inst) = &installed {
@@ -316,8 +426,8 @@ pub fn apply(
         }
         check_installed(root, inst)?;
     }
-    let view = BaseView::new(root, &state, installed.as_ref());
-    let state_rel = state_inside_root(root, state_dir);
+    let view = BaseView::new(root, state, installed.as_ref());
+    let state_rel = state_inside_root(root, &state.dir);
 
     // 1. Every pre-image, every ancestor, before any write.
     let by_path: BTreeMap<&PkgPath, &Entry> = m.entries.iter().map(|e| (&e.path, e)).collect();
@@ -377,141 +487,203 @@ pub fn apply(
         before.insert(&entry.path, actual);
     }
 
-    // 2. Decode every payload into staging and keep a copy of every file that goes away.
-    let state_existed = state.dir.exists();
-    let cleanup = || {
-        let _ = remove_dir_if_present(&state.staging_dir());
-        let _ = remove_dir_if_present(&state.dir.join("revert.new"));
-        if !state_existed {
-            let _ = fs::remove_dir(&state.dir);
-        }
-    };
-    let staging = state.fresh_staging()?;
-    let revert_new = state.dir.join("revert.new");
-    remove_dir_if_present(&revert_new)?;
-    fs::create_dir_all(&revert_new).fs("create", &revert_new)?;
-    let total: u64 = m
+    // 2. The steps from the tree as it is to the tree this package makes: its entries, and the
+    //    paths only the installed letter touched, which go back to their base.
+    let by_index: BTreeMap<&PkgPath, usize> = m
         .entries
         .iter()
-        .filter_map(|e| match &e.post {
-            Some(Image::File { size, .. }) if e.payload.is_some() => Some(*size),
-            _ => None,
+        .enumerate()
+        .map(|(i, e)| (&e.path, i))
+        .collect();
+    let mut plan: BTreeMap<PkgPath, (Step, Option<usize>)> = BTreeMap::new();
+    for (i, entry) in m.entries.iter().enumerate() {
+        let base = before.get(&entry.path).cloned().flatten();
+        let current = match view.touched.get(&entry.path) {
+            Some(touched) => touched.after.clone(),
+            None => base,
+        };
+        let step = Step {
+            path: entry.path.clone(),
+            from: current,
+            to: entry.post.clone(),
+        };
+        plan.insert(entry.path.clone(), (step, Some(i)));
+    }
+    for (path, touched) in &view.touched {
+        if !by_index.contains_key(path) {
+            let step = Step {
+                path: (*path).clone(),
+                from: touched.after.clone(),
+                to: touched.before.clone(),
+            };
+            plan.insert((*path).clone(), (step, None));
+        }
+    }
+    let (steps, entry_of): (Vec<Step>, Vec<Option<usize>>) = plan.into_values().unzip();
+
+    // 3. Prepare, writing nothing in the root: stage every new file (decoding payloads against
+    //    the base) and keep a compressed copy of every base file this package changes.
+    let txn = TxnDir::begin(state)?;
+    let total: u64 = steps
+        .iter()
+        .filter(|s| s.needs_content())
+        .map(|s| match &s.to {
+            Some(Image::File { size, .. }) => *size,
+            _ => 0,
         })
         .sum();
     progress.start("decoding", total);
-    let prepare = |i: usize| -> Result<Prepared, ApplyError> {
-        let entry = &m.entries[i];
-        let base = before.get(&entry.path).cloned().flatten();
-        let keeps_bytes = matches!((&base, &entry.post), (Some(a), Some(b)) if a.same_content(b));
-        let own_is_reference = matches!(reference(entry), Some((_, None)));
+    let prepare = |j: usize| -> Result<Option<String>, ApplyError> {
+        let step = &steps[j];
+        let entry = entry_of[j].map(|i| &m.entries[i]);
+        let base = match entry {
+            Some(_) => before.get(&step.path).cloned().flatten(),
+            // A path only the installed letter touched goes back to its base.
+            None => step.to.clone(),
+        };
+        let keeps_bytes = match (entry, &base) {
+            (Some(e), Some(b)) => e.post.as_ref().is_some_and(|p| b.same_content(p)),
+            _ => true,
+        };
+        let own_is_reference = entry.is_some_and(|e| matches!(reference(e), Some((_, None))));
+        let needs_base = step.needs_content() && entry.is_none_or(|e| e.payload.is_none());
         let old = match &base {
-            Some(img @ Image::File { .. }) if own_is_reference || !keeps_bytes => {
-                Some(view.bytes(&entry.path, img)?)
+            Some(img @ Image::File { .. }) if own_is_reference || !keeps_bytes || needs_base => {
+                Some(view.bytes(&step.path, img)?)
             }
             _ => None,
         };
-        let source_bytes = match reference(entry) {
-            Some((_, Some(src))) => Some(view.bytes(&src.path, &source_image(src))?),
-            _ => None,
-        };
-        let revert = match (&old, keeps_bytes) {
-            (Some(old), false) => {
+        let revert = match (&old, keeps_bytes, entry_of[j]) {
+            (Some(old), false, Some(i)) => {
                 let name = format!("{i}.zst");
-                let file = revert_new.join(&name);
-                let out = fs::File::create(&file).fs("create", &file)?;
-                bsi_delta::compress_into(old, REVERT_LEVEL, std::io::BufWriter::new(out))
-                    .fs("write", &file)?;
+                let file = txn.revert_dir().join(&name);
+                fsx::write_file(&file, 0o644, None, |out| -> Result<(), ApplyError> {
+                    bsi_delta::compress_into(old, REVERT_LEVEL, out).fs("write", &file)?;
+                    Ok(())
+                })?;
                 Some(name)
             }
             _ => None,
         };
-        let staged = match (&entry.post, entry.payload.is_some()) {
-            (
-                Some(Image::File {
-                    mode, mtime, size, ..
-                }),
-                true,
-            ) => {
-                let file = staging.join(format!("{i}"));
-                let reference = source_bytes.as_deref().or(old.as_deref());
-                stage_with(&file, *mode, *mtime, |out| -> Result<(), ApplyError> {
-                    Ok(pkg.decode_into(entry, reference, out)?)
-                })?;
-                progress.advance(*size);
-                Some(file)
+        if let (
+            true,
+            Some(Image::File {
+                mode, mtime, size, ..
+            }),
+        ) = (step.needs_content(), &step.to)
+        {
+            let file = txn.stage(j);
+            match entry.filter(|e| e.payload.is_some()) {
+                Some(entry) => {
+                    let source_bytes = match reference(entry) {
+                        Some((_, Some(src))) => Some(view.bytes(&src.path, &source_image(src))?),
+                        _ => None,
+                    };
+                    let reference = source_bytes.as_deref().or(old.as_deref());
+                    fsx::write_file(
+                        &file,
+                        *mode,
+                        Some(*mtime),
+                        |out| -> Result<(), ApplyError> {
+                            Ok(pkg.decode_into(entry, reference, out)?)
+                        },
+                    )?;
+                }
+                None => {
+                    let old = old.as_deref().ok_or_else(|| ApplyError::PreImage {
+                        root: root.to_owned(),
+                        path: step.path.clone(),
+                        reason: "its base bytes are not available".to_owned(),
+                    })?;
+                    fsx::write_file(
+                        &file,
+                        *mode,
+                        Some(*mtime),
+                        |out| -> Result<(), ApplyError> {
+                            out.write_all(old).fs("write", &file)?;
+                            Ok(())
+                        },
+                    )?;
+                }
             }
-            _ => None,
-        };
-        Ok((staged, revert))
+            progress.advance(*size);
+        }
+        Ok(revert)
     };
     // Large files one at a time, so that memory stays near the largest file; the rest in parallel.
-    let (large, small): (Vec<usize>, Vec<usize>) =
-        (0..m.entries.len()).partition(|&i| entry_weight(&m.entries[i]) >= LARGE_FILE);
-    let mut prepared: Vec<Prepared> = vec![(None, None); m.entries.len()];
-    let done: Vec<(usize, Prepared)> = small
-        .into_par_iter()
-        .map(|i| prepare(i).map(|r| (i, r)))
-        .chain(
-            large
-                .into_iter()
-                .map(|i| prepare(i).map(|r| (i, r)))
-                .collect::<Vec<_>>(),
-        )
-        .collect::<Result<_, _>>()
-        .inspect_err(|_| cleanup())?;
-    for (i, result) in done {
-        prepared[i] = result;
-    }
-    progress.finish();
-
-    // 3. Write: undo the installed letter if there is one, then this package.
-    let previous = match &installed {
-        Some(inst) => {
-            revert_installed(root, &state, inst, &staging)?;
-            Some(inst.letter)
-        }
-        None => None,
+    let weight = |j: usize| {
+        let size = |image: &Option<Image>| match image {
+            Some(Image::File { size, .. }) => *size,
+            _ => 0,
+        };
+        size(&steps[j].from).max(size(&steps[j].to))
     };
-    let mut changes = Vec::with_capacity(m.entries.len());
-    let mut record = Vec::with_capacity(m.entries.len());
-    for (entry, (staged, revert)) in m.entries.iter().zip(prepared) {
-        let from = before.get(&entry.path).cloned().flatten();
-        changes.push(Change {
-            path: entry.path.clone(),
-            from: from.clone(),
-            to: entry.post.clone(),
-            content: staged,
+    let (large, small): (Vec<usize>, Vec<usize>) =
+        (0..steps.len()).partition(|&j| weight(j) >= LARGE_FILE);
+    let prepared: Result<Vec<(usize, Option<String>)>, ApplyError> = small
+        .into_par_iter()
+        .map(|j| prepare(j).map(|r| (j, r)))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|mut done| {
+            for j in large {
+                done.push((j, prepare(j)?));
+            }
+            Ok(done)
         });
-        record.push(InstalledEntry {
-            path: entry.path.clone(),
-            before: from,
-            after: entry.post.clone(),
-            revert,
-        });
+    progress.finish();
+    let prepared = prepared.inspect_err(|_| txn.abandon())?;
+    let mut reverts: BTreeMap<usize, String> = BTreeMap::new();
+    for (j, revert) in prepared {
+        if let (Some(i), Some(name)) = (entry_of[j], revert) {
+            reverts.insert(i, name);
+        }
     }
-    execute(root, &staging, &changes)?;
-    check_written(root, &changes).map_err(|(path, reason)| ApplyError::Check {
-        root: root.to_owned(),
-        path,
-        reason,
-    })?;
 
-    // 4. Record what was installed and keep its revert data.
-    let revert_dir = state.revert_dir();
-    remove_dir_if_present(&revert_dir)?;
-    fs::rename(&revert_new, &revert_dir).fs("move into place", &revert_dir)?;
-    state.save(&Installed {
+    // 4. The transaction: journal, write, check, record.
+    let record = Installed {
         format: STATE_FORMAT,
         product: m.product.clone(),
         base: m.base.clone(),
         letter: m.letter,
         package_sha256: pkg.digest,
         signer: m.signer.clone(),
-        entries: record,
+        entries: m
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| InstalledEntry {
+                path: entry.path.clone(),
+                before: before.get(&entry.path).cloned().flatten(),
+                after: entry.post.clone(),
+                revert: reverts.remove(&i),
+            })
+            .collect(),
+    };
+    let base_title = format!("{} {}", m.product, m.base.version);
+    let journal = Journal {
+        format: 1,
+        kind: if installed.is_some() {
+            TxnKind::Switch
+        } else {
+            TxnKind::Apply
+        },
+        from_title: installed.as_ref().map_or(base_title, |i| {
+            release_title(&i.product, &i.base.version, i.letter)
+        }),
+        to_title: package_title,
+        keep_times: txn::times_to_keep(root, &steps),
+        steps,
+        before: installed.clone(),
+        after: Some(record),
+    };
+    txn::run(root, state, &txn, &journal).map_err(|source| ApplyError::Txn {
+        root: root.to_owned(),
+        source: Box::new(source),
     })?;
-    remove_dir_if_present(&staging)?;
-    Ok(match previous {
-        Some(previous) => ApplyOutcome::Replaced { previous },
+    Ok(match installed {
+        Some(previous) => ApplyOutcome::Replaced {
+            previous: previous.letter,
+        },
         None => ApplyOutcome::Installed,
     })
 }
@@ -551,89 +723,56 @@ fn check_ancestors(
     Ok(())
 }
 
-/// After writing, every path holds exactly its image, times included.
-fn check_written(root: &Path, changes: &[Change]) -> Result<(), (PkgPath, String)> {
-    for change in changes {
-        let actual =
-            observe(root, &change.path).map_err(|e| (change.path.clone(), e.to_string()))?;
-        let ok = match (&change.to, &actual) {
-            (None, None) => true,
-            (Some(e), Some(a)) => matches_image(e, a) && e.mtime() == a.mtime(),
-            _ => false,
-        };
-        if !ok {
-            let reason = match (&change.to, &actual) {
-                (Some(e), Some(a)) if matches_image(e, a) => {
-                    format!("time is {:?}, expected {:?}", a.mtime(), e.mtime())
-                }
-                _ => describe_mismatch(change.to.as_ref(), actual.as_ref()),
-            };
-            return Err((change.path.clone(), reason));
-        }
-    }
-    Ok(())
-}
-
-/// Put back the base release under an installed patch (its post-images already checked).
-fn revert_installed(
-    root: &Path,
-    state: &StateDir,
-    inst: &Installed,
-    staging: &Path,
-) -> Result<(), RevertError> {
-    let revert_dir = state.revert_dir();
-    let mut changes = Vec::with_capacity(inst.entries.len());
-    for (i, entry) in inst.entries.iter().enumerate() {
-        let content = match (&entry.before, &entry.revert) {
-            (Some(img @ Image::File { mode, mtime, .. }), Some(name)) => {
-                let file = staging.join(format!("revert-{i}"));
-                stage_with(&file, *mode, *mtime, |out| {
-                    read_revert_into(&revert_dir.join(name), &entry.path, img, out)
-                })?;
-                Some(file)
-            }
-            _ => None,
-        };
-        changes.push(Change {
-            path: entry.path.clone(),
-            from: entry.after.clone(),
-            to: entry.before.clone(),
-            content,
-        });
-    }
-    execute(root, staging, &changes)?;
-    check_written(root, &changes).map_err(|(path, reason)| RevertError::Check {
-        root: root.to_owned(),
-        path,
-        reason,
-    })
-}
-
-/// Remove the installed patch: the root returns to its base release exactly, and nothing of the
-/// patch stays in the state directory. Refused, writing nothing, when any patched path changed.
-pub fn revert(root: &Path, state_dir: &Path) -> Result<Letter, RevertError> {
-    if !root.is_dir() {
-        return Err(RevertError::Root(root.to_owned()));
-    }
-    let state = StateDir::new(state_dir);
+fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
     let inst = state
         .load()?
         .ok_or_else(|| RevertError::NothingInstalled(root.to_owned()))?;
     check_installed(root, &inst)?;
-    // Check the revert data before the first write, too.
-    for entry in &inst.entries {
-        if let (Some(img), Some(name)) = (&entry.before, &entry.revert) {
-            read_revert_into(
-                &state.revert_dir().join(name),
-                &entry.path,
-                img,
-                &mut std::io::sink(),
-            )?;
-        }
-    }
-    let staging = state.fresh_staging()?;
-    revert_installed(root, &state, &inst, &staging)?;
-    state.clear()?;
+    let steps: Vec<Step> = inst
+        .entries
+        .iter()
+        .map(|e| Step {
+            path: e.path.clone(),
+            from: e.after.clone(),
+            to: e.before.clone(),
+        })
+        .collect();
+    // Stage every base file from its revert copy (checking it) before the first write.
+    let txn = TxnDir::begin(state)?;
+    let revert_dir = state.revert_dir();
+    let staged: Result<(), RevertError> = inst
+        .entries
+        .par_iter()
+        .enumerate()
+        .filter(|(j, _)| steps[*j].needs_content())
+        .try_for_each(|(j, entry)| {
+            let (Some(img @ Image::File { mode, mtime, .. }), Some(name)) =
+                (&entry.before, &entry.revert)
+            else {
+                return Err(RevertError::RevertData {
+                    file: revert_dir.clone(),
+                    path: entry.path.clone(),
+                });
+            };
+            fsx::write_file(&txn.stage(j), *mode, Some(*mtime), |out| {
+                read_revert_into(&revert_dir.join(name), &entry.path, img, out)
+            })
+        });
+    staged.inspect_err(|_| txn.abandon())?;
+    let journal = Journal {
+        format: 1,
+        kind: TxnKind::Revert,
+        from_title: release_title(&inst.product, &inst.base.version, inst.letter),
+        to_title: format!("{} {}", inst.product, inst.base.version),
+        keep_times: txn::times_to_keep(root, &steps),
+        steps,
+        before: Some(inst.clone()),
+        after: None,
+    };
+    txn::run(root, state, &txn, &journal).map_err(|source| RevertError::Txn {
+        root: root.to_owned(),
+        source: Box::new(source),
+    })?;
     Ok(inst.letter)
 }
 
@@ -643,6 +782,8 @@ pub enum StatusError {
     Root(PathBuf),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Txn(#[from] TxnError),
 }
 
 /// What a person sees in Settings: the release and the installed letter.
@@ -652,6 +793,8 @@ pub struct Status {
     pub version: Option<String>,
     pub build: Option<String>,
     pub letter: Option<Letter>,
+    /// An operation that was interrupted and awaits `bsi recover` (or the next apply or revert).
+    pub interrupted: Option<Interrupted>,
 }
 
 impl fmt::Display for Status {
@@ -670,17 +813,21 @@ impl fmt::Display for Status {
 /// Path of the release description a root carries.
 pub const SYSTEM_VERSION_PLIST: &str = "System/Library/CoreServices/SystemVersion.plist";
 
-/// The installed patch if there is one, else the release the root's SystemVersion.plist names.
+/// The installed patch if there is one, else the release the root's SystemVersion.plist names;
+/// and an interrupted operation, if any. Reads only.
 pub fn status(root: &Path, state_dir: &Path) -> Result<Status, StatusError> {
     if !root.is_dir() {
         return Err(StatusError::Root(root.to_owned()));
     }
-    if let Some(inst) = StateDir::new(state_dir).load()? {
+    let state = StateDir::new(state_dir);
+    let interrupted = txn::pending(&state)?;
+    if let Some(inst) = state.load()? {
         return Ok(Status {
             product: Some(inst.product),
             version: Some(inst.base.version.to_string()),
             build: inst.base.build,
             letter: Some(inst.letter),
+            interrupted,
         });
     }
     let plist = fs::read_to_string(root.join(SYSTEM_VERSION_PLIST)).unwrap_or_default();
@@ -689,6 +836,7 @@ pub fn status(root: &Path, state_dir: &Path) -> Result<Status, StatusError> {
         version: plist_string(&plist, "ProductVersion"),
         build: plist_string(&plist, "ProductBuildVersion"),
         letter: None,
+        interrupted,
     })
 }
 

@@ -7,20 +7,25 @@
 
 mod apply;
 mod build;
-mod exec;
+#[doc(hidden)]
+pub mod fault;
+mod fsx;
 mod package;
 mod state;
 mod tree;
+mod txn;
 
 use std::path::{Path, PathBuf};
 
 pub use apply::{
-    apply, revert, status, ApplyError, ApplyOutcome, RevertError, Status, StatusError,
+    apply, recover, revert, status, ApplyError, ApplyOutcome, RevertError, Session, SessionError,
+    Status, StatusError,
 };
 pub use build::{build, write_atomically, BuildError, BuildOptions, BuildSummary, ComponentSpec};
 pub use package::{verify_against_tree, OpenError, TreeVerifyError, VerifiedPackage};
 pub use state::default_state_dir;
 pub use tree::{scan, ScanError, Tree, STATE_DIR_NAME};
+pub use txn::{Failed, Interrupted, Recovered, TxnError, TxnKind};
 
 /// Files at least this large (old or new) are encoded and decoded one at a time, so that
 /// memory follows the largest file rather than the sum of the largest few.

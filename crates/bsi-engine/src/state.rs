@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use bsi_format::{BaseRelease, Digest, Image, Letter, PkgPath};
 use serde::{Deserialize, Serialize};
 
-use crate::{FsContext, FsError};
+use crate::FsError;
 
 /// The state directory of a root when none is given: `ROOT/.bsi`.
 pub fn default_state_dir(root: &Path) -> PathBuf {
@@ -47,6 +47,7 @@ pub enum StateError {
     Damaged { path: PathBuf, reason: String },
 }
 
+#[derive(Debug)]
 pub(crate) struct StateDir {
     pub dir: PathBuf,
 }
@@ -64,10 +65,6 @@ impl StateDir {
 
     pub fn revert_dir(&self) -> PathBuf {
         self.dir.join("revert")
-    }
-
-    pub fn staging_dir(&self) -> PathBuf {
-        self.dir.join("staging")
     }
 
     pub fn load(&self) -> Result<Option<Installed>, StateError> {
@@ -91,44 +88,9 @@ impl StateDir {
         Ok(Some(installed))
     }
 
+    /// Write the installed record atomically (synced, directory synced).
     pub fn save(&self, installed: &Installed) -> Result<(), FsError> {
         let bytes = serde_json::to_vec_pretty(installed).expect("state always serialises");
-        crate::build::write_atomically(&self.installed_path(), &bytes)?;
-        sync_dir(&self.dir)
+        crate::fsx::write_atomically(&self.installed_path(), &bytes)
     }
-
-    /// Forget the installed patch: its record and its revert data.
-    pub fn clear(&self) -> Result<(), FsError> {
-        let path = self.installed_path();
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(FsError::new("remove", &path, e)),
-        }
-        remove_dir_if_present(&self.revert_dir())?;
-        remove_dir_if_present(&self.staging_dir())?;
-        sync_dir(&self.dir)
-    }
-
-    /// A fresh, empty staging directory.
-    pub fn fresh_staging(&self) -> Result<PathBuf, FsError> {
-        let staging = self.staging_dir();
-        remove_dir_if_present(&staging)?;
-        fs::create_dir_all(&staging).fs("create", &staging)?;
-        Ok(staging)
-    }
-}
-
-pub(crate) fn remove_dir_if_present(dir: &Path) -> Result<(), FsError> {
-    match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(FsError::new("remove", dir, e)),
-    }
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), FsError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .fs("sync", dir)
 }

@@ -366,7 +366,7 @@ pub const WEBKIT_DIR: &str = "System/Library/Frameworks/WebKit.framework";
 
 pub const PLIST: &str = "System/Library/CoreServices/SystemVersion.plist";
 
-fn system_version_plist() -> Vec<u8> {
+pub fn system_version_plist() -> Vec<u8> {
     br#"<?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
 <plist version="1.0">

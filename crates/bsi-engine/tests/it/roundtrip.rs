@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 use crate::fixture::{apply_edits, edit_strategy, materialize, model_strategy, Model};
 
-fn key() -> SecretKey {
+pub fn key() -> SecretKey {
     SecretKey::from_seed([42; 32])
 }
 
@@ -21,7 +21,7 @@ fn tree_dir(parent: &Path, name: &str, model: &Model) -> std::path::PathBuf {
     dir
 }
 
-fn package(base: &Path, target: &Path, letter: char) -> VerifiedPackage {
+pub fn package(base: &Path, target: &Path, letter: char) -> VerifiedPackage {
     let key = key();
     let opts = BuildOptions {
         base: base.to_owned(),

@@ -1,0 +1,102 @@
+//! Fault injection for tests: every filesystem step that changes something under a root or a
+//! state directory (create, sync, rename, link, remove, chmod, set time...) passes through
+//! [`step`], which counts the steps under an armed scope and can make one of them fail.
+//!
+//! A crash is a panic that unwinds out of the operation without running any of its error
+//! handling, and every later step under the scope panics too, so that nothing more is written:
+//! what is on disk is what a `kill -9` at that instant would leave (unsynced data aside).
+//! Unarmed, [`step`] costs one atomic load.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// What happens at the chosen step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The process dies: a panic with a [`Crash`] payload.
+    Crash,
+    /// The step fails with this errno (`ENOSPC` = 28, `EIO` = 5); later steps succeed, so
+    /// that the operation's own roll back is exercised.
+    Errno(i32),
+}
+
+/// The panic payload of an injected crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crash {
+    pub step: usize,
+}
+
+struct Plan {
+    scope: PathBuf,
+    at: usize,
+    fault: Fault,
+    seen: usize,
+    fired: bool,
+}
+
+static ARMED: AtomicBool = AtomicBool::new(false);
+static PLANS: Mutex<Vec<Plan>> = Mutex::new(Vec::new());
+
+fn plans() -> std::sync::MutexGuard<'static, Vec<Plan>> {
+    // A crash panics while no guard is held, so the lock is never poisoned by one; recover
+    // from any other poisoning rather than cascade.
+    PLANS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Count the steps under `scope` from now on; step number `at` (1-based) gets `fault`. Use
+/// `at = usize::MAX` to count only. Replaces an earlier plan for the same scope.
+pub fn arm(scope: &Path, at: usize, fault: Fault) {
+    let mut plans = plans();
+    plans.retain(|p| p.scope != scope);
+    plans.push(Plan {
+        scope: scope.to_owned(),
+        at,
+        fault,
+        seen: 0,
+        fired: false,
+    });
+    ARMED.store(true, Ordering::SeqCst);
+}
+
+/// Stop watching `scope`; returns how many steps were seen under it.
+pub fn disarm(scope: &Path) -> usize {
+    let mut plans = plans();
+    let seen = plans
+        .iter()
+        .find(|p| p.scope == scope)
+        .map_or(0, |p| p.seen);
+    plans.retain(|p| p.scope != scope);
+    ARMED.store(!plans.is_empty(), Ordering::SeqCst);
+    seen
+}
+
+/// Called before every filesystem step that changes `path`.
+pub(crate) fn step(path: &Path) -> io::Result<()> {
+    if !ARMED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let outcome = {
+        let mut plans = plans();
+        let Some(plan) = plans.iter_mut().find(|p| path.starts_with(&p.scope)) else {
+            return Ok(());
+        };
+        if plan.fired {
+            (plan.fault == Fault::Crash).then_some((plan.fault, plan.at))
+        } else {
+            plan.seen += 1;
+            if plan.seen == plan.at {
+                plan.fired = true;
+                Some((plan.fault, plan.at))
+            } else {
+                None
+            }
+        }
+    };
+    match outcome {
+        None => Ok(()),
+        Some((Fault::Crash, at)) => std::panic::panic_any(Crash { step: at }),
+        Some((Fault::Errno(errno), _)) => Err(io::Error::from_raw_os_error(errno)),
+    }
+}

@@ -1,0 +1,592 @@
+//! Transactions on a root: apply, revert and the switch from one letter to the next turn one
+//! tree into another through steps that leave the root recoverable, at every instant, to
+//! exactly the old tree or exactly the new one.
+//!
+//! The recipe:
+//! 1. Prepare, writing nothing in the root: every new file is staged (and synced) in
+//!    `STATE/txn/stage/`, the new revert data in `STATE/txn/revert/`.
+//! 2. Write the journal (`STATE/txn/journal.json`, atomically, synced): every step with its
+//!    image before and after, the directory times to keep, and the installed record before and
+//!    after. From here on the transaction can be completed or rolled back from disk alone.
+//! 3. Roll forward, each step idempotent: removals children first (an old file or symlink is
+//!    moved to `STATE/txn/undo/`), placements parents first (an old file is hard-linked into
+//!    `undo/` before the staged file is renamed over it, so that the path always holds a whole
+//!    file), then permission bits and times; then every path is checked against its image.
+//! 4. Commit: mark `committed`, write the installed record, swap in the new revert data, remove
+//!    the journal, then the rest of `STATE/txn/`.
+//!
+//! A failure before the commit writes the `rollback` mark and runs the same steps backwards with
+//! `undo/` as the source. Recovery after a crash reads the journal: rolls back when marked so,
+//! completes when committed, and otherwise completes when it can, else rolls back. Every step
+//! looks at what the path holds before it acts, and refuses to touch a path that holds neither
+//! its old nor its new image.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use bsi_format::{Image, Mtime, PkgPath};
+use serde::{Deserialize, Serialize};
+
+use crate::fsx;
+use crate::state::{Installed, StateDir};
+use crate::tree::{describe_mismatch, matches_image, mtime_of, observe, ScanError};
+use crate::FsError;
+
+const JOURNAL_FORMAT: u32 = 1;
+
+/// What a transaction does, as a person would say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TxnKind {
+    Apply,
+    Revert,
+    /// One letter replaced by a newer one.
+    Switch,
+}
+
+impl fmt::Display for TxnKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TxnKind::Apply => "apply",
+            TxnKind::Revert => "revert",
+            TxnKind::Switch => "switch",
+        })
+    }
+}
+
+/// Turn `from` into `to` at `path` (`None`: nothing there).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Step {
+    pub path: PkgPath,
+    pub from: Option<Image>,
+    pub to: Option<Image>,
+}
+
+impl Step {
+    /// Whether the bytes of a file must be supplied to reach `to` (a staged file).
+    pub fn needs_content(&self) -> bool {
+        matches!(&self.to, Some(to @ Image::File { .. })
+            if !self.from.as_ref().is_some_and(|f| f.same_content(to)))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Journal {
+    pub format: u32,
+    pub kind: TxnKind,
+    /// The release before and after, for messages: `macOS 26.3`, `macOS 26.3 (a)`.
+    pub from_title: String,
+    pub to_title: String,
+    /// Sorted by path.
+    pub steps: Vec<Step>,
+    /// Directories above the steps that keep their time whichever way the transaction goes.
+    pub keep_times: Vec<(PkgPath, Mtime)>,
+    /// The installed record before and after (`None`: no patch installed).
+    pub before: Option<Installed>,
+    pub after: Option<Installed>,
+}
+
+/// An interrupted transaction, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Interrupted {
+    pub kind: TxnKind,
+    pub from: String,
+    pub to: String,
+}
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "an interrupted {} from {} to {}",
+            self.kind, self.from, self.to
+        )
+    }
+}
+
+/// What recovery did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovered {
+    /// The interrupted transaction was completed: the root holds `to`.
+    Completed { kind: TxnKind, to: String },
+    /// It was rolled back: the root holds `from` again.
+    RolledBack { kind: TxnKind, from: String },
+}
+
+impl fmt::Display for Recovered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Recovered::Completed { kind, to } => {
+                write!(f, "completed the interrupted {kind}: the root is {to}")
+            }
+            Recovered::RolledBack { kind, from } => {
+                write!(f, "rolled back the interrupted {kind}: the root is {from}")
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error("{path} holds neither its old nor its new state: {reason}")]
+    Conflict { path: PkgPath, reason: String },
+    #[error("the data to restore {path} is missing ({file})")]
+    Missing { path: PkgPath, file: PathBuf },
+    #[error("{path} is not as written: {reason}")]
+    Check { path: PkgPath, reason: String },
+    #[error("journal {path} is damaged: {reason}")]
+    Journal { path: PathBuf, reason: String },
+}
+
+/// The files of the transaction under way in a state directory.
+pub(crate) struct TxnDir {
+    pub dir: PathBuf,
+}
+
+impl TxnDir {
+    pub fn of(state: &StateDir) -> TxnDir {
+        TxnDir {
+            dir: state.dir.join("txn"),
+        }
+    }
+    fn journal(&self) -> PathBuf {
+        self.dir.join("journal.json")
+    }
+    fn rollback_mark(&self) -> PathBuf {
+        self.dir.join("rollback")
+    }
+    fn committed_mark(&self) -> PathBuf {
+        self.dir.join("committed")
+    }
+    fn stage_dir(&self) -> PathBuf {
+        self.dir.join("stage")
+    }
+    fn undo_dir(&self) -> PathBuf {
+        self.dir.join("undo")
+    }
+    /// Where step `i`'s new file is staged.
+    pub fn stage(&self, i: usize) -> PathBuf {
+        self.stage_dir().join(i.to_string())
+    }
+    fn link_tmp(&self, i: usize) -> PathBuf {
+        self.stage_dir().join(format!("link-{i}"))
+    }
+    fn undo(&self, i: usize) -> PathBuf {
+        self.undo_dir().join(i.to_string())
+    }
+    /// The revert data of the record the transaction installs.
+    pub fn revert_dir(&self) -> PathBuf {
+        self.dir.join("revert")
+    }
+
+    /// Start preparing a transaction: an empty `txn/` with its subdirectories. There must be no
+    /// journal (recovery runs first).
+    pub fn begin(state: &StateDir) -> Result<TxnDir, FsError> {
+        let txn = TxnDir::of(state);
+        fsx::create_dir_all(&state.dir)?;
+        fsx::remove_all(&txn.dir)?;
+        fsx::create_dir(&txn.dir)?;
+        for d in [txn.stage_dir(), txn.undo_dir(), txn.revert_dir()] {
+            fsx::create_dir(&d)?;
+        }
+        Ok(txn)
+    }
+
+    /// Give up a prepared transaction whose journal was never written.
+    pub fn abandon(&self) {
+        let _ = fsx::remove_all(&self.dir);
+    }
+
+    fn load(&self) -> Result<Option<Journal>, TxnError> {
+        let path = self.journal();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(FsError::new("read", &path, e).into()),
+        };
+        let damaged = |reason: String| TxnError::Journal {
+            path: path.clone(),
+            reason,
+        };
+        let journal: Journal =
+            serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+        if journal.format != JOURNAL_FORMAT {
+            return Err(damaged(format!(
+                "journal format {} is not {JOURNAL_FORMAT}",
+                journal.format
+            )));
+        }
+        Ok(Some(journal))
+    }
+}
+
+/// The interrupted transaction of a state directory, if any; reads only.
+pub(crate) fn pending(state: &StateDir) -> Result<Option<Interrupted>, TxnError> {
+    Ok(TxnDir::of(state).load()?.map(|j| Interrupted {
+        kind: j.kind,
+        from: j.from_title,
+        to: j.to_title,
+    }))
+}
+
+/// Directories above `steps` that are not steps themselves, with their current times.
+pub(crate) fn times_to_keep(root: &Path, steps: &[Step]) -> Vec<(PkgPath, Mtime)> {
+    let stepped: std::collections::BTreeSet<&PkgPath> = steps.iter().map(|s| &s.path).collect();
+    let mut keep: BTreeMap<PkgPath, Mtime> = BTreeMap::new();
+    for step in steps {
+        let mut parent = step.path.parent();
+        while let Some(dir) = parent {
+            if !stepped.contains(&dir) && !keep.contains_key(&dir) {
+                if let Ok(meta) = fs::symlink_metadata(root.join(dir.as_str())) {
+                    if meta.is_dir() {
+                        keep.insert(dir.clone(), mtime_of(&meta));
+                    }
+                }
+            }
+            parent = dir.parent();
+        }
+    }
+    keep.into_iter().collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Forward,
+    Back,
+}
+
+/// The image a step leads to going `way`, and the one it comes from.
+fn ends(step: &Step, way: Way) -> (Option<&Image>, Option<&Image>) {
+    match way {
+        Way::Forward => (step.from.as_ref(), step.to.as_ref()),
+        Way::Back => (step.to.as_ref(), step.from.as_ref()),
+    }
+}
+
+/// Same kind and same content (bytes or link target); any directory is like any other.
+fn same_thing(a: Option<&Image>, b: Option<&Image>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.same_content(b),
+        _ => false,
+    }
+}
+
+/// `actual` must hold one of the step's two ends.
+fn expect_either(
+    step: &Step,
+    actual: Option<&Image>,
+    origin: Option<&Image>,
+    target: Option<&Image>,
+) -> Result<(), TxnError> {
+    if same_thing(actual, origin) || same_thing(actual, target) {
+        return Ok(());
+    }
+    Err(TxnError::Conflict {
+        path: step.path.clone(),
+        reason: describe_mismatch(target, actual),
+    })
+}
+
+fn exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// Bring every step to its end going `way`, then check every path.
+fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), TxnError> {
+    let steps = &journal.steps;
+    // 1. Removals, children first: what goes away or changes kind.
+    for (i, step) in steps.iter().enumerate().rev() {
+        let (origin, target) = ends(step, way);
+        let goes = match (origin, target) {
+            (Some(_), None) => true,
+            (Some(o), Some(t)) => o.kind_name() != t.kind_name(),
+            (None, _) => false,
+        };
+        if !goes {
+            continue;
+        }
+        let actual = observe(root, &step.path)?;
+        if actual.is_none() || same_thing(actual.as_ref(), target) {
+            continue;
+        }
+        expect_either(step, actual.as_ref(), origin, target)?;
+        let full = root.join(step.path.as_str());
+        match (actual, way) {
+            (Some(Image::Dir { .. }), _) => fsx::remove_dir(&full)?,
+            // Keep what the forward way removes, so that it can be rolled back.
+            (_, Way::Forward) => fsx::rename(&full, &txn.undo(i))?,
+            (_, Way::Back) => fsx::remove_file(&full)?,
+        }
+    }
+
+    // 2. Placements, parents first.
+    for (i, step) in steps.iter().enumerate() {
+        let (origin, target) = ends(step, way);
+        let Some(target) = target else { continue };
+        let actual = observe(root, &step.path)?;
+        if same_thing(actual.as_ref(), Some(target)) {
+            continue;
+        }
+        // What changes kind was moved away by the removals.
+        let moved_away = origin.is_some_and(|o| o.kind_name() != target.kind_name());
+        if !(actual.is_none() && moved_away) {
+            expect_either(step, actual.as_ref(), origin, Some(target))?;
+        }
+        let full = root.join(step.path.as_str());
+        if matches!(target, Image::Dir { .. }) {
+            fsx::create_dir(&full)?;
+            continue;
+        }
+        if actual.is_some() && way == Way::Forward && !exists(&txn.undo(i)) {
+            // The old file or symlink stays reachable until the commit.
+            fsx::hard_link(&full, &txn.undo(i))?;
+        }
+        match target {
+            Image::Symlink { target: link, .. } => {
+                let tmp = txn.link_tmp(i);
+                fsx::remove_all(&tmp)?;
+                fsx::symlink(link, &tmp)?;
+                fsx::rename(&tmp, &full)?;
+            }
+            _ => {
+                let source = match way {
+                    Way::Forward => txn.stage(i),
+                    Way::Back => txn.undo(i),
+                };
+                if !exists(&source) {
+                    return Err(TxnError::Missing {
+                        path: step.path.clone(),
+                        file: source,
+                    });
+                }
+                fsx::rename(&source, &full)?;
+            }
+        }
+    }
+
+    // 3. Permission bits and times: files and symlinks, then directories children first.
+    let mut dirs: BTreeMap<&PkgPath, (Option<u32>, Mtime)> = journal
+        .keep_times
+        .iter()
+        .map(|(p, m)| (p, (None, *m)))
+        .collect();
+    for step in steps {
+        let full = root.join(step.path.as_str());
+        match ends(step, way).1 {
+            Some(Image::File { mode, mtime, .. }) => set_meta(&full, Some(*mode), *mtime, false)?,
+            Some(Image::Symlink { mtime, .. }) => set_meta(&full, None, *mtime, true)?,
+            Some(Image::Dir { mode, mtime }) => {
+                dirs.insert(&step.path, (Some(*mode), *mtime));
+            }
+            None => {}
+        }
+    }
+    for (path, (mode, mtime)) in dirs.iter().rev() {
+        set_meta(&root.join(path.as_str()), *mode, *mtime, false)?;
+    }
+
+    // 4. Every path holds its end, times included.
+    for step in steps {
+        let target = ends(step, way).1;
+        let actual = observe(root, &step.path)?;
+        let ok = match (target, &actual) {
+            (None, None) => true,
+            (Some(t), Some(a)) => matches_image(t, a) && t.mtime() == a.mtime(),
+            _ => false,
+        };
+        if !ok {
+            let reason = match (target, &actual) {
+                (Some(t), Some(a)) if matches_image(t, a) => {
+                    format!("time is {:?}, expected {:?}", a.mtime(), t.mtime())
+                }
+                _ => describe_mismatch(target, actual.as_ref()),
+            };
+            return Err(TxnError::Check {
+                path: step.path.clone(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Set permission bits (when given) and the time of `full`, skipping what is already right.
+fn set_meta(full: &Path, mode: Option<u32>, mtime: Mtime, symlink: bool) -> Result<(), FsError> {
+    let meta = fs::symlink_metadata(full).map_err(|e| FsError::new("read", full, e))?;
+    if let Some(mode) = mode {
+        if meta.mode() & 0o7777 != mode {
+            fsx::set_mode(full, mode)?;
+        }
+    }
+    if mtime_of(&meta) != mtime {
+        if symlink {
+            fsx::set_symlink_mtime(full, mtime)?;
+        } else {
+            fsx::set_mtime(full, mtime)?;
+        }
+    }
+    Ok(())
+}
+
+/// After the root holds the new tree: record it, swap in its revert data, end the transaction.
+fn commit(state: &StateDir, txn: &TxnDir, journal: &Journal) -> Result<(), FsError> {
+    if !exists(&txn.committed_mark()) {
+        fsx::write_atomically(&txn.committed_mark(), b"")?;
+    }
+    match &journal.after {
+        Some(record) => {
+            state.save(record)?;
+            if exists(&txn.revert_dir()) {
+                fsx::remove_all(&state.revert_dir())?;
+                fsx::rename(&txn.revert_dir(), &state.revert_dir())?;
+            }
+        }
+        None => {
+            fsx::remove_all(&state.installed_path())?;
+            fsx::remove_all(&state.revert_dir())?;
+        }
+    }
+    fsx::sync_dir(&state.dir)?;
+    finish(state, txn)
+}
+
+/// Remove the journal (the transaction is over), then the rest of `txn/`.
+fn finish(state: &StateDir, txn: &TxnDir) -> Result<(), FsError> {
+    fsx::remove_all(&txn.journal())?;
+    fsx::sync_dir(&txn.dir)?;
+    fsx::remove_all(&txn.dir)?;
+    fsx::sync_dir(&state.dir)
+}
+
+/// Roll back: mark it, so that recovery rolls back too, then run the steps backwards.
+fn roll_back(
+    root: &Path,
+    state: &StateDir,
+    txn: &TxnDir,
+    journal: &Journal,
+) -> Result<(), TxnError> {
+    if !exists(&txn.rollback_mark()) {
+        fsx::write_atomically(&txn.rollback_mark(), b"")?;
+    }
+    roll(root, txn, journal, Way::Back)?;
+    Ok(finish(state, txn)?)
+}
+
+/// How a transaction that did not complete ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Failed {
+    /// It failed and was rolled back: the root holds the old tree.
+    #[error("{cause}; the {kind} was rolled back and the root is unchanged")]
+    RolledBack { kind: TxnKind, cause: TxnError },
+    /// It failed and rolling back failed too: the journal stays for `bsi recover`.
+    #[error("{cause}; rolling back failed too ({rollback}): run `bsi recover`")]
+    Stuck { cause: TxnError, rollback: TxnError },
+}
+
+/// Write `journal` (whose staged files and revert data are ready in `txn`) and carry it out.
+pub(crate) fn run(
+    root: &Path,
+    state: &StateDir,
+    txn: &TxnDir,
+    journal: &Journal,
+) -> Result<(), Failed> {
+    let kind = journal.kind;
+    let prepare = || -> Result<(), FsError> {
+        for d in [txn.stage_dir(), txn.revert_dir(), txn.undo_dir()] {
+            fsx::sync_dir(&d)?;
+        }
+        let bytes = serde_json::to_vec(journal).expect("a journal always serialises");
+        fsx::write_atomically(&txn.journal(), &bytes)
+    };
+    if let Err(cause) = prepare() {
+        // No journal on disk, or a whole one: nothing in the root was touched yet.
+        if exists(&txn.journal()) {
+            return match roll_back(root, state, txn, journal) {
+                Ok(()) => Err(Failed::RolledBack {
+                    kind,
+                    cause: cause.into(),
+                }),
+                Err(rollback) => Err(Failed::Stuck {
+                    cause: cause.into(),
+                    rollback,
+                }),
+            };
+        }
+        txn.abandon();
+        return Err(Failed::RolledBack {
+            kind,
+            cause: cause.into(),
+        });
+    }
+    let forward = roll(root, txn, journal, Way::Forward).and_then(|()| {
+        commit(state, txn, journal)?;
+        Ok(())
+    });
+    match forward {
+        Ok(()) => Ok(()),
+        Err(cause) if exists(&txn.committed_mark()) => {
+            // The new tree is in place and recorded as committed: complete, do not undo.
+            match commit(state, txn, journal) {
+                Ok(()) => Ok(()),
+                Err(again) => Err(Failed::Stuck {
+                    cause,
+                    rollback: again.into(),
+                }),
+            }
+        }
+        Err(cause) => match roll_back(root, state, txn, journal) {
+            Ok(()) => Err(Failed::RolledBack { kind, cause }),
+            Err(rollback) => Err(Failed::Stuck { cause, rollback }),
+        },
+    }
+}
+
+/// Complete or roll back the transaction a crash interrupted; `None` when there was none.
+pub(crate) fn recover(root: &Path, state: &StateDir) -> Result<Option<Recovered>, TxnError> {
+    let txn = TxnDir::of(state);
+    if !exists(&txn.dir) {
+        return Ok(None);
+    }
+    let Some(journal) = txn.load()? else {
+        // Interrupted while preparing: nothing in the root was touched.
+        fsx::remove_all(&txn.dir)?;
+        return Ok(None);
+    };
+    let completed = Recovered::Completed {
+        kind: journal.kind,
+        to: journal.to_title.clone(),
+    };
+    let rolled_back = Recovered::RolledBack {
+        kind: journal.kind,
+        from: journal.from_title.clone(),
+    };
+    if exists(&txn.rollback_mark()) {
+        roll_back(root, state, &txn, &journal)?;
+        return Ok(Some(rolled_back));
+    }
+    if exists(&txn.committed_mark()) {
+        roll(root, &txn, &journal, Way::Forward)?;
+        commit(state, &txn, &journal)?;
+        return Ok(Some(completed));
+    }
+    match roll(root, &txn, &journal, Way::Forward) {
+        Ok(()) => {
+            commit(state, &txn, &journal)?;
+            Ok(Some(completed))
+        }
+        Err(_) => {
+            roll_back(root, state, &txn, &journal)?;
+            Ok(Some(rolled_back))
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Fault injection: apply, switch and revert are stopped after each of their filesystem steps
+//! in turn (a crash, then ENOSPC, then EIO at that step), then recovered; the root must be
+//! exactly the old tree or exactly the new one, and the state must say which.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Once;
+
+use bsi_engine::fault::{self, Crash, Fault};
+use bsi_engine::{apply, recover, revert, scan, status, NoProgress, Tree, VerifiedPackage};
+
+use crate::fixture::{materialize, pattern, Model, Node};
+use crate::roundtrip::package;
+
+const ENOSPC: i32 = 28;
+const EIO: i32 = 5;
+
+fn file(seed: u64, len: usize, mode: u32, t: i64) -> Node {
+    Node::File {
+        bytes: pattern(seed, len),
+        mode,
+        mtime: (t, 0),
+    }
+}
+
+fn dir(t: i64) -> Node {
+    Node::Dir {
+        mode: 0o755,
+        mtime: (t, 0),
+    }
+}
+
+fn link(target: &str, t: i64) -> Node {
+    Node::Symlink {
+        target: target.to_owned(),
+        mtime: (t, 0),
+    }
+}
+
+/// A base and two letters that between them add, delete, replace, change kinds both ways,
+/// change only metadata, and add and remove nested directories.
+fn trees() -> (Model, Model, Model) {
+    let mut base = Model::new();
+    base.insert("Lib".into(), dir(1_600_000_000));
+    base.insert("Lib/core.dylib".into(), file(1, 9000, 0o755, 1_600_000_100));
+    base.insert("Lib/gone.dylib".into(), file(2, 700, 0o644, 1_600_000_200));
+    base.insert("Lib/swap".into(), file(3, 300, 0o644, 1_600_000_300));
+    base.insert("Lib/link".into(), link("core.dylib", 1_600_000_400));
+    base.insert("Lib/meta.plist".into(), file(4, 200, 0o644, 1_600_000_500));
+    base.insert("Old".into(), dir(1_600_000_600));
+    base.insert("Old/a.txt".into(), file(5, 100, 0o644, 1_600_000_700));
+    base.insert("Flat".into(), file(6, 50, 0o644, 1_600_000_800));
+
+    let mut a = base.clone();
+    if let Some(Node::File { bytes, .. }) = a.get_mut("Lib/core.dylib") {
+        bytes.splice(100..100, pattern(9, 64));
+        bytes[5000] ^= 0x5a;
+    }
+    a.remove("Lib/gone.dylib");
+    a.insert("Lib/swap".into(), link("core.dylib", 1_650_000_000));
+    a.insert("Lib/link".into(), file(7, 400, 0o644, 1_650_000_100));
+    a.insert(
+        "Lib/meta.plist".into(),
+        Node::File {
+            bytes: pattern(4, 200),
+            mode: 0o600,
+            mtime: (1_650_000_200, 5),
+        },
+    );
+    a.remove("Old/a.txt");
+    a.remove("Old");
+    a.insert("Old".into(), file(8, 80, 0o644, 1_650_000_300));
+    a.remove("Flat");
+    a.insert("Flat".into(), dir(1_650_000_400));
+    a.insert("Flat/new".into(), dir(1_650_000_500));
+    a.insert(
+        "Flat/new/n.bin".into(),
+        file(10, 3000, 0o644, 1_650_000_600),
+    );
+
+    let mut b = a.clone();
+    if let Some(Node::File { bytes, .. }) = b.get_mut("Lib/core.dylib") {
+        bytes[7000] ^= 0x11;
+    }
+    b.insert("Lib/swap".into(), file(3, 300, 0o644, 1_600_000_300));
+    b.insert("Lib/extra".into(), file(11, 500, 0o644, 1_660_000_000));
+    (base, a, b)
+}
+
+fn materialized(parent: &Path, name: &str, model: &Model) -> std::path::PathBuf {
+    let dir = parent.join(name);
+    std::fs::create_dir(&dir).expect("mkdir");
+    materialize(model, &dir);
+    dir
+}
+
+/// Quiet the expected panics of injected crashes; keep every other panic's message.
+fn quiet_crashes() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let default = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<Crash>().is_none() {
+                default(info);
+            }
+        }));
+    });
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Apply,
+    Switch,
+    Revert,
+}
+
+struct Case {
+    base: Tree,
+    a: Tree,
+    b: Tree,
+    base_model: Model,
+    pkg_a: VerifiedPackage,
+    pkg_b: VerifiedPackage,
+}
+
+impl Case {
+    fn new() -> Case {
+        let (base, a, b) = trees();
+        let trees_dir = tempfile::tempdir().expect("tempdir");
+        let base_dir = materialized(trees_dir.path(), "base", &base);
+        let a_dir = materialized(trees_dir.path(), "a", &a);
+        let b_dir = materialized(trees_dir.path(), "b", &b);
+        Case {
+            base: scan(&base_dir, &[]).expect("scan"),
+            a: scan(&a_dir, &[]).expect("scan"),
+            b: scan(&b_dir, &[]).expect("scan"),
+            pkg_a: package(&base_dir, &a_dir, 'a'),
+            pkg_b: package(&base_dir, &b_dir, 'b'),
+            base_model: base,
+        }
+    }
+
+    /// A fresh root in the state before `op`, and the trees before and after it.
+    fn setup(&self, dir: &Path, op: Op) -> (&Tree, &Tree, Option<char>, Option<char>) {
+        let root = materialized(dir, "root", &self.base_model);
+        let state = dir.join("state");
+        match op {
+            Op::Apply => (&self.base, &self.a, None, Some('a')),
+            Op::Switch => {
+                apply(&self.pkg_a, &root, &state, &NoProgress).expect("apply a");
+                (&self.a, &self.b, Some('a'), Some('b'))
+            }
+            Op::Revert => {
+                apply(&self.pkg_a, &root, &state, &NoProgress).expect("apply a");
+                (&self.a, &self.base, Some('a'), None)
+            }
+        }
+    }
+
+    /// Run `op` on the root under `dir`; `Ok(true)` when it succeeded.
+    fn run(&self, dir: &Path, op: Op) -> bool {
+        let (root, state) = (dir.join("root"), dir.join("state"));
+        match op {
+            Op::Apply => apply(&self.pkg_a, &root, &state, &NoProgress)
+                .inspect_err(|e| eprintln!("{e}"))
+                .is_ok(),
+            Op::Switch => apply(&self.pkg_b, &root, &state, &NoProgress)
+                .inspect_err(|e| eprintln!("{e}"))
+                .is_ok(),
+            Op::Revert => revert(&root, &state)
+                .inspect_err(|e| eprintln!("{e}"))
+                .is_ok(),
+        }
+    }
+}
+
+/// The root is exactly `old` or exactly `new`, and the installed letter says which.
+fn settled(
+    dir: &Path,
+    old: (&Tree, Option<char>),
+    new: (&Tree, Option<char>),
+) -> Result<bool, String> {
+    let (root, state) = (dir.join("root"), dir.join("state"));
+    let now = scan(&root, &[]).map_err(|e| e.to_string())?;
+    let status = status(&root, &state).map_err(|e| e.to_string())?;
+    if let Some(i) = &status.interrupted {
+        return Err(format!("status still reports {i}"));
+    }
+    let letter = status.letter.map(|l| l.to_string());
+    let is = |(tree, l): (&Tree, Option<char>)| {
+        now.entries == tree.entries && letter == l.map(|c| c.to_string())
+    };
+    if is(new) {
+        Ok(true)
+    } else if is(old) {
+        Ok(false)
+    } else {
+        Err(format!(
+            "the root is neither tree (installed letter {letter:?}); {} entries",
+            now.entries.len()
+        ))
+    }
+}
+
+#[test]
+fn every_step_of_apply_switch_and_revert_recovers_to_old_or_new() {
+    quiet_crashes();
+    let case = Case::new();
+    let mut report = Vec::new();
+    for op in [Op::Apply, Op::Switch, Op::Revert] {
+        // Count the steps of a clean run.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (old, new, old_letter, new_letter) = case.setup(tmp.path(), op);
+        fault::arm(tmp.path(), usize::MAX, Fault::Crash);
+        let ok = case.run(tmp.path(), op);
+        let steps = fault::disarm(tmp.path());
+        assert!(ok, "{op:?} succeeds without faults");
+        assert_eq!(
+            settled(tmp.path(), (old, old_letter), (new, new_letter)),
+            Ok(true)
+        );
+        assert!(steps > 20, "{op:?} counted only {steps} steps");
+
+        let mut outcomes = [0usize; 2];
+        for fault_kind in [Fault::Crash, Fault::Errno(ENOSPC), Fault::Errno(EIO)] {
+            for at in 1..=steps {
+                let tmp = tempfile::tempdir().expect("tempdir");
+                let dir = tmp.path();
+                case.setup(dir, op);
+                fault::arm(dir, at, fault_kind);
+                let result = panic::catch_unwind(AssertUnwindSafe(|| case.run(dir, op)));
+                fault::disarm(dir);
+                let what = format!("{op:?}, {fault_kind:?} at step {at} of {steps}");
+                match (fault_kind, &result) {
+                    (Fault::Crash, Err(payload)) => assert!(
+                        payload.downcast_ref::<Crash>().is_some(),
+                        "{what}: a panic that is not the injected crash"
+                    ),
+                    (Fault::Crash, Ok(_)) => panic!("{what}: the crash did not happen"),
+                    (Fault::Errno(_), Err(_)) => panic!("{what}: panicked"),
+                    (Fault::Errno(_), Ok(_)) => {
+                        // The operation cleaned up by itself: old or new, nothing pending.
+                        settled(dir, (old, old_letter), (new, new_letter))
+                            .unwrap_or_else(|e| panic!("{what}, before recovery: {e}"));
+                    }
+                }
+                let recovered = recover(&dir.join("root"), &dir.join("state"), false);
+                assert!(recovered.is_ok(), "{what}: recover failed: {recovered:?}");
+                let is_new = settled(dir, (old, old_letter), (new, new_letter))
+                    .unwrap_or_else(|e| panic!("{what}, after recovery: {e}"));
+                outcomes[usize::from(is_new)] += 1;
+                assert!(
+                    !dir.join("state/txn").exists(),
+                    "{what}: transaction files left behind"
+                );
+            }
+        }
+        report.push(format!(
+            "{op:?}: K = {steps} steps, {} runs, {} ended old, {} ended new",
+            3 * steps,
+            outcomes[0],
+            outcomes[1]
+        ));
+        assert!(outcomes[0] > 0 && outcomes[1] > 0, "{op:?}: {outcomes:?}");
+    }
+    println!("{}", report.join("\n"));
+}
