@@ -45,6 +45,8 @@ pub enum SessionError {
         "state directory {state} is not on the filesystem of root {root}; atomic renames into the root need one filesystem"
     )]
     OtherFilesystem { state: PathBuf, root: PathBuf },
+    #[error("state directory {0} is not a directory (a symlink or a file is not accepted)")]
+    StateNotDir(PathBuf),
 }
 
 /// The device of `path`, or of its nearest existing ancestor.
@@ -111,6 +113,8 @@ pub enum ApplyError {
         path: PkgPath,
         child: String,
     },
+    #[error("{root}: not enough free space: {space}; nothing was written")]
+    NoSpace { root: PathBuf, space: Space },
     #[error("{0}")]
     Decode(#[from] DecodeFailure),
     #[error(transparent)]
@@ -137,6 +141,8 @@ pub enum RevertError {
         path: PkgPath,
         reason: String,
     },
+    #[error("{root}: not enough free space: {space}; nothing was written")]
+    NoSpace { root: PathBuf, space: Space },
     #[error("revert data {file} for {path} is damaged")]
     RevertData { file: PathBuf, path: PkgPath },
     #[error(transparent)]
@@ -161,8 +167,75 @@ impl From<RevertError> for ApplyError {
                 reason: "its revert data is damaged".to_owned(),
             },
             RevertError::Session(e) => ApplyError::Session(e),
+            RevertError::NoSpace { root, space } => ApplyError::NoSpace { root, space },
             RevertError::Txn { root, source } => ApplyError::Txn { root, source },
         }
+    }
+}
+
+/// What an operation will write outside the root before it can commit, against what is free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes of staged new files.
+    pub staging: u64,
+    /// Bytes of revert data (at most the replaced files' size).
+    pub revert: u64,
+    /// Bytes free on the state directory's filesystem.
+    pub free: u64,
+}
+
+/// Room kept for the journal and the installed record.
+const SPACE_MARGIN: u64 = 1 << 20;
+
+impl Space {
+    pub fn needed(&self) -> u64 {
+        self.staging + self.revert + SPACE_MARGIN
+    }
+
+    /// Measure what is free next to `state_dir` and refuse when it is less than needed.
+    fn check(staging: u64, revert: u64, state_dir: &Path) -> Result<(), Space> {
+        let free = free_space(state_dir);
+        let space = Space {
+            staging,
+            revert,
+            free,
+        };
+        if space.needed() > free {
+            return Err(space);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Space {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "it needs {} bytes ({} of staged files, {} of revert data, 1 MiB for the journal) and {} are free",
+            self.needed(),
+            self.staging,
+            self.revert,
+            self.free
+        )
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `path` (or of its nearest
+/// existing ancestor); `u64::MAX` when that cannot be measured.
+fn free_space(path: &Path) -> u64 {
+    if let Some(bytes) = crate::fault::pretended_free_space(path) {
+        return bytes;
+    }
+    path.ancestors()
+        .find(|p| p.exists())
+        .and_then(|p| rustix::fs::statvfs(p).ok())
+        .map_or(u64::MAX, |st| st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+fn file_size(image: Option<&Image>) -> u64 {
+    match image {
+        Some(Image::File { size, .. }) => *size,
+        _ => 0,
     }
 }
 
@@ -359,6 +432,9 @@ impl Session {
                 Err(fs::TryLockError::Error(e)) => return Err(FsError::new("lock", root, e).into()),
             }
         }
+        if fs::symlink_metadata(state_dir).is_ok_and(|m| !m.is_dir()) {
+            return Err(SessionError::StateNotDir(state_dir.to_owned()));
+        }
         if device_of(root) != device_of(state_dir) {
             return Err(SessionError::OtherFilesystem {
                 state: state_dir.to_owned(),
@@ -522,7 +598,26 @@ fn apply_locked(
     let (steps, entry_of): (Vec<Step>, Vec<Option<usize>>) = plan.into_values().unzip();
 
     // 3. Prepare, writing nothing in the root: stage every new file (decoding payloads against
-    //    the base) and keep a compressed copy of every base file this package changes.
+    //    the base) and keep a compressed copy of every base file this package changes; first
+    //    check that the disk has room for both.
+    let staging_bytes: u64 = steps
+        .iter()
+        .filter(|s| s.needs_content())
+        .map(|s| file_size(s.to.as_ref()))
+        .sum();
+    let revert_bytes: u64 = m
+        .entries
+        .iter()
+        .filter_map(|e| {
+            let base = before.get(&e.path).cloned().flatten();
+            let changes = !matches!((&base, &e.post), (Some(b), Some(p)) if b.same_content(p));
+            changes.then(|| file_size(base.as_ref()))
+        })
+        .sum();
+    Space::check(staging_bytes, revert_bytes, &state.dir).map_err(|space| ApplyError::NoSpace {
+        root: root.to_owned(),
+        space,
+    })?;
     let txn = TxnDir::begin(state)?;
     let total: u64 = steps
         .iter()
@@ -738,6 +833,15 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
         })
         .collect();
     // Stage every base file from its revert copy (checking it) before the first write.
+    let staging_bytes: u64 = steps
+        .iter()
+        .filter(|s| s.needs_content())
+        .map(|s| file_size(s.to.as_ref()))
+        .sum();
+    Space::check(staging_bytes, 0, &state.dir).map_err(|space| RevertError::NoSpace {
+        root: root.to_owned(),
+        space,
+    })?;
     let txn = TxnDir::begin(state)?;
     let revert_dir = state.revert_dir();
     let staged: Result<(), RevertError> = inst

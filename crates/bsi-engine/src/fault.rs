@@ -28,10 +28,14 @@ pub struct Crash {
     pub step: usize,
 }
 
+type Action = Box<dyn FnOnce() + Send>;
+
 struct Plan {
     scope: PathBuf,
     at: usize,
     fault: Fault,
+    /// Run just before step `at` instead of failing it (see [`arm_action`]).
+    action: Option<Action>,
     seen: usize,
     fired: bool,
 }
@@ -54,10 +58,21 @@ pub fn arm(scope: &Path, at: usize, fault: Fault) {
         scope: scope.to_owned(),
         at,
         fault,
+        action: None,
         seen: 0,
         fired: false,
     });
     ARMED.store(true, Ordering::SeqCst);
+}
+
+/// Like [`arm`], but step `at` runs `action` first (an adversary changing the tree at that
+/// instant) and then proceeds normally.
+pub fn arm_action(scope: &Path, at: usize, action: impl FnOnce() + Send + 'static) {
+    arm(scope, at, Fault::Crash);
+    let mut plans = plans();
+    if let Some(plan) = plans.iter_mut().find(|p| p.scope == scope) {
+        plan.action = Some(Box::new(action));
+    }
 }
 
 /// Stop watching `scope`; returns how many steps were seen under it.
@@ -82,6 +97,15 @@ pub(crate) fn step(path: &Path) -> io::Result<()> {
         let Some(plan) = plans.iter_mut().find(|p| path.starts_with(&p.scope)) else {
             return Ok(());
         };
+        if plan.action.is_some() {
+            plan.seen += 1;
+            let action = (plan.seen == plan.at).then(|| plan.action.take()).flatten();
+            drop(plans);
+            if let Some(action) = action {
+                action();
+            }
+            return Ok(());
+        }
         if plan.fired {
             (plan.fault == Fault::Crash).then_some((plan.fault, plan.at))
         } else {
@@ -99,4 +123,24 @@ pub(crate) fn step(path: &Path) -> io::Result<()> {
         Some((Fault::Crash, at)) => std::panic::panic_any(Crash { step: at }),
         Some((Fault::Errno(errno), _)) => Err(io::Error::from_raw_os_error(errno)),
     }
+}
+
+static FREE_SPACE: Mutex<Vec<(PathBuf, u64)>> = Mutex::new(Vec::new());
+
+/// Make the free-space check see `bytes` free for paths under `scope` (`None`: the real figure),
+/// as on a nearly full disk.
+pub fn pretend_free_space(scope: &Path, bytes: Option<u64>) {
+    let mut list = FREE_SPACE.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|(s, _)| s != scope);
+    if let Some(bytes) = bytes {
+        list.push((scope.to_owned(), bytes));
+    }
+}
+
+/// The pretended free space for `path`, if a test set one.
+pub(crate) fn pretended_free_space(path: &Path) -> Option<u64> {
+    let list = FREE_SPACE.lock().unwrap_or_else(|e| e.into_inner());
+    list.iter()
+        .find(|(scope, _)| path.starts_with(scope))
+        .map(|(_, bytes)| *bytes)
 }

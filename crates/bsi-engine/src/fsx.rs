@@ -4,9 +4,9 @@
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use bsi_format::Mtime;
+use bsi_format::{Mtime, PkgPath};
 use filetime::FileTime;
 
 use crate::fault;
@@ -36,10 +36,6 @@ pub(crate) fn create_dir_all(path: &Path) -> Result<(), FsError> {
     hooked("create directory", path, || fs::create_dir_all(path))
 }
 
-pub(crate) fn remove_dir(path: &Path) -> Result<(), FsError> {
-    hooked("remove directory", path, || fs::remove_dir(path))
-}
-
 pub(crate) fn remove_file(path: &Path) -> Result<(), FsError> {
     hooked("remove", path, || fs::remove_file(path))
 }
@@ -62,20 +58,9 @@ pub(crate) fn rename(from: &Path, to: &Path) -> Result<(), FsError> {
     hooked("move into place", to, || fs::rename(from, to))
 }
 
-/// A second name for the file or symlink `existing` (never following a symlink).
-pub(crate) fn hard_link(existing: &Path, new: &Path) -> Result<(), FsError> {
-    hooked("link", new, || fs::hard_link(existing, new))
-}
-
 pub(crate) fn symlink(target: &str, path: &Path) -> Result<(), FsError> {
     hooked("create symlink", path, || {
         std::os::unix::fs::symlink(target, path)
-    })
-}
-
-pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), FsError> {
-    hooked("set permissions of", path, || {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
     })
 }
 
@@ -83,13 +68,6 @@ pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), FsError> {
 pub(crate) fn set_mtime(path: &Path, mtime: Mtime) -> Result<(), FsError> {
     hooked("set the time of", path, || {
         filetime::set_file_mtime(path, file_time(mtime))
-    })
-}
-
-/// Set the times of a symlink itself.
-pub(crate) fn set_symlink_mtime(path: &Path, mtime: Mtime) -> Result<(), FsError> {
-    hooked("set the time of", path, || {
-        filetime::set_symlink_file_times(path, file_time(mtime), file_time(mtime))
     })
 }
 
@@ -146,4 +124,133 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FsError>
     })?;
     rename(&tmp, path)?;
     sync_dir(&dir)
+}
+
+/// A root opened once. Every change below it goes through directory handles opened one
+/// component at a time without following symlinks (`O_NOFOLLOW | O_DIRECTORY`, through
+/// cap-std, whose resolution stays beneath the handle), so that a symlink planted at any level
+/// of a path can neither redirect a write nor lead it out of the root: the step fails instead.
+#[derive(Debug)]
+pub(crate) struct RootDir {
+    path: PathBuf,
+    dir: cap_std::fs::Dir,
+}
+
+/// A directory of ours (staging, undo) that files move to and from the root.
+#[derive(Debug)]
+pub(crate) struct OwnDir {
+    dir: cap_std::fs::Dir,
+}
+
+impl OwnDir {
+    pub fn open(path: &Path) -> Result<OwnDir, FsError> {
+        let dir = cap_std::fs::Dir::open_ambient_dir(path, cap_std::ambient_authority())
+            .fs("open", path)?;
+        Ok(OwnDir { dir })
+    }
+}
+
+fn system_time(m: Mtime) -> cap_fs_ext::SystemTimeSpec {
+    let epoch = std::time::UNIX_EPOCH;
+    let offset = std::time::Duration::new(m.secs.unsigned_abs(), m.nanos);
+    let time = if m.secs >= 0 {
+        epoch + offset
+    } else {
+        epoch - std::time::Duration::from_secs(m.secs.unsigned_abs())
+            + std::time::Duration::from_nanos(u64::from(m.nanos))
+    };
+    cap_fs_ext::SystemTimeSpec::Absolute(cap_std::time::SystemTime::from_std(time))
+}
+
+impl RootDir {
+    pub fn open(root: &Path) -> Result<RootDir, FsError> {
+        let dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())
+            .fs("open", root)?;
+        Ok(RootDir {
+            path: root.to_owned(),
+            dir,
+        })
+    }
+
+    pub fn full(&self, rel: &PkgPath) -> PathBuf {
+        self.path.join(rel.as_str())
+    }
+
+    /// The directory holding the last component of `rel`, reached without following any
+    /// symlink, and that component.
+    fn parent<'p>(&self, rel: &'p PkgPath) -> io::Result<(cap_std::fs::Dir, &'p str)> {
+        use cap_fs_ext::DirExt;
+        let (dirs, name) = match rel.as_str().rsplit_once('/') {
+            Some((dirs, name)) => (Some(dirs), name),
+            None => (None, rel.as_str()),
+        };
+        let mut dir = self.dir.try_clone()?;
+        for part in dirs.into_iter().flat_map(|d| d.split('/')) {
+            dir = dir.open_dir_nofollow(part)?;
+        }
+        Ok((dir, name))
+    }
+
+    fn step<T>(
+        &self,
+        action: &'static str,
+        rel: &PkgPath,
+        op: impl FnOnce(cap_std::fs::Dir, &str) -> io::Result<T>,
+    ) -> Result<T, FsError> {
+        let full = self.full(rel);
+        hooked(action, &full, || {
+            let (dir, name) = self.parent(rel)?;
+            op(dir, name)
+        })
+    }
+
+    pub fn create_dir(&self, rel: &PkgPath) -> Result<(), FsError> {
+        self.step("create directory", rel, |d, n| d.create_dir(n))
+    }
+
+    pub fn remove_dir(&self, rel: &PkgPath) -> Result<(), FsError> {
+        self.step("remove directory", rel, |d, n| d.remove_dir(n))
+    }
+
+    /// Remove a file or a symlink (never what it points to).
+    pub fn remove_file(&self, rel: &PkgPath) -> Result<(), FsError> {
+        use cap_fs_ext::DirExt;
+        self.step("remove", rel, |d, n| d.remove_file_or_symlink(n))
+    }
+
+    /// Move what `rel` holds (a file or symlink) to `to/name`.
+    pub fn move_out(&self, rel: &PkgPath, to: &OwnDir, name: &str) -> Result<(), FsError> {
+        self.step("move aside", rel, |d, n| d.rename(n, &to.dir, name))
+    }
+
+    /// Give what `rel` holds (a file or symlink) a second name `to/name`.
+    pub fn link_out(&self, rel: &PkgPath, to: &OwnDir, name: &str) -> Result<(), FsError> {
+        self.step("link", rel, |d, n| d.hard_link(n, &to.dir, name))
+    }
+
+    /// Move `from/name` to `rel`, replacing a file or symlink there.
+    pub fn move_in(&self, from: &OwnDir, name: &str, rel: &PkgPath) -> Result<(), FsError> {
+        self.step("move into place", rel, |d, n| from.dir.rename(name, &d, n))
+    }
+
+    /// Permission bits of a file or directory (`rel` is not a symlink: checked by the caller,
+    /// and a symlink raced in would resolve beneath its own directory only).
+    pub fn set_mode(&self, rel: &PkgPath, mode: u32) -> Result<(), FsError> {
+        use cap_std::fs::PermissionsExt as _;
+        self.step("set permissions of", rel, |d, n| {
+            d.set_permissions(n, cap_std::fs::Permissions::from_mode(mode))
+        })
+    }
+
+    /// The modification time of a file or directory, or of a symlink itself.
+    pub fn set_mtime(&self, rel: &PkgPath, mtime: Mtime, symlink: bool) -> Result<(), FsError> {
+        use cap_fs_ext::DirExt;
+        self.step("set the time of", rel, |d, n| {
+            if symlink {
+                d.set_symlink_times(n, Some(system_time(mtime)), Some(system_time(mtime)))
+            } else {
+                d.set_times(n, None, Some(system_time(mtime)))
+            }
+        })
+    }
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use apply::{
     apply, recover, revert, status, ApplyError, ApplyOutcome, RevertError, Session, SessionError,
-    Status, StatusError,
+    Space, Status, StatusError,
 };
 pub use build::{build, write_atomically, BuildError, BuildOptions, BuildSummary, ComponentSpec};
 pub use package::{verify_against_tree, OpenError, TreeVerifyError, VerifiedPackage};

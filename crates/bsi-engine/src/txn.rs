@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use bsi_format::{Image, Mtime, PkgPath};
 use serde::{Deserialize, Serialize};
 
-use crate::fsx;
+use crate::fsx::{self, OwnDir, RootDir};
 use crate::state::{Installed, StateDir};
 use crate::tree::{describe_mismatch, matches_image, mtime_of, observe, ScanError};
 use crate::FsError;
@@ -304,6 +304,11 @@ fn exists(path: &Path) -> bool {
 /// Bring every step to its end going `way`, then check every path.
 fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), TxnError> {
     let steps = &journal.steps;
+    let confined = RootDir::open(root)?;
+    let (stage, undo) = (
+        OwnDir::open(&txn.stage_dir())?,
+        OwnDir::open(&txn.undo_dir())?,
+    );
     // 1. Removals, children first: what goes away or changes kind.
     for (i, step) in steps.iter().enumerate().rev() {
         let (origin, target) = ends(step, way);
@@ -320,12 +325,11 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
             continue;
         }
         expect_either(step, actual.as_ref(), origin, target)?;
-        let full = root.join(step.path.as_str());
         match (actual, way) {
-            (Some(Image::Dir { .. }), _) => fsx::remove_dir(&full)?,
+            (Some(Image::Dir { .. }), _) => confined.remove_dir(&step.path)?,
             // Keep what the forward way removes, so that it can be rolled back.
-            (_, Way::Forward) => fsx::rename(&full, &txn.undo(i))?,
-            (_, Way::Back) => fsx::remove_file(&full)?,
+            (_, Way::Forward) => confined.move_out(&step.path, &undo, &i.to_string())?,
+            (_, Way::Back) => confined.remove_file(&step.path)?,
         }
     }
 
@@ -342,26 +346,25 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
         if !(actual.is_none() && moved_away) {
             expect_either(step, actual.as_ref(), origin, Some(target))?;
         }
-        let full = root.join(step.path.as_str());
         if matches!(target, Image::Dir { .. }) {
-            fsx::create_dir(&full)?;
+            confined.create_dir(&step.path)?;
             continue;
         }
         if actual.is_some() && way == Way::Forward && !exists(&txn.undo(i)) {
             // The old file or symlink stays reachable until the commit.
-            fsx::hard_link(&full, &txn.undo(i))?;
+            confined.link_out(&step.path, &undo, &i.to_string())?;
         }
         match target {
             Image::Symlink { target: link, .. } => {
                 let tmp = txn.link_tmp(i);
                 fsx::remove_all(&tmp)?;
                 fsx::symlink(link, &tmp)?;
-                fsx::rename(&tmp, &full)?;
+                confined.move_in(&stage, &format!("link-{i}"), &step.path)?;
             }
             _ => {
-                let source = match way {
-                    Way::Forward => txn.stage(i),
-                    Way::Back => txn.undo(i),
+                let (dir, source) = match way {
+                    Way::Forward => (&stage, txn.stage(i)),
+                    Way::Back => (&undo, txn.undo(i)),
                 };
                 if !exists(&source) {
                     return Err(TxnError::Missing {
@@ -369,7 +372,7 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
                         file: source,
                     });
                 }
-                fsx::rename(&source, &full)?;
+                confined.move_in(dir, &i.to_string(), &step.path)?;
             }
         }
     }
@@ -381,10 +384,12 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
         .map(|(p, m)| (p, (None, *m)))
         .collect();
     for step in steps {
-        let full = root.join(step.path.as_str());
+        let path = &step.path;
         match ends(step, way).1 {
-            Some(Image::File { mode, mtime, .. }) => set_meta(&full, Some(*mode), *mtime, false)?,
-            Some(Image::Symlink { mtime, .. }) => set_meta(&full, None, *mtime, true)?,
+            Some(Image::File { mode, mtime, .. }) => {
+                set_meta(&confined, path, Some(*mode), *mtime, false)?
+            }
+            Some(Image::Symlink { mtime, .. }) => set_meta(&confined, path, None, *mtime, true)?,
             Some(Image::Dir { mode, mtime }) => {
                 dirs.insert(&step.path, (Some(*mode), *mtime));
             }
@@ -392,7 +397,7 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
         }
     }
     for (path, (mode, mtime)) in dirs.iter().rev() {
-        set_meta(&root.join(path.as_str()), *mode, *mtime, false)?;
+        set_meta(&confined, path, *mode, *mtime, false)?;
     }
 
     // 4. Every path holds its end, times included.
@@ -421,19 +426,22 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
 }
 
 /// Set permission bits (when given) and the time of `full`, skipping what is already right.
-fn set_meta(full: &Path, mode: Option<u32>, mtime: Mtime, symlink: bool) -> Result<(), FsError> {
-    let meta = fs::symlink_metadata(full).map_err(|e| FsError::new("read", full, e))?;
+fn set_meta(
+    root: &RootDir,
+    path: &PkgPath,
+    mode: Option<u32>,
+    mtime: Mtime,
+    symlink: bool,
+) -> Result<(), FsError> {
+    let full = root.full(path);
+    let meta = fs::symlink_metadata(&full).map_err(|e| FsError::new("read", &full, e))?;
     if let Some(mode) = mode {
         if meta.mode() & 0o7777 != mode {
-            fsx::set_mode(full, mode)?;
+            root.set_mode(path, mode)?;
         }
     }
     if mtime_of(&meta) != mtime {
-        if symlink {
-            fsx::set_symlink_mtime(full, mtime)?;
-        } else {
-            fsx::set_mtime(full, mtime)?;
-        }
+        root.set_mtime(path, mtime, symlink)?;
     }
     Ok(())
 }

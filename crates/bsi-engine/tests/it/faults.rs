@@ -265,3 +265,55 @@ fn every_step_of_apply_switch_and_revert_recovers_to_old_or_new() {
     }
     println!("{}", report.join("\n"));
 }
+
+#[test]
+fn an_apply_or_revert_the_disk_cannot_hold_is_refused_before_writing() {
+    let case = Case::new();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    case.setup(dir, Op::Apply);
+    let (root, state) = (dir.join("root"), dir.join("state"));
+    let before = scan(&root, &[]).expect("scan");
+
+    fault::pretend_free_space(dir, Some(1000));
+    let err = apply(&case.pkg_a, &root, &state, &NoProgress).expect_err("refused");
+    let bsi_engine::ApplyError::NoSpace { space, .. } = &err else {
+        panic!("not a space refusal: {err}");
+    };
+    let message = err.to_string();
+    assert!(message.contains("not enough free space") && message.contains("1000 are free"));
+    assert!(space.staging > 0 && space.revert > 0, "{space:?}");
+    assert_eq!(scan(&root, &[]).expect("scan").entries, before.entries);
+    assert!(!state.exists(), "the refused apply created the state directory");
+
+    // One byte short is refused; exactly enough installs.
+    fault::pretend_free_space(dir, Some(space.needed() - 1));
+    assert!(apply(&case.pkg_a, &root, &state, &NoProgress).is_err());
+    fault::pretend_free_space(dir, Some(space.needed()));
+    apply(&case.pkg_a, &root, &state, &NoProgress).expect("apply with just enough room");
+    assert_eq!(scan(&root, &[]).expect("scan").entries, case.a.entries);
+
+    // Revert stages the base files again.
+    fault::pretend_free_space(dir, Some(1000));
+    let err = revert(&root, &state).expect_err("refused");
+    assert!(err.to_string().contains("not enough free space"), "{err}");
+    assert_eq!(scan(&root, &[]).expect("scan").entries, case.a.entries);
+    fault::pretend_free_space(dir, None);
+    revert(&root, &state).expect("revert");
+    assert_eq!(scan(&root, &[]).expect("scan").entries, case.base.entries);
+}
+
+#[test]
+fn a_state_directory_that_is_a_symlink_is_refused() {
+    let case = Case::new();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    case.setup(dir, Op::Apply);
+    let root = dir.join("root");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    std::os::unix::fs::symlink(&elsewhere, root.join(".bsi")).expect("plant");
+    let err = apply(&case.pkg_a, &root, &root.join(".bsi"), &NoProgress).expect_err("refused");
+    assert!(err.to_string().contains("is not a directory"), "{err}");
+    assert!(std::fs::read_dir(&elsewhere).expect("read").next().is_none());
+}

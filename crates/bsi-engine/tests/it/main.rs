@@ -1,6 +1,7 @@
 //! Engine integration tests: round trips over random trees.
 
 mod components;
+mod confine;
 mod faults;
 mod fixture;
 mod renames;
