@@ -226,75 +226,154 @@ impl DeltaEncoder for Blocks {
         new_len: u64,
         out: &mut dyn Write,
     ) -> Result<(), DecodeError> {
-        let corrupt = |what: &str| {
-            DecodeError::Corrupt(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()))
-        };
-        let rest = payload
-            .strip_prefix(MAGIC)
-            .ok_or_else(|| corrupt("not a blocks payload"))?;
-        let (len_bytes, frame) = rest
-            .split_at_checked(8)
-            .ok_or_else(|| corrupt("truncated header"))?;
-        let body_len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
-        if body_len > body_bound(new_len) {
-            return Err(corrupt("body longer than the new file allows"));
+        walk(payload, old.len() as u64, new_len, |op| match op {
+            Op::Literal(bytes) => out.write_all(bytes).map_err(DecodeError::Output),
+            Op::Copy { start, len, .. } => out
+                .write_all(&old[start as usize..(start + len) as usize])
+                .map_err(DecodeError::Output),
+        })
+    }
+}
+
+/// One step of a blocks body, as [`walk`] sees it.
+enum Op<'a> {
+    Literal(&'a [u8]),
+    /// `len` bytes of the old file from `start`, landing at `at` in the new file.
+    Copy {
+        start: u64,
+        len: u64,
+        at: u64,
+    },
+}
+
+/// Check a blocks payload for an old file of `old_len` and a new file of `new_len` bytes, and
+/// hand its steps to `visit` in order: literal bytes (in chunks) and copies, every length and
+/// offset checked first.
+fn walk(
+    payload: &[u8],
+    old_len: u64,
+    new_len: u64,
+    mut visit: impl FnMut(Op<'_>) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    let corrupt = |what: &str| {
+        DecodeError::Corrupt(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()))
+    };
+    let rest = payload
+        .strip_prefix(MAGIC)
+        .ok_or_else(|| corrupt("not a blocks payload"))?;
+    let (len_bytes, frame) = rest
+        .split_at_checked(8)
+        .ok_or_else(|| corrupt("truncated header"))?;
+    let body_len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+    if body_len > body_bound(new_len) {
+        return Err(corrupt("body longer than the new file allows"));
+    }
+    let mut decoder =
+        zstd::stream::read::Decoder::with_buffer(frame).map_err(DecodeError::Corrupt)?;
+    decoder
+        .window_log_max(window_log(body_len))
+        .map_err(DecodeError::Corrupt)?;
+    let mut body = io::BufReader::new(decoder.take(body_len));
+    let mut written = 0u64;
+    let mut previous_copy_end = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let literal = read_varint(&mut body)?;
+        if literal > new_len - written {
+            return Err(DecodeError::TooLong { expected: new_len });
         }
-        let mut decoder =
-            zstd::stream::read::Decoder::with_buffer(frame).map_err(DecodeError::Corrupt)?;
-        decoder
-            .window_log_max(window_log(body_len))
-            .map_err(DecodeError::Corrupt)?;
-        let mut body = io::BufReader::new(decoder.take(body_len));
-        let mut written = 0u64;
-        let mut previous_copy_end = 0u64;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let literal = read_varint(&mut body)?;
-            if literal > new_len - written {
-                return Err(DecodeError::TooLong { expected: new_len });
-            }
-            let mut left = literal;
-            while left > 0 {
-                let chunk = &mut buf[..left.min(64 * 1024) as usize];
-                body.read_exact(chunk).map_err(DecodeError::Corrupt)?;
-                out.write_all(chunk).map_err(DecodeError::Output)?;
-                left -= chunk.len() as u64;
-            }
-            written += literal;
-            if written == new_len {
-                break;
-            }
-            let delta = unzigzag(read_varint(&mut body)?);
-            let len = read_varint(&mut body)?;
-            let copy_start = (previous_copy_end as i64)
-                .checked_add(delta)
-                .filter(|s| *s >= 0)
-                .ok_or_else(|| corrupt("copy before the start of the old file"))?
-                as u64;
-            let copy_end = copy_start
-                .checked_add(len)
-                .filter(|e| *e <= old.len() as u64)
-                .ok_or_else(|| corrupt("copy beyond the end of the old file"))?;
-            if len == 0 {
-                return Err(corrupt("empty copy"));
-            }
-            if len > new_len - written {
-                return Err(DecodeError::TooLong { expected: new_len });
-            }
-            out.write_all(&old[copy_start as usize..copy_end as usize])
-                .map_err(DecodeError::Output)?;
-            written += len;
-            previous_copy_end = copy_end;
-            if written == new_len {
-                break;
-            }
+        let mut left = literal;
+        while left > 0 {
+            let chunk = &mut buf[..left.min(64 * 1024) as usize];
+            body.read_exact(chunk).map_err(DecodeError::Corrupt)?;
+            visit(Op::Literal(chunk))?;
+            left -= chunk.len() as u64;
         }
-        let mut extra = [0u8; 1];
-        match body.read(&mut extra).map_err(DecodeError::Corrupt)? {
-            0 => Ok(()),
-            _ => Err(corrupt("data after the end of the new file")),
+        written += literal;
+        if written == new_len {
+            break;
+        }
+        let delta = unzigzag(read_varint(&mut body)?);
+        let len = read_varint(&mut body)?;
+        let copy_start = (previous_copy_end as i64)
+            .checked_add(delta)
+            .filter(|s| *s >= 0)
+            .ok_or_else(|| corrupt("copy before the start of the old file"))?
+            as u64;
+        let copy_end = copy_start
+            .checked_add(len)
+            .filter(|e| *e <= old_len)
+            .ok_or_else(|| corrupt("copy beyond the end of the old file"))?;
+        if len == 0 {
+            return Err(corrupt("empty copy"));
+        }
+        if len > new_len - written {
+            return Err(DecodeError::TooLong { expected: new_len });
+        }
+        visit(Op::Copy {
+            start: copy_start,
+            len,
+            at: written,
+        })?;
+        written += len;
+        previous_copy_end = copy_end;
+        if written == new_len {
+            break;
         }
     }
+    let mut extra = [0u8; 1];
+    match body.read(&mut extra).map_err(DecodeError::Corrupt)? {
+        0 => Ok(()),
+        _ => Err(corrupt("data after the end of the new file")),
+    }
+}
+
+/// A blocks payload that rebuilds `old` from the new file, derived from a blocks `payload` that
+/// rebuilds the new file (`new_len` bytes) from `old`, without needing the new file: each copy
+/// of the forward payload says where a range of `old` reappears. This is how a device keeps
+/// revert data for a large near-identical file without holding both versions in memory.
+pub fn reverse(old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+    // (old start, new position, length) of every forward copy.
+    let mut copies: Vec<(u64, u64, u64)> = Vec::new();
+    walk(payload, old.len() as u64, new_len, |op| {
+        if let Op::Copy { start, len, at } = op {
+            copies.push((start, at, len));
+        }
+        Ok(())
+    })?;
+    copies.sort_unstable();
+    let mut body = Body {
+        bytes: Vec::new(),
+        previous_copy_end: 0,
+    };
+    let mut pos = 0u64; // how much of `old` the reverse body produces so far
+    let mut literal_start = 0u64;
+    for (start, at, len) in copies {
+        let end = start + len;
+        if end <= pos {
+            continue;
+        }
+        // Clip what an earlier copy already produced; short leftovers stay literal.
+        let skip = pos.saturating_sub(start);
+        let (start, at, len) = (start + skip, at + skip, len - skip);
+        if (len as usize) < MIN_MATCH {
+            continue;
+        }
+        body.op(
+            &old[literal_start as usize..start as usize],
+            Some((at as usize, len as usize)),
+        );
+        pos = start + len;
+        literal_start = pos;
+    }
+    if literal_start < old.len() as u64 || old.is_empty() {
+        body.op(&old[literal_start as usize..], None);
+    }
+    let mut out = Vec::with_capacity(body.bytes.len() / 2 + 16);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(body.bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crate::compress_at(&body.bytes, 3).map_err(DecodeError::Output)?);
+    Ok(out)
 }
 
 fn read_varint(r: &mut impl Read) -> Result<u64, DecodeError> {
@@ -338,6 +417,53 @@ mod tests {
             new
         );
         payload.len()
+    }
+
+    /// The reverse of `old -> new`, checked to rebuild `old` from `new`; its size.
+    fn reverse_round_trip(old: &[u8], new: &[u8]) -> usize {
+        let forward = Blocks.encode(old, new).expect("encode");
+        let back = reverse(old, &forward, new.len() as u64).expect("reverse");
+        assert_eq!(
+            Blocks
+                .decode(new, &back, old.len() as u64)
+                .expect("decode the reverse"),
+            old
+        );
+        back.len()
+    }
+
+    #[test]
+    fn reverse_payloads_rebuild_the_old_file_from_the_new() {
+        let old = noise(21, 300_000);
+        let mut new = old.clone();
+        for at in [1000, 150_000, 299_000] {
+            new[at] ^= 0xff;
+        }
+        assert!(reverse_round_trip(&old, &new) < 400);
+        // Moved and duplicated blocks, inserted and deleted bytes.
+        let mut moved = old[100_000..200_000].to_vec();
+        moved.extend_from_slice(&old[..100_000]);
+        moved.extend_from_slice(&old[50_000..60_000]);
+        moved.extend_from_slice(&noise(22, 5000));
+        moved.extend_from_slice(&old[250_000..]);
+        let size = reverse_round_trip(&old, &moved);
+        // The 50,000 bytes of `old` missing from `moved` must come back as literals.
+        assert!(
+            size > 40_000 && size < 60_000,
+            "reverse of a move costs {size}"
+        );
+        for (a, b) in [
+            (&[][..], &old[..1000]),
+            (&old[..1000], &[][..]),
+            (&[][..], &[][..]),
+        ] {
+            reverse_round_trip(a, b);
+        }
+        reverse_round_trip(&noise(23, 5000), &noise(24, 7000));
+        // A payload for other files is refused.
+        let forward = Blocks.encode(&old, &new).expect("encode");
+        assert!(reverse(&old[..1000], &forward, new.len() as u64).is_err());
+        assert!(reverse(&old, &forward, new.len() as u64 + 1).is_err());
     }
 
     #[test]

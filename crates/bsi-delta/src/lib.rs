@@ -13,7 +13,7 @@ mod zstd_prefix;
 
 use std::io::{self, Read, Write};
 
-pub use blocks::Blocks;
+pub use blocks::{reverse as reverse_blocks, Blocks};
 pub use bsdiff::Bsdiff;
 pub use zstd_prefix::ZstdPrefix;
 

@@ -15,6 +15,7 @@ use crate::state::{Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT
 use crate::tree::{image_mismatch, observe, ScanError};
 use crate::txn::{self, Failed, Interrupted, Journal, Recovered, Step, TxnDir, TxnError, TxnKind};
 use crate::{FsContext, FsError, Progress, LARGE_FILE};
+use bsi_delta::DeltaEncoder as _;
 
 /// zstd level of revert copies: made on the device while it applies, so the fastest level
 /// (level 3 took a sixth of the apply time on the testdata, for copies about 10% smaller).
@@ -273,7 +274,12 @@ impl<'a> BaseView<'a> {
     fn bytes(&self, path: &PkgPath, image: &Image) -> Result<Vec<u8>, RevertError> {
         let revert = self.touched.get(path).and_then(|e| e.revert.as_ref());
         match revert {
-            Some(name) => read_revert(&self.revert_dir.join(name), path, image),
+            Some(name) => read_revert(
+                &self.revert_dir.join(name),
+                path,
+                image,
+                &self.root.join(path.as_str()),
+            ),
             None => {
                 let full = self.root.join(path.as_str());
                 Ok(fs::read(&full).fs("read", &full)?)
@@ -311,18 +317,88 @@ impl<'a> BaseView<'a> {
     }
 }
 
-fn read_revert(file: &Path, path: &PkgPath, image: &Image) -> Result<Vec<u8>, RevertError> {
+fn read_revert(
+    file: &Path,
+    path: &PkgPath,
+    image: &Image,
+    post: &Path,
+) -> Result<Vec<u8>, RevertError> {
     let mut bytes = Vec::new();
-    read_revert_into(file, path, image, &mut bytes)?;
+    read_revert_into(file, path, image, post, &mut bytes)?;
     Ok(bytes)
 }
 
-/// Stream the revert copy `file` of `path`, whose base image is `image`, into `out`, checking
-/// its length and digest; `out` must be discarded on error.
+/// Revert data this small is kept without trying a compressed copy (1/64 of the file).
+const SURELY_SMALLER: usize = 64;
+/// A reverse delta needs the new file in memory; up to this size, any file gets one.
+const REVERSE_IN_MEMORY: u64 = 16 << 20;
+
+/// Keep the base bytes `old` of entry `i` in `dir`: as a reverse delta from its post-image
+/// (`{i}.rev`, a `blocks` payload) when that is smaller than a compressed copy (`{i}.zst`).
+/// The reverse comes from the forward `blocks` payload when there is one (no need for the new
+/// bytes, whatever the size), else from the staged new file when it is small enough to read.
+fn keep_revert(
+    dir: &Path,
+    i: usize,
+    old: &[u8],
+    pkg: &VerifiedPackage,
+    entry: &Entry,
+    staged: Option<&Path>,
+) -> Result<String, ApplyError> {
+    let post_size = match &entry.post {
+        Some(Image::File { size, .. }) => Some(*size),
+        _ => None,
+    };
+    let forward_blocks = matches!(&entry.op, bsi_format::Operation::Delta { encoder, source: None } if encoder == "blocks");
+    let reverse = match (post_size, pkg.payload(entry), staged) {
+        (Some(size), Some(payload), _) if forward_blocks => {
+            bsi_delta::reverse_blocks(old, payload, size).ok()
+        }
+        (Some(size), _, Some(staged)) if size <= REVERSE_IN_MEMORY => {
+            let new = fs::read(staged).fs("read", staged)?;
+            bsi_delta::Blocks.encode(&new, old).ok()
+        }
+        _ => None,
+    };
+    let write = |name: &str, bytes: &[u8]| -> Result<(), ApplyError> {
+        let file = dir.join(name);
+        fsx::write_file(&file, 0o644, None, |out| -> Result<(), ApplyError> {
+            out.write_all(bytes).fs("write", &file)?;
+            Ok(())
+        })
+    };
+    let (rev_name, copy_name) = (format!("{i}.rev"), format!("{i}.zst"));
+    if let Some(rev) = reverse
+        .as_deref()
+        .filter(|r| r.len() <= old.len() / SURELY_SMALLER)
+    {
+        write(&rev_name, rev)?;
+        return Ok(rev_name);
+    }
+    let copy = dir.join(&copy_name);
+    fsx::write_file(&copy, 0o644, None, |out| -> Result<(), ApplyError> {
+        bsi_delta::compress_into(old, REVERT_LEVEL, out).fs("write", &copy)?;
+        Ok(())
+    })?;
+    let copy_len = fs::metadata(&copy).fs("read", &copy)?.len();
+    match reverse {
+        Some(rev) if (rev.len() as u64) < copy_len => {
+            write(&rev_name, &rev)?;
+            fsx::remove_file(&copy)?;
+            Ok(rev_name)
+        }
+        _ => Ok(copy_name),
+    }
+}
+
+/// Stream the revert data `file` of `path`, whose base image is `image`, into `out`, checking
+/// its length and digest; `out` must be discarded on error. A reverse delta (`.rev`) is decoded
+/// against the post-image at `post`, which the caller has checked.
 fn read_revert_into(
     file: &Path,
     path: &PkgPath,
     image: &Image,
+    post: &Path,
     out: &mut dyn std::io::Write,
 ) -> Result<(), RevertError> {
     let damaged = || RevertError::RevertData {
@@ -332,9 +408,16 @@ fn read_revert_into(
     let Image::File { sha256, size, .. } = image else {
         return Err(damaged());
     };
-    let input = std::io::BufReader::new(fs::File::open(file).fs("read", file)?);
     let mut hashing = HashingWriter::new(out);
-    bsi_delta::decompress_stream_into(input, *size, &mut hashing).map_err(|e| match e {
+    let decoded = if file.extension().is_some_and(|e| e == "rev") {
+        let payload = fs::read(file).fs("read", file)?;
+        let new = fs::read(post).fs("read", post)?;
+        bsi_delta::Blocks.decode_into(&new, &payload, *size, &mut hashing)
+    } else {
+        let input = std::io::BufReader::new(fs::File::open(file).fs("read", file)?);
+        bsi_delta::decompress_stream_into(input, *size, &mut hashing)
+    };
+    decoded.map_err(|e| match e {
         bsi_delta::DecodeError::Output(source) => {
             RevertError::Fs(FsError::new("write", file, source))
         }
@@ -648,18 +731,6 @@ fn apply_locked(
             }
             _ => None,
         };
-        let revert = match (&old, keeps_bytes, entry_of[j]) {
-            (Some(old), false, Some(i)) => {
-                let name = format!("{i}.zst");
-                let file = txn.revert_dir().join(&name);
-                fsx::write_file(&file, 0o644, None, |out| -> Result<(), ApplyError> {
-                    bsi_delta::compress_into(old, REVERT_LEVEL, out).fs("write", &file)?;
-                    Ok(())
-                })?;
-                Some(name)
-            }
-            _ => None,
-        };
         if let (
             true,
             Some(Image::File {
@@ -703,6 +774,18 @@ fn apply_locked(
             }
             progress.advance(*size);
         }
+        let staged = txn.stage(j);
+        let revert = match (&old, keeps_bytes, entry) {
+            (Some(old), false, Some(entry)) => Some(keep_revert(
+                &txn.revert_dir(),
+                entry_of[j].unwrap_or(j),
+                old,
+                pkg,
+                entry,
+                staged.exists().then_some(staged.as_path()),
+            )?),
+            _ => None,
+        };
         Ok(revert)
     };
     // Large files one at a time, so that memory stays near the largest file; the rest in parallel.
@@ -859,7 +942,13 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
                 });
             };
             fsx::write_file(&txn.stage(j), *mode, Some(*mtime), |out| {
-                read_revert_into(&revert_dir.join(name), &entry.path, img, out)
+                read_revert_into(
+                    &revert_dir.join(name),
+                    &entry.path,
+                    img,
+                    &root.join(entry.path.as_str()),
+                    out,
+                )
             })
         });
     staged.inspect_err(|_| txn.abandon())?;

@@ -284,7 +284,10 @@ fn an_apply_or_revert_the_disk_cannot_hold_is_refused_before_writing() {
     assert!(message.contains("not enough free space") && message.contains("1000 are free"));
     assert!(space.staging > 0 && space.revert > 0, "{space:?}");
     assert_eq!(scan(&root, &[]).expect("scan").entries, before.entries);
-    assert!(!state.exists(), "the refused apply created the state directory");
+    assert!(
+        !state.exists(),
+        "the refused apply created the state directory"
+    );
 
     // One byte short is refused; exactly enough installs.
     fault::pretend_free_space(dir, Some(space.needed() - 1));
@@ -315,5 +318,8 @@ fn a_state_directory_that_is_a_symlink_is_refused() {
     std::os::unix::fs::symlink(&elsewhere, root.join(".bsi")).expect("plant");
     let err = apply(&case.pkg_a, &root, &root.join(".bsi"), &NoProgress).expect_err("refused");
     assert!(err.to_string().contains("is not a directory"), "{err}");
-    assert!(std::fs::read_dir(&elsewhere).expect("read").next().is_none());
+    assert!(std::fs::read_dir(&elsewhere)
+        .expect("read")
+        .next()
+        .is_none());
 }

@@ -5,4 +5,5 @@ mod confine;
 mod faults;
 mod fixture;
 mod renames;
+mod revertdata;
 mod roundtrip;

@@ -1,0 +1,86 @@
+//! Revert data: reverse deltas where they are smaller than compressed copies, checked on use.
+
+use std::fs;
+
+use bsi_engine::{apply, revert, scan, NoProgress};
+
+use crate::fixture::{materialize, Model, Node};
+use crate::roundtrip::package;
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_near_identical_file_keeps_a_tiny_reverse_delta_and_reverts_exactly() {
+    let big = noise(5, 2 << 20); // incompressible: a copy would cost the whole file
+    let mut edited = big.clone();
+    for at in [10, 700_000, 2_000_000] {
+        edited[at] ^= 0x42;
+    }
+    let node = |bytes: Vec<u8>, t| Node::File {
+        bytes,
+        mode: 0o755,
+        mtime: (t, 0),
+    };
+    let base: Model = [("lib.dylib".to_owned(), node(big, 1_600_000_000))].into();
+    let target: Model = [("lib.dylib".to_owned(), node(edited, 1_650_000_000))].into();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = |name: &str, model: &Model| {
+        let d = tmp.path().join(name);
+        fs::create_dir(&d).expect("mkdir");
+        materialize(model, &d);
+        d
+    };
+    let (base_dir, target_dir) = (dir("base", &base), dir("target", &target));
+    let pkg = package(&base_dir, &target_dir, 'a');
+    let root = dir("root", &base);
+    let state = tmp.path().join("state");
+
+    apply(&pkg, &root, &state, &NoProgress).expect("apply");
+    let kept: Vec<(String, u64)> = fs::read_dir(state.join("revert"))
+        .expect("revert dir")
+        .map(|e| {
+            let e = e.expect("entry");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().expect("meta").len(),
+            )
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].0.ends_with(".rev"), "{kept:?}");
+    assert!(
+        kept[0].1 < 1000,
+        "reverse delta of 3 changed bytes: {kept:?}"
+    );
+
+    // A damaged reverse delta is refused before anything is written.
+    let rev = state.join("revert").join(&kept[0].0);
+    let good = fs::read(&rev).expect("read");
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    fs::write(&rev, &bad).expect("damage");
+    let err = revert(&root, &state).expect_err("damaged revert data");
+    assert!(err.to_string().contains("is damaged"), "{err}");
+    assert_eq!(
+        scan(&root, &[]).expect("scan").entries,
+        scan(&target_dir, &[]).expect("scan").entries
+    );
+    fs::write(&rev, &good).expect("repair");
+
+    revert(&root, &state).expect("revert");
+    assert_eq!(
+        scan(&root, &[]).expect("scan").entries,
+        scan(&base_dir, &[]).expect("scan").entries
+    );
+}
