@@ -3,10 +3,12 @@
 //! - `cargo xtask testdata [--out DIR]`: deterministic example release trees (see testdata/README.md)
 //! - `cargo xtask demo`: the end-to-end build / verify / apply / revert example
 //! - `cargo xtask bench [--smoke] [--pairs NAME,...] [--out FILE]`: bsi against peer delta tools
+//! - `cargo xtask killbench [--trials N]`: kill -9 during apply and revert, then recover
 
 mod bench;
 mod demo;
 mod exe;
+mod killbench;
 mod rng;
 mod testdata;
 mod tree;
@@ -23,7 +25,8 @@ commands:
   demo                   run the end-to-end example: build, verify, apply, revert, compare
   bench [--smoke] [--pairs NAME,...] [--out FILE]
                          compare bsi with bsdiff, xdelta3 and zstd on synthetic and Debian pairs
-                         (tables on stdout; default FILE: BENCHMARKS.md, none with --smoke)";
+                         (tables on stdout; default FILE: BENCHMARKS.md, none with --smoke)
+  killbench [--trials N] kill -9 bsi apply/revert at random moments, recover, compare (default 200)";
 
 fn main() -> ExitCode {
     match run() {
@@ -48,6 +51,7 @@ fn run() -> Result<()> {
         ["testdata", "--out", dir] => testdata::generate(&PathBuf::from(dir)),
         ["demo"] => demo::demo(&ws),
         ["bench", rest @ ..] => bench::bench(&ws, rest),
+        ["killbench", rest @ ..] => killbench::killbench(&ws, rest),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())

@@ -444,10 +444,26 @@ fn state_inside_root(root: &Path, state_dir: &Path) -> Option<String> {
 }
 
 /// Check the installed patch's post-images are all on disk.
+/// A file or symlink rewritten since, even with the same bytes (a full OS update does that), has
+/// another time; directories are not held to theirs, which change whenever an entry is added.
 fn check_installed(root: &Path, installed: &Installed) -> Result<(), RevertError> {
     for entry in &installed.entries {
         let actual = observe(root, &entry.path)?;
-        if let Some(reason) = image_mismatch(entry.after.as_ref(), actual.as_ref()) {
+        let reason = image_mismatch(entry.after.as_ref(), actual.as_ref()).or_else(|| {
+            match (&entry.after, &actual) {
+                (Some(after), Some(now))
+                    if !matches!(after, Image::Dir { .. }) && after.mtime() != now.mtime() =>
+                {
+                    Some(format!(
+                        "it was rewritten (time {:?}, expected {:?})",
+                        now.mtime(),
+                        after.mtime()
+                    ))
+                }
+                _ => None,
+            }
+        });
+        if let Some(reason) = reason {
             return Err(RevertError::Changed {
                 root: root.to_owned(),
                 path: entry.path.clone(),

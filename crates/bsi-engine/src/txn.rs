@@ -204,6 +204,7 @@ impl TxnDir {
     /// Give up a prepared transaction whose journal was never written.
     pub fn abandon(&self) {
         let _ = fsx::remove_all(&self.dir);
+        remove_if_empty(self.dir.parent());
     }
 
     fn load(&self) -> Result<Option<Journal>, TxnError> {
@@ -476,6 +477,15 @@ fn finish(state: &StateDir, txn: &TxnDir) -> Result<(), FsError> {
     fsx::sync_dir(&state.dir)
 }
 
+/// A state directory left empty by a transaction that did not happen goes too.
+fn remove_if_empty(state_dir: Option<&Path>) {
+    if let Some(dir) = state_dir {
+        if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
 /// Roll back: mark it, so that recovery rolls back too, then run the steps backwards.
 fn roll_back(
     root: &Path,
@@ -487,7 +497,9 @@ fn roll_back(
         fsx::write_atomically(&txn.rollback_mark(), b"")?;
     }
     roll(root, txn, journal, Way::Back)?;
-    Ok(finish(state, txn)?)
+    finish(state, txn)?;
+    remove_if_empty(Some(&state.dir));
+    Ok(())
 }
 
 /// How a transaction that did not complete ended.

@@ -337,3 +337,73 @@ fn a_state_directory_on_another_filesystem_is_refused() {
         "the refused apply created the state directory"
     );
 }
+
+#[test]
+fn revert_after_a_full_os_update_is_refused_and_writes_nothing() {
+    let fx = Fixture::release_a();
+    let pkg = fx.path("a.bsi");
+    build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+    let root = fx.base_root("root");
+    ok(&run(apply_args(&pkg, &root)));
+
+    // The same bytes written again (new time) count as a change too.
+    let webkit = root.join(WEBKIT_DIR).join("Versions/A/WebKit");
+    let time =
+        filetime::FileTime::from_last_modification_time(&fs::metadata(&webkit).expect("stat"));
+    filetime::set_file_mtime(&webkit, filetime::FileTime::from_unix_time(T2.0, 0)).expect("touch");
+    refused(
+        &run(revert_args(&root)),
+        &["Versions/A/WebKit", "was rewritten"],
+    );
+    filetime::set_file_mtime(&webkit, time).expect("untouch");
+
+    // A full update to 26.4 rewrites the tree under the installed patch: a new WebKit, a new
+    // release description, every file written anew (new times).
+    let mut next = target_b_model();
+    let mut webkit = webkit_patched();
+    webkit[150_000] ^= 0x77;
+    next.insert(
+        format!("{WEBKIT_DIR}/Versions/A/WebKit"),
+        file(webkit, 0o755, T2),
+    );
+    for node in next.values_mut() {
+        if let Node::File { mtime, .. } | Node::Link { mtime, .. } = node {
+            *mtime = T2;
+        }
+    }
+    next.insert(
+        PLIST.into(),
+        file(
+            String::from_utf8(system_version_plist())
+                .expect("utf-8")
+                .replace("26.3", "26.4"),
+            0o644,
+            T2,
+        ),
+    );
+    for entry in fs::read_dir(&root).expect("read root") {
+        let path = entry.expect("entry").path();
+        if path.file_name().is_some_and(|n| n != ".bsi") {
+            if path.is_dir() {
+                fs::remove_dir_all(&path).expect("remove");
+            } else {
+                fs::remove_file(&path).expect("remove");
+            }
+        }
+    }
+    write_tree(&root, &next, false);
+
+    let before = (tree_snapshot(&root), tree_snapshot(&root.join(".bsi")));
+    refused(
+        &run(revert_args(&root)),
+        &[
+            "changed since the patch was applied",
+            "nothing was reverted",
+        ],
+    );
+    assert_eq!(
+        (tree_snapshot(&root), tree_snapshot(&root.join(".bsi"))),
+        before,
+        "the refused revert wrote something"
+    );
+}

@@ -323,3 +323,53 @@ fn a_state_directory_that_is_a_symlink_is_refused() {
         .next()
         .is_none());
 }
+
+#[test]
+fn what_is_applied_is_what_was_verified_even_if_the_file_changes() {
+    let case = Case::new();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("case");
+    std::fs::create_dir(&dir).expect("mkdir");
+    case.setup(&dir, Op::Apply);
+    let (root, state) = (dir.join("root"), dir.join("state"));
+    // The package file on disk: (a), opened and verified once.
+    let pkg_file = tmp.path().join("pkg.bsi");
+    let trees_dir = tempfile::tempdir().expect("tempdir");
+    let (base, a, b) = trees();
+    let (base_dir, a_dir, b_dir) = (
+        materialized(trees_dir.path(), "base", &base),
+        materialized(trees_dir.path(), "a", &a),
+        materialized(trees_dir.path(), "b", &b),
+    );
+    let key = crate::roundtrip::key();
+    let bytes_of = |target: &Path, letter: char| {
+        let opts = bsi_engine::BuildOptions {
+            base: base_dir.clone(),
+            target: target.to_owned(),
+            product: "macOS".to_owned(),
+            base_version: "26.3".parse().expect("version"),
+            base_build: Some("25D125".to_owned()),
+            letter: letter.to_string().parse().expect("letter"),
+            components: Vec::new(),
+            key: &key,
+        };
+        bsi_engine::build(&opts, &NoProgress).expect("build").bytes
+    };
+    std::fs::write(&pkg_file, bytes_of(&a_dir, 'a')).expect("write package");
+    let pkg = VerifiedPackage::open(&pkg_file, &key.public()).expect("verifies");
+    // Halfway through the apply, the file is replaced by another signed package and then by junk.
+    let (file, other) = (pkg_file.clone(), bytes_of(&b_dir, 'b'));
+    fault::arm_action(&dir, 10, move || {
+        std::fs::write(&file, other).expect("swap the package file");
+    });
+    apply(&pkg, &root, &state, &NoProgress).expect("apply");
+    fault::disarm(&dir);
+    assert_eq!(scan(&root, &[]).expect("scan").entries, case.a.entries);
+    assert_eq!(
+        status(&root, &state)
+            .expect("status")
+            .letter
+            .map(|l| l.to_string()),
+        Some("a".to_owned())
+    );
+}
