@@ -105,10 +105,9 @@ impl DeltaEncoder for Bsdiff {
         if header.filter != self.filter as u8 {
             return Err(corrupt("filter does not match the encoder"));
         }
-        let old = self.forward(old);
-        let new = apply(&old, &header, new_len)?;
-        out.write_all(&self.backward(new))
-            .map_err(DecodeError::Output)
+        // With a filter, `out` would need the new file whole to undo it; there is none yet.
+        let Filter::None = self.filter;
+        apply(old, &header, new_len, out)
     }
 }
 
@@ -118,13 +117,11 @@ impl Bsdiff {
             Filter::None => Cow::Borrowed(data),
         }
     }
-
-    fn backward(&self, data: Vec<u8>) -> Vec<u8> {
-        match self.filter {
-            Filter::None => data,
-        }
-    }
 }
+
+/// Bytes of the new file gathered before they are written out: decoding holds no more than
+/// this of the new file, whatever its size.
+const OUT_CHUNK: usize = 1 << 20;
 
 struct Streams {
     control: Vec<u8>,
@@ -253,8 +250,11 @@ fn seek(from: usize, to: usize) -> i64 {
 
 /// The zstd window of a stream of `raw_len` bytes in a payload for a file of `new_len` bytes.
 /// The control stream may be longer than the new file, but its window need not be.
+/// At most 16 MiB ([`crate::STREAM_WINDOW_LOG`]): a decoder never holds more of a stream than
+/// that, and the encoder's level-22 tables stay near 200 MB instead of growing with the file
+/// (2.5 GB on a 184 MB library).
 fn stream_window(raw_len: u64, new_len: u64) -> u32 {
-    window_log(raw_len.min(new_len))
+    window_log(raw_len.min(new_len)).min(crate::STREAM_WINDOW_LOG)
 }
 
 /// One zstd frame of `data` (nothing for no data).
@@ -266,10 +266,13 @@ fn pack(data: &[u8], new_len: u64) -> io::Result<Vec<u8>> {
     encoder.set_pledged_src_size(Some(data.len() as u64))?;
     encoder.include_checksum(false)?;
     encoder.include_contentsize(true)?;
-    encoder.set_parameter(CParameter::WindowLog(stream_window(
-        data.len() as u64,
-        new_len,
-    )))?;
+    let window = stream_window(data.len() as u64, new_len);
+    encoder.set_parameter(CParameter::WindowLog(window))?;
+    // Level 22's match tables would otherwise be sized for a 128 MB window whatever the data.
+    encoder.set_parameter(CParameter::ChainLog(window))?;
+    encoder.set_parameter(CParameter::HashLog(
+        window.min(crate::STREAM_WINDOW_LOG - 1),
+    ))?;
     encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
     encoder.write_all(data)?;
     encoder.finish()
@@ -432,18 +435,33 @@ impl<'a> Stream<'a> {
 }
 
 /// Rebuild the (filtered) new file from the (filtered) old file and the checked header.
-fn apply(old: &[u8], header: &Header<'_>, new_len: u64) -> Result<Vec<u8>, DecodeError> {
+/// Rebuild the new file from `old` and the streams, writing it to `sink` in chunks of at most
+/// [`OUT_CHUNK`] bytes.
+fn apply(
+    old: &[u8],
+    header: &Header<'_>,
+    new_len: u64,
+    sink: &mut dyn Write,
+) -> Result<(), DecodeError> {
     let mut control = Stream::open(header.control, new_len)?;
     let mut diff = (header.diff.raw > 0).then(|| cm::DiffDecoder::new(header.diff.packed));
     let mut diff_left = header.diff.raw;
     let mut extra = Stream::open(header.extra, new_len)?;
-    let mut out = Vec::with_capacity(usize::try_from(new_len.min(16 << 20)).unwrap_or(0));
+    let mut out = Vec::with_capacity(usize::try_from(new_len).unwrap_or(0).min(OUT_CHUNK * 2));
+    // Bytes of the new file already written to `sink`.
+    let mut flushed = 0u64;
+    let mut flush = |out: &mut Vec<u8>, flushed: &mut u64| -> Result<(), DecodeError> {
+        sink.write_all(out).map_err(DecodeError::Output)?;
+        *flushed += out.len() as u64;
+        out.clear();
+        Ok(())
+    };
     let mut old_pos = 0usize;
     while control.left > 0 {
         let add = control.varint()?;
         let copy = control.varint()?;
         let seek = unzigzag(control.varint()?);
-        let room = new_len - out.len() as u64;
+        let room = new_len - flushed - out.len() as u64;
         if add > room || copy > room - add {
             return Err(DecodeError::TooLong { expected: new_len });
         }
@@ -457,9 +475,26 @@ fn apply(old: &[u8], header: &Header<'_>, new_len: u64) -> Result<Vec<u8>, Decod
         }
         diff_left -= add;
         if let Some(diff) = diff.as_mut() {
-            diff.step(&old[old_pos..old_end], &mut out);
+            let step = &old[old_pos..old_end];
+            let mut done = 0;
+            while done < step.len() {
+                let end = step.len().min(done + OUT_CHUNK);
+                diff.step(step, done..end, flushed + out.len() as u64, &mut out);
+                done = end;
+                if out.len() >= OUT_CHUNK {
+                    flush(&mut out, &mut flushed)?;
+                }
+            }
         }
-        extra.take_into(copy, &mut out)?;
+        let mut left = copy;
+        while left > 0 {
+            let n = left.min(OUT_CHUNK as u64);
+            extra.take_into(n, &mut out)?;
+            left -= n;
+            if out.len() >= OUT_CHUNK {
+                flush(&mut out, &mut flushed)?;
+            }
+        }
         old_pos = isize::try_from(seek)
             .ok()
             .and_then(|seek| old_end.checked_add_signed(seek))
@@ -471,13 +506,14 @@ fn apply(old: &[u8], header: &Header<'_>, new_len: u64) -> Result<Vec<u8>, Decod
         return Err(corrupt("diff stream longer than its steps need"));
     }
     extra.finish()?;
-    if out.len() as u64 != new_len {
+    let total = flushed + out.len() as u64;
+    if total != new_len {
         return Err(DecodeError::WrongLength {
             expected: new_len,
-            actual: out.len() as u64,
+            actual: total,
         });
     }
-    Ok(out)
+    flush(&mut out, &mut flushed)
 }
 
 fn corrupt(message: &str) -> DecodeError {
@@ -718,6 +754,35 @@ mod tests {
             split * 100 <= whole * 101,
             "regions cost {split} bytes against {whole} in one piece"
         );
+    }
+
+    #[test]
+    fn decoding_writes_the_new_file_in_bounded_chunks() {
+        struct Chunks(Vec<usize>, Vec<u8>);
+        impl Write for Chunks {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.push(buf.len());
+                self.1.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        // One long step (a few changed bytes) and a long extra run (appended noise).
+        let old = program(3 * OUT_CHUNK, 10);
+        let mut new = old.clone();
+        new[OUT_CHUNK + 5] ^= 1;
+        new.extend_from_slice(&pseudo_random(2 * OUT_CHUNK + 7, 11));
+        let payload = Bsdiff::PLAIN.encode(&old, &new).expect("encode");
+        let mut sink = Chunks(Vec::new(), Vec::new());
+        Bsdiff::PLAIN
+            .decode_into(&old, &payload, new.len() as u64, &mut sink)
+            .expect("decode");
+        assert!(sink.1 == new, "decoded bytes differ");
+        let largest = sink.0.iter().max().copied().unwrap_or(0);
+        assert!(largest <= 2 * OUT_CHUNK, "a write of {largest} bytes");
+        assert!(sink.0.len() >= 5, "only {} writes", sink.0.len());
     }
 
     #[test]

@@ -399,10 +399,13 @@ impl<'a> DiffDecoder<'a> {
         }
     }
 
-    /// Append the step's new bytes (old + diff) to `out`.
-    pub fn step(&mut self, old: &[u8], out: &mut Vec<u8>) {
-        for (k, &o) in old.iter().enumerate() {
-            let p = self.model.zero_prob(out.len() as u64, old, k);
+    /// Append the new bytes (old + diff) of positions `range` of a step whose old bytes are
+    /// `old` to `out`; the first of them lies at `at` in the new file. A step may be decoded in
+    /// several ranges, in order.
+    pub fn step(&mut self, old: &[u8], range: std::ops::Range<usize>, at: u64, out: &mut Vec<u8>) {
+        for (n, k) in range.enumerate() {
+            let o = old[k];
+            let p = self.model.zero_prob(at + n as u64, old, k);
             let nonzero = self.rc.bit(prob0(p));
             self.model.zero_update(p, nonzero);
             let mut diff = 0u8;
