@@ -10,7 +10,7 @@ use bsi_engine::fault::{self, Crash, Fault};
 use bsi_engine::{apply, recover, revert, scan, status, NoProgress, Tree, VerifiedPackage};
 
 use crate::fixture::{materialize, pattern, Model, Node};
-use crate::roundtrip::package;
+use crate::roundtrip::{package, package_bytes};
 
 const ENOSPC: i32 = 28;
 const EIO: i32 = 5;
@@ -342,22 +342,10 @@ fn what_is_applied_is_what_was_verified_even_if_the_file_changes() {
         materialized(trees_dir.path(), "b", &b),
     );
     let key = crate::roundtrip::key();
-    let bytes_of = |target: &Path, letter: char| {
-        let opts = bsi_engine::BuildOptions {
-            base: base_dir.clone(),
-            target: target.to_owned(),
-            product: "macOS".to_owned(),
-            base_version: "26.3".parse().expect("version"),
-            base_build: Some("25D125".to_owned()),
-            letter: letter.to_string().parse().expect("letter"),
-            components: Vec::new(),
-            key: &key,
-        };
-        bsi_engine::build(&opts, &NoProgress).expect("build").bytes
-    };
+    let bytes_of = |target: &Path, letter: char| package_bytes(&base_dir, target, letter);
     std::fs::write(&pkg_file, bytes_of(&a_dir, 'a')).expect("write package");
     let pkg = VerifiedPackage::open(&pkg_file, &key.public()).expect("verifies");
-    // Halfway through the apply, the file is replaced by another signed package and then by junk.
+    // Partway through the apply, the file is replaced by another signed package.
     let (file, other) = (pkg_file.clone(), bytes_of(&b_dir, 'b'));
     fault::arm_action(&dir, 10, move || {
         std::fs::write(&file, other).expect("swap the package file");

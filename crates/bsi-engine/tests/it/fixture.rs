@@ -49,6 +49,19 @@ fn bytes_strategy() -> impl Strategy<Value = Vec<u8>> {
     (0u64..4, 0usize..6000).prop_map(|(seed, len)| pattern(seed, len))
 }
 
+/// Incompressible bytes (xorshift), for files a compressed copy cannot shrink.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)

@@ -4,20 +4,8 @@ use std::fs;
 
 use bsi_engine::{apply, revert, scan, NoProgress};
 
-use crate::fixture::{materialize, Model, Node};
+use crate::fixture::{materialize, noise, Model, Node};
 use crate::roundtrip::package;
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 #[test]
 fn a_near_identical_file_keeps_a_tiny_reverse_delta_and_reverts_exactly() {

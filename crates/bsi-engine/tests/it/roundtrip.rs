@@ -22,6 +22,16 @@ fn tree_dir(parent: &Path, name: &str, model: &Model) -> std::path::PathBuf {
 }
 
 pub fn package(base: &Path, target: &Path, letter: char) -> VerifiedPackage {
+    VerifiedPackage::from_bytes(
+        package_bytes(base, target, letter),
+        &key().public(),
+        Path::new("test.bsi"),
+    )
+    .expect("verifies")
+}
+
+/// The signed package bytes of `base` -> `target` (macOS 26.3, `letter`).
+pub fn package_bytes(base: &Path, target: &Path, letter: char) -> Vec<u8> {
     let key = key();
     let opts = BuildOptions {
         base: base.to_owned(),
@@ -33,9 +43,7 @@ pub fn package(base: &Path, target: &Path, letter: char) -> VerifiedPackage {
         components: Vec::new(),
         key: &key,
     };
-    let built = build(&opts, &NoProgress).expect("build");
-    VerifiedPackage::from_bytes(built.bytes, &key.public(), Path::new("test.bsi"))
-        .expect("verifies")
+    build(&opts, &NoProgress).expect("build").bytes
 }
 
 fn same_tree(a: &Path, b: &Path) -> Result<(), TestCaseError> {
