@@ -11,7 +11,8 @@
 //! 3. Roll forward, each step idempotent: removals children first (an old file or symlink is
 //!    moved to `STATE/txn/undo/`), placements parents first (an old file is hard-linked into
 //!    `undo/` before the staged file is renamed over it, so that the path always holds a whole
-//!    file), then permission bits and times; then every path is checked against its image.
+//!    file), then permission bits and times; every directory that changed is synced; then
+//!    every path is checked against its image.
 //! 4. Commit: mark `committed`, write the installed record, swap in the new revert data, remove
 //!    the journal, then the rest of `STATE/txn/`.
 //!
@@ -401,7 +402,21 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
         set_meta(&confined, path, *mode, *mtime, false)?;
     }
 
-    // 4. Every path holds its end, times included.
+    // 4. Make the renames durable before anything is recorded as done: every directory that
+    //    gained or lost an entry, and the undo directory that holds what left the root.
+    let mut touched: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+    for step in steps {
+        let parent = step.path.parent();
+        touched.insert(parent.map_or(root.to_owned(), |p| root.join(p.as_str())));
+    }
+    for dir in &touched {
+        if fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+            fsx::sync_dir(dir)?;
+        }
+    }
+    fsx::sync_dir(&txn.undo_dir())?;
+
+    // 5. Every path holds its end, times included.
     for step in steps {
         let target = ends(step, way).1;
         let actual = observe(root, &step.path)?;
