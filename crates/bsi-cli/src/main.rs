@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 refused or failed, 2 usage error. Errors are one sentence on stderr;
 //! `--json` output goes to stdout.
 
+mod channel;
 mod inspect;
 mod progress;
 
@@ -101,6 +102,9 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Publish packages in a channel directory, withdraw letters, sign the channel metadata.
+    #[command(subcommand)]
+    Channel(channel::ChannelCommand),
     /// Complete or roll back an interrupted apply, revert or switch, and say which.
     Recover {
         #[arg(long, value_name = "DIR")]
@@ -311,6 +315,7 @@ fn run(command: Command) -> Result<()> {
                 }
             }
         }
+        Command::Channel(command) => channel::run(command)?,
         Command::Recover {
             root,
             state_dir: given,

@@ -1,6 +1,7 @@
 //! Integration tests of the `bsi` binary: each drives the real binary and checks what it wrote
 //! (trees on disk, package bytes) with the library crates.
 
+mod channel;
 mod crash;
 mod escape;
 mod keys;
