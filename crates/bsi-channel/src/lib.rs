@@ -6,11 +6,12 @@
 //! only the metadata and its signatures: no filesystem, no clock (times are passed in).
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeSet;
+pub mod trust;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bsi_format::{BaseRelease, Digest, Letter};
-use bsi_sign::{KeyId, PublicKey, SecretKey};
+use bsi_sign::{PublicKey, SecretKey};
 use serde::{Deserialize, Serialize};
 
 /// Format of `channel.json`.
@@ -333,28 +334,10 @@ impl SignedChannel {
         trusted: &[PublicKey],
         threshold: usize,
     ) -> Result<&Channel, ChannelError> {
-        let bytes = self.signed.canonical_bytes();
-        let mut valid: BTreeSet<KeyId> = BTreeSet::new();
-        for signature in &self.signatures {
-            let Some(key) = trusted
-                .iter()
-                .find(|k| k.key_id().as_str() == signature.key_id)
-            else {
-                continue;
-            };
-            let Ok(sig) = hex::decode(&signature.sig) else {
-                continue;
-            };
-            let Ok(sig) = <[u8; 64]>::try_from(sig.as_slice()) else {
-                continue;
-            };
-            if key.verify(&bytes, &sig).is_ok() {
-                valid.insert(key.key_id());
-            }
-        }
-        if threshold == 0 || valid.len() < threshold {
+        let valid = trust::count_valid(&self.signed.canonical_bytes(), &self.signatures, trusted);
+        if threshold == 0 || valid < threshold {
             return Err(ChannelError::BelowThreshold {
-                valid: valid.len(),
+                valid,
                 threshold: threshold.max(1),
             });
         }

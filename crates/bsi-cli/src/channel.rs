@@ -198,3 +198,104 @@ pub fn run(command: ChannelCommand) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Write a first trust file (version 1), signed by its root keys.
+    Init {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Root private key (repeatable): signs trust files
+        #[arg(long = "root", value_name = "KEY.pem", required = true)]
+        roots: Vec<PathBuf>,
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        root_threshold: usize,
+        /// Public key accepted for packages (repeatable)
+        #[arg(long = "packages", value_name = "PUB.pem", required = true)]
+        packages: Vec<PathBuf>,
+        /// Public key accepted for channel metadata (repeatable)
+        #[arg(long = "channel", value_name = "PUB.pem", required = true)]
+        channel: Vec<PathBuf>,
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        channel_threshold: usize,
+    },
+}
+
+pub fn run_trust(command: TrustCommand) -> Result<()> {
+    use bsi_channel::trust::{Role, Roles, SignedTrust, Trust, TRUST_FORMAT};
+    use bsi_sign::PublicKey;
+    match command {
+        TrustCommand::Init {
+            out,
+            roots,
+            root_threshold,
+            packages,
+            channel,
+            channel_threshold,
+        } => {
+            if out.exists() {
+                bail!(
+                    "{} already exists; a trust file is replaced by rotation, not rewritten",
+                    out.display()
+                );
+            }
+            let roots: Vec<SecretKey> = roots
+                .iter()
+                .map(|k| SecretKey::load(k))
+                .collect::<Result<_, _>>()?;
+            let load = |paths: &[PathBuf]| -> Result<Vec<PublicKey>> {
+                Ok(paths
+                    .iter()
+                    .map(|p| PublicKey::load(p))
+                    .collect::<Result<_, _>>()?)
+            };
+            let (packages, channel) = (load(&packages)?, load(&channel)?);
+            let mut keys = std::collections::BTreeMap::new();
+            let ids = |list: &[PublicKey]| -> Vec<String> {
+                let mut ids: Vec<String> = list.iter().map(|k| k.key_id().to_string()).collect();
+                ids.sort();
+                ids.dedup();
+                ids
+            };
+            let root_public: Vec<PublicKey> = roots.iter().map(SecretKey::public).collect();
+            for key in root_public.iter().chain(&packages).chain(&channel) {
+                keys.insert(key.key_id().to_string(), key.to_pem());
+            }
+            let trust = Trust {
+                format: TRUST_FORMAT,
+                version: 1,
+                keys,
+                roles: Roles {
+                    root: Role {
+                        keys: ids(&root_public),
+                        threshold: root_threshold,
+                    },
+                    packages: Role {
+                        keys: ids(&packages),
+                        threshold: 1,
+                    },
+                    channel: Role {
+                        keys: ids(&channel),
+                        threshold: channel_threshold,
+                    },
+                },
+                revoked: Vec::new(),
+            };
+            trust.check()?;
+            let refs: Vec<&SecretKey> = roots.iter().collect();
+            let signed = SignedTrust::sign(trust, &refs);
+            signed.verify_initial()?;
+            bsi_engine::write_atomically(&out, &signed.to_bytes())?;
+            eprintln!(
+                "wrote {} (version 1; root {} of {}, packages {} key(s), channel {} of {})",
+                out.display(),
+                root_threshold,
+                signed.signed.roles.root.keys.len(),
+                signed.signed.roles.packages.keys.len(),
+                channel_threshold,
+                signed.signed.roles.channel.keys.len()
+            );
+        }
+    }
+    Ok(())
+}

@@ -105,6 +105,9 @@ enum Command {
     /// Publish packages in a channel directory, withdraw letters, sign the channel metadata.
     #[command(subcommand)]
     Channel(channel::ChannelCommand),
+    /// Make trust files: the keys accepted for packages and channel metadata.
+    #[command(subcommand)]
+    Trust(channel::TrustCommand),
     /// Complete or roll back an interrupted apply, revert or switch, and say which.
     Recover {
         #[arg(long, value_name = "DIR")]
@@ -214,8 +217,7 @@ fn run(command: Command) -> Result<()> {
             trust,
             base_tree,
         } => {
-            let trust = PublicKey::load(&trust)?;
-            let pkg = VerifiedPackage::open(&package, &trust)?;
+            let pkg = open_package(&package, &trust)?;
             println!(
                 "{}: good signature by key {}; {}, {} entries, {} bytes",
                 package.display(),
@@ -243,8 +245,7 @@ fn run(command: Command) -> Result<()> {
             wait,
             quiet,
         } => {
-            let trust = PublicKey::load(&trust)?;
-            let pkg = VerifiedPackage::open(&package, &trust)?;
+            let pkg = open_package(&package, &trust)?;
             let state = state_dir(&root, given);
             let session = Session::open(&root, &state, wait)
                 .with_context(|| format!("cannot apply {}", package.display()))?;
@@ -316,6 +317,7 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Channel(command) => channel::run(command)?,
+        Command::Trust(command) => channel::run_trust(command)?,
         Command::Recover {
             root,
             state_dir: given,
@@ -330,6 +332,40 @@ fn run(command: Command) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The keys `--trust` names for packages: a single public key PEM, or a trust file (its
+/// packages role, the file checked against its own root keys).
+fn package_keys(trust: &Path) -> Result<Vec<PublicKey>> {
+    let text = std::fs::read_to_string(trust)
+        .with_context(|| format!("cannot read trust file {}", trust.display()))?;
+    if text.trim_start().starts_with("-----BEGIN") {
+        return Ok(vec![PublicKey::load(trust)?]);
+    }
+    let file = bsi_channel::trust::SignedTrust::from_bytes(text.as_bytes())
+        .with_context(|| format!("{}", trust.display()))?;
+    let checked = file
+        .verify_initial()
+        .with_context(|| format!("{}", trust.display()))?;
+    Ok(checked.role_keys(&checked.roles.packages))
+}
+
+/// Read a package once and verify it with the key of `trust` that the manifest names.
+fn open_package(package: &Path, trust: &Path) -> Result<VerifiedPackage> {
+    let keys = package_keys(trust)?;
+    let bytes = std::fs::read(package)
+        .with_context(|| format!("cannot read package {}", package.display()))?;
+    // The signer the manifest names picks the key; the signature decides.
+    let named = bsi_format::RawPackage::split(&bytes)
+        .ok()
+        .and_then(|raw| bsi_format::Manifest::from_packed(raw.manifest).ok())
+        .map(|m| m.signer);
+    let key = keys
+        .iter()
+        .find(|k| named.as_deref() == Some(k.key_id().as_str()))
+        .or(keys.first())
+        .with_context(|| format!("{} lists no usable package key", trust.display()))?;
+    Ok(VerifiedPackage::from_bytes(bytes, key, package)?)
 }
 
 /// Say on stderr what opening a session recovered, if anything.

@@ -42,6 +42,11 @@ pub struct BadSignature {
     pub key_id: KeyId,
 }
 
+/// Text that is not an ed25519 public key in SPKI PEM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not an ed25519 public key in SPKI PEM")]
+pub struct BadPem;
+
 /// Short name of a public key: first 8 bytes of sha256(raw public key), hex.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyId(String);
@@ -129,6 +134,13 @@ impl PublicKey {
             .map_err(|_| KeyError::NotPublicKey {
                 path: path.to_owned(),
             })
+    }
+
+    /// Parse an SPKI PEM held in memory (a trust file carries its keys that way).
+    pub fn from_pem(text: &str) -> Result<PublicKey, BadPem> {
+        VerifyingKey::from_public_key_pem(text)
+            .map(PublicKey)
+            .map_err(|_| BadPem)
     }
 
     pub fn to_pem(&self) -> String {

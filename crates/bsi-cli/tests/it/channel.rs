@@ -190,3 +190,78 @@ fn a_channel_is_made_filled_signed_and_withdrawn_from() {
         &["bsi channel init"],
     );
 }
+
+#[test]
+fn a_trust_file_names_the_package_keys_and_is_checked_against_its_root() {
+    let fx = Fixture::release_a();
+    let pkg = fx.path("a.bsi");
+    build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+    let keys = fx.path("keys");
+    for name in ["root", "other"] {
+        ok(&run(["keygen", "--out-dir", p(&keys), "--name", name]));
+    }
+    let trust = fx.path("trust.json");
+    let init = |out: &Path, packages: &Path| {
+        run([
+            "trust",
+            "init",
+            "--out",
+            p(out),
+            "--root",
+            p(&keys.join("root.key.pem")),
+            "--packages",
+            p(packages),
+            "--channel",
+            p(&example_pub()),
+        ])
+    };
+    ok(&init(&trust, &example_pub()));
+    refused(&init(&trust, &example_pub()), &["already exists"]);
+
+    // verify and apply take the trust file where they took a public key; so does the example.
+    ok(&run(["verify", p(&pkg), "--trust", p(&trust)]));
+    ok(&run([
+        "verify",
+        p(&pkg),
+        "--trust",
+        p(&keys_dir().join("trust.json")),
+    ]));
+    let root = fx.base_root("root");
+    ok(&run([
+        "apply",
+        p(&pkg),
+        "--root",
+        p(&root),
+        "--trust",
+        p(&trust),
+        "--quiet",
+    ]));
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
+
+    // A trust file whose packages key is another one refuses the package.
+    let other_trust = fx.path("other-trust.json");
+    ok(&init(&other_trust, &keys.join("other.pub.pem")));
+    refused(
+        &run(["verify", p(&pkg), "--trust", p(&other_trust)]),
+        &["a.bsi", "not signed by that key"],
+    );
+
+    // Editing the trust file (adding a key to the packages role) breaks its root signature.
+    let mut edited: serde_json::Value =
+        serde_json::from_slice(&fs::read(&other_trust).expect("read")).expect("json");
+    let example_id = PublicKey::load(&example_pub())
+        .expect("pub")
+        .key_id()
+        .to_string();
+    let pem = fs::read_to_string(example_pub()).expect("pem");
+    edited["signed"]["keys"][&example_id] = serde_json::Value::String(pem);
+    edited["signed"]["roles"]["packages"]["keys"]
+        .as_array_mut()
+        .expect("keys")
+        .push(serde_json::Value::String(example_id));
+    fs::write(&other_trust, serde_json::to_vec(&edited).expect("json")).expect("write");
+    refused(
+        &run(["verify", p(&pkg), "--trust", p(&other_trust)]),
+        &["other-trust.json", "valid signature(s) from the root keys"],
+    );
+}
