@@ -108,6 +108,20 @@ enum Command {
     /// Make trust files: the keys accepted for packages and channel metadata.
     #[command(subcommand)]
     Trust(channel::TrustCommand),
+    /// Read a channel and bring the root to its newest letter for the root's base (leaving a
+    /// withdrawn letter in any case; installing a new one with --install).
+    Update {
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        #[arg(long, value_name = "REPO_DIR")]
+        channel: PathBuf,
+        #[arg(long, value_name = "TRUST")]
+        trust: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        install: bool,
+    },
     /// Complete or roll back an interrupted apply, revert or switch, and say which.
     Recover {
         #[arg(long, value_name = "DIR")]
@@ -301,13 +315,20 @@ fn run(command: Command) -> Result<()> {
             state_dir: given,
             json,
         } => {
-            let status = bsi_engine::status(&root, &state_dir(&root, given))?;
+            let state = state_dir(&root, given);
+            let status = bsi_engine::status(&root, &state)?;
             if json {
                 let mut value = serde_json::to_value(&status)?;
                 value["display"] = serde_json::Value::String(status.to_string());
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!("{status}");
+                if let Some(note) = bsi_engine::DeviceRecord::load(&state)
+                    .ok()
+                    .and_then(|r| r.note)
+                {
+                    println!("{note}");
+                }
                 if let Some(interrupted) = &status.interrupted {
                     println!(
                         "{interrupted} awaits recovery: run `bsi recover --root {}`",
@@ -318,6 +339,49 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Channel(command) => channel::run(command)?,
         Command::Trust(command) => channel::run_trust(command)?,
+        Command::Update {
+            root,
+            channel,
+            trust,
+            state_dir: given,
+            install,
+        } => {
+            let channel_text = channel.to_string_lossy();
+            anyhow::ensure!(
+                !channel_text.starts_with("http://") && !channel_text.starts_with("https://"),
+                "{channel_text}: http(s) channels are not supported yet; use a local channel directory"
+            );
+            let state = state_dir(&root, given);
+            let trust = update_trust(&trust)?;
+            let outcome = bsi_engine::update(
+                &root,
+                &state,
+                &channel,
+                &trust,
+                install,
+                std::time::SystemTime::now(),
+            )?;
+            match outcome {
+                bsi_engine::UpdateOutcome::UpToDate { title } => {
+                    println!("{}: {title} is up to date", root.display())
+                }
+                bsi_engine::UpdateOutcome::Available { title } => println!(
+                    "{}: {title} is available; run again with --install to install it",
+                    root.display()
+                ),
+                bsi_engine::UpdateOutcome::Installed { title } => {
+                    println!("{}: installed {title}", root.display())
+                }
+                bsi_engine::UpdateOutcome::LeftWithdrawn {
+                    letter,
+                    reason,
+                    title,
+                } => println!(
+                    "{}: ({letter}) was withdrawn ({reason}); the root is now {title}",
+                    root.display()
+                ),
+            }
+        }
         Command::Recover {
             root,
             state_dir: given,
@@ -348,6 +412,31 @@ fn package_keys(trust: &Path) -> Result<Vec<PublicKey>> {
         .verify_initial()
         .with_context(|| format!("{}", trust.display()))?;
     Ok(checked.role_keys(&checked.roles.packages))
+}
+
+/// The keys `update` trusts: a trust file's channel and packages roles, or one public key for
+/// both (threshold 1).
+fn update_trust(trust: &Path) -> Result<bsi_engine::UpdateTrust> {
+    let text = std::fs::read_to_string(trust)
+        .with_context(|| format!("cannot read trust file {}", trust.display()))?;
+    if text.trim_start().starts_with("-----BEGIN") {
+        let key = PublicKey::load(trust)?;
+        return Ok(bsi_engine::UpdateTrust {
+            channel_keys: vec![key.clone()],
+            channel_threshold: 1,
+            package_keys: vec![key],
+        });
+    }
+    let file = bsi_channel::trust::SignedTrust::from_bytes(text.as_bytes())
+        .with_context(|| format!("{}", trust.display()))?;
+    let checked = file
+        .verify_initial()
+        .with_context(|| format!("{}", trust.display()))?;
+    Ok(bsi_engine::UpdateTrust {
+        channel_keys: checked.role_keys(&checked.roles.channel),
+        channel_threshold: checked.roles.channel.threshold,
+        package_keys: checked.role_keys(&checked.roles.packages),
+    })
 }
 
 /// Read a package once and verify it with the key of `trust` that the manifest names.

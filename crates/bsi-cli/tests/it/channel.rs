@@ -265,3 +265,181 @@ fn a_trust_file_names_the_package_keys_and_is_checked_against_its_root() {
         &["other-trust.json", "valid signature(s) from the root keys"],
     );
 }
+
+fn sign(repo: &Path) {
+    ok(&run([
+        "channel",
+        "sign",
+        "--dir",
+        p(repo),
+        "--key",
+        p(&example_key()),
+        "--expires",
+        "30d",
+    ]));
+}
+
+fn update(root: &Path, repo: &Path, install: bool) -> std::process::Output {
+    let mut args = vec![
+        "update".to_owned(),
+        "--root".to_owned(),
+        p(root).to_owned(),
+        "--channel".to_owned(),
+        p(repo).to_owned(),
+        "--trust".to_owned(),
+        p(&keys_dir().join("trust.json")).to_owned(),
+    ];
+    if install {
+        args.push("--install".to_owned());
+    }
+    run(args)
+}
+
+#[test]
+fn update_follows_the_channel_from_a_to_withdrawn_a_to_b_and_refuses_what_it_must() {
+    let fx = Fixture::release_a();
+    let target_b = fx.path("target-b");
+    write_tree(&target_b, &target_b_model(), false);
+    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
+    build(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        &pkg_a,
+        &COMPONENTS,
+    );
+    build(
+        &fx.base,
+        &target_b,
+        "b",
+        &example_key(),
+        &pkg_b,
+        &COMPONENTS,
+    );
+    let repo = fx.path("repo");
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
+    sign(&repo);
+    let first_channel = fs::read(repo.join("channel.json")).expect("read");
+    let root = fx.base_root("root");
+    let status = || ok(&run(["status", "--root", p(&root)]));
+
+    // (a) published: reported, then installed with --install.
+    let out = ok(&update(&root, &repo, false));
+    assert!(out.contains("macOS 26.3 (a) is available"), "{out}");
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+    let out = ok(&update(&root, &repo, true));
+    assert!(out.contains("installed macOS 26.3 (a)"), "{out}");
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
+    assert!(ok(&update(&root, &repo, true)).contains("up to date"));
+
+    // (a) withdrawn while installed: the device goes back to the base and says why.
+    ok(&run([
+        "channel",
+        "withdraw",
+        "--dir",
+        p(&repo),
+        "--product",
+        "macOS",
+        "--base-version",
+        "26.3",
+        "--letter",
+        "a",
+        "--reason",
+        "broke sign-in",
+    ]));
+    sign(&repo);
+    let out = ok(&update(&root, &repo, false));
+    assert!(
+        out.contains("(a) was withdrawn (broke sign-in); the root is now macOS 26.3"),
+        "{out}"
+    );
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+    assert_eq!(status(), "macOS 26.3\n(a) was withdrawn: broke sign-in\n");
+
+    // (b) published: installed.
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_b)]));
+    sign(&repo);
+    let good_channel = fs::read(repo.join("channel.json")).expect("read");
+    let b_file = repo.join("macOS-26.3-25D125-b.bsi");
+    let good_b = fs::read(&b_file).expect("read");
+
+    // Mix and match: the package file's bytes differ from the listing.
+    let mut bad = good_b.clone();
+    bad[100] ^= 1;
+    fs::write(&b_file, &bad).expect("write");
+    refused(
+        &update(&root, &repo, true),
+        &["b.bsi", "its sha256 is", "refusing the package"],
+    );
+    fs::write(&b_file, &good_b[..good_b.len() - 1]).expect("write");
+    refused(&update(&root, &repo, true), &["refusing the package"]);
+    fs::write(&b_file, &good_b).expect("write");
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+
+    let out = ok(&update(&root, &repo, true));
+    assert!(out.contains("installed macOS 26.3 (b)"), "{out}");
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&target_b));
+    assert_eq!(status(), "macOS 26.3 (b)\n");
+
+    // Rollback: the first channel metadata again.
+    fs::write(repo.join("channel.json"), &first_channel).expect("write");
+    refused(
+        &update(&root, &repo, true),
+        &["sequence 1", "refusing a rollback"],
+    );
+    // Below threshold: metadata signed by a key the trust file does not name for channels.
+    let keys = fx.path("keys");
+    ok(&run([
+        "keygen",
+        "--out-dir",
+        p(&keys),
+        "--name",
+        "stranger",
+    ]));
+    fs::write(repo.join("channel.json"), &good_channel).expect("write");
+    ok(&run([
+        "channel",
+        "sign",
+        "--dir",
+        p(&repo),
+        "--key",
+        p(&keys.join("stranger.key.pem")),
+        "--expires",
+        "30d",
+    ]));
+    refused(
+        &update(&root, &repo, true),
+        &["0 valid signature(s)", "1 are needed"],
+    );
+    // Freeze: validly signed, newer, but expired.
+    let stale = bsi_channel::SignedChannel::sign(
+        SignedChannel::from_bytes(&good_channel)
+            .expect("parse")
+            .signed,
+        1_000_000_000,
+        &[&SecretKey::load(&example_key()).expect("key")],
+    );
+    fs::write(repo.join("channel.json"), stale.to_bytes()).expect("write");
+    refused(
+        &update(&root, &repo, true),
+        &["expired at 2001-09-09", "frozen"],
+    );
+    // A clock earlier than the last time seen.
+    let record = root.join(".bsi/device.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&fs::read(&record).expect("record")).expect("json");
+    json["last_time"] = serde_json::json!(4_000_000_000i64);
+    fs::write(&record, serde_json::to_vec(&json).expect("json")).expect("write");
+    fs::write(repo.join("channel.json"), &good_channel).expect("write");
+    refused(
+        &update(&root, &repo, true),
+        &["the clock reads", "earlier than 2096"],
+    );
+    assert_eq!(
+        tree_snapshot(&root),
+        tree_snapshot(&target_b),
+        "refusals changed the root"
+    );
+}

@@ -1,0 +1,356 @@
+//! `update`: read a channel, decide what the root should run, and install it: the newest letter
+//! for the root's base that is not withdrawn, or the base release when the installed letter was
+//! withdrawn and nothing newer replaces it. Refuses what The Update Framework names: metadata
+//! older than seen (rollback), expired (freeze), signed below threshold, a clock earlier than the
+//! last time seen, and packages whose bytes differ from the listing (mix and match).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use bsi_channel::{rfc3339, unix_seconds, Listed, SignedChannel, CHANNEL_FILE, MAX_CHANNEL_LEN};
+use bsi_format::{BaseRelease, Digest, Letter};
+use bsi_sign::PublicKey;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::apply::{ApplyError, RevertError, Session, SessionError};
+use crate::state::StateDir;
+use crate::{status, NoProgress, VerifiedPackage};
+use crate::{FsContext, FsError};
+
+/// What a device remembers of the channels it read, beside its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecord {
+    /// Highest channel sequence number accepted.
+    pub sequence: u64,
+    /// sha256 of the canonical metadata accepted at that sequence.
+    pub digest: Option<Digest>,
+    /// Latest clock reading seen (Unix seconds).
+    pub last_time: i64,
+    /// Why the device last left a letter, for `status`.
+    pub note: Option<String>,
+}
+
+const RECORD: &str = "device.json";
+
+impl DeviceRecord {
+    pub fn load(state_dir: &Path) -> Result<DeviceRecord, UpdateError> {
+        let path = state_dir.join(RECORD);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| UpdateError::Record {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DeviceRecord::default()),
+            Err(e) => Err(FsError::new("read", &path, e).into()),
+        }
+    }
+
+    fn save(&self, state_dir: &Path) -> Result<(), FsError> {
+        crate::fsx::create_dir_all(state_dir)?;
+        let bytes = serde_json::to_vec_pretty(self).expect("a record always serialises");
+        crate::fsx::write_atomically(&state_dir.join(RECORD), &bytes)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("{path}: {reason}")]
+    Channel { path: PathBuf, reason: String },
+    #[error(
+        "{path} is at sequence {got}, older than sequence {seen} already seen; refusing a rollback"
+    )]
+    Rollback { path: PathBuf, got: u64, seen: u64 },
+    #[error("{path} changed without a new sequence number ({seq}); refusing it")]
+    SameSequence { path: PathBuf, seq: u64 },
+    #[error("{path} expired at {expired}; refusing frozen metadata")]
+    Expired { path: PathBuf, expired: String },
+    #[error("the clock reads {now}, earlier than {seen} already seen; refusing to trust it")]
+    Clock { now: String, seen: String },
+    #[error("cannot tell the root's release: {0}")]
+    Release(String),
+    #[error("{file}: {reason} (the channel lists {listed}); refusing the package")]
+    Mismatch {
+        file: PathBuf,
+        reason: String,
+        listed: String,
+    },
+    #[error("{file} is {got}, but the channel lists it as {listed}; refusing the package")]
+    WrongPackage {
+        file: PathBuf,
+        got: String,
+        listed: String,
+    },
+    #[error("{path} is damaged: {reason}")]
+    Record { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Open(#[from] crate::OpenError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Revert(#[from] RevertError),
+    #[error(transparent)]
+    Status(#[from] crate::StatusError),
+}
+
+/// What `update` found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    /// Nothing newer for this base.
+    UpToDate { title: String },
+    /// A newer letter exists; not installed (no `--install`).
+    Available { title: String },
+    /// Installed (or switched to) this release.
+    Installed { title: String },
+    /// The installed letter was withdrawn: the root now runs `title`.
+    LeftWithdrawn {
+        letter: Letter,
+        reason: String,
+        title: String,
+    },
+}
+
+/// The keys `update` trusts.
+#[derive(Debug, Clone)]
+pub struct UpdateTrust {
+    pub channel_keys: Vec<PublicKey>,
+    pub channel_threshold: usize,
+    pub package_keys: Vec<PublicKey>,
+}
+
+fn release_title(product: &str, base: &BaseRelease, letter: Option<Letter>) -> String {
+    match letter {
+        Some(l) => format!("{product} {} ({l})", base.version),
+        None => format!("{product} {}", base.version),
+    }
+}
+
+/// Read the channel's metadata, check it against the trust and the device record, and record it.
+fn read_channel(
+    channel_dir: &Path,
+    state_dir: &Path,
+    trust: &UpdateTrust,
+    now: SystemTime,
+) -> Result<(bsi_channel::Channel, DeviceRecord), UpdateError> {
+    let path = channel_dir.join(CHANNEL_FILE);
+    let bytes = read_bounded(&path, MAX_CHANNEL_LEN)?;
+    let signed = SignedChannel::from_bytes(&bytes).map_err(|e| UpdateError::Channel {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let channel = signed
+        .verify(&trust.channel_keys, trust.channel_threshold)
+        .map_err(|e| UpdateError::Channel {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?
+        .clone();
+    let mut record = DeviceRecord::load(state_dir)?;
+    let now = unix_seconds(now);
+    if now < record.last_time {
+        return Err(UpdateError::Clock {
+            now: rfc3339(now),
+            seen: rfc3339(record.last_time),
+        });
+    }
+    let digest = Digest(Sha256::digest(channel.canonical_bytes()).into());
+    if channel.sequence < record.sequence {
+        return Err(UpdateError::Rollback {
+            path,
+            got: channel.sequence,
+            seen: record.sequence,
+        });
+    }
+    if channel.sequence == record.sequence && record.digest.is_some_and(|d| d != digest) {
+        return Err(UpdateError::SameSequence {
+            path,
+            seq: channel.sequence,
+        });
+    }
+    if channel.expires <= now {
+        return Err(UpdateError::Expired {
+            path,
+            expired: rfc3339(channel.expires),
+        });
+    }
+    record.sequence = channel.sequence;
+    record.digest = Some(digest);
+    record.last_time = now;
+    record.save(state_dir)?;
+    Ok((channel, record))
+}
+
+/// Read at most `limit` bytes of `path`; more is refused.
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, UpdateError> {
+    let file = fs::File::open(path).fs("read", path)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .fs("read", path)?;
+    if bytes.len() as u64 > limit {
+        return Err(UpdateError::Channel {
+            path: path.to_owned(),
+            reason: format!("larger than {limit} bytes"),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Fetch a listed package: exactly the size and sha256 listed, signed by a package key, and
+/// for the product, base and letter listed.
+fn fetch(
+    channel_dir: &Path,
+    product: &str,
+    base: &BaseRelease,
+    listed: &Listed,
+    trust: &UpdateTrust,
+) -> Result<VerifiedPackage, UpdateError> {
+    let file = channel_dir.join(&listed.file);
+    let title = release_title(product, base, Some(listed.letter));
+    let mismatch = |reason: String| UpdateError::Mismatch {
+        file: file.clone(),
+        reason,
+        listed: format!("{} bytes, sha256 {}", listed.size, listed.sha256),
+    };
+    if listed.file.contains('/') || listed.file.starts_with('.') {
+        return Err(mismatch(
+            "the listed file name is not a plain name".to_owned(),
+        ));
+    }
+    let bytes = fs::File::open(&file).fs("read", &file).and_then(|f| {
+        let mut bytes = Vec::new();
+        f.take(listed.size + 1)
+            .read_to_end(&mut bytes)
+            .fs("read", &file)?;
+        Ok(bytes)
+    })?;
+    if bytes.len() as u64 != listed.size {
+        return Err(mismatch(if bytes.len() as u64 > listed.size {
+            "it is larger than listed".to_owned()
+        } else {
+            format!("it is {} bytes", bytes.len())
+        }));
+    }
+    let digest = Digest(Sha256::digest(&bytes).into());
+    if digest != listed.sha256 {
+        return Err(mismatch(format!("its sha256 is {digest}")));
+    }
+    let named = bsi_format::RawPackage::split(&bytes)
+        .ok()
+        .and_then(|raw| bsi_format::Manifest::from_packed(raw.manifest).ok())
+        .map(|m| m.signer);
+    let key = trust
+        .package_keys
+        .iter()
+        .find(|k| named.as_deref() == Some(k.key_id().as_str()))
+        .or(trust.package_keys.first())
+        .ok_or_else(|| mismatch("no package key is trusted".to_owned()))?;
+    let pkg = VerifiedPackage::from_bytes(bytes, key, &file)?;
+    let m = &pkg.manifest;
+    if m.product != product || &m.base != base || m.letter != listed.letter {
+        return Err(UpdateError::WrongPackage {
+            file,
+            got: pkg.title(),
+            listed: title,
+        });
+    }
+    Ok(pkg)
+}
+
+/// Bring `root` to what the channel says, installing only when `install`.
+pub fn update(
+    root: &Path,
+    state_dir: &Path,
+    channel_dir: &Path,
+    trust: &UpdateTrust,
+    install: bool,
+    now: SystemTime,
+) -> Result<UpdateOutcome, UpdateError> {
+    let session = Session::open(root, state_dir, false)?;
+    let (channel, mut record) = read_channel(channel_dir, state_dir, trust, now)?;
+    let installed = StateDir::new(state_dir).load().map_err(ApplyError::from)?;
+    let (product, base, letter) = match &installed {
+        Some(i) => (i.product.clone(), i.base.clone(), Some(i.letter)),
+        None => {
+            let s = status(root, state_dir)?;
+            let (Some(product), Some(version)) = (s.product, s.version) else {
+                return Err(UpdateError::Release(format!(
+                    "{} names no product and version",
+                    root.join(crate::apply::SYSTEM_VERSION_PLIST).display()
+                )));
+            };
+            let version = version
+                .parse()
+                .map_err(|e| UpdateError::Release(format!("version {version:?}: {e}")))?;
+            (
+                product,
+                BaseRelease {
+                    version,
+                    build: s.build,
+                },
+                None,
+            )
+        }
+    };
+    let Some(release) = channel.release(&product, &base) else {
+        return Ok(UpdateOutcome::UpToDate {
+            title: release_title(&product, &base, letter),
+        });
+    };
+    let newest = release.letters.iter().max_by_key(|l| l.letter);
+    let withdrawn = letter.and_then(|l| release.withdrawn.iter().find(|w| w.letter == l));
+
+    if let (Some(gone), Some(current)) = (withdrawn, letter) {
+        // Leave the withdrawn letter whatever the install setting: it was pulled for a reason.
+        let title = match newest {
+            Some(next) if next.letter > current => {
+                session.apply(
+                    &fetch(channel_dir, &product, &base, next, trust)?,
+                    &NoProgress,
+                )?;
+                release_title(&product, &base, Some(next.letter))
+            }
+            _ => {
+                session.revert()?;
+                match newest {
+                    Some(older) => {
+                        let pkg = fetch(channel_dir, &product, &base, older, trust)?;
+                        session.apply(&pkg, &NoProgress)?;
+                        release_title(&product, &base, Some(older.letter))
+                    }
+                    None => release_title(&product, &base, None),
+                }
+            }
+        };
+        record.note = Some(format!("({current}) was withdrawn: {}", gone.reason));
+        record.save(state_dir)?;
+        return Ok(UpdateOutcome::LeftWithdrawn {
+            letter: current,
+            reason: gone.reason.clone(),
+            title,
+        });
+    }
+    match newest {
+        Some(next) if letter.is_none_or(|l| next.letter > l) => {
+            let title = release_title(&product, &base, Some(next.letter));
+            if !install {
+                return Ok(UpdateOutcome::Available { title });
+            }
+            let pkg = fetch(channel_dir, &product, &base, next, trust)?;
+            session.apply(&pkg, &NoProgress)?;
+            record.note = None;
+            record.save(state_dir)?;
+            Ok(UpdateOutcome::Installed { title })
+        }
+        _ => Ok(UpdateOutcome::UpToDate {
+            title: release_title(&product, &base, letter),
+        }),
+    }
+}
