@@ -122,6 +122,17 @@ enum Command {
         #[arg(long)]
         install: bool,
     },
+    /// Show or set a root's policy: automatic install, and whether new letters are allowed.
+    Policy {
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        #[arg(long, value_name = "on|off")]
+        auto_install: Option<OnOff>,
+        #[arg(long, value_name = "on|off")]
+        allow: Option<OnOff>,
+    },
     /// Complete or roll back an interrupted apply, revert or switch, and say which.
     Recover {
         #[arg(long, value_name = "DIR")]
@@ -159,6 +170,20 @@ fn main() -> ExitCode {
             eprintln!("bsi: error: {message}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -369,6 +394,10 @@ fn run(command: Command) -> Result<()> {
                     "{}: {title} is available; run again with --install to install it",
                     root.display()
                 ),
+                bsi_engine::UpdateOutcome::Forbidden { title } => println!(
+                    "{}: {title} is available, but the root's policy does not allow installing it",
+                    root.display()
+                ),
                 bsi_engine::UpdateOutcome::Installed { title } => {
                     println!("{}: installed {title}", root.display())
                 }
@@ -381,6 +410,34 @@ fn run(command: Command) -> Result<()> {
                     root.display()
                 ),
             }
+        }
+        Command::Policy {
+            root,
+            state_dir: given,
+            auto_install,
+            allow,
+        } => {
+            anyhow::ensure!(
+                root.is_dir(),
+                "root {} does not exist or is not a directory",
+                root.display()
+            );
+            let state = state_dir(&root, given);
+            let mut policy = bsi_engine::Policy::load(&state)?;
+            if auto_install.is_some() || allow.is_some() {
+                if let Some(v) = auto_install {
+                    policy.auto_install = v == OnOff::On;
+                }
+                if let Some(v) = allow {
+                    policy.allow = v == OnOff::On;
+                }
+                policy.save(&root, &state)?;
+            }
+            println!(
+                "auto-install {}, allow {}",
+                on_off(policy.auto_install),
+                on_off(policy.allow)
+            );
         }
         Command::Recover {
             root,

@@ -35,6 +35,52 @@ pub struct DeviceRecord {
 }
 
 const RECORD: &str = "device.json";
+const POLICY: &str = "policy.json";
+
+/// What the owner or an administrator decided for a root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// `update` installs new letters by itself (otherwise only with `--install`).
+    pub auto_install: bool,
+    /// New letters may be installed at all (an administrator's restriction when off); installed
+    /// letters stay removable either way.
+    pub allow: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            auto_install: false,
+            allow: true,
+        }
+    }
+}
+
+impl Policy {
+    pub fn load(state_dir: &Path) -> Result<Policy, UpdateError> {
+        let path = state_dir.join(POLICY);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| UpdateError::Record {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default()),
+            Err(e) => Err(FsError::new("read", &path, e).into()),
+        }
+    }
+
+    /// Write the policy atomically (taking the root's lock, so that no update runs meanwhile).
+    pub fn save(&self, root: &Path, state_dir: &Path) -> Result<(), UpdateError> {
+        let _session = Session::open(root, state_dir, true)?;
+        crate::fsx::create_dir_all(state_dir)?;
+        let bytes = serde_json::to_vec_pretty(self).expect("a policy always serialises");
+        Ok(crate::fsx::write_atomically(
+            &state_dir.join(POLICY),
+            &bytes,
+        )?)
+    }
+}
 
 impl DeviceRecord {
     pub fn load(state_dir: &Path) -> Result<DeviceRecord, UpdateError> {
@@ -105,8 +151,10 @@ pub enum UpdateError {
 pub enum UpdateOutcome {
     /// Nothing newer for this base.
     UpToDate { title: String },
-    /// A newer letter exists; not installed (no `--install`).
+    /// A newer letter exists; not installed (no `--install` and automatic install off).
     Available { title: String },
+    /// A newer letter exists; the policy forbids installing it.
+    Forbidden { title: String },
     /// Installed (or switched to) this release.
     Installed { title: String },
     /// The installed letter was withdrawn: the root now runs `title`.
@@ -274,6 +322,8 @@ pub fn update(
     now: SystemTime,
 ) -> Result<UpdateOutcome, UpdateError> {
     let session = Session::open(root, state_dir, false)?;
+    let policy = Policy::load(state_dir)?;
+    let install = policy.allow && (install || policy.auto_install);
     let (channel, mut record) = read_channel(channel_dir, state_dir, trust, now)?;
     let installed = StateDir::new(state_dir).load().map_err(ApplyError::from)?;
     let (product, base, letter) = match &installed {
@@ -309,6 +359,8 @@ pub fn update(
 
     if let (Some(gone), Some(current)) = (withdrawn, letter) {
         // Leave the withdrawn letter whatever the install setting: it was pulled for a reason.
+        // With installs forbidden, leaving means going back to the base.
+        let newest = newest.filter(|_| policy.allow);
         let title = match newest {
             Some(next) if next.letter > current => {
                 session.apply(
@@ -340,6 +392,9 @@ pub fn update(
     match newest {
         Some(next) if letter.is_none_or(|l| next.letter > l) => {
             let title = release_title(&product, &base, Some(next.letter));
+            if !policy.allow {
+                return Ok(UpdateOutcome::Forbidden { title });
+            }
             if !install {
                 return Ok(UpdateOutcome::Available { title });
             }

@@ -443,3 +443,64 @@ fn update_follows_the_channel_from_a_to_withdrawn_a_to_b_and_refuses_what_it_mus
         "refusals changed the root"
     );
 }
+
+#[test]
+fn policy_decides_whether_update_installs() {
+    let fx = Fixture::release_a();
+    let target_b = fx.path("target-b");
+    write_tree(&target_b, &target_b_model(), false);
+    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
+    build(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        &pkg_a,
+        &COMPONENTS,
+    );
+    build(
+        &fx.base,
+        &target_b,
+        "b",
+        &example_key(),
+        &pkg_b,
+        &COMPONENTS,
+    );
+    let repo = fx.path("repo");
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
+    sign(&repo);
+    let root = fx.base_root("root");
+    let policy = |args: &[&str]| {
+        let mut all = vec!["policy", "--root", p(&root)];
+        all.extend_from_slice(args);
+        ok(&run(all))
+    };
+    assert_eq!(policy(&[]), "auto-install off, allow on\n");
+
+    // Automatic install on: update installs without --install.
+    assert_eq!(
+        policy(&["--auto-install", "on"]),
+        "auto-install on, allow on\n"
+    );
+    assert!(ok(&update(&root, &repo, false)).contains("installed macOS 26.3 (a)"));
+
+    // An administrator forbids new letters: (b) is reported, not installed, even with --install.
+    assert_eq!(policy(&["--allow", "off"]), "auto-install on, allow off\n");
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_b)]));
+    sign(&repo);
+    let out = ok(&update(&root, &repo, true));
+    assert!(
+        out.contains("macOS 26.3 (b) is available, but the root's policy does not allow"),
+        "{out}"
+    );
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
+    // Installed letters stay removable.
+    ok(&run(["revert", "--root", p(&root), "--quiet"]));
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+    usage_error(
+        &run(["policy", "--root", p(&root), "--allow", "maybe"]),
+        &["maybe"],
+    );
+    assert_eq!(policy(&[]), "auto-install on, allow off\n");
+}
