@@ -348,6 +348,9 @@ fn run(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!("{status}");
+                if let Some(patch) = &status.retired {
+                    println!("{patch} is retired: a full release was installed over it");
+                }
                 if let Some(note) = bsi_engine::DeviceRecord::load(&state)
                     .ok()
                     .and_then(|r| r.note)

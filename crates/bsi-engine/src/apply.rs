@@ -144,6 +144,10 @@ pub enum RevertError {
     },
     #[error("{root}: not enough free space: {space}; nothing was written")]
     NoSpace { root: PathBuf, space: Space },
+    #[error(
+        "{root}: {patch} is retired: a full release was installed over it; nothing was reverted"
+    )]
+    Retired { root: PathBuf, patch: String },
     #[error("revert data {file} for {path} is damaged")]
     RevertData { file: PathBuf, path: PkgPath },
     #[error(transparent)]
@@ -169,6 +173,11 @@ impl From<RevertError> for ApplyError {
             },
             RevertError::Session(e) => ApplyError::Session(e),
             RevertError::NoSpace { root, space } => ApplyError::NoSpace { root, space },
+            RevertError::Retired { root, patch } => ApplyError::InstalledChanged {
+                root,
+                path: PkgPath::new(SYSTEM_VERSION_PLIST).expect("a valid path"),
+                reason: format!("{patch} is retired by a full release"),
+            },
             RevertError::Txn { root, source } => ApplyError::Txn { root, source },
         }
     }
@@ -921,6 +930,12 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
     let inst = state
         .load()?
         .ok_or_else(|| RevertError::NothingInstalled(root.to_owned()))?;
+    if let Some(patch) = retired_by(root, &inst) {
+        return Err(RevertError::Retired {
+            root: root.to_owned(),
+            patch,
+        });
+    }
     check_installed(root, &inst)?;
     let steps: Vec<Step> = inst
         .entries
@@ -1004,6 +1019,8 @@ pub struct Status {
     pub letter: Option<Letter>,
     /// An operation that was interrupted and awaits `bsi recover` (or the next apply or revert).
     pub interrupted: Option<Interrupted>,
+    /// The installed patch a full release retired (the root runs another release now).
+    pub retired: Option<String>,
 }
 
 impl fmt::Display for Status {
@@ -1030,13 +1047,16 @@ pub fn status(root: &Path, state_dir: &Path) -> Result<Status, StatusError> {
     }
     let state = StateDir::new(state_dir);
     let interrupted = txn::pending(&state)?;
-    if let Some(inst) = state.load()? {
+    let installed = state.load()?;
+    let retired = installed.as_ref().and_then(|inst| retired_by(root, inst));
+    if let (Some(inst), None) = (installed, &retired) {
         return Ok(Status {
             product: Some(inst.product),
             version: Some(inst.base.version.to_string()),
             build: inst.base.build,
             letter: Some(inst.letter),
             interrupted,
+            retired: None,
         });
     }
     let plist = fs::read_to_string(root.join(SYSTEM_VERSION_PLIST)).unwrap_or_default();
@@ -1046,7 +1066,19 @@ pub fn status(root: &Path, state_dir: &Path) -> Result<Status, StatusError> {
         build: plist_string(&plist, "ProductBuildVersion"),
         letter: None,
         interrupted,
+        retired,
     })
+}
+
+/// When the root's release description names another release than the installed patch's base
+/// (a full release was installed over it), the patch's title: the patch is retired.
+pub(crate) fn retired_by(root: &Path, inst: &Installed) -> Option<String> {
+    let plist = fs::read_to_string(root.join(SYSTEM_VERSION_PLIST)).ok()?;
+    let version = plist_string(&plist, "ProductVersion")?;
+    let build = plist_string(&plist, "ProductBuildVersion");
+    let same = version == inst.base.version.to_string()
+        && (inst.base.build.is_none() || build == inst.base.build);
+    (!same).then(|| release_title(&inst.product, &inst.base.version, inst.letter))
 }
 
 /// The `<string>` following `<key>KEY</key>` in an XML plist.

@@ -325,7 +325,11 @@ pub fn update(
     let policy = Policy::load(state_dir)?;
     let install = policy.allow && (install || policy.auto_install);
     let (channel, mut record) = read_channel(channel_dir, state_dir, trust, now)?;
-    let installed = StateDir::new(state_dir).load().map_err(ApplyError::from)?;
+    // A patch that a full release retired no longer decides the base: the plist does.
+    let installed = StateDir::new(state_dir)
+        .load()
+        .map_err(ApplyError::from)?
+        .filter(|inst| crate::apply::retired_by(root, inst).is_none());
     let (product, base, letter) = match &installed {
         Some(i) => (i.product.clone(), i.base.clone(), Some(i.letter)),
         None => {

@@ -504,3 +504,39 @@ fn policy_decides_whether_update_installs() {
     );
     assert_eq!(policy(&[]), "auto-install on, allow off\n");
 }
+
+#[test]
+fn a_full_release_retires_the_old_base_letters() {
+    let fx = Fixture::release_a();
+    let pkg_a = fx.path("a.bsi");
+    build(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        &pkg_a,
+        &COMPONENTS,
+    );
+    let repo = fx.path("repo");
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
+    sign(&repo);
+    let root = fx.base_root("root");
+    assert!(ok(&update(&root, &repo, true)).contains("installed macOS 26.3 (a)"));
+
+    // The full release 26.4 moves the release description on.
+    let plist = String::from_utf8(system_version_plist())
+        .expect("utf-8")
+        .replace("26.3", "26.4")
+        .replace("25D125", "25E100");
+    fs::write(root.join(PLIST), plist).expect("write");
+    assert_eq!(
+        ok(&run(["status", "--root", p(&root)])),
+        "macOS 26.4\nmacOS 26.3 (a) is retired: a full release was installed over it\n"
+    );
+    let before = tree_snapshot(&root);
+    refused(&run(["revert", "--root", p(&root)]), &["is retired"]);
+    let out = ok(&update(&root, &repo, true));
+    assert!(out.contains("macOS 26.4 is up to date"), "{out}");
+    assert_eq!(tree_snapshot(&root), before);
+}

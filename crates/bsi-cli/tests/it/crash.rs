@@ -396,14 +396,26 @@ fn revert_after_a_full_os_update_is_refused_and_writes_nothing() {
     let before = (tree_snapshot(&root), tree_snapshot(&root.join(".bsi")));
     refused(
         &run(revert_args(&root)),
-        &[
-            "changed since the patch was applied",
-            "nothing was reverted",
-        ],
+        &["macOS 26.3 (a) is retired", "nothing was reverted"],
     );
     assert_eq!(
         (tree_snapshot(&root), tree_snapshot(&root.join(".bsi"))),
         before,
         "the refused revert wrote something"
+    );
+    assert_eq!(
+        ok(&run(["status", "--root", p(&root)])),
+        "macOS 26.4\nmacOS 26.3 (a) is retired: a full release was installed over it\n"
+    );
+
+    // An update that kept the release description (same version) is still caught by the
+    // patched files themselves.
+    fs::write(root.join(PLIST), system_version_plist()).expect("write");
+    refused(
+        &run(revert_args(&root)),
+        &[
+            "changed since the patch was applied",
+            "nothing was reverted",
+        ],
     );
 }
