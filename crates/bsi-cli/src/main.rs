@@ -113,8 +113,8 @@ enum Command {
     Update {
         #[arg(long, value_name = "DIR")]
         root: PathBuf,
-        #[arg(long, value_name = "REPO_DIR")]
-        channel: PathBuf,
+        #[arg(long, value_name = "REPO_DIR_OR_URL")]
+        channel: String,
         #[arg(long, value_name = "TRUST")]
         trust: PathBuf,
         #[arg(long, value_name = "DIR")]
@@ -374,11 +374,7 @@ fn run(command: Command) -> Result<()> {
             state_dir: given,
             install,
         } => {
-            let channel_text = channel.to_string_lossy();
-            anyhow::ensure!(
-                !channel_text.starts_with("http://") && !channel_text.starts_with("https://"),
-                "{channel_text}: http(s) channels are not supported yet; use a local channel directory"
-            );
+            let channel = bsi_engine::ChannelSource::parse(&channel);
             let state = state_dir(&root, given);
             let trust = update_trust(&trust)?;
             let outcome = bsi_engine::update(

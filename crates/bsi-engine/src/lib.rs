@@ -27,7 +27,9 @@ pub use package::{verify_against_tree, OpenError, TreeVerifyError, VerifiedPacka
 pub use state::default_state_dir;
 pub use tree::{scan, ScanError, Tree, STATE_DIR_NAME};
 pub use txn::{Failed, Interrupted, Recovered, TxnError, TxnKind};
-pub use update::{update, DeviceRecord, Policy, UpdateError, UpdateOutcome, UpdateTrust};
+pub use update::{
+    update, ChannelSource, DeviceRecord, Policy, UpdateError, UpdateOutcome, UpdateTrust,
+};
 
 /// Files at least this large (old or new) are encoded and decoded one at a time, so that
 /// memory follows the largest file rather than the sum of the largest few.

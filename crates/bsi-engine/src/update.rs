@@ -180,15 +180,82 @@ fn release_title(product: &str, base: &BaseRelease, letter: Option<Letter>) -> S
     }
 }
 
+/// Where a channel is: a local directory, or an http(s) URL serving the same files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelSource {
+    Dir(PathBuf),
+    Url(String),
+}
+
+impl ChannelSource {
+    /// An `http://` or `https://` prefix makes a URL; anything else is a directory.
+    pub fn parse(text: &str) -> ChannelSource {
+        if text.starts_with("http://") || text.starts_with("https://") {
+            ChannelSource::Url(text.trim_end_matches('/').to_owned())
+        } else {
+            ChannelSource::Dir(PathBuf::from(text))
+        }
+    }
+
+    /// Where `name` is, for messages.
+    fn locate(&self, name: &str) -> PathBuf {
+        match self {
+            ChannelSource::Dir(dir) => dir.join(name),
+            ChannelSource::Url(url) => PathBuf::from(format!("{url}/{name}")),
+        }
+    }
+
+    /// The bytes of `name`, at most `limit` of them: a longer file is refused as soon as the
+    /// limit is passed, so a hostile server cannot make a device download more.
+    fn read(&self, name: &str, limit: u64) -> Result<Vec<u8>, UpdateError> {
+        let location = self.locate(name);
+        let mut bytes = Vec::new();
+        match self {
+            ChannelSource::Dir(_) => {
+                let file = fs::File::open(&location).fs("read", &location)?;
+                file.take(limit + 1)
+                    .read_to_end(&mut bytes)
+                    .fs("read", &location)?;
+            }
+            ChannelSource::Url(_) => {
+                let url = location.to_string_lossy().into_owned();
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(std::time::Duration::from_secs(60))
+                    .redirects(0)
+                    .build();
+                let response = agent.get(&url).call().map_err(|e| UpdateError::Channel {
+                    path: location.clone(),
+                    reason: match e {
+                        ureq::Error::Status(code, _) => format!("the server answered {code}"),
+                        other => other.to_string(),
+                    },
+                })?;
+                response
+                    .into_reader()
+                    .take(limit + 1)
+                    .read_to_end(&mut bytes)
+                    .fs("download", &location)?;
+            }
+        }
+        if bytes.len() as u64 > limit {
+            return Err(UpdateError::Channel {
+                path: location,
+                reason: format!("larger than the {limit} bytes allowed"),
+            });
+        }
+        Ok(bytes)
+    }
+}
+
 /// Read the channel's metadata, check it against the trust and the device record, and record it.
 fn read_channel(
-    channel_dir: &Path,
+    channel_dir: &ChannelSource,
     state_dir: &Path,
     trust: &UpdateTrust,
     now: SystemTime,
 ) -> Result<(bsi_channel::Channel, DeviceRecord), UpdateError> {
-    let path = channel_dir.join(CHANNEL_FILE);
-    let bytes = read_bounded(&path, MAX_CHANNEL_LEN)?;
+    let path = channel_dir.locate(CHANNEL_FILE);
+    let bytes = channel_dir.read(CHANNEL_FILE, MAX_CHANNEL_LEN)?;
     let signed = SignedChannel::from_bytes(&bytes).map_err(|e| UpdateError::Channel {
         path: path.clone(),
         reason: e.to_string(),
@@ -235,32 +302,16 @@ fn read_channel(
     Ok((channel, record))
 }
 
-/// Read at most `limit` bytes of `path`; more is refused.
-fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, UpdateError> {
-    let file = fs::File::open(path).fs("read", path)?;
-    let mut bytes = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .fs("read", path)?;
-    if bytes.len() as u64 > limit {
-        return Err(UpdateError::Channel {
-            path: path.to_owned(),
-            reason: format!("larger than {limit} bytes"),
-        });
-    }
-    Ok(bytes)
-}
-
 /// Fetch a listed package: exactly the size and sha256 listed, signed by a package key, and
 /// for the product, base and letter listed.
 fn fetch(
-    channel_dir: &Path,
+    channel_dir: &ChannelSource,
     product: &str,
     base: &BaseRelease,
     listed: &Listed,
     trust: &UpdateTrust,
 ) -> Result<VerifiedPackage, UpdateError> {
-    let file = channel_dir.join(&listed.file);
+    let file = channel_dir.locate(&listed.file);
     let title = release_title(product, base, Some(listed.letter));
     let mismatch = |reason: String| UpdateError::Mismatch {
         file: file.clone(),
@@ -272,19 +323,14 @@ fn fetch(
             "the listed file name is not a plain name".to_owned(),
         ));
     }
-    let bytes = fs::File::open(&file).fs("read", &file).and_then(|f| {
-        let mut bytes = Vec::new();
-        f.take(listed.size + 1)
-            .read_to_end(&mut bytes)
-            .fs("read", &file)?;
-        Ok(bytes)
-    })?;
+    let bytes = match channel_dir.read(&listed.file, listed.size) {
+        Err(UpdateError::Channel { reason, .. }) if reason.starts_with("larger than") => {
+            return Err(mismatch("it is larger than listed".to_owned()))
+        }
+        other => other?,
+    };
     if bytes.len() as u64 != listed.size {
-        return Err(mismatch(if bytes.len() as u64 > listed.size {
-            "it is larger than listed".to_owned()
-        } else {
-            format!("it is {} bytes", bytes.len())
-        }));
+        return Err(mismatch(format!("it is {} bytes", bytes.len())));
     }
     let digest = Digest(Sha256::digest(&bytes).into());
     if digest != listed.sha256 {
@@ -316,7 +362,7 @@ fn fetch(
 pub fn update(
     root: &Path,
     state_dir: &Path,
-    channel_dir: &Path,
+    channel_dir: &ChannelSource,
     trust: &UpdateTrust,
     install: bool,
     now: SystemTime,

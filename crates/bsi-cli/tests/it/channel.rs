@@ -540,3 +540,100 @@ fn a_full_release_retires_the_old_base_letters() {
     assert!(out.contains("macOS 26.4 is up to date"), "{out}");
     assert_eq!(tree_snapshot(&root), before);
 }
+
+/// A static file server on loopback for `dir`, answering until the test ends: GET only, 404
+/// for what is missing. Returns its base URL.
+fn serve(dir: &Path) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let dir = dir.to_owned();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = String::new();
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            loop {
+                let mut header = String::new();
+                match reader.read_line(&mut header) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if header == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let file = dir.join(path.trim_start_matches('/'));
+            let response = match fs::read(&file) {
+                Ok(body) if !path.contains("..") => {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&body);
+                    r
+                }
+                _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+            };
+            let _ = stream.write_all(&response);
+        }
+    });
+    url
+}
+
+#[test]
+fn update_reads_a_channel_over_http_with_bounded_downloads() {
+    let fx = Fixture::release_a();
+    let pkg_a = fx.path("a.bsi");
+    build(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        &pkg_a,
+        &COMPONENTS,
+    );
+    let repo = fx.path("repo");
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
+    sign(&repo);
+    let url = serve(&repo);
+    let root = fx.base_root("root");
+    let update_url = |channel: &str| {
+        run([
+            "update",
+            "--root",
+            p(&root),
+            "--channel",
+            channel,
+            "--trust",
+            p(&keys_dir().join("trust.json")),
+            "--install",
+        ])
+    };
+
+    // A server whose package is longer than listed: refused after the listed size.
+    let file = repo.join("macOS-26.3-25D125-a.bsi");
+    let good = fs::read(&file).expect("read");
+    let mut longer = good.clone();
+    longer.extend_from_slice(&[0; 4096]);
+    fs::write(&file, &longer).expect("write");
+    refused(
+        &update_url(&url),
+        &["it is larger than listed", "refusing the package"],
+    );
+    fs::write(&file, &good).expect("write");
+    refused(
+        &update_url(&format!("{url}/nowhere")),
+        &["nowhere/channel.json", "the server answered 404"],
+    );
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+
+    let out = ok(&update_url(&url));
+    assert!(out.contains("installed macOS 26.3 (a)"), "{out}");
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
+}
