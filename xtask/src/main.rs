@@ -4,11 +4,13 @@
 //! - `cargo xtask demo`: the end-to-end build / verify / apply / revert example
 //! - `cargo xtask bench [--smoke] [--pairs NAME,...] [--out FILE]`: bsi against peer delta tools
 //! - `cargo xtask killbench [--trials N]`: kill -9 during apply and revert, then recover
+//! - `cargo xtask release PLAN`: build, sign, verify and publish the packages of a release plan
 
 mod bench;
 mod demo;
 mod exe;
 mod killbench;
+mod release;
 mod rng;
 mod testdata;
 mod tree;
@@ -26,7 +28,9 @@ commands:
   bench [--smoke] [--pairs NAME,...] [--out FILE]
                          compare bsi with bsdiff, xdelta3 and zstd on synthetic and Debian pairs
                          (tables on stdout; default FILE: BENCHMARKS.md, none with --smoke)
-  killbench [--trials N] kill -9 bsi apply/revert at random moments, recover, compare (default 200)";
+  killbench [--trials N] kill -9 bsi apply/revert at random moments, recover, compare (default 200)
+  release PLAN           build, sign, verify and publish a release plan's packages to its channel
+                         (example: testdata/release-plan.toml)";
 
 fn main() -> ExitCode {
     match run() {
@@ -52,6 +56,7 @@ fn run() -> Result<()> {
         ["demo"] => demo::demo(&ws),
         ["bench", rest @ ..] => bench::bench(&ws, rest),
         ["killbench", rest @ ..] => killbench::killbench(&ws, rest),
+        ["release", rest @ ..] => release::release(&ws, rest),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())

@@ -183,6 +183,10 @@ impl Channel {
         let release = self.release_mut(product, base);
         let version = base.version.to_string();
         if let Some(same) = release.letters.iter().find(|l| l.letter == listed.letter) {
+            if same == &listed {
+                // The same package again (builds are reproducible): nothing to do.
+                return Ok(());
+            }
             return Err(ChannelError::AlreadyListed {
                 product: product.to_owned(),
                 version,
@@ -374,8 +378,12 @@ mod tests {
             ch.add("macOS", &base(), listed('b')),
             Err(ChannelError::NotNewer { .. })
         ));
+        ch.add("macOS", &base(), listed('c'))
+            .expect("the same listing again is a no-op");
+        let mut other_c = listed('c');
+        other_c.size += 1;
         assert!(matches!(
-            ch.add("macOS", &base(), listed('c')),
+            ch.add("macOS", &base(), other_c),
             Err(ChannelError::AlreadyListed { .. })
         ));
         let a: Letter = "a".parse().expect("letter");

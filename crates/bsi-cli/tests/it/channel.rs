@@ -51,8 +51,21 @@ fn a_channel_is_made_filled_signed_and_withdrawn_from() {
         fs::read(repo.join(&listed.file)).expect("copied package"),
         bytes_a
     );
+    // The same package again changes nothing; another (a) is refused.
+    let listing = fs::read(repo.join("channel.json")).expect("read");
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
+    assert_eq!(fs::read(repo.join("channel.json")).expect("read"), listing);
+    let other_a = fx.path("other-a.bsi");
+    build(
+        &fx.base,
+        &target_b,
+        "a",
+        &example_key(),
+        &other_a,
+        &COMPONENTS,
+    );
     refused(
-        &run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]),
+        &run(["channel", "add", "--dir", p(&repo), p(&other_a)]),
         &["already in the channel"],
     );
     let junk = fx.path("junk.bsi");
