@@ -650,3 +650,59 @@ fn update_reads_a_channel_over_http_with_bounded_downloads() {
     assert!(out.contains("installed macOS 26.3 (a)"), "{out}");
     assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
 }
+
+#[test]
+fn update_refuses_a_package_listed_under_another_release() {
+    let fx = Fixture::release_a();
+    let target_b = fx.path("target-b");
+    write_tree(&target_b, &target_b_model(), false);
+    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
+    build(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        &pkg_a,
+        &COMPONENTS,
+    );
+    build(
+        &fx.base,
+        &target_b,
+        "b",
+        &example_key(),
+        &pkg_b,
+        &COMPONENTS,
+    );
+    let repo = fx.path("repo");
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_b)]));
+    // The listing of (b) names (a)'s bytes: right size and hash for that file, wrong package.
+    let mut signed = SignedChannel::from_bytes(&fs::read(repo.join("channel.json")).expect("read"))
+        .expect("parse");
+    let a_bytes = fs::read(&pkg_a).expect("read");
+    fs::write(repo.join("swapped.bsi"), &a_bytes).expect("write");
+    let listed = &mut signed.signed.releases[0].letters[0];
+    listed.file = "swapped.bsi".into();
+    listed.size = a_bytes.len() as u64;
+    listed.sha256 = bsi_format::Digest(sha256(&a_bytes));
+    let resigned = SignedChannel::sign(
+        signed.signed,
+        bsi_channel::unix_seconds(std::time::SystemTime::now()) + 3600,
+        &[&SecretKey::load(&example_key()).expect("key")],
+    );
+    fs::write(repo.join("channel.json"), resigned.to_bytes()).expect("write");
+    let root = fx.base_root("root");
+    refused(
+        &update(&root, &repo, true),
+        &[
+            "swapped.bsi is macOS 26.3 (a)",
+            "lists it as macOS 26.3 (b)",
+        ],
+    );
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
