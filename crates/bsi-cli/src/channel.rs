@@ -219,6 +219,31 @@ pub enum TrustCommand {
         #[arg(long, value_name = "N", default_value_t = 1)]
         channel_threshold: usize,
     },
+    /// Write the next version of a trust file: new root keys (and optionally new package and
+    /// channel keys, revoked keys), signed by the old root keys and the new ones.
+    Rotate {
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Root private key of the current version (repeatable)
+        #[arg(long = "old-root", value_name = "KEY.pem", required = true)]
+        old_roots: Vec<PathBuf>,
+        /// Root private key of the new version (repeatable)
+        #[arg(long = "root", value_name = "KEY.pem", required = true)]
+        roots: Vec<PathBuf>,
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        root_threshold: usize,
+        /// New package keys (repeatable; default: keep the current ones)
+        #[arg(long = "packages", value_name = "PUB.pem")]
+        packages: Vec<PathBuf>,
+        /// New channel keys (repeatable; default: keep the current ones)
+        #[arg(long = "channel", value_name = "PUB.pem")]
+        channel: Vec<PathBuf>,
+        /// Key id that counts for nothing from this version on (repeatable)
+        #[arg(long = "revoke", value_name = "KEY_ID")]
+        revoke: Vec<String>,
+    },
 }
 
 pub fn run_trust(command: TrustCommand) -> Result<()> {
@@ -294,6 +319,72 @@ pub fn run_trust(command: TrustCommand) -> Result<()> {
                 signed.signed.roles.packages.keys.len(),
                 channel_threshold,
                 signed.signed.roles.channel.keys.len()
+            );
+        }
+        TrustCommand::Rotate {
+            from,
+            out,
+            old_roots,
+            roots,
+            root_threshold,
+            packages,
+            channel,
+            revoke,
+        } => {
+            if out.exists() {
+                bail!("{} already exists", out.display());
+            }
+            let current = SignedTrust::from_bytes(
+                &fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?,
+            )
+            .with_context(|| format!("{}", from.display()))?;
+            let load_secret = |paths: &[PathBuf]| -> Result<Vec<SecretKey>> {
+                Ok(paths
+                    .iter()
+                    .map(|k| SecretKey::load(k))
+                    .collect::<Result<_, _>>()?)
+            };
+            let load_public = |paths: &[PathBuf]| -> Result<Vec<PublicKey>> {
+                Ok(paths
+                    .iter()
+                    .map(|p| PublicKey::load(p))
+                    .collect::<Result<_, _>>()?)
+            };
+            let (old_roots, roots) = (load_secret(&old_roots)?, load_secret(&roots)?);
+            let mut next = current.signed.clone();
+            next.version += 1;
+            let mut add = |key: &PublicKey| -> String {
+                let id = key.key_id().to_string();
+                next.keys.insert(id.clone(), key.to_pem());
+                id
+            };
+            let root_ids: Vec<String> = roots.iter().map(|k| add(&k.public())).collect();
+            let package_ids: Vec<String> = load_public(&packages)?.iter().map(&mut add).collect();
+            let channel_ids: Vec<String> = load_public(&channel)?.iter().map(&mut add).collect();
+            next.roles.root = Role {
+                keys: root_ids,
+                threshold: root_threshold,
+            };
+            if !package_ids.is_empty() {
+                next.roles.packages.keys = package_ids;
+            }
+            if !channel_ids.is_empty() {
+                next.roles.channel.keys = channel_ids;
+            }
+            next.revoked.extend(revoke);
+            next.revoked.sort();
+            next.revoked.dedup();
+            next.check()?;
+            let refs: Vec<&SecretKey> = old_roots.iter().chain(&roots).collect();
+            let signed = SignedTrust::sign(next, &refs);
+            signed.verify_rotation(&current.signed)?;
+            bsi_engine::write_atomically(&out, &signed.to_bytes())?;
+            eprintln!(
+                "wrote {} (version {}, signed by the roots of versions {} and {})",
+                out.display(),
+                signed.signed.version,
+                current.signed.version,
+                signed.signed.version
             );
         }
     }

@@ -376,7 +376,7 @@ fn run(command: Command) -> Result<()> {
         } => {
             let channel = bsi_engine::ChannelSource::parse(&channel);
             let state = state_dir(&root, given);
-            let trust = update_trust(&trust)?;
+            let trust = update_trust(&trust, &state, &channel)?;
             let outcome = bsi_engine::update(
                 &root,
                 &state,
@@ -470,9 +470,16 @@ fn package_keys(trust: &Path) -> Result<Vec<PublicKey>> {
     Ok(checked.role_keys(&checked.roles.packages))
 }
 
-/// The keys `update` trusts: a trust file's channel and packages roles, or one public key for
-/// both (threshold 1).
-fn update_trust(trust: &Path) -> Result<bsi_engine::UpdateTrust> {
+/// The keys `update` trusts: one public key for both roles (threshold 1), or a trust file's
+/// channel and packages roles. With a trust file, the device keeps the newest version it has
+/// accepted in `STATE/trust.json`, and adopts the channel's `trust.json` when it is the next
+/// version, signed by thresholds of the current and the new root keys (key rotation).
+fn update_trust(
+    trust: &Path,
+    state: &Path,
+    channel: &bsi_engine::ChannelSource,
+) -> Result<bsi_engine::UpdateTrust> {
+    use bsi_channel::trust::SignedTrust;
     let text = std::fs::read_to_string(trust)
         .with_context(|| format!("cannot read trust file {}", trust.display()))?;
     if text.trim_start().starts_with("-----BEGIN") {
@@ -483,11 +490,42 @@ fn update_trust(trust: &Path) -> Result<bsi_engine::UpdateTrust> {
             package_keys: vec![key],
         });
     }
-    let file = bsi_channel::trust::SignedTrust::from_bytes(text.as_bytes())
-        .with_context(|| format!("{}", trust.display()))?;
-    let checked = file
+    let given =
+        SignedTrust::from_bytes(text.as_bytes()).with_context(|| format!("{}", trust.display()))?;
+    given
         .verify_initial()
         .with_context(|| format!("{}", trust.display()))?;
+    let stored_path = state.join("trust.json");
+    let mut current = match std::fs::read(&stored_path) {
+        Ok(bytes) => {
+            let stored = SignedTrust::from_bytes(&bytes)
+                .with_context(|| format!("{}", stored_path.display()))?;
+            stored
+                .verify_initial()
+                .with_context(|| format!("{}", stored_path.display()))?;
+            if stored.signed.version > given.signed.version {
+                stored
+            } else {
+                given
+            }
+        }
+        Err(_) => given,
+    };
+    // A rotation published with the channel.
+    if let Ok(bytes) = channel.read("trust.json", 1 << 20) {
+        let offered = SignedTrust::from_bytes(&bytes)
+            .with_context(|| format!("{}", channel.locate("trust.json").display()))?;
+        if offered.signed.version > current.signed.version {
+            offered
+                .verify_rotation(&current.signed)
+                .with_context(|| format!("{}", channel.locate("trust.json").display()))?;
+            std::fs::create_dir_all(state)
+                .with_context(|| format!("cannot create {}", state.display()))?;
+            bsi_engine::write_atomically(&stored_path, &offered.to_bytes())?;
+            current = offered;
+        }
+    }
+    let checked = &current.signed;
     Ok(bsi_engine::UpdateTrust {
         channel_keys: checked.role_keys(&checked.roles.channel),
         channel_threshold: checked.roles.channel.threshold,

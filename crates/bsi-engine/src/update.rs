@@ -198,7 +198,7 @@ impl ChannelSource {
     }
 
     /// Where `name` is, for messages.
-    fn locate(&self, name: &str) -> PathBuf {
+    pub fn locate(&self, name: &str) -> PathBuf {
         match self {
             ChannelSource::Dir(dir) => dir.join(name),
             ChannelSource::Url(url) => PathBuf::from(format!("{url}/{name}")),
@@ -207,7 +207,7 @@ impl ChannelSource {
 
     /// The bytes of `name`, at most `limit` of them: a longer file is refused as soon as the
     /// limit is passed, so a hostile server cannot make a device download more.
-    fn read(&self, name: &str, limit: u64) -> Result<Vec<u8>, UpdateError> {
+    pub fn read(&self, name: &str, limit: u64) -> Result<Vec<u8>, UpdateError> {
         let location = self.locate(name);
         let mut bytes = Vec::new();
         match self {

@@ -706,3 +706,69 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest as _;
     sha2::Sha256::digest(bytes).into()
 }
+
+#[test]
+fn a_rotated_trust_file_is_adopted_only_when_both_roots_signed_it() {
+    let fx = Fixture::release_a();
+    let keys = fx.path("keys");
+    for name in ["root2", "other"] {
+        ok(&run(["keygen", "--out-dir", p(&keys), "--name", name]));
+    }
+    let (other_key, other_pub) = (keys.join("other.key.pem"), keys.join("other.pub.pem"));
+    // Packages and channel move to the `other` key, the root to `root2`.
+    let pkg = fx.path("a.bsi");
+    build(&fx.base, &fx.target, "a", &other_key, &pkg, &COMPONENTS);
+    let repo = fx.path("repo");
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg)]));
+    ok(&run([
+        "channel",
+        "sign",
+        "--dir",
+        p(&repo),
+        "--key",
+        p(&other_key),
+        "--expires",
+        "30d",
+    ]));
+    let rotate = |out: &Path, old_root: &Path| {
+        run([
+            "trust",
+            "rotate",
+            "--from",
+            p(&keys_dir().join("trust.json")),
+            "--out",
+            p(out),
+            "--old-root",
+            p(old_root),
+            "--root",
+            p(&keys.join("root2.key.pem")),
+            "--packages",
+            p(&other_pub),
+            "--channel",
+            p(&other_pub),
+        ])
+    };
+    let root = fx.base_root("root");
+
+    // Without the rotation the device trusts only the example key: the channel is refused.
+    refused(&update(&root, &repo, true), &["0 valid signature(s)"]);
+
+    // A version 2 signed by the new root alone (the "old root" given is the new one) is refused.
+    let bad = repo.join("trust.json");
+    refused(
+        &rotate(&bad, &keys.join("root2.key.pem")),
+        &["root keys of version 1"],
+    );
+    assert!(!bad.exists());
+
+    // Signed by the old and the new root: adopted, then the update installs.
+    ok(&rotate(&bad, &keys_dir().join("root.key.pem")));
+    let out = ok(&update(&root, &repo, true));
+    assert!(out.contains("installed macOS 26.3 (a)"), "{out}");
+    let stored = bsi_channel::trust::SignedTrust::from_bytes(
+        &fs::read(root.join(".bsi/trust.json")).expect("adopted trust"),
+    )
+    .expect("parses");
+    assert_eq!(stored.signed.version, 2);
+}
