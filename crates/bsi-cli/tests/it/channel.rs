@@ -772,3 +772,42 @@ fn a_rotated_trust_file_is_adopted_only_when_both_roots_signed_it() {
     .expect("parses");
     assert_eq!(stored.signed.version, 2);
 }
+
+#[test]
+fn update_switches_from_a_to_b_in_one_transaction() {
+    let fx = Fixture::release_a();
+    let target_b = fx.path("target-b");
+    write_tree(&target_b, &target_b_model(), false);
+    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
+    build(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        &pkg_a,
+        &COMPONENTS,
+    );
+    build(
+        &fx.base,
+        &target_b,
+        "b",
+        &example_key(),
+        &pkg_b,
+        &COMPONENTS,
+    );
+    let repo = fx.path("repo");
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
+    sign(&repo);
+    let root = fx.base_root("root");
+    ok(&update(&root, &repo, true));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_b)]));
+    sign(&repo);
+    let out = ok(&update(&root, &repo, true));
+    assert!(out.contains("installed macOS 26.3 (b)"), "{out}");
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&target_b));
+    assert_eq!(ok(&run(["status", "--root", p(&root)])), "macOS 26.3 (b)\n");
+    // One letter installed: reverting (b) goes straight back to the base.
+    ok(&run(["revert", "--root", p(&root), "--quiet"]));
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+}
