@@ -21,7 +21,9 @@ const BSI: &str = "target/release/bsi";
 const WORK: &str = "target/killbench";
 const STATE: &str = ".bsi";
 
-fn bsi<S: AsRef<OsStr>>(ws: &Path, args: &[S]) -> Result<String> {
+/// Run the release bsi binary in the workspace: its stdout and stderr, or its stderr as the
+/// error when it fails.
+pub fn bsi<S: AsRef<OsStr>>(ws: &Path, args: &[S]) -> Result<String> {
     let out = Command::new(ws.join(BSI))
         .args(args)
         .current_dir(ws)
@@ -35,7 +37,11 @@ fn bsi<S: AsRef<OsStr>>(ws: &Path, args: &[S]) -> Result<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }
 
 /// Run bsi and SIGKILL it after `delay` if it is still running; true when it was killed.

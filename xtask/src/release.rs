@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-const BSI: &str = "target/release/bsi";
+use crate::killbench::bsi;
 
 /// A release plan (TOML): the channel, the keys, and one entry per package.
 #[derive(Debug, Deserialize)]
@@ -33,27 +33,6 @@ struct Planned {
     letter: String,
     #[serde(default)]
     components: Vec<String>,
-}
-
-/// Run the bsi binary in the workspace; its stderr is the error when it fails.
-fn bsi(ws: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(ws.join(BSI))
-        .args(args)
-        .current_dir(ws)
-        .output()
-        .context("could not start bsi")?;
-    if !out.status.success() {
-        bail!(
-            "`bsi {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
 }
 
 fn text(p: &Path) -> String {

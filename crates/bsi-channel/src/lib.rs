@@ -258,6 +258,20 @@ impl Default for Channel {
     }
 }
 
+/// One signature per key over `bytes`, sorted by key id, one per key.
+pub(crate) fn sign_all(bytes: &[u8], keys: &[&SecretKey]) -> Vec<ChannelSignature> {
+    let mut signatures: Vec<ChannelSignature> = keys
+        .iter()
+        .map(|key| ChannelSignature {
+            key_id: key.public().key_id().to_string(),
+            sig: hex::encode(key.sign(bytes)),
+        })
+        .collect();
+    signatures.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+    signatures.dedup_by(|a, b| a.key_id == b.key_id);
+    signatures
+}
+
 /// Seconds since the Unix epoch of `time` (negative before it).
 pub fn unix_seconds(time: SystemTime) -> i64 {
     match time.duration_since(UNIX_EPOCH) {
@@ -315,16 +329,7 @@ impl SignedChannel {
     pub fn sign(mut channel: Channel, expires: i64, keys: &[&SecretKey]) -> SignedChannel {
         channel.sequence += 1;
         channel.expires = expires;
-        let bytes = channel.canonical_bytes();
-        let mut signatures: Vec<ChannelSignature> = keys
-            .iter()
-            .map(|key| ChannelSignature {
-                key_id: key.public().key_id().to_string(),
-                sig: hex::encode(key.sign(&bytes)),
-            })
-            .collect();
-        signatures.sort_by(|a, b| a.key_id.cmp(&b.key_id));
-        signatures.dedup_by(|a, b| a.key_id == b.key_id);
+        let signatures = sign_all(&channel.canonical_bytes(), keys);
         SignedChannel {
             signed: channel,
             signatures,

@@ -182,16 +182,7 @@ impl SignedTrust {
     /// Sign `trust` with `keys` (root keys of this version, and of the previous one for a
     /// rotation).
     pub fn sign(trust: Trust, keys: &[&SecretKey]) -> SignedTrust {
-        let bytes = trust.canonical_bytes();
-        let mut signatures: Vec<ChannelSignature> = keys
-            .iter()
-            .map(|key| ChannelSignature {
-                key_id: key.public().key_id().to_string(),
-                sig: hex::encode(key.sign(&bytes)),
-            })
-            .collect();
-        signatures.sort_by(|a, b| a.key_id.cmp(&b.key_id));
-        signatures.dedup_by(|a, b| a.key_id == b.key_id);
+        let signatures = crate::sign_all(&trust.canonical_bytes(), keys);
         SignedTrust {
             signed: trust,
             signatures,

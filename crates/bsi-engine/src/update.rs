@@ -59,15 +59,7 @@ impl Default for Policy {
 
 impl Policy {
     pub fn load(state_dir: &Path) -> Result<Policy, UpdateError> {
-        let path = state_dir.join(POLICY);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| UpdateError::Record {
-                path,
-                reason: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Policy::default()),
-            Err(e) => Err(FsError::new("read", &path, e).into()),
-        }
+        load_or_default(state_dir.join(POLICY))
     }
 
     /// Write the policy atomically (taking the root's lock, so that no update runs meanwhile).
@@ -82,17 +74,23 @@ impl Policy {
     }
 }
 
+/// A JSON file of the state directory, or its default when there is none.
+fn load_or_default<T: Default + for<'de> Deserialize<'de>>(
+    path: PathBuf,
+) -> Result<T, UpdateError> {
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| UpdateError::Record {
+            path,
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(FsError::new("read", &path, e).into()),
+    }
+}
+
 impl DeviceRecord {
     pub fn load(state_dir: &Path) -> Result<DeviceRecord, UpdateError> {
-        let path = state_dir.join(RECORD);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| UpdateError::Record {
-                path,
-                reason: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DeviceRecord::default()),
-            Err(e) => Err(FsError::new("read", &path, e).into()),
-        }
+        load_or_default(state_dir.join(RECORD))
     }
 
     fn save(&self, state_dir: &Path) -> Result<(), FsError> {

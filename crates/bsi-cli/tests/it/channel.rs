@@ -14,28 +14,14 @@ fn metadata(dir: &Path) -> SignedChannel {
 
 #[test]
 fn a_channel_is_made_filled_signed_and_withdrawn_from() {
-    let fx = Fixture::new(&base_model(), &target_a_model());
-    let target_b = fx.path("target-b");
-    write_tree(&target_b, &target_b_model(), false);
-    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
-    let bytes_a = build(
-        &fx.base,
-        &fx.target,
-        "a",
-        &example_key(),
-        &pkg_a,
-        &COMPONENTS,
-    );
-    build(
-        &fx.base,
-        &target_b,
-        "b",
-        &example_key(),
-        &pkg_b,
-        &COMPONENTS,
-    );
-    let repo = fx.path("repo");
-
+    let Published {
+        fx,
+        target_b,
+        pkg_a,
+        pkg_b,
+        repo,
+    } = published();
+    let bytes_a = fs::read(&pkg_a).expect("read");
     ok(&run(["channel", "init", "--dir", p(&repo)]));
     refused(
         &run(["channel", "init", "--dir", p(&repo)]),
@@ -105,36 +91,10 @@ fn a_channel_is_made_filled_signed_and_withdrawn_from() {
     ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_b)]));
     assert!(metadata(&repo).signatures.is_empty());
     refused(
-        &run([
-            "channel",
-            "withdraw",
-            "--dir",
-            p(&repo),
-            "--product",
-            "macOS",
-            "--base-version",
-            "26.3",
-            "--letter",
-            "c",
-            "--reason",
-            "x",
-        ]),
+        &withdraw(&repo, "c", "x"),
         &["(c) is not a published letter"],
     );
-    ok(&run([
-        "channel",
-        "withdraw",
-        "--dir",
-        p(&repo),
-        "--product",
-        "macOS",
-        "--base-version",
-        "26.3",
-        "--letter",
-        "a",
-        "--reason",
-        "broke sign-in on some websites",
-    ]));
+    ok(&withdraw(&repo, "a", "broke sign-in on some websites"));
     ok(&run([
         "channel",
         "sign",
@@ -279,6 +239,83 @@ fn a_trust_file_names_the_package_keys_and_is_checked_against_its_root() {
     );
 }
 
+/// Release (a) and a (b) tree, both packages built, and where the channel goes.
+struct Published {
+    fx: Fixture,
+    target_b: std::path::PathBuf,
+    pkg_a: std::path::PathBuf,
+    pkg_b: std::path::PathBuf,
+    repo: std::path::PathBuf,
+}
+
+fn published() -> Published {
+    let fx = Fixture::release_a();
+    let target_b = fx.path("target-b");
+    write_tree(&target_b, &target_b_model(), false);
+    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
+    build(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        &pkg_a,
+        &COMPONENTS,
+    );
+    build(
+        &fx.base,
+        &target_b,
+        "b",
+        &example_key(),
+        &pkg_b,
+        &COMPONENTS,
+    );
+    let repo = fx.path("repo");
+    Published {
+        fx,
+        target_b,
+        pkg_a,
+        pkg_b,
+        repo,
+    }
+}
+
+/// Release (a), and a signed channel publishing it.
+fn channel_with_a() -> (Fixture, std::path::PathBuf) {
+    let fx = Fixture::release_a();
+    let pkg_a = fx.path("a.bsi");
+    build(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        &pkg_a,
+        &COMPONENTS,
+    );
+    let repo = fx.path("repo");
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
+    sign(&repo);
+    (fx, repo)
+}
+
+/// `bsi channel withdraw` of macOS 26.3 (`letter`) from `repo`.
+fn withdraw(repo: &Path, letter: &str, reason: &str) -> std::process::Output {
+    run([
+        "channel",
+        "withdraw",
+        "--dir",
+        p(repo),
+        "--product",
+        "macOS",
+        "--base-version",
+        "26.3",
+        "--letter",
+        letter,
+        "--reason",
+        reason,
+    ])
+}
+
 fn sign(repo: &Path) {
     ok(&run([
         "channel",
@@ -310,27 +347,13 @@ fn update(root: &Path, repo: &Path, install: bool) -> std::process::Output {
 
 #[test]
 fn update_follows_the_channel_from_a_to_withdrawn_a_to_b_and_refuses_what_it_must() {
-    let fx = Fixture::release_a();
-    let target_b = fx.path("target-b");
-    write_tree(&target_b, &target_b_model(), false);
-    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
-    build(
-        &fx.base,
-        &fx.target,
-        "a",
-        &example_key(),
-        &pkg_a,
-        &COMPONENTS,
-    );
-    build(
-        &fx.base,
-        &target_b,
-        "b",
-        &example_key(),
-        &pkg_b,
-        &COMPONENTS,
-    );
-    let repo = fx.path("repo");
+    let Published {
+        fx,
+        target_b,
+        pkg_a,
+        pkg_b,
+        repo,
+    } = published();
     ok(&run(["channel", "init", "--dir", p(&repo)]));
     ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
     sign(&repo);
@@ -348,20 +371,7 @@ fn update_follows_the_channel_from_a_to_withdrawn_a_to_b_and_refuses_what_it_mus
     assert!(ok(&update(&root, &repo, true)).contains("up to date"));
 
     // (a) withdrawn while installed: the device goes back to the base and says why.
-    ok(&run([
-        "channel",
-        "withdraw",
-        "--dir",
-        p(&repo),
-        "--product",
-        "macOS",
-        "--base-version",
-        "26.3",
-        "--letter",
-        "a",
-        "--reason",
-        "broke sign-in",
-    ]));
+    ok(&withdraw(&repo, "a", "broke sign-in"));
     sign(&repo);
     let out = ok(&update(&root, &repo, false));
     assert!(
@@ -459,27 +469,13 @@ fn update_follows_the_channel_from_a_to_withdrawn_a_to_b_and_refuses_what_it_mus
 
 #[test]
 fn policy_decides_whether_update_installs() {
-    let fx = Fixture::release_a();
-    let target_b = fx.path("target-b");
-    write_tree(&target_b, &target_b_model(), false);
-    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
-    build(
-        &fx.base,
-        &fx.target,
-        "a",
-        &example_key(),
-        &pkg_a,
-        &COMPONENTS,
-    );
-    build(
-        &fx.base,
-        &target_b,
-        "b",
-        &example_key(),
-        &pkg_b,
-        &COMPONENTS,
-    );
-    let repo = fx.path("repo");
+    let Published {
+        fx,
+        target_b: _,
+        pkg_a,
+        pkg_b,
+        repo,
+    } = published();
     ok(&run(["channel", "init", "--dir", p(&repo)]));
     ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
     sign(&repo);
@@ -520,20 +516,7 @@ fn policy_decides_whether_update_installs() {
 
 #[test]
 fn a_full_release_retires_the_old_base_letters() {
-    let fx = Fixture::release_a();
-    let pkg_a = fx.path("a.bsi");
-    build(
-        &fx.base,
-        &fx.target,
-        "a",
-        &example_key(),
-        &pkg_a,
-        &COMPONENTS,
-    );
-    let repo = fx.path("repo");
-    ok(&run(["channel", "init", "--dir", p(&repo)]));
-    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
-    sign(&repo);
+    let (fx, repo) = channel_with_a();
     let root = fx.base_root("root");
     assert!(ok(&update(&root, &repo, true)).contains("installed macOS 26.3 (a)"));
 
@@ -600,20 +583,7 @@ fn serve(dir: &Path) -> String {
 
 #[test]
 fn update_reads_a_channel_over_http_with_bounded_downloads() {
-    let fx = Fixture::release_a();
-    let pkg_a = fx.path("a.bsi");
-    build(
-        &fx.base,
-        &fx.target,
-        "a",
-        &example_key(),
-        &pkg_a,
-        &COMPONENTS,
-    );
-    let repo = fx.path("repo");
-    ok(&run(["channel", "init", "--dir", p(&repo)]));
-    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
-    sign(&repo);
+    let (fx, repo) = channel_with_a();
     let url = serve(&repo);
     let root = fx.base_root("root");
     let update_url = |channel: &str| {
@@ -653,27 +623,13 @@ fn update_reads_a_channel_over_http_with_bounded_downloads() {
 
 #[test]
 fn update_refuses_a_package_listed_under_another_release() {
-    let fx = Fixture::release_a();
-    let target_b = fx.path("target-b");
-    write_tree(&target_b, &target_b_model(), false);
-    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
-    build(
-        &fx.base,
-        &fx.target,
-        "a",
-        &example_key(),
-        &pkg_a,
-        &COMPONENTS,
-    );
-    build(
-        &fx.base,
-        &target_b,
-        "b",
-        &example_key(),
-        &pkg_b,
-        &COMPONENTS,
-    );
-    let repo = fx.path("repo");
+    let Published {
+        fx,
+        target_b: _,
+        pkg_a,
+        pkg_b,
+        repo,
+    } = published();
     ok(&run(["channel", "init", "--dir", p(&repo)]));
     ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_b)]));
     // The listing of (b) names (a)'s bytes: right size and hash for that file, wrong package.
@@ -775,27 +731,13 @@ fn a_rotated_trust_file_is_adopted_only_when_both_roots_signed_it() {
 
 #[test]
 fn update_switches_from_a_to_b_in_one_transaction() {
-    let fx = Fixture::release_a();
-    let target_b = fx.path("target-b");
-    write_tree(&target_b, &target_b_model(), false);
-    let (pkg_a, pkg_b) = (fx.path("a.bsi"), fx.path("b.bsi"));
-    build(
-        &fx.base,
-        &fx.target,
-        "a",
-        &example_key(),
-        &pkg_a,
-        &COMPONENTS,
-    );
-    build(
-        &fx.base,
-        &target_b,
-        "b",
-        &example_key(),
-        &pkg_b,
-        &COMPONENTS,
-    );
-    let repo = fx.path("repo");
+    let Published {
+        fx,
+        target_b,
+        pkg_a,
+        pkg_b,
+        repo,
+    } = published();
     ok(&run(["channel", "init", "--dir", p(&repo)]));
     ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
     sign(&repo);
