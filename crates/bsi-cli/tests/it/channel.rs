@@ -753,3 +753,24 @@ fn update_switches_from_a_to_b_in_one_transaction() {
     ok(&run(["revert", "--root", p(&root), "--quiet"]));
     assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
 }
+
+#[test]
+fn a_package_the_channel_does_not_list_is_never_installed() {
+    let Published {
+        fx,
+        target_b: _,
+        pkg_a,
+        pkg_b,
+        repo,
+    } = published();
+    ok(&run(["channel", "init", "--dir", p(&repo)]));
+    ok(&run(["channel", "add", "--dir", p(&repo), p(&pkg_a)]));
+    sign(&repo);
+    // (b) lies in the channel directory under the name a listing would give it, unlisted.
+    fs::copy(&pkg_b, repo.join("macOS-26.3-25D125-b.bsi")).expect("copy");
+    let root = fx.base_root("root");
+    let out = ok(&update(&root, &repo, true));
+    assert!(out.contains("installed macOS 26.3 (a)"), "{out}");
+    assert!(ok(&update(&root, &repo, true)).contains("macOS 26.3 (a) is up to date"));
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
+}
