@@ -406,6 +406,23 @@ fn update_follows_the_channel_from_a_to_withdrawn_a_to_b_and_refuses_what_it_mus
     assert_eq!(tree_snapshot(&root), tree_snapshot(&target_b));
     assert_eq!(status(), "macOS 26.3 (b)\n");
 
+    // Other content under the sequence already seen (signed again without a new number).
+    let mut same_seq = SignedChannel::from_bytes(&good_channel)
+        .expect("parse")
+        .signed;
+    same_seq.sequence -= 1;
+    same_seq.releases[0].withdrawn[0].reason = "another reason".into();
+    let same_seq = SignedChannel::sign(
+        same_seq,
+        bsi_channel::unix_seconds(std::time::SystemTime::now()) + 3600,
+        &[&SecretKey::load(&example_key()).expect("key")],
+    );
+    fs::write(repo.join("channel.json"), same_seq.to_bytes()).expect("write");
+    refused(
+        &update(&root, &repo, true),
+        &["changed without a new sequence number"],
+    );
+
     // Rollback: the first channel metadata again.
     fs::write(repo.join("channel.json"), &first_channel).expect("write");
     refused(
