@@ -457,17 +457,31 @@ fn run(command: Command) -> Result<()> {
 /// The keys `--trust` names for packages: a single public key PEM, or a trust file (its
 /// packages role, the file checked against its own root keys).
 fn package_keys(trust: &Path) -> Result<Vec<PublicKey>> {
+    Ok(match load_trust(trust)? {
+        Trusted::Key(key) => vec![key],
+        Trusted::File(file) => file.signed.role_keys(&file.signed.roles.packages),
+    })
+}
+
+/// What `--trust` names.
+enum Trusted {
+    /// A single public key PEM: it signs packages and channel metadata.
+    Key(PublicKey),
+    /// A trust file, checked against its own root keys.
+    File(bsi_channel::trust::SignedTrust),
+}
+
+fn load_trust(trust: &Path) -> Result<Trusted> {
     let text = std::fs::read_to_string(trust)
         .with_context(|| format!("cannot read trust file {}", trust.display()))?;
     if text.trim_start().starts_with("-----BEGIN") {
-        return Ok(vec![PublicKey::load(trust)?]);
+        return Ok(Trusted::Key(PublicKey::load(trust)?));
     }
     let file = bsi_channel::trust::SignedTrust::from_bytes(text.as_bytes())
         .with_context(|| format!("{}", trust.display()))?;
-    let checked = file
-        .verify_initial()
+    file.verify_initial()
         .with_context(|| format!("{}", trust.display()))?;
-    Ok(checked.role_keys(&checked.roles.packages))
+    Ok(Trusted::File(file))
 }
 
 /// The keys `update` trusts: one public key for both roles (threshold 1), or a trust file's
@@ -480,21 +494,16 @@ fn update_trust(
     channel: &bsi_engine::ChannelSource,
 ) -> Result<bsi_engine::UpdateTrust> {
     use bsi_channel::trust::SignedTrust;
-    let text = std::fs::read_to_string(trust)
-        .with_context(|| format!("cannot read trust file {}", trust.display()))?;
-    if text.trim_start().starts_with("-----BEGIN") {
-        let key = PublicKey::load(trust)?;
-        return Ok(bsi_engine::UpdateTrust {
-            channel_keys: vec![key.clone()],
-            channel_threshold: 1,
-            package_keys: vec![key],
-        });
-    }
-    let given =
-        SignedTrust::from_bytes(text.as_bytes()).with_context(|| format!("{}", trust.display()))?;
-    given
-        .verify_initial()
-        .with_context(|| format!("{}", trust.display()))?;
+    let given = match load_trust(trust)? {
+        Trusted::Key(key) => {
+            return Ok(bsi_engine::UpdateTrust {
+                channel_keys: vec![key.clone()],
+                channel_threshold: 1,
+                package_keys: vec![key],
+            })
+        }
+        Trusted::File(file) => file,
+    };
     let stored_path = state.join("trust.json");
     let mut current = match std::fs::read(&stored_path) {
         Ok(bytes) => {
@@ -538,15 +547,7 @@ fn open_package(package: &Path, trust: &Path) -> Result<VerifiedPackage> {
     let keys = package_keys(trust)?;
     let bytes = std::fs::read(package)
         .with_context(|| format!("cannot read package {}", package.display()))?;
-    // The signer the manifest names picks the key; the signature decides.
-    let named = bsi_format::RawPackage::split(&bytes)
-        .ok()
-        .and_then(|raw| bsi_format::Manifest::from_packed(raw.manifest).ok())
-        .map(|m| m.signer);
-    let key = keys
-        .iter()
-        .find(|k| named.as_deref() == Some(k.key_id().as_str()))
-        .or(keys.first())
+    let key = bsi_engine::signer_key(&bytes, &keys)
         .with_context(|| format!("{} lists no usable package key", trust.display()))?;
     Ok(VerifiedPackage::from_bytes(bytes, key, package)?)
 }

@@ -23,7 +23,7 @@ pub use apply::{
     Space, Status, StatusError,
 };
 pub use build::{build, write_atomically, BuildError, BuildOptions, BuildSummary, ComponentSpec};
-pub use package::{verify_against_tree, OpenError, TreeVerifyError, VerifiedPackage};
+pub use package::{signer_key, verify_against_tree, OpenError, TreeVerifyError, VerifiedPackage};
 pub use state::default_state_dir;
 pub use tree::{scan, ScanError, Tree, STATE_DIR_NAME};
 pub use txn::{Failed, Interrupted, Recovered, TxnError, TxnKind};

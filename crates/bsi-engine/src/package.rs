@@ -32,6 +32,18 @@ pub enum OpenError {
     },
 }
 
+/// Among `keys`, the one to verify package `bytes` with: the key whose id the (not yet verified)
+/// manifest names as signer, else the first. The signature check decides; this only picks.
+pub fn signer_key<'k>(bytes: &[u8], keys: &'k [PublicKey]) -> Option<&'k PublicKey> {
+    let named = RawPackage::split(bytes)
+        .ok()
+        .and_then(|raw| Manifest::from_packed(raw.manifest).ok())
+        .map(|m| m.signer);
+    keys.iter()
+        .find(|k| named.as_deref() == Some(k.key_id().as_str()))
+        .or(keys.first())
+}
+
 /// A package whose signature and payload digests have been checked. It owns the bytes it was
 /// checked on, so that what is used is exactly what was verified, whatever happens to the file.
 #[derive(Debug)]

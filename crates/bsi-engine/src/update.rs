@@ -334,15 +334,7 @@ fn fetch(
     if digest != listed.sha256 {
         return Err(mismatch(format!("its sha256 is {digest}")));
     }
-    let named = bsi_format::RawPackage::split(&bytes)
-        .ok()
-        .and_then(|raw| bsi_format::Manifest::from_packed(raw.manifest).ok())
-        .map(|m| m.signer);
-    let key = trust
-        .package_keys
-        .iter()
-        .find(|k| named.as_deref() == Some(k.key_id().as_str()))
-        .or(trust.package_keys.first())
+    let key = crate::package::signer_key(&bytes, &trust.package_keys)
         .ok_or_else(|| mismatch("no package key is trusted".to_owned()))?;
     let pkg = VerifiedPackage::from_bytes(bytes, key, &file)?;
     let m = &pkg.manifest;
