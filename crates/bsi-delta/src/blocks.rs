@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Write};
 
-use crate::{window_log, DecodeError, DeltaEncoder};
+use crate::{corrupt, varint, window_log, DecodeError, DeltaEncoder};
 
 const MAGIC: &[u8; 4] = b"BLK1";
 /// A body never exceeds the new file plus this much per 32 bytes, plus a constant: each copy
@@ -82,22 +82,6 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
     i
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
-
 struct Body {
     bytes: Vec<u8>,
     previous_copy_end: usize,
@@ -105,14 +89,14 @@ struct Body {
 
 impl Body {
     fn op(&mut self, literal: &[u8], copy: Option<(usize, usize)>) {
-        put_varint(&mut self.bytes, literal.len() as u64);
+        varint::put(&mut self.bytes, literal.len() as u64);
         self.bytes.extend_from_slice(literal);
         if let Some((start, len)) = copy {
-            put_varint(
+            varint::put(
                 &mut self.bytes,
-                zigzag(start as i64 - self.previous_copy_end as i64),
+                varint::zigzag(start as i64 - self.previous_copy_end as i64),
             );
-            put_varint(&mut self.bytes, len as u64);
+            varint::put(&mut self.bytes, len as u64);
             self.previous_copy_end = start + len;
         }
     }
@@ -199,7 +183,7 @@ impl DeltaEncoder for Blocks {
         "blocks"
     }
 
-    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
+    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
         let mut body = body(old, new);
         if body.len() as u64 > body_bound(new.len() as u64) {
             // Cannot happen (each copy covers >= MIN_MATCH bytes), but stay decodable.
@@ -216,7 +200,7 @@ impl DeltaEncoder for Blocks {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
         out.extend_from_slice(&crate::compress_at(&body, level)?);
-        Ok(out)
+        Ok(Some(out))
     }
 
     fn decode_into(
@@ -255,9 +239,6 @@ fn walk(
     new_len: u64,
     mut visit: impl FnMut(Op<'_>) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
-    let corrupt = |what: &str| {
-        DecodeError::Corrupt(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()))
-    };
     let rest = payload
         .strip_prefix(MAGIC)
         .ok_or_else(|| corrupt("not a blocks payload"))?;
@@ -278,7 +259,7 @@ fn walk(
     let mut previous_copy_end = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let literal = read_varint(&mut body)?;
+        let literal = varint::read(&mut body)?;
         if literal > new_len - written {
             return Err(DecodeError::TooLong { expected: new_len });
         }
@@ -293,8 +274,8 @@ fn walk(
         if written == new_len {
             break;
         }
-        let delta = unzigzag(read_varint(&mut body)?);
-        let len = read_varint(&mut body)?;
+        let delta = varint::unzigzag(varint::read(&mut body)?);
+        let len = varint::read(&mut body)?;
         let copy_start = (previous_copy_end as i64)
             .checked_add(delta)
             .filter(|s| *s >= 0)
@@ -376,22 +357,6 @@ pub fn reverse(old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, Deco
     Ok(out)
 }
 
-fn read_varint(r: &mut impl Read) -> Result<u64, DecodeError> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let mut byte = [0u8; 1];
-        r.read_exact(&mut byte).map_err(DecodeError::Corrupt)?;
-        value |= u64::from(byte[0] & 0x7f) << shift;
-        if byte[0] & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(DecodeError::Corrupt(io::Error::new(
-        io::ErrorKind::InvalidData,
-        "varint too long",
-    )))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,7 +374,7 @@ mod tests {
     }
 
     fn round_trip(old: &[u8], new: &[u8]) -> usize {
-        let payload = Blocks.encode(old, new).expect("encode");
+        let payload = Blocks.encode(old, new).expect("encode").expect("applies");
         assert_eq!(
             Blocks
                 .decode(old, &payload, new.len() as u64)
@@ -421,7 +386,7 @@ mod tests {
 
     /// The reverse of `old -> new`, checked to rebuild `old` from `new`; its size.
     fn reverse_round_trip(old: &[u8], new: &[u8]) -> usize {
-        let forward = Blocks.encode(old, new).expect("encode");
+        let forward = Blocks.encode(old, new).expect("encode").expect("applies");
         let back = reverse(old, &forward, new.len() as u64).expect("reverse");
         assert_eq!(
             Blocks
@@ -461,7 +426,7 @@ mod tests {
         }
         reverse_round_trip(&noise(23, 5000), &noise(24, 7000));
         // A payload for other files is refused.
-        let forward = Blocks.encode(&old, &new).expect("encode");
+        let forward = Blocks.encode(&old, &new).expect("encode").expect("applies");
         assert!(reverse(&old[..1000], &forward, new.len() as u64).is_err());
         assert!(reverse(&old, &forward, new.len() as u64 + 1).is_err());
     }
@@ -499,7 +464,7 @@ mod tests {
     fn hostile_payloads_are_refused() {
         let old = noise(5, 1000);
         let new = noise(5, 1000);
-        let good = Blocks.encode(&old, &new).expect("encode");
+        let good = Blocks.encode(&old, &new).expect("encode").expect("applies");
         for cut in 0..good.len() {
             assert!(
                 Blocks.decode(&old, &good[..cut], 1000).is_err(),

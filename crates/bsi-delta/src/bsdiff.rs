@@ -14,7 +14,7 @@
 //! diff                             `cm` range-coder bytes, packed_len bytes (between the two)
 //! ```
 //!
-//! The control stream is a sequence of steps `{ varint add, varint copy, varint zigzag(seek) }`:
+//! The control stream is a sequence of steps `{ varint add, varint copy, varint varint::zigzag(seek) }`:
 //! the next `add` bytes of the new file are the old file's bytes at the old position plus (mod
 //! 256) the next `add` bytes of the diff stream, the old position advances by `add`; the next
 //! `copy` bytes are taken from the extra stream; then the old position moves by `seek`. The
@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use zstd::stream::raw::CParameter;
 
-use crate::{window_log, DecodeError, DeltaEncoder};
+use crate::{corrupt, varint, window_log, DecodeError, DeltaEncoder};
 
 mod cm;
 mod matcher;
@@ -68,7 +68,7 @@ impl DeltaEncoder for Bsdiff {
         }
     }
 
-    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
+    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
         let (old, new) = (self.forward(old), self.forward(new));
         let index = matcher::Index::new(&old)?;
         let streams = streams(&index, &old, &new, REGION);
@@ -85,13 +85,13 @@ impl DeltaEncoder for Bsdiff {
         out.extend_from_slice(MAGIC);
         out.push(self.filter as u8);
         for (raw, packed) in raw.iter().zip(&packed) {
-            put_varint(&mut out, *raw);
-            put_varint(&mut out, packed.len() as u64);
+            varint::put(&mut out, *raw);
+            varint::put(&mut out, packed.len() as u64);
         }
         for packed in &packed {
             out.extend_from_slice(packed);
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     fn decode_into(
@@ -197,17 +197,17 @@ impl<'a> StreamBuilder<'a> {
     /// Append a step of the matcher, which produces the next bytes of the new file.
     fn push(&mut self, op: &matcher::Op) {
         match self.old_pos {
-            Some(old_pos) => put_varint(&mut self.control, zigzag(seek(old_pos, op.from))),
+            Some(old_pos) => varint::put(&mut self.control, varint::zigzag(seek(old_pos, op.from))),
             // The old position starts at 0: reach the first step's with a pure seek.
             None if op.from != 0 => {
-                put_varint(&mut self.control, 0);
-                put_varint(&mut self.control, 0);
-                put_varint(&mut self.control, zigzag(seek(0, op.from)));
+                varint::put(&mut self.control, 0);
+                varint::put(&mut self.control, 0);
+                varint::put(&mut self.control, varint::zigzag(seek(0, op.from)));
             }
             None => {}
         }
-        put_varint(&mut self.control, op.add);
-        put_varint(&mut self.control, op.copy);
+        varint::put(&mut self.control, op.add);
+        varint::put(&mut self.control, op.copy);
         // The matcher only produces steps inside both files.
         let add = op.add as usize;
         self.diff.push_step(
@@ -227,7 +227,7 @@ impl<'a> StreamBuilder<'a> {
     fn finish(mut self) -> Streams {
         // The seek after the last step leads nowhere.
         if self.old_pos.is_some() {
-            put_varint(&mut self.control, 0);
+            varint::put(&mut self.control, 0);
         }
         debug_assert_eq!(self.new_pos, self.new.len());
         Streams {
@@ -304,7 +304,7 @@ impl<'a> Header<'a> {
             .ok_or_else(|| corrupt("truncated header"))?;
         let mut lens = [(0u64, 0u64); 3];
         for len in &mut lens {
-            *len = (take_varint(&mut rest)?, take_varint(&mut rest)?);
+            *len = (varint::take(&mut rest)?, varint::take(&mut rest)?);
         }
         let mut specs = [StreamSpec {
             raw: 0,
@@ -460,7 +460,7 @@ fn apply(
     while control.left > 0 {
         let add = control.varint()?;
         let copy = control.varint()?;
-        let seek = unzigzag(control.varint()?);
+        let seek = varint::unzigzag(control.varint()?);
         let room = new_len - flushed - out.len() as u64;
         if add > room || copy > room - add {
             return Err(DecodeError::TooLong { expected: new_len });
@@ -516,46 +516,6 @@ fn apply(
     flush(&mut out, &mut flushed)
 }
 
-fn corrupt(message: &str) -> DecodeError {
-    DecodeError::Corrupt(io::Error::new(io::ErrorKind::InvalidData, message))
-}
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push(value as u8 | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-/// Read a varint from the front of `input` and advance it.
-fn take_varint(input: &mut &[u8]) -> Result<u64, DecodeError> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = input
-            .split_first()
-            .ok_or_else(|| corrupt("truncated header"))?;
-        *input = rest;
-        let bits = u64::from(byte & 0x7f);
-        if shift == 63 && bits > 1 {
-            return Err(corrupt("varint overflows 64 bits"));
-        }
-        value |= bits << shift;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(corrupt("varint longer than 10 bytes"))
-}
-
-fn zigzag(value: i64) -> u64 {
-    ((value << 1) ^ (value >> 63)) as u64
-}
-
-fn unzigzag(value: u64) -> i64 {
-    (value >> 1) as i64 ^ -((value & 1) as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -573,13 +533,19 @@ mod tests {
     }
 
     fn round_trip(old: &[u8], new: &[u8]) -> Vec<u8> {
-        let payload = Bsdiff::PLAIN.encode(old, new).expect("encode");
+        let payload = Bsdiff::PLAIN
+            .encode(old, new)
+            .expect("encode")
+            .expect("applies");
         let decoded = Bsdiff::PLAIN
             .decode(old, &payload, new.len() as u64)
             .expect("decode");
         assert_eq!(decoded, new);
         assert_eq!(
-            Bsdiff::PLAIN.encode(old, new).expect("encode"),
+            Bsdiff::PLAIN
+                .encode(old, new)
+                .expect("encode")
+                .expect("applies"),
             payload,
             "deterministic"
         );
@@ -649,7 +615,10 @@ mod tests {
         new.splice(5000..5000, pseudo_random(300, 6));
         new[100] = new[100].wrapping_add(3);
         let len = new.len() as u64;
-        let payload = Bsdiff::PLAIN.encode(&old, &new).expect("encode");
+        let payload = Bsdiff::PLAIN
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
         for cut in [0, 3, 4, 5, 8, payload.len() / 2, payload.len() - 1] {
             assert!(
                 Bsdiff::PLAIN.decode(&old, &payload[..cut], len).is_err(),
@@ -684,7 +653,7 @@ mod tests {
         header.push(0);
         // A control stream claiming far more than the new file justifies.
         for v in [u64::MAX, 1] {
-            put_varint(&mut header, v);
+            varint::put(&mut header, v);
         }
         assert!(Bsdiff::PLAIN.decode(&old, &header, 10).is_err());
         // A varint of 11 bytes.
@@ -696,7 +665,7 @@ mod tests {
         let mut lens = MAGIC.to_vec();
         lens.push(0);
         for v in [0, 0, 5, 1, 0, 0] {
-            put_varint(&mut lens, v);
+            varint::put(&mut lens, v);
         }
         lens.push(0);
         assert!(matches!(
@@ -704,7 +673,10 @@ mod tests {
             Err(DecodeError::WrongLength { .. })
         ));
         // A wrong filter byte.
-        let payload = Bsdiff::PLAIN.encode(&old, &old).expect("encode");
+        let payload = Bsdiff::PLAIN
+            .encode(&old, &old)
+            .expect("encode")
+            .expect("applies");
         let mut filtered = payload.clone();
         filtered[4] = 1;
         assert!(Bsdiff::PLAIN.decode(&old, &filtered, 1000).is_err());
@@ -774,7 +746,10 @@ mod tests {
         let mut new = old.clone();
         new[OUT_CHUNK + 5] ^= 1;
         new.extend_from_slice(&pseudo_random(2 * OUT_CHUNK + 7, 11));
-        let payload = Bsdiff::PLAIN.encode(&old, &new).expect("encode");
+        let payload = Bsdiff::PLAIN
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
         let mut sink = Chunks(Vec::new(), Vec::new());
         Bsdiff::PLAIN
             .decode_into(&old, &payload, new.len() as u64, &mut sink)
@@ -789,13 +764,13 @@ mod tests {
     fn varints_and_zigzag() {
         for v in [0, 1, 127, 128, 300, u64::MAX] {
             let mut out = Vec::new();
-            put_varint(&mut out, v);
+            varint::put(&mut out, v);
             let mut input = out.as_slice();
-            assert_eq!(take_varint(&mut input).expect("varint"), v);
+            assert_eq!(varint::take(&mut input).expect("varint"), v);
             assert!(input.is_empty());
         }
         for v in [0, 1, -1, i64::MIN, i64::MAX] {
-            assert_eq!(unzigzag(zigzag(v)), v);
+            assert_eq!(varint::unzigzag(varint::zigzag(v)), v);
         }
     }
 }

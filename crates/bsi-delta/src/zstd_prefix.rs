@@ -20,7 +20,7 @@ impl DeltaEncoder for ZstdPrefix {
         1 << 20
     }
 
-    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
+    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
         let window = window_log(old.len() as u64 + new.len() as u64);
         let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), LEVEL, old)?;
         encoder.set_parameter(CParameter::WindowLog(window))?;
@@ -28,7 +28,7 @@ impl DeltaEncoder for ZstdPrefix {
         encoder.set_parameter(CParameter::ChecksumFlag(false))?;
         encoder.set_pledged_src_size(Some(new.len() as u64))?;
         encoder.write_all(new)?;
-        encoder.finish()
+        encoder.finish().map(Some)
     }
 
     fn decode_into(

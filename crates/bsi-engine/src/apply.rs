@@ -365,7 +365,7 @@ fn keep_revert(
         }
         (Some(size), _, Some(staged)) if size <= REVERSE_IN_MEMORY => {
             let new = fs::read(staged).fs("read", staged)?;
-            bsi_delta::Blocks.encode(&new, old).ok()
+            bsi_delta::Blocks.encode(&new, old).ok().flatten()
         }
         _ => None,
     };

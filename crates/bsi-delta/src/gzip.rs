@@ -1,0 +1,322 @@
+//! gzip-aware delta. A small change to a compressed file (a changelog gains an entry) changes
+//! its compressed bytes from that point to the end, so every byte-level delta of two gzip files
+//! is about as large as the new file. When the new file's deflate stream is exactly what GNU
+//! gzip writes for its content (see `deflate`; `gzip -9n` is how Debian compresses changelogs
+//! and manual pages), the payload is instead a delta of the two decompressed contents, and the
+//! decoder compresses the rebuilt content again.
+//!
+//! Payload, format 1:
+//!
+//! ```text
+//! "GZD" 0x01                magic and version
+//! u8 level                  gzip level that reproduces the new file's stream (4 to 9)
+//! varint header_len, bytes  the new file's gzip header, verbatim
+//! varint old_raw_len        decompressed length of the old file (its first member)
+//! varint new_raw_len        decompressed length of the new file
+//! u8 name_len, name         inner encoder: a delta encoder's name other than "gzip", or "zstd"
+//! ...                       the inner payload, old content -> new content
+//! ```
+//!
+//! The new file is the header, the stream, the CRC-32 and the length of the content. Both
+//! decompressed lengths are at most [`MAX_RAW`]; the old file is inflated no further than its
+//! declared length, and the rebuilt file must have exactly the length the manifest names.
+
+use std::io::{self, Read, Write};
+
+use crate::{corrupt, varint, DecodeError, DeltaEncoder, Encoded, PLAIN};
+
+mod deflate;
+
+const MAGIC: &[u8; 4] = b"GZD\x01";
+/// Largest decompressed content either file may have: the decoder holds both in memory.
+pub const MAX_RAW: u64 = 16 << 20;
+/// A gzip header: magic, method 8 (deflate), flags, time, extra flags, system.
+const HEADER_MIN: usize = 10;
+const TRAILER: usize = 8;
+/// gzip header flags (RFC 1952, 2.3.1).
+const FHCRC: u8 = 2;
+const FEXTRA: u8 = 4;
+const FNAME: u8 = 8;
+const FCOMMENT: u8 = 16;
+
+/// The gzip-aware encoder, see the module documentation.
+#[derive(Debug, Clone, Copy)]
+pub struct Gzip;
+
+impl DeltaEncoder for Gzip {
+    fn name(&self) -> &'static str {
+        "gzip"
+    }
+
+    fn max_new_len(&self) -> usize {
+        MAX_RAW as usize
+    }
+
+    fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        let (Some(old_member), Some(new_member)) = (Member::parse(old), Member::parse(new)) else {
+            return Ok(None);
+        };
+        let Some(level) = new_member.reproducing_level() else {
+            return Ok(None);
+        };
+        let inner = crate::encode_best_with(
+            crate::delta_encoders()
+                .iter()
+                .copied()
+                .filter(|e| e.name() != self.name()),
+            Some(&old_member.raw),
+            &new_member.raw,
+        )?;
+        let header = &new[..new_member.header_len];
+        let mut out = Vec::with_capacity(inner.payload.len() + header.len() + 32);
+        out.extend_from_slice(MAGIC);
+        out.push(level);
+        varint::put(&mut out, header.len() as u64);
+        out.extend_from_slice(header);
+        varint::put(&mut out, old_member.raw.len() as u64);
+        varint::put(&mut out, new_member.raw.len() as u64);
+        let name = inner_name(&inner);
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&inner.payload);
+        Ok(Some(out))
+    }
+
+    fn decode_into(
+        &self,
+        old: &[u8],
+        payload: &[u8],
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
+        let mut input = payload
+            .strip_prefix(MAGIC)
+            .ok_or_else(|| corrupt("not a gzip payload"))?;
+        let level = take(&mut input, 1)?[0];
+        let header_len = varint::take(&mut input)?;
+        if header_len > new_len || header_len < HEADER_MIN as u64 {
+            return Err(corrupt("gzip header length out of range"));
+        }
+        let header = take(&mut input, header_len as usize)?;
+        let old_raw_len = varint::take(&mut input)?;
+        let new_raw_len = varint::take(&mut input)?;
+        if old_raw_len > MAX_RAW || new_raw_len > MAX_RAW {
+            return Err(corrupt("decompressed length beyond the limit"));
+        }
+        let name_len = take(&mut input, 1)?[0];
+        let name = std::str::from_utf8(take(&mut input, usize::from(name_len))?)
+            .map_err(|_| corrupt("inner encoder name is not UTF-8"))?;
+
+        let old_raw = Member::content(old, old_raw_len)
+            .ok_or_else(|| corrupt("old file is not gzip of the declared length"))?;
+        let new_raw = if name == PLAIN {
+            crate::decompress(input, new_raw_len)?
+        } else if name == self.name() {
+            return Err(corrupt("gzip payload nested in a gzip payload"));
+        } else {
+            crate::delta_encoder(name)?.decode(&old_raw, input, new_raw_len)?
+        };
+        let stream =
+            deflate::deflate(&new_raw, level).ok_or_else(|| corrupt("unsupported gzip level"))?;
+        let total = (header.len() + stream.len() + TRAILER) as u64;
+        if total != new_len {
+            return Err(DecodeError::WrongLength {
+                expected: new_len,
+                actual: total,
+            });
+        }
+        let mut crc = flate2::Crc::new();
+        crc.update(&new_raw);
+        for part in [
+            header,
+            &stream,
+            &crc.sum().to_le_bytes(),
+            &(new_raw.len() as u32).to_le_bytes(),
+        ] {
+            out.write_all(part).map_err(DecodeError::Output)?;
+        }
+        Ok(())
+    }
+}
+
+fn inner_name(inner: &Encoded) -> &'static str {
+    inner.encoder.unwrap_or(PLAIN)
+}
+
+/// Split `len` bytes off the front of `input`.
+fn take<'a>(input: &mut &'a [u8], len: usize) -> Result<&'a [u8], DecodeError> {
+    let (head, rest) = input
+        .split_at_checked(len)
+        .ok_or_else(|| corrupt("truncated gzip payload"))?;
+    *input = rest;
+    Ok(head)
+}
+
+/// A single-member gzip file: its header, its decompressed content, and whether the rest of
+/// the file is exactly its stream and trailer.
+struct Member<'a> {
+    file: &'a [u8],
+    header_len: usize,
+    raw: Vec<u8>,
+    /// Length of the deflate stream, when a trailer that matches the content ends the file.
+    stream_len: Option<usize>,
+}
+
+impl<'a> Member<'a> {
+    /// Parse and inflate `file` (content of at most [`MAX_RAW`] bytes); `None` when it is not
+    /// gzip or its content is larger.
+    fn parse(file: &'a [u8]) -> Option<Member<'a>> {
+        let header_len = header_len(file)?;
+        let (raw, rest) = inflate(&file[header_len..], MAX_RAW)?;
+        let stream_len = file.len() - header_len - rest.len();
+        let trailer_ok = rest.len() == TRAILER && {
+            let mut crc = flate2::Crc::new();
+            crc.update(&raw);
+            rest[..4] == crc.sum().to_le_bytes() && rest[4..] == (raw.len() as u32).to_le_bytes()
+        };
+        Some(Member {
+            file,
+            header_len,
+            raw,
+            stream_len: trailer_ok.then_some(stream_len),
+        })
+    }
+
+    /// The decompressed content of `file`'s first member, which must be exactly `len` bytes.
+    fn content(file: &[u8], len: u64) -> Option<Vec<u8>> {
+        let (raw, _) = inflate(&file[header_len(file)?..], len)?;
+        (raw.len() as u64 == len).then_some(raw)
+    }
+
+    /// The gzip level whose stream is exactly this file's, trying the one its extra-flags byte
+    /// names first (2: level 9; 0: levels 2 to 8, 6 being gzip's default).
+    fn reproducing_level(&self) -> Option<u8> {
+        let stream_len = self.stream_len?;
+        let stream = &self.file[self.header_len..self.header_len + stream_len];
+        let candidates: &[u8] = match self.file[8] {
+            2 => &[9],
+            0 => &[6, 8, 7, 5, 4],
+            _ => &[],
+        };
+        candidates
+            .iter()
+            .copied()
+            .find(|&level| deflate::deflate(&self.raw, level).as_deref() == Some(stream))
+    }
+}
+
+/// Length of the gzip header at the start of `file` (RFC 1952), if it is a deflate member.
+fn header_len(file: &[u8]) -> Option<usize> {
+    if file.len() < HEADER_MIN + TRAILER || file[..3] != [0x1f, 0x8b, 8] {
+        return None;
+    }
+    let flags = file[3];
+    let mut at = HEADER_MIN;
+    if flags & FEXTRA != 0 {
+        let xlen = u16::from_le_bytes([*file.get(at)?, *file.get(at + 1)?]);
+        at += 2 + usize::from(xlen);
+    }
+    for flag in [FNAME, FCOMMENT] {
+        if flags & flag != 0 {
+            at += file.get(at..)?.iter().position(|&b| b == 0)? + 1;
+        }
+    }
+    if flags & FHCRC != 0 {
+        at += 2;
+    }
+    (at <= file.len()).then_some(at)
+}
+
+/// Inflate the deflate stream at the start of `input`, producing at most `limit` bytes; returns
+/// the content and what follows the stream. `None` when the stream is invalid or longer.
+fn inflate(input: &[u8], limit: u64) -> Option<(Vec<u8>, &[u8])> {
+    // A byte slice is a `BufRead` that the decoder advances past exactly the stream's bytes.
+    let mut rest = input;
+    let mut raw = Vec::new();
+    flate2::bufread::DeflateDecoder::new(&mut rest)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut raw)
+        .ok()?;
+    (raw.len() as u64 <= limit).then_some((raw, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `gzip -9n` writes: header without name or time, level-9 stream, trailer.
+    fn gzip9(raw: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 3];
+        out.extend(deflate::deflate(raw, 9).expect("level 9"));
+        let mut crc = flate2::Crc::new();
+        crc.update(raw);
+        out.extend(crc.sum().to_le_bytes());
+        out.extend((raw.len() as u32).to_le_bytes());
+        out
+    }
+
+    fn changelog(entries: u32) -> Vec<u8> {
+        (0..entries)
+            .rev()
+            .flat_map(|i| {
+                format!(
+                    "pkg (1.{i}) stable; urgency=medium\n\n  * Fix CVE-2026-{:04}: bounds check in parser {i}.\n\n -- Maintainer <m@example.org>  Mon, {i} Nov 2026\n\n",
+                    i * 37 % 9999
+                )
+                .into_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_grown_changelog_costs_its_new_entries() {
+        let (old_raw, new_raw) = (changelog(3000), changelog(3004));
+        let (old, new) = (gzip9(&old_raw), gzip9(&new_raw));
+        let payload = Gzip.encode(&old, &new).expect("encode").expect("applies");
+        assert!(
+            payload.len() < 400,
+            "payload {} bytes for a {}-byte file",
+            payload.len(),
+            new.len()
+        );
+        let decoded = Gzip
+            .decode(&old, &payload, new.len() as u64)
+            .expect("decode");
+        assert_eq!(decoded, new);
+        assert!(matches!(
+            Gzip.decode(&old, &payload, new.len() as u64 + 1),
+            Err(DecodeError::WrongLength { .. })
+        ));
+    }
+
+    #[test]
+    fn applies_only_to_reproducible_gzip() {
+        let raw = changelog(50);
+        let good = gzip9(&raw);
+        assert!(Gzip.encode(&good, &good).expect("encode").is_some());
+        // Not gzip at all.
+        assert!(Gzip.encode(&raw, &good).expect("encode").is_none());
+        assert!(Gzip.encode(&good, &raw).expect("encode").is_none());
+        // A stream no supported gzip level writes (stored blocks only, as gzip -1 never does).
+        let mut stored = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 3];
+        let mut encoder =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::none());
+        encoder.write_all(&raw).expect("write");
+        stored.extend(encoder.finish().expect("finish"));
+        stored.extend(&good[good.len() - TRAILER..]);
+        assert!(Gzip.encode(&good, &stored).expect("encode").is_none());
+        // Bytes after the trailer.
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(Gzip.encode(&good, &trailing).expect("encode").is_none());
+    }
+
+    #[test]
+    fn the_old_file_must_have_the_declared_content() {
+        let (old, new) = (gzip9(&changelog(100)), gzip9(&changelog(101)));
+        let payload = Gzip.encode(&old, &new).expect("encode").expect("applies");
+        let other = gzip9(&changelog(99));
+        assert!(Gzip.decode(&other, &payload, new.len() as u64).is_err());
+        assert!(Gzip.decode(&new, &payload, new.len() as u64).is_err());
+    }
+}
