@@ -4,6 +4,7 @@
 mod channel;
 mod crash;
 mod escape;
+mod gzip;
 mod keys;
 mod letters;
 mod openssl;
