@@ -112,7 +112,7 @@ pub fn run(command: ChannelCommand) -> Result<()> {
             }
             fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
             store_unsigned(&dir, Channel::new())?;
-            eprintln!("made an empty channel in {}", dir.display());
+            say!("made an empty channel in {}", dir.display());
         }
         ChannelCommand::Add { dir, package } => {
             let mut channel = load(&dir)?.signed;
@@ -134,9 +134,12 @@ pub fn run(command: ChannelCommand) -> Result<()> {
                 .with_context(|| format!("cannot add {}", package.display()))?;
             bsi_engine::write_atomically(&dir.join(&file), &bytes)?;
             store_unsigned(&dir, channel)?;
-            eprintln!(
+            say!(
                 "added {} {} ({}) as {}; sign the channel to publish it",
-                manifest.product, manifest.base.version, manifest.letter, file
+                manifest.product,
+                manifest.base.version,
+                manifest.letter,
+                file
             );
         }
         ChannelCommand::Withdraw {
@@ -173,7 +176,7 @@ pub fn run(command: ChannelCommand) -> Result<()> {
             };
             channel.withdraw(&product, &base, letter, &reason)?;
             store_unsigned(&dir, channel)?;
-            eprintln!(
+            say!(
                 "withdrew {product} {base_version} ({letter}): {reason}; sign the channel to publish it"
             );
         }
@@ -187,7 +190,7 @@ pub fn run(command: ChannelCommand) -> Result<()> {
             let refs: Vec<&SecretKey> = keys.iter().collect();
             let signed = SignedChannel::sign(channel, expires, &refs);
             bsi_engine::write_atomically(&metadata_path(&dir), &signed.to_bytes())?;
-            eprintln!(
+            say!(
                 "signed {} at sequence {} with {} key(s), valid until {}",
                 metadata_path(&dir).display(),
                 signed.signed.sequence,
@@ -311,7 +314,7 @@ pub fn run_trust(command: TrustCommand) -> Result<()> {
             let signed = SignedTrust::sign(trust, &refs);
             signed.verify_initial()?;
             bsi_engine::write_atomically(&out, &signed.to_bytes())?;
-            eprintln!(
+            say!(
                 "wrote {} (version 1; root {} of {}, packages {} key(s), channel {} of {})",
                 out.display(),
                 root_threshold,
@@ -379,7 +382,7 @@ pub fn run_trust(command: TrustCommand) -> Result<()> {
             let signed = SignedTrust::sign(next, &refs);
             signed.verify_rotation(&current.signed)?;
             bsi_engine::write_atomically(&out, &signed.to_bytes())?;
-            eprintln!(
+            say!(
                 "wrote {} (version {}, signed by the roots of versions {} and {})",
                 out.display(),
                 signed.signed.version,

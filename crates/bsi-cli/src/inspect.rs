@@ -14,7 +14,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         Manifest::from_packed(raw.manifest).with_context(|| format!("{}", path.display()))?;
     let report = report(&manifest, bytes.len() as u64);
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_text(path, &report);
     }
@@ -84,34 +84,35 @@ fn bsi_delta_plain() -> &'static str {
 }
 
 fn print_text(path: &Path, r: &serde_json::Value) {
-    println!(
+    out!(
         "package    {} ({} bytes)",
         path.display(),
         r["package_bytes"]
     );
-    println!("title      {}", r["title"].as_str().unwrap_or_default());
-    println!("product    {}", r["product"].as_str().unwrap_or_default());
+    out!("title      {}", r["title"].as_str().unwrap_or_default());
+    out!("product    {}", r["product"].as_str().unwrap_or_default());
     let build = r["base_build"]
         .as_str()
         .map(|b| format!(" ({b})"))
         .unwrap_or_default();
-    println!(
+    out!(
         "base       {}{build}",
         r["base_version"].as_str().unwrap_or_default()
     );
-    println!("letter     {}", r["letter"].as_str().unwrap_or_default());
-    println!(
+    out!("letter     {}", r["letter"].as_str().unwrap_or_default());
+    out!(
         "signer     {} (not checked here: run `bsi verify`)",
         r["signer"].as_str().unwrap_or_default()
     );
-    println!(
+    out!(
         "entries    {}, payloads {} bytes",
-        r["entries"], r["payload_bytes"]
+        r["entries"],
+        r["payload_bytes"]
     );
     for c in r["components"].as_array().into_iter().flatten() {
         let path = c["path"].as_str().unwrap_or_default();
         let path = if path.is_empty() { "whole tree" } else { path };
-        println!(
+        out!(
             "\ncomponent {} ({path})",
             c["name"].as_str().unwrap_or_default()
         );
@@ -121,7 +122,7 @@ fn print_text(path: &Path, r: &serde_json::Value) {
             ("changed", "changed"),
         ] {
             let items = c[key].as_array().map(Vec::as_slice).unwrap_or_default();
-            println!("  {label}: {}", items.len());
+            out!("  {label}: {}", items.len());
             for item in items {
                 let sizes = match (item["old_size"].as_u64(), item["new_size"].as_u64()) {
                     (Some(a), Some(b)) => format!("{a} -> {b} bytes"),
@@ -145,7 +146,7 @@ fn print_text(path: &Path, r: &serde_json::Value) {
                     }
                     _ => String::new(),
                 };
-                println!(
+                out!(
                     "    {:<8} {}  {sizes}{payload}",
                     item["op"].as_str().unwrap_or_default(),
                     item["path"].as_str().unwrap_or_default()

@@ -3,6 +3,26 @@
 //! Exit codes: 0 success, 1 refused or failed, 2 usage error. Errors are one sentence on stderr;
 //! `--json` output goes to stdout.
 
+/// A line on stdout. Output never panics: when stdout is a pipe whose reader has gone
+/// (`bsi inspect pkg | head`), bsi stops quietly with status 0, as the reader asked for no more;
+/// any other write failure is reported and ends bsi with status 1.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
+/// A line on stderr; if stderr cannot be written to, the line is dropped and bsi goes on.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod channel;
 mod inspect;
 mod progress;
@@ -167,10 +187,19 @@ fn main() -> ExitCode {
                     message.push_str(&cause);
                 }
             }
-            eprintln!("bsi: error: {message}");
+            say!("bsi: error: {message}");
             ExitCode::from(1)
         }
     }
+}
+
+/// See [`out!`].
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    say!("bsi: error: cannot write to standard output: {e}");
+    std::process::exit(1);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -203,7 +232,7 @@ fn run(command: Command) -> Result<()> {
             );
             let key = SecretKey::generate()?;
             let (secret, public) = bsi_sign::write_keypair(&out_dir, &name, &key)?;
-            eprintln!(
+            say!(
                 "wrote {} and {} (key id {})",
                 secret.display(),
                 public.display(),
@@ -238,7 +267,7 @@ fn run(command: Command) -> Result<()> {
             bsi_engine::write_atomically(&out, &built.bytes)?;
             if !quiet {
                 let m = &built.manifest;
-                eprintln!(
+                say!(
                     "wrote {}: {} {} ({}), {} bytes, {} changed entries, {} payload bytes",
                     out.display(),
                     m.product,
@@ -257,7 +286,7 @@ fn run(command: Command) -> Result<()> {
             base_tree,
         } => {
             let pkg = open_package(&package, &trust)?;
-            println!(
+            out!(
                 "{}: good signature by key {}; {}, {} entries, {} bytes",
                 package.display(),
                 pkg.manifest.signer,
@@ -267,7 +296,7 @@ fn run(command: Command) -> Result<()> {
             );
             if let Some(tree) = base_tree {
                 let decoded = bsi_engine::verify_against_tree(&pkg, &tree)?;
-                println!(
+                out!(
                     "{}: turns {} into its target ({} pre-images matched, {} payloads decoded and checked)",
                     package.display(),
                     tree.display(),
@@ -296,16 +325,16 @@ fn run(command: Command) -> Result<()> {
             if !quiet {
                 match outcome {
                     ApplyOutcome::Installed => {
-                        eprintln!("installed {} on {}", pkg.title(), root.display())
+                        say!("installed {} on {}", pkg.title(), root.display())
                     }
                     ApplyOutcome::AlreadyInstalled => {
-                        eprintln!(
+                        say!(
                             "{} is already installed on {}; nothing changed",
                             pkg.title(),
                             root.display()
                         )
                     }
-                    ApplyOutcome::Replaced { previous } => eprintln!(
+                    ApplyOutcome::Replaced { previous } => say!(
                         "installed {} on {}, replacing ({previous})",
                         pkg.title(),
                         root.display()
@@ -329,7 +358,7 @@ fn run(command: Command) -> Result<()> {
                     letter: None,
                     ..before
                 };
-                eprintln!(
+                say!(
                     "removed ({letter}) from {}; it is back to {base}",
                     root.display()
                 );
@@ -345,20 +374,20 @@ fn run(command: Command) -> Result<()> {
             if json {
                 let mut value = serde_json::to_value(&status)?;
                 value["display"] = serde_json::Value::String(status.to_string());
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                out!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                println!("{status}");
+                out!("{status}");
                 if let Some(patch) = &status.retired {
-                    println!("{patch} is retired: a full release was installed over it");
+                    out!("{patch} is retired: a full release was installed over it");
                 }
                 if let Some(note) = bsi_engine::DeviceRecord::load(&state)
                     .ok()
                     .and_then(|r| r.note)
                 {
-                    println!("{note}");
+                    out!("{note}");
                 }
                 if let Some(interrupted) = &status.interrupted {
-                    println!(
+                    out!(
                         "{interrupted} awaits recovery: run `bsi recover --root {}`",
                         root.display()
                     );
@@ -387,24 +416,24 @@ fn run(command: Command) -> Result<()> {
             )?;
             match outcome {
                 bsi_engine::UpdateOutcome::UpToDate { title } => {
-                    println!("{}: {title} is up to date", root.display())
+                    out!("{}: {title} is up to date", root.display())
                 }
-                bsi_engine::UpdateOutcome::Available { title } => println!(
+                bsi_engine::UpdateOutcome::Available { title } => out!(
                     "{}: {title} is available; run again with --install to install it",
                     root.display()
                 ),
-                bsi_engine::UpdateOutcome::Forbidden { title } => println!(
+                bsi_engine::UpdateOutcome::Forbidden { title } => out!(
                     "{}: {title} is available, but the root's policy does not allow installing it",
                     root.display()
                 ),
                 bsi_engine::UpdateOutcome::Installed { title } => {
-                    println!("{}: installed {title}", root.display())
+                    out!("{}: installed {title}", root.display())
                 }
                 bsi_engine::UpdateOutcome::LeftWithdrawn {
                     letter,
                     reason,
                     title,
-                } => println!(
+                } => out!(
                     "{}: ({letter}) was withdrawn ({reason}); the root is now {title}",
                     root.display()
                 ),
@@ -432,7 +461,7 @@ fn run(command: Command) -> Result<()> {
                 }
                 policy.save(&root, &state)?;
             }
-            println!(
+            out!(
                 "auto-install {}, allow {}",
                 on_off(policy.auto_install),
                 on_off(policy.allow)
@@ -446,8 +475,8 @@ fn run(command: Command) -> Result<()> {
             let state = state_dir(&root, given);
             let session = Session::open(&root, &state, wait)?;
             match &session.recovered {
-                Some(done) => println!("{}: {done}", root.display()),
-                None => println!("{}: nothing to recover", root.display()),
+                Some(done) => out!("{}: {done}", root.display()),
+                None => out!("{}: nothing to recover", root.display()),
             }
         }
     }
@@ -555,7 +584,7 @@ fn open_package(package: &Path, trust: &Path) -> Result<VerifiedPackage> {
 /// Say on stderr what opening a session recovered, if anything.
 fn report_recovery(root: &Path, session: &Session, quiet: bool) {
     if let (Some(done), false) = (&session.recovered, quiet) {
-        eprintln!("{}: {done}", root.display());
+        say!("{}: {done}", root.display());
     }
 }
 

@@ -129,3 +129,34 @@ fn usage_errors_exit_with_2() {
     );
     assert!(!pkg.exists(), "no usage error writes a package");
 }
+
+#[test]
+fn output_to_a_closed_pipe_or_a_full_disk_never_panics() {
+    let fx = Fixture::release_a();
+    let pkg = fx.path("a.bsi");
+    build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+
+    // The reader has gone before bsi writes (`bsi inspect pkg | head -0`): quiet success.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let bin = assert_cmd::cargo::cargo_bin("bsi");
+    let out = std::process::Command::new(&bin)
+        .args(["inspect", p(&pkg)])
+        .stdout(writer)
+        .output()
+        .expect("run bsi");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+
+    // Standard output on a full device: one sentence and status 1.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full exists on Linux");
+    let out = std::process::Command::new(&bin)
+        .args(["inspect", p(&pkg), "--json"])
+        .stdout(full)
+        .output()
+        .expect("run bsi");
+    refused(&out, &["cannot write to standard output", "No space left"]);
+}
