@@ -72,6 +72,9 @@ impl DeltaEncoder for Bsdiff {
         let (old, new) = (self.forward(old), self.forward(new));
         let index = matcher::Index::new(&old)?;
         let streams = streams(&index, &old, &new, REGION);
+        // The suffix array (4 bytes per old byte) is not needed to pack the streams: free it
+        // before the two level-22 encoders take their ~200 MB each.
+        drop(index);
         let cap = new.len() as u64;
         let raw = [
             streams.control.len() as u64,
