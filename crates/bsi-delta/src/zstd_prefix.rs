@@ -4,6 +4,9 @@ use zstd::stream::raw::{CParameter, DParameter};
 
 use crate::{copy_exact_len, window_log, DecodeError, DeltaEncoder, LEVEL};
 
+/// Largest new file encoded through zstd's multithreaded path (see `encode`).
+const MULTITHREADED_MAX: usize = 64 << 20;
+
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
 /// a window that covers old and new file together.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +33,14 @@ impl DeltaEncoder for ZstdPrefix {
         let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), LEVEL, old)?;
         encoder.set_parameter(CParameter::WindowLog(window))?;
         encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+        // One worker thread: zstd's multithreaded path (as the zstd program uses) lets long
+        // distance matching see the prefix, which the single-threaded path does not. Firefox's
+        // omni.ja (43 MB, ESR 140 -> 153): 1,848,351 B instead of 3,384,901 B. One worker, so
+        // the output does not depend on the machine. Not beyond 64 MiB: on libxul (184 MB) it
+        // saved 0.07% for 30% more time (341 s instead of 263 s for the whole build).
+        if new.len() <= MULTITHREADED_MAX {
+            encoder.set_parameter(CParameter::NbWorkers(1))?;
+        }
         encoder.set_parameter(CParameter::ChecksumFlag(false))?;
         encoder.set_pledged_src_size(Some(new.len() as u64))?;
         encoder.write_all(new)?;
