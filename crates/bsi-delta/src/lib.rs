@@ -435,9 +435,9 @@ mod tests {
     }
 
     #[test]
-    fn large_files_with_poor_deltas_also_try_zstd_prefix() {
+    fn large_files_with_weak_deltas_also_try_zstd_prefix() {
         // Beyond zstd-prefix's 1 MiB, its payload is considered only when every delta before
-        // it is poor: here the new file keeps a third of the old lines, shuffled.
+        // it is weak: here the new file keeps a third of the old lines, shuffled.
         let old_lines = lines(1, 40_000);
         let old: Vec<u8> = old_lines.concat();
         let mut new_lines = lines(2, 30_000);
@@ -450,7 +450,7 @@ mod tests {
         let bsdiff = size(&BSDIFF).expect("applies");
         let prefix = size(&ZSTD_PREFIX).expect("applies");
         assert!(
-            is_poor(bsdiff, new.len()),
+            is_weak(bsdiff, new.len()),
             "bsdiff {bsdiff} of {}",
             new.len()
         );
