@@ -178,29 +178,48 @@ fn body(old: &[u8], new: &[u8]) -> Vec<u8> {
     out.bytes
 }
 
+impl Blocks {
+    /// A blocks payload rebuilding `new` from `old`, its body compressed at zstd `level`: for
+    /// payloads made where time matters more than bytes (revert data made on a device).
+    pub fn encode_at(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
+        pack(&checked_body(old, new), level)
+    }
+}
+
+/// The body rebuilding `new` from `old`, all literal should it exceed the bound the decoder
+/// enforces (it cannot: each copy covers at least `MIN_MATCH` bytes; this keeps it decodable).
+fn checked_body(old: &[u8], new: &[u8]) -> Vec<u8> {
+    let body = body(old, new);
+    if body.len() as u64 <= body_bound(new.len() as u64) {
+        return body;
+    }
+    let mut literal_only = Body {
+        bytes: Vec::new(),
+        previous_copy_end: 0,
+    };
+    literal_only.op(new, None);
+    literal_only.bytes
+}
+
+/// The payload carrying `body`: magic, body length, the body compressed at zstd `level`.
+fn pack(body: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(body.len() / 2 + 16);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crate::compress_at(body, level)?);
+    Ok(out)
+}
+
 impl DeltaEncoder for Blocks {
     fn name(&self) -> &'static str {
         "blocks"
     }
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let mut body = body(old, new);
-        if body.len() as u64 > body_bound(new.len() as u64) {
-            // Cannot happen (each copy covers >= MIN_MATCH bytes), but stay decodable.
-            let mut literal_only = Body {
-                bytes: Vec::new(),
-                previous_copy_end: 0,
-            };
-            literal_only.op(new, None);
-            body = literal_only.bytes;
-        }
+        let body = checked_body(old, new);
         // Large bodies mean the files differ a lot; another encoder will win, so be quick.
         let level = if body.len() < 1 << 20 { 19 } else { 3 };
-        let mut out = Vec::with_capacity(body.len() / 2 + 16);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crate::compress_at(&body, level)?);
-        Ok(Some(out))
+        pack(&body, level).map(Some)
     }
 
     fn decode_into(
@@ -312,8 +331,14 @@ fn walk(
 /// A blocks payload that rebuilds `old` from the new file, derived from a blocks `payload` that
 /// rebuilds the new file (`new_len` bytes) from `old`, without needing the new file: each copy
 /// of the forward payload says where a range of `old` reappears. This is how a device keeps
-/// revert data for a large near-identical file without holding both versions in memory.
-pub fn reverse(old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
+/// revert data for a large near-identical file without holding both versions in memory. The
+/// body is compressed at zstd `level`.
+pub fn reverse(
+    old: &[u8],
+    payload: &[u8],
+    new_len: u64,
+    level: i32,
+) -> Result<Vec<u8>, DecodeError> {
     // (old start, new position, length) of every forward copy.
     let mut copies: Vec<(u64, u64, u64)> = Vec::new();
     walk(payload, old.len() as u64, new_len, |op| {
@@ -350,11 +375,7 @@ pub fn reverse(old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, Deco
     if literal_start < old.len() as u64 || old.is_empty() {
         body.op(&old[literal_start as usize..], None);
     }
-    let mut out = Vec::with_capacity(body.bytes.len() / 2 + 16);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(body.bytes.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crate::compress_at(&body.bytes, 3).map_err(DecodeError::Output)?);
-    Ok(out)
+    pack(&body.bytes, level).map_err(DecodeError::Output)
 }
 
 #[cfg(test)]
@@ -387,7 +408,7 @@ mod tests {
     /// The reverse of `old -> new`, checked to rebuild `old` from `new`; its size.
     fn reverse_round_trip(old: &[u8], new: &[u8]) -> usize {
         let forward = Blocks.encode(old, new).expect("encode").expect("applies");
-        let back = reverse(old, &forward, new.len() as u64).expect("reverse");
+        let back = reverse(old, &forward, new.len() as u64, 3).expect("reverse");
         assert_eq!(
             Blocks
                 .decode(new, &back, old.len() as u64)
@@ -427,8 +448,8 @@ mod tests {
         reverse_round_trip(&noise(23, 5000), &noise(24, 7000));
         // A payload for other files is refused.
         let forward = Blocks.encode(&old, &new).expect("encode").expect("applies");
-        assert!(reverse(&old[..1000], &forward, new.len() as u64).is_err());
-        assert!(reverse(&old, &forward, new.len() as u64 + 1).is_err());
+        assert!(reverse(&old[..1000], &forward, new.len() as u64, 3).is_err());
+        assert!(reverse(&old, &forward, new.len() as u64 + 1, 3).is_err());
     }
 
     #[test]

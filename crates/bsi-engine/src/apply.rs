@@ -17,8 +17,9 @@ use crate::txn::{self, Failed, Interrupted, Journal, Recovered, Step, TxnDir, Tx
 use crate::{FsContext, FsError, Progress, LARGE_FILE};
 use bsi_delta::DeltaEncoder as _;
 
-/// zstd level of revert copies: made on the device while it applies, so the fastest level
-/// (level 3 took a sixth of the apply time on the testdata, for copies about 10% smaller).
+/// zstd level of revert data (copies and reverse deltas): made on the device while it applies,
+/// so the fastest level (level 3 took a sixth of the apply time on the testdata, for copies
+/// about 10% smaller; reverse deltas at level 19 took half of libxml2's apply time).
 const REVERT_LEVEL: i32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,11 +362,11 @@ fn keep_revert(
     let forward_blocks = matches!(&entry.op, bsi_format::Operation::Delta { encoder, source: None } if encoder == "blocks");
     let reverse = match (post_size, pkg.payload(entry), staged) {
         (Some(size), Some(payload), _) if forward_blocks => {
-            bsi_delta::reverse_blocks(old, payload, size).ok()
+            bsi_delta::reverse_blocks(old, payload, size, REVERT_LEVEL).ok()
         }
         (Some(size), _, Some(staged)) if size <= REVERSE_IN_MEMORY => {
             let new = fs::read(staged).fs("read", staged)?;
-            bsi_delta::Blocks.encode(&new, old).ok().flatten()
+            bsi_delta::Blocks::encode_at(&new, old, REVERT_LEVEL).ok()
         }
         _ => None,
     };
