@@ -31,7 +31,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bsi_engine::{ApplyOutcome, BuildOptions, ComponentSpec, Session, VerifiedPackage};
 use bsi_format::{Letter, Version};
 use bsi_sign::{PublicKey, SecretKey};
@@ -285,7 +285,7 @@ fn run(command: Command) -> Result<()> {
             trust,
             base_tree,
         } => {
-            let pkg = open_package(&package, &trust)?;
+            let pkg = open_package(&package, &trust, None)?;
             out!(
                 "{}: good signature by key {}; {}, {} entries, {} bytes",
                 package.display(),
@@ -313,8 +313,11 @@ fn run(command: Command) -> Result<()> {
             wait,
             quiet,
         } => {
-            let pkg = open_package(&package, &trust)?;
             let state = state_dir(&root, given);
+            // The private copy goes where apply writes anyway, without creating anything for a
+            // package that may not verify: the state directory once it exists, else the root.
+            let private_in = [&state, &root].into_iter().find(|d| d.is_dir());
+            let pkg = open_package(&package, &trust, private_in.map(PathBuf::as_path))?;
             let session = Session::open(&root, &state, wait)
                 .with_context(|| format!("cannot apply {}", package.display()))?;
             report_recovery(&root, &session, quiet);
@@ -571,14 +574,21 @@ fn update_trust(
     })
 }
 
-/// Read a package once and verify it with the key of `trust` that the manifest names.
-fn open_package(package: &Path, trust: &Path) -> Result<VerifiedPackage> {
+/// Verify a package with the key of `trust` that its manifest names; with `private_in`, into a
+/// private copy there (see [`VerifiedPackage::open_private`]).
+fn open_package(
+    package: &Path,
+    trust: &Path,
+    private_in: Option<&Path>,
+) -> Result<VerifiedPackage> {
     let keys = package_keys(trust)?;
-    let bytes = std::fs::read(package)
-        .with_context(|| format!("cannot read package {}", package.display()))?;
-    let key = bsi_engine::signer_key(&bytes, &keys)
-        .with_context(|| format!("{} lists no usable package key", trust.display()))?;
-    Ok(VerifiedPackage::from_bytes(bytes, key, package)?)
+    if keys.is_empty() {
+        bail!("{} lists no usable package key", trust.display());
+    }
+    Ok(match private_in {
+        Some(dir) => VerifiedPackage::open_private(package, &keys, dir)?,
+        None => VerifiedPackage::open(package, &keys)?,
+    })
 }
 
 /// Say on stderr what opening a session recovered, if anything.

@@ -360,9 +360,15 @@ fn keep_revert(
         _ => None,
     };
     let forward_blocks = matches!(&entry.op, bsi_format::Operation::Delta { encoder, source: None } if encoder == "blocks");
-    let reverse = match (post_size, pkg.payload(entry), staged) {
-        (Some(size), Some(payload), _) if forward_blocks => {
-            bsi_delta::reverse_blocks(old, payload, size, REVERT_LEVEL).ok()
+    // The forward payload was read and checked when the file was decoded; should reading it
+    // again fail, the revert data is a copy.
+    let forward = match forward_blocks {
+        true => pkg.payload(entry).ok().flatten(),
+        false => None,
+    };
+    let reverse = match (post_size, forward, staged) {
+        (Some(size), Some(payload), _) => {
+            bsi_delta::reverse_blocks(old, &payload, size, REVERT_LEVEL).ok()
         }
         (Some(size), _, Some(staged)) if size <= REVERSE_IN_MEMORY => {
             let new = fs::read(staged).fs("read", staged)?;

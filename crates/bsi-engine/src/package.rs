@@ -1,12 +1,16 @@
 //! Opening a package (signature first, then structure) and proving it against a tree.
 
-use std::io::Write;
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
 use bsi_format::{
-    ContainerError, Digest, Entry, Image, Manifest, Operation, PkgPath, RawPackage, Source,
+    ContainerError, Digest, Entry, Image, Manifest, Operation, Payload, PkgPath, RawPackage,
+    Source, HEADER_LEN,
 };
 use bsi_sign::{BadSignature, PublicKey};
 
@@ -24,12 +28,40 @@ pub enum OpenError {
     },
     #[error("{path}: {source}; the package was not signed by that key or was altered")]
     Signature { path: PathBuf, source: BadSignature },
+    #[error("{path}: no package key is trusted")]
+    NoKey { path: PathBuf },
     #[error("{path}: manifest names signer {named} but it verifies with key {trusted}")]
     Signer {
         path: PathBuf,
         named: String,
         trusted: String,
     },
+}
+
+/// Check the signature over a package's head with `trust`, then its manifest's structure and
+/// that it names `trust` as its signer.
+fn check_head(raw: &RawPackage<'_>, trust: &PublicKey, path: &Path) -> Result<Manifest, OpenError> {
+    trust
+        .verify(raw.signed, raw.signature)
+        .map_err(|source| OpenError::Signature {
+            path: path.to_owned(),
+            source,
+        })?;
+    let manifest = raw
+        .manifest_after_signature()
+        .map_err(|source| OpenError::Container {
+            path: path.to_owned(),
+            source,
+        })?;
+    let trusted = trust.key_id().to_string();
+    if manifest.signer != trusted {
+        return Err(OpenError::Signer {
+            path: path.to_owned(),
+            named: manifest.signer,
+            trusted,
+        });
+    }
+    Ok(manifest)
 }
 
 /// Among `keys`, the one to verify package `bytes` with: the key whose id the (not yet verified)
@@ -44,11 +76,15 @@ pub fn signer_key<'k>(bytes: &[u8], keys: &'k [PublicKey]) -> Option<&'k PublicK
         .or(keys.first())
 }
 
-/// A package whose signature and payload digests have been checked. It owns the bytes it was
-/// checked on, so that what is used is exactly what was verified, whatever happens to the file.
+/// A package whose signature and payload digests have been checked. What is used is exactly
+/// what was verified, whatever happens to the file: bytes verified in memory are kept, and a
+/// package opened from a file is read again one payload at a time, each checked against its
+/// digest in the signed manifest before use, so that memory follows the largest payload
+/// rather than the package.
 #[derive(Debug)]
 pub struct VerifiedPackage {
-    bytes: Vec<u8>,
+    section: Section,
+    len: u64,
     pub manifest: Manifest,
     /// sha256 of the whole package file.
     pub digest: Digest,
@@ -56,11 +92,159 @@ pub struct VerifiedPackage {
     pub path: PathBuf,
 }
 
+/// Where the payload section of a verified package is.
+#[derive(Debug)]
+enum Section {
+    /// In these package bytes, from this offset.
+    Memory(Vec<u8>, usize),
+    /// In this open file (the package, or a private copy of its payload section), from this
+    /// offset.
+    File(File, u64),
+}
+
+/// A new file in `dir` that has no name (`O_TMPFILE`), readable and writable by this process
+/// only; `None` when the filesystem cannot make one.
+fn unnamed_file(dir: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::TMPFILE.bits() as i32)
+        .open(dir);
+    match opened {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::OPNOTSUPP.raw_os_error() || code == rustix::io::Errno::ISDIR.raw_os_error()) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Bytes read at a time while a package file is verified.
+const READ_CHUNK: usize = 1 << 20;
+
 impl VerifiedPackage {
-    /// Read `path` once and verify it with `trust`.
-    pub fn open(path: &Path, trust: &PublicKey) -> Result<VerifiedPackage, OpenError> {
-        let bytes = std::fs::read(path).fs("read package", path)?;
-        VerifiedPackage::from_bytes(bytes, trust, path)
+    /// Verify the package file at `path` with the key of `keys` its manifest names (see
+    /// [`signer_key`]), reading it once in chunks: head and signature first, then the
+    /// manifest, then the payload section against the manifest's length and digests. Payloads
+    /// are read from the file again when used; should it change meanwhile, they fail their
+    /// digest check (see [`open_private`](Self::open_private) for a copy that cannot change).
+    pub fn open(path: &Path, keys: &[PublicKey]) -> Result<VerifiedPackage, OpenError> {
+        VerifiedPackage::open_with(path, keys, None)
+    }
+
+    /// [`open`](Self::open), copying the payload section as it is verified into a private,
+    /// unnamed file in `dir` (on the device, the state directory or the root), from which
+    /// payloads are read when used: whatever happens to the package file afterwards, apply goes
+    /// on with exactly what was verified, in memory bounded by the largest payload. The file
+    /// has no name at any instant, so nothing is left behind, even by a crash; on a filesystem
+    /// that cannot make one, this is [`open`](Self::open).
+    pub fn open_private(
+        path: &Path,
+        keys: &[PublicKey],
+        dir: &Path,
+    ) -> Result<VerifiedPackage, OpenError> {
+        VerifiedPackage::open_with(path, keys, Some(dir))
+    }
+
+    fn open_with(
+        path: &Path,
+        keys: &[PublicKey],
+        private_in: Option<&Path>,
+    ) -> Result<VerifiedPackage, OpenError> {
+        let container = |source| OpenError::Container {
+            path: path.to_owned(),
+            source,
+        };
+        let read = |e| FsError::new("read package", path, e);
+        let mut file = File::open(path).map_err(read)?;
+        let file_len = file.metadata().map_err(read)?.len();
+        let mut head = vec![0; HEADER_LEN.min(file_len as usize)];
+        file.read_exact(&mut head).map_err(read)?;
+        let head_len = RawPackage::head_len(&head).map_err(container)?;
+        if file_len < head_len as u64 {
+            return Err(container(ContainerError::Truncated {
+                needed: head_len as u64,
+                actual: file_len,
+            }));
+        }
+        head.resize(head_len, 0);
+        file.read_exact(&mut head[HEADER_LEN..]).map_err(read)?;
+        let key = signer_key(&head, keys).ok_or_else(|| OpenError::NoKey {
+            path: path.to_owned(),
+        })?;
+        let raw = RawPackage::split(&head).map_err(container)?;
+        let manifest = check_head(&raw, key, path)?;
+        let declared = manifest.payload_len;
+        let actual = file_len - head_len as u64;
+        if actual != declared {
+            return Err(container(ContainerError::PayloadSection {
+                actual,
+                declared,
+            }));
+        }
+        let mut whole = Sha256::new();
+        whole.update(&head);
+        let mut spans: Vec<(&Payload, &PkgPath)> = manifest
+            .entries
+            .iter()
+            .filter_map(|e| e.payload.as_ref().map(|p| (p, &e.path)))
+            .collect();
+        // validate() proved the payloads contiguous, covering the whole section.
+        spans.sort_by_key(|(p, _)| p.offset);
+        let mut copy = match private_in {
+            Some(dir) => unnamed_file(dir).fs("create a private copy of a package in", dir)?,
+            None => None,
+        };
+        let mut chunk = vec![0; READ_CHUNK];
+        let mut done = 0u64;
+        for (payload, entry_path) in spans {
+            let mut hasher = Sha256::new();
+            let mut left = payload.len;
+            while left > 0 {
+                let want = left.min(READ_CHUNK as u64) as usize;
+                let got = file.read(&mut chunk[..want]).map_err(read)?;
+                if got == 0 {
+                    // The file shrank since its length was taken.
+                    return Err(container(ContainerError::PayloadSection {
+                        actual: done,
+                        declared,
+                    }));
+                }
+                hasher.update(&chunk[..got]);
+                whole.update(&chunk[..got]);
+                if let (Some(copy), Some(dir)) = (&mut copy, private_in) {
+                    copy.write_all(&chunk[..got])
+                        .fs("write a private copy of a package in", dir)?;
+                }
+                left -= got as u64;
+                done += got as u64;
+            }
+            if Digest(hasher.finalize().into()) != payload.sha256 {
+                return Err(container(ContainerError::PayloadDigest {
+                    path: entry_path.to_string(),
+                }));
+            }
+        }
+        if file.read(&mut chunk[..1]).map_err(read)? != 0 {
+            // The file grew since its length was taken.
+            return Err(container(ContainerError::PayloadSection {
+                actual: done + 1,
+                declared,
+            }));
+        }
+        let section = match copy {
+            Some(copy) => Section::File(copy, 0),
+            None => Section::File(file, head_len as u64),
+        };
+        Ok(VerifiedPackage {
+            section,
+            len: file_len,
+            manifest,
+            digest: Digest(whole.finalize().into()),
+            path: path.to_owned(),
+        })
     }
 
     /// Verify package bytes: signature over the header and manifest first, then the manifest's
@@ -75,43 +259,71 @@ impl VerifiedPackage {
             source,
         };
         let raw = RawPackage::split(&bytes).map_err(container)?;
-        trust
-            .verify(raw.signed, raw.signature)
-            .map_err(|source| OpenError::Signature {
-                path: path.to_owned(),
-                source,
-            })?;
-        let manifest = raw.check_after_signature().map_err(container)?;
-        let trusted = trust.key_id().to_string();
-        if manifest.signer != trusted {
-            return Err(OpenError::Signer {
-                path: path.to_owned(),
-                named: manifest.signer,
-                trusted,
-            });
-        }
+        let manifest = check_head(&raw, trust, path)?;
+        raw.check_payloads(&manifest).map_err(container)?;
+        let head_len = bytes.len() - raw.payloads.len();
         let digest = bsi_format::sha256(&bytes);
         Ok(VerifiedPackage {
-            bytes,
+            len: bytes.len() as u64,
+            section: Section::Memory(bytes, head_len),
             manifest,
             digest,
             path: path.to_owned(),
         })
     }
 
-    /// The payload bytes of one of this package's entries.
-    pub fn payload(&self, entry: &Entry) -> Option<&[u8]> {
-        let raw =
-            RawPackage::split(&self.bytes).expect("split succeeded when the package was opened");
-        entry.payload.as_ref().map(|p| raw.payload(p))
+    /// The payload bytes of one of this package's entries (`None` when it carries none),
+    /// read from the package file and checked against the digest verified at opening.
+    pub fn payload(&self, entry: &Entry) -> Result<Option<Cow<'_, [u8]>>, DecodeFailure> {
+        let Some(payload) = &entry.payload else {
+            return Ok(None);
+        };
+        // validate() and opening proved the range lies inside the section.
+        match &self.section {
+            Section::Memory(bytes, start) => {
+                let from = start + payload.offset as usize;
+                Ok(Some(Cow::Borrowed(
+                    &bytes[from..from + payload.len as usize],
+                )))
+            }
+            Section::File(file, start) => {
+                let fail = |reason: String| DecodeFailure {
+                    path: entry.path.clone(),
+                    reason,
+                };
+                let changed = |how: &str| {
+                    fail(format!(
+                        "{} changed after it was verified: {how}",
+                        self.path.display()
+                    ))
+                };
+                let mut bytes = vec![0; payload.len as usize];
+                match file.read_exact_at(&mut bytes, start + payload.offset) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(changed("it is shorter"))
+                    }
+                    Err(e) => {
+                        return Err(fail(format!(
+                            "cannot read its payload from {}: {e}",
+                            self.path.display()
+                        )))
+                    }
+                }
+                if bsi_format::sha256(&bytes) != payload.sha256 {
+                    return Err(changed("the payload no longer matches its digest"));
+                }
+                Ok(Some(Cow::Owned(bytes)))
+            }
+        }
     }
 
     pub fn len(&self) -> u64 {
-        self.bytes.len() as u64
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 
     /// `product version (letter)` as a person reads it.
@@ -143,7 +355,7 @@ impl VerifiedPackage {
             reason,
         };
         let (Some(Image::File { sha256, size, .. }), Some(payload)) =
-            (&entry.post, self.payload(entry))
+            (&entry.post, self.payload(entry)?)
         else {
             return Err(fail("entry carries no file payload".to_owned()));
         };
@@ -152,10 +364,10 @@ impl VerifiedPackage {
             Operation::Delta { encoder, .. } => {
                 let old = old.ok_or_else(|| fail("delta has no reference bytes".to_owned()))?;
                 bsi_delta::delta_encoder(encoder)
-                    .and_then(|e| e.decode_into(old, payload, *size, &mut hashing))
+                    .and_then(|e| e.decode_into(old, &payload, *size, &mut hashing))
                     .map_err(|e| fail(e.to_string()))?
             }
-            _ => bsi_delta::decompress_into(payload, *size, &mut hashing)
+            _ => bsi_delta::decompress_into(&payload, *size, &mut hashing)
                 .map_err(|e| fail(e.to_string()))?,
         };
         if hashing.digest() != *sha256 {

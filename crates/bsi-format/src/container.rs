@@ -48,12 +48,12 @@ pub struct RawPackage<'a> {
 }
 
 impl<'a> RawPackage<'a> {
-    /// Split a package file into its parts, checking only lengths.
-    pub fn split(bytes: &'a [u8]) -> Result<RawPackage<'a>, ContainerError> {
-        let actual = bytes.len() as u64;
-        let header = bytes.get(..HEADER_LEN).ok_or(ContainerError::Truncated {
+    /// Length of a package's head (header, manifest and signature: everything before the
+    /// payload section), from its first bytes; at least [`HEADER_LEN`] of them are needed.
+    pub fn head_len(start: &[u8]) -> Result<usize, ContainerError> {
+        let header = start.get(..HEADER_LEN).ok_or(ContainerError::Truncated {
             needed: HEADER_LEN as u64,
-            actual,
+            actual: start.len() as u64,
         })?;
         if header[..8] != MAGIC {
             return Err(ContainerError::Magic);
@@ -63,12 +63,18 @@ impl<'a> RawPackage<'a> {
         if manifest_len > MAX_MANIFEST_LEN {
             return Err(ContainerError::ManifestTooLarge(manifest_len as u64));
         }
-        let signed_end = HEADER_LEN + manifest_len;
-        let sig_end = signed_end + SIGNATURE_LEN;
+        Ok(HEADER_LEN + manifest_len + SIGNATURE_LEN)
+    }
+
+    /// Split a package file (or only its head, see [`head_len`](Self::head_len)) into its
+    /// parts, checking only lengths.
+    pub fn split(bytes: &'a [u8]) -> Result<RawPackage<'a>, ContainerError> {
+        let sig_end = RawPackage::head_len(bytes)?;
+        let signed_end = sig_end - SIGNATURE_LEN;
         if bytes.len() < sig_end {
             return Err(ContainerError::Truncated {
                 needed: sig_end as u64,
-                actual,
+                actual: bytes.len() as u64,
             });
         }
         Ok(RawPackage {
@@ -85,7 +91,14 @@ impl<'a> RawPackage<'a> {
     /// that every payload matches its digest. Call only after the signature over `signed` has
     /// been checked.
     pub fn check_after_signature(&self) -> Result<Manifest, ContainerError> {
-        let manifest = Manifest::from_packed(self.manifest)?;
+        let manifest = self.manifest_after_signature()?;
+        self.check_payloads(&manifest)?;
+        Ok(manifest)
+    }
+
+    /// Check that the payload section is exactly what `manifest` (this package's, validated)
+    /// declares and that every payload matches its digest.
+    pub fn check_payloads(&self, manifest: &Manifest) -> Result<(), ContainerError> {
         let actual = self.payloads.len() as u64;
         if actual != manifest.payload_len {
             return Err(ContainerError::PayloadSection {
@@ -104,7 +117,13 @@ impl<'a> RawPackage<'a> {
                 }
             }
         }
-        Ok(manifest)
+        Ok(())
+    }
+
+    /// Parse and validate the manifest only, for a reader that checks the payload section as
+    /// it streams it. Call only after the signature over `signed` has been checked.
+    pub fn manifest_after_signature(&self) -> Result<Manifest, ContainerError> {
+        Ok(Manifest::from_packed(self.manifest)?)
     }
 
     /// The payload bytes of an entry of a manifest checked by `check_after_signature`.

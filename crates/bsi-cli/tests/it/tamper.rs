@@ -28,6 +28,31 @@ fn accepted_flips(bytes: &[u8], offsets: impl IntoIterator<Item = usize>) -> Vec
     accepted
 }
 
+/// Offsets (sorted, unique) whose flipped bit `open` (reading from a file in chunks) or
+/// `open_private` (copying the payloads as it reads) accepted.
+fn accepted_flips_from_file(
+    bytes: &[u8],
+    dir: &Path,
+    offsets: impl IntoIterator<Item = usize>,
+) -> Vec<usize> {
+    let keys = [example_trust()];
+    let file = dir.join("tampered.bsi");
+    let mut accepted = Vec::new();
+    for i in offsets {
+        let mut flipped = bytes.to_vec();
+        flipped[i] ^= 0x01;
+        fs::write(&file, &flipped).expect("write the tampered package");
+        let opened = match i % 2 {
+            0 => VerifiedPackage::open(&file, &keys),
+            _ => VerifiedPackage::open_private(&file, &keys, dir),
+        };
+        if opened.is_ok() {
+            accepted.push(i);
+        }
+    }
+    accepted
+}
+
 /// Section boundaries of a package: (manifest length N, total length).
 fn layout(bytes: &[u8]) -> (usize, usize) {
     let n = manifest_len(bytes);
@@ -48,6 +73,43 @@ fn every_flipped_bit_of_a_small_package_is_refused_in_process() {
     VerifiedPackage::from_bytes(bytes.clone(), &example_trust(), &pkg)
         .expect("the untouched package verifies");
     assert_eq!(accepted_flips(&bytes, 0..bytes.len()), Vec::<usize>::new());
+}
+
+#[test]
+fn every_flipped_bit_of_a_small_package_file_is_refused() {
+    let fx = Fixture::release_a();
+    let pkg = fx.path("a.bsi");
+    let bytes = build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+    let keys = [example_trust()];
+    let opened = VerifiedPackage::open(&pkg, &keys).expect("the untouched file verifies");
+    let in_memory = VerifiedPackage::from_bytes(bytes.clone(), &keys[0], &pkg).expect("verifies");
+    assert_eq!(opened.digest, in_memory.digest);
+    assert_eq!(opened.len(), bytes.len() as u64);
+    let private = VerifiedPackage::open_private(&pkg, &keys, fx.dir.path()).expect("verifies");
+    for entry in in_memory
+        .manifest
+        .entries
+        .iter()
+        .filter(|e| e.payload.is_some())
+    {
+        let want = in_memory.payload(entry).expect("payload");
+        assert_eq!(
+            opened.payload(entry).expect("payload"),
+            want,
+            "{}",
+            entry.path
+        );
+        assert_eq!(
+            private.payload(entry).expect("payload"),
+            want,
+            "{}",
+            entry.path
+        );
+    }
+    assert_eq!(
+        accepted_flips_from_file(&bytes, fx.dir.path(), 0..bytes.len()),
+        Vec::<usize>::new()
+    );
 }
 
 #[test]

@@ -324,8 +324,15 @@ fn a_state_directory_that_is_a_symlink_is_refused() {
         .is_none());
 }
 
-#[test]
-fn what_is_applied_is_what_was_verified_even_if_the_file_changes() {
+/// Open package (a) from a file, arm `fault` to overwrite the file with package (b) partway
+/// through the apply, and apply (a). Returns the apply's result, the case and its root and state.
+fn apply_while_the_file_changes(
+    private: bool,
+) -> (
+    Result<bsi_engine::ApplyOutcome, bsi_engine::ApplyError>,
+    Case,
+    tempfile::TempDir,
+) {
     let case = Case::new();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("case");
@@ -344,14 +351,27 @@ fn what_is_applied_is_what_was_verified_even_if_the_file_changes() {
     let key = crate::roundtrip::key();
     let bytes_of = |target: &Path, letter: char| package_bytes(&base_dir, target, letter);
     std::fs::write(&pkg_file, bytes_of(&a_dir, 'a')).expect("write package");
-    let pkg = VerifiedPackage::open(&pkg_file, &key.public()).expect("verifies");
-    // Partway through the apply, the file is replaced by another signed package.
+    let keys = [key.public()];
+    let pkg = match private {
+        true => VerifiedPackage::open_private(&pkg_file, &keys, &root),
+        false => VerifiedPackage::open(&pkg_file, &keys),
+    }
+    .expect("verifies");
+    // Before anything is decoded, the file is overwritten in place by another signed package.
     let (file, other) = (pkg_file.clone(), bytes_of(&b_dir, 'b'));
-    fault::arm_action(&dir, 10, move || {
+    fault::arm_action(&dir, 1, move || {
         std::fs::write(&file, other).expect("swap the package file");
     });
-    apply(&pkg, &root, &state, &NoProgress).expect("apply");
+    let result = apply(&pkg, &root, &state, &NoProgress);
     fault::disarm(&dir);
+    (result, case, tmp)
+}
+
+#[test]
+fn what_is_applied_is_what_was_verified_even_if_the_file_changes() {
+    let (result, case, tmp) = apply_while_the_file_changes(true);
+    result.expect("apply from the private copy");
+    let (root, state) = (tmp.path().join("case/root"), tmp.path().join("case/state"));
     assert_eq!(scan(&root, &[]).expect("scan").entries, case.a.entries);
     assert_eq!(
         status(&root, &state)
@@ -360,4 +380,19 @@ fn what_is_applied_is_what_was_verified_even_if_the_file_changes() {
             .map(|l| l.to_string()),
         Some("a".to_owned())
     );
+}
+
+#[test]
+fn a_package_read_in_place_that_changes_is_refused_and_nothing_changes() {
+    let (result, case, tmp) = apply_while_the_file_changes(false);
+    let message = result
+        .expect_err("the changed payloads fail their digests")
+        .to_string();
+    assert!(
+        message.contains("changed after it was verified"),
+        "{message}"
+    );
+    let (root, state) = (tmp.path().join("case/root"), tmp.path().join("case/state"));
+    assert_eq!(scan(&root, &[]).expect("scan").entries, case.base.entries);
+    assert_eq!(status(&root, &state).expect("status").letter, None);
 }
