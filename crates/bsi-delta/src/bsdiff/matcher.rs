@@ -62,18 +62,52 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
         .count()
 }
 
-/// The old file and its suffix array.
+/// The old file, its suffix array, and where each two-byte prefix's suffixes start in it.
 pub(super) struct Index<'a> {
     old: &'a [u8],
     sa: Vec<i32>,
+    /// `buckets[k]` is the first rank of the suffixes whose first two bytes, big-endian, are
+    /// at least `k` (a one-byte suffix `x` counts as `x 0`: it sorts first among those starting
+    /// with `x`); `buckets[65536]` is the number of suffixes.
+    buckets: Vec<u32>,
+}
+
+/// The two-byte key of a suffix, see [`Index::buckets`].
+fn key(first: u8, second: Option<u8>) -> usize {
+    usize::from(first) << 8 | usize::from(second.unwrap_or(0))
 }
 
 impl<'a> Index<'a> {
     pub fn new(old: &'a [u8]) -> io::Result<Self> {
-        Ok(Index {
-            old,
-            sa: suffix_array(old)?,
-        })
+        let sa = suffix_array(old)?;
+        // Counting sort by key, in one pass over `old`: suffixes sort by their first two bytes
+        // first, so each key's suffixes are one run of ranks.
+        let mut buckets = vec![0u32; (1 << 16) + 1];
+        for (i, &b) in old.iter().enumerate() {
+            buckets[key(b, old.get(i + 1).copied()) + 1] += 1;
+        }
+        for k in 1..buckets.len() {
+            buckets[k] += buckets[k - 1];
+        }
+        Ok(Index { old, sa, buckets })
+    }
+
+    /// The ranks (inclusive) of the suffixes that share the longest possible prefix of up to
+    /// two bytes with `target`: its two-byte bucket, else its first byte's, else all.
+    fn search_range(&self, target: &[u8]) -> (usize, usize) {
+        let bucket = |from: usize, to: usize| {
+            let (lo, hi) = (self.buckets[from] as usize, self.buckets[to] as usize);
+            (lo < hi).then(|| (lo, hi - 1))
+        };
+        let first = key(target[0], None);
+        target
+            .get(1)
+            .and_then(|&second| {
+                let k = key(target[0], Some(second));
+                bucket(k, k + 1)
+            })
+            .or_else(|| bucket(first, first + 256))
+            .unwrap_or((0, self.sa.len() - 1))
     }
 
     fn suffix(&self, rank: usize) -> usize {
@@ -82,7 +116,9 @@ impl<'a> Index<'a> {
     }
 
     /// Longest prefix of `target` that occurs in the old file: (old position, length). Binary
-    /// search over the suffix array that skips the prefix both bounds already share.
+    /// search over the suffix array that skips the prefix both bounds already share, started
+    /// from the ranks of `target`'s first two bytes (ten fewer probes on a 4 MB library, the
+    /// first ones being cache misses).
     fn longest_match(&self, target: &[u8]) -> (usize, usize) {
         if self.sa.is_empty() || target.is_empty() {
             return (0, 0);
@@ -91,7 +127,7 @@ impl<'a> Index<'a> {
             let pos = self.suffix(rank);
             skip + common_prefix(&self.old[pos + skip..], &target[skip..])
         };
-        let (mut lo, mut hi) = (0, self.sa.len() - 1);
+        let (mut lo, mut hi) = self.search_range(target);
         let (mut lcp_lo, mut lcp_hi) = (lcp_at(lo, 0), lcp_at(hi, 0));
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
