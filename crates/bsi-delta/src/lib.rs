@@ -65,6 +65,11 @@ pub trait DeltaEncoder: Send + Sync {
         usize::MAX
     }
 
+    /// [`max_new_len`](Self::max_new_len) for a new file that is text (see [`is_text`]).
+    fn max_text_len(&self) -> usize {
+        self.max_new_len()
+    }
+
     /// True when this encoder's payload is plain compression of the new file with more to draw
     /// on (zstd-prefix: the same zstd level, with the old file as history), so that plain
     /// compression need not be tried after it.
@@ -87,8 +92,8 @@ static BSDIFF: Bsdiff = Bsdiff::PLAIN;
 /// Cheapest first. gzip costs nothing on other files (it looks at three bytes) and on a
 /// changelog that gzip reproduces it wins by two orders of magnitude. Measured per file on
 /// libssl3 3.0.17 -> 3.0.20 and the testdata: bsdiff is the smallest on every binary and 5 to
-/// 12 times faster than zstd-prefix at level 19, which wins only by a few bytes on small files
-/// (hence its `max_new_len`).
+/// 12 times faster than zstd-prefix at level 19, which wins only by a few bytes on small binaries
+/// and on text (hence its `max_new_len` and `max_text_len`).
 static DELTA_ENCODERS: [&dyn DeltaEncoder; 4] = [&GZIP, &BLOCKS, &BSDIFF, &ZSTD_PREFIX];
 
 /// Every delta encoder, in the order they are tried.
@@ -238,6 +243,11 @@ fn is_weak(payload_len: usize, new_len: usize) -> bool {
     payload_len > new_len / WEAK_DELTA_RATIO
 }
 
+/// Whether `data` looks like text: no NUL byte in its first 8000 bytes (git's test).
+pub fn is_text(data: &[u8]) -> bool {
+    !data[..data.len().min(8000)].contains(&0)
+}
+
 /// Encode `new` against `old` (when there is one) with each delta encoder, cheapest first, and
 /// with plain compression; keep the smallest payload (ties go to the earlier encoder, and to
 /// plain compression, which needs no old file). Stops as soon as a payload is
@@ -258,6 +268,10 @@ pub(crate) fn encode_best_with<'e>(
     new: &[u8],
 ) -> io::Result<Encoded> {
     let enough = good_enough(new.len());
+    let max_len = |encoder: &dyn DeltaEncoder| match is_text(new) {
+        true => encoder.max_text_len(),
+        false => encoder.max_new_len(),
+    };
     let weak = |best: &Option<Encoded>| {
         best.as_ref()
             .is_none_or(|b| is_weak(b.payload.len(), new.len()))
@@ -269,7 +283,7 @@ pub(crate) fn encode_best_with<'e>(
             if best.as_ref().is_some_and(|b| b.payload.len() <= enough) {
                 break;
             }
-            if new.len() > encoder.max_new_len() && !weak(&best) {
+            if new.len() > max_len(encoder) && !weak(&best) {
                 continue;
             }
             let Some(payload) = encoder.encode(old, new)? else {
@@ -436,8 +450,8 @@ mod tests {
 
     #[test]
     fn large_files_with_weak_deltas_also_try_zstd_prefix() {
-        // Beyond zstd-prefix's 1 MiB, its payload is considered only when every delta before
-        // it is weak: here the new file keeps a third of the old lines, shuffled.
+        // Beyond zstd-prefix's 1 MiB for text, its payload is considered only when every delta
+        // before it is weak: here the new file keeps a third of the old lines, shuffled.
         let old_lines = lines(1, 40_000);
         let old: Vec<u8> = old_lines.concat();
         let mut new_lines = lines(2, 30_000);
@@ -445,7 +459,7 @@ mod tests {
             new_lines.insert((i * 7919) % new_lines.len(), line.clone());
         }
         let new: Vec<u8> = new_lines.concat();
-        assert!(new.len() > ZSTD_PREFIX.max_new_len());
+        assert!(is_text(&new) && new.len() > ZSTD_PREFIX.max_text_len());
         let size = |e: &dyn DeltaEncoder| e.encode(&old, &new).expect("encode").map(|p| p.len());
         let bsdiff = size(&BSDIFF).expect("applies");
         let prefix = size(&ZSTD_PREFIX).expect("applies");
@@ -468,6 +482,90 @@ mod tests {
         edited[500_000] ^= 1;
         let best = encode_best(Some(&old), &edited).expect("encode");
         assert_ne!(best.encoder, Some("zstd-prefix"));
+    }
+
+    /// An encoder that counts its `encode` calls.
+    struct Counted<'e>(&'e dyn DeltaEncoder, std::sync::atomic::AtomicUsize);
+
+    impl DeltaEncoder for Counted<'_> {
+        fn name(&self) -> &'static str {
+            self.0.name()
+        }
+        fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.encode(old, new)
+        }
+        fn decode_into(
+            &self,
+            old: &[u8],
+            payload: &[u8],
+            new_len: u64,
+            out: &mut dyn Write,
+        ) -> Result<(), DecodeError> {
+            self.0.decode_into(old, payload, new_len, out)
+        }
+        fn max_new_len(&self) -> usize {
+            self.0.max_new_len()
+        }
+        fn max_text_len(&self) -> usize {
+            self.0.max_text_len()
+        }
+        fn covers_plain(&self) -> bool {
+            self.0.covers_plain()
+        }
+    }
+
+    /// How many times each of bsdiff and zstd-prefix is tried on (old, new).
+    fn tries(old: &[u8], new: &[u8]) -> (usize, usize) {
+        let encoders: [&dyn DeltaEncoder; 2] = [&BSDIFF, &ZSTD_PREFIX];
+        let counted = encoders.map(|e| Counted(e, std::sync::atomic::AtomicUsize::new(0)));
+        encode_best_with(
+            counted.iter().map(|c| c as &dyn DeltaEncoder),
+            Some(old),
+            new,
+        )
+        .expect("encode");
+        let [b, z] = counted.map(|c| c.1.into_inner());
+        (b, z)
+    }
+
+    #[test]
+    fn zstd_prefix_is_tried_on_small_binaries_and_on_text() {
+        // Binary (NUL bytes) of 200 KB edited every 1000 bytes: a good delta, no zstd-prefix.
+        let mut state = 7u64;
+        let old: Vec<u8> = (0..200_000)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if i % 5 == 0 {
+                    0
+                } else {
+                    (state >> 56) as u8
+                }
+            })
+            .collect();
+        let mut new = old.clone();
+        for i in (0..new.len()).step_by(1000) {
+            new[i] ^= 0x5a;
+        }
+        assert!(!is_text(&new) && new.len() > ZSTD_PREFIX.max_new_len());
+        assert_eq!(tries(&old, &new), (1, 0));
+        // 60 KB of it, edited every 50 bytes so that bsdiff's payload is not good enough to stop
+        // at: under 64 KiB, zstd-prefix is tried however good bsdiff's delta is.
+        let mut small = old[..60_000].to_vec();
+        for i in (0..small.len()).step_by(50) {
+            small[i] ^= 0x5a;
+        }
+        assert_eq!(tries(&old[..60_000], &small), (1, 1));
+        // Text of about the same size and edits: zstd-prefix is tried.
+        let old_text: Vec<u8> = lines(3, 4_000).concat();
+        let mut new_text = old_text.clone();
+        for i in (0..new_text.len()).step_by(1000) {
+            new_text[i] = b'#';
+        }
+        assert!(is_text(&new_text) && new_text.len() > ZSTD_PREFIX.max_new_len());
+        assert_eq!(tries(&old_text, &new_text), (1, 1));
     }
 
     proptest! {
