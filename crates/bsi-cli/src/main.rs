@@ -263,17 +263,15 @@ fn run(command: Command) -> Result<()> {
                 key: &key,
             };
             let bar = progress::Bar::new(quiet);
-            let built = bsi_engine::build(&opts, &bar)?;
-            bsi_engine::write_atomically(&out, &built.bytes)?;
+            let (m, len) = bsi_engine::build_to_file(&opts, &out, &bar)?;
             if !quiet {
-                let m = &built.manifest;
                 say!(
                     "wrote {}: {} {} ({}), {} bytes, {} changed entries, {} payload bytes",
                     out.display(),
                     m.product,
                     m.base.version,
                     m.letter,
-                    built.bytes.len(),
+                    len,
                     m.entries.len(),
                     m.payload_len
                 );

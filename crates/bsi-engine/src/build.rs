@@ -1,12 +1,14 @@
 //! Turning two trees into a signed package.
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use std::collections::HashMap;
-
 use bsi_format::{
-    signed_bytes, write_package, BaseRelease, Component, Digest, Entry, Image, Letter, Manifest,
-    ManifestError, Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, MAX_MANIFEST_LEN,
+    signed_bytes, BaseRelease, Component, Digest, Entry, Image, Letter, Manifest, ManifestError,
+    Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, MAX_MANIFEST_LEN, SIGNATURE_LEN,
 };
 use bsi_sign::SecretKey;
 use rayon::prelude::*;
@@ -73,9 +75,36 @@ pub struct BuildSummary {
     pub manifest: Manifest,
 }
 
-/// Diff `base` against `target` and return the signed package bytes. Output is a function of the
-/// trees, options and key only: file order on disk, time and thread count do not change it.
-pub fn build(opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<BuildSummary, BuildError> {
+/// A package made and signed, its payloads waiting in a [`Spill`] file.
+struct Made {
+    manifest: Manifest,
+    signed: Vec<u8>,
+    signature: [u8; SIGNATURE_LEN],
+    spill: Spill,
+    /// The payloads in manifest order.
+    order: Vec<Spilled>,
+}
+
+impl Made {
+    /// Write the package to `out` (named `out_name` in messages).
+    fn write_to(&self, out: &mut dyn Write, out_name: &Path) -> Result<(), FsError> {
+        let write = |e| FsError::new("write", out_name, e);
+        out.write_all(&self.signed).map_err(write)?;
+        out.write_all(&self.signature).map_err(write)?;
+        for spilled in &self.order {
+            self.spill.copy_to(spilled, out, out_name)?;
+        }
+        out.flush().map_err(write)
+    }
+}
+
+/// Diff `base` against `target` and sign the package, its payloads waiting in an unnamed file
+/// in `spill_dir`.
+fn make(
+    opts: &BuildOptions<'_>,
+    spill_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<Made, BuildError> {
     let components: Vec<Component> = if opts.components.is_empty() {
         vec![Component {
             name: opts.product.clone(),
@@ -160,31 +189,42 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<BuildSu
     // Small files in parallel, then large ones one at a time (see LARGE_FILE).
     let (large, small): (Vec<usize>, Vec<usize>) =
         (0..planned.len()).partition(|&i| entry_weight(&planned[i]) >= LARGE_FILE);
-    let mut encoded: Vec<Option<(Operation, Vec<u8>)>> = vec![None; planned.len()];
+    // Each payload waits in an unnamed file from the moment it is made, so that memory holds
+    // the files being encoded, not every payload of the tree.
+    let spill = Spill::new(spill_dir)?;
+    let encode_and_spill = |i: usize| -> Result<Option<(Operation, Spilled)>, BuildError> {
+        Ok(
+            match encode_entry(opts, &planned[i], &references, progress)? {
+                Some((op, payload)) => Some((op, spill.put(&payload)?)),
+                None => None,
+            },
+        )
+    };
+    let mut encoded: Vec<Option<(Operation, Spilled)>> = vec![None; planned.len()];
     let done: Vec<_> = small
         .into_par_iter()
-        .map(|i| encode_entry(opts, &planned[i], &references, progress).map(|r| (i, r)))
+        .map(|i| encode_and_spill(i).map(|r| (i, r)))
         .collect::<Result<_, _>>()?;
     for (i, result) in done {
         encoded[i] = result;
     }
     for i in large {
-        encoded[i] = encode_entry(opts, &planned[i], &references, progress)?;
+        encoded[i] = encode_and_spill(i)?;
     }
     progress.finish();
 
     let mut offset = 0u64;
-    let mut payloads = Vec::new();
+    let mut order = Vec::new();
     for (entry, encoded) in planned.iter_mut().zip(encoded) {
-        if let Some((op, payload)) = encoded {
+        if let Some((op, spilled)) = encoded {
             entry.op = op;
             entry.payload = Some(Payload {
                 offset,
-                len: payload.len() as u64,
-                sha256: bsi_format::sha256(&payload),
+                len: spilled.len,
+                sha256: spilled.sha256,
             });
-            offset += payload.len() as u64;
-            payloads.push(payload);
+            offset += spilled.len;
+            order.push(spilled);
         }
     }
     let manifest = Manifest {
@@ -207,15 +247,121 @@ pub fn build(opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<BuildSu
     }
     let signed = signed_bytes(&manifest_bytes);
     let signature = opts.key.sign(&signed);
-    let mut bytes = Vec::with_capacity(signed.len() + 64 + offset as usize);
-    write_package(
-        &mut bytes,
-        &signed,
-        &signature,
-        payloads.iter().map(Vec::as_slice),
-    )
-    .expect("writing to a Vec cannot fail");
-    Ok(BuildSummary { bytes, manifest })
+    Ok(Made {
+        manifest,
+        signed,
+        signature,
+        spill,
+        order,
+    })
+}
+
+/// Diff `base` against `target` and return the signed package bytes. Output is a function of the
+/// trees, options and key only: file order on disk, time and thread count do not change it.
+pub fn build(opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<BuildSummary, BuildError> {
+    let made = make(opts, &std::env::temp_dir(), progress)?;
+    let mut bytes = Vec::new();
+    made.write_to(&mut bytes, Path::new("package in memory"))?;
+    Ok(BuildSummary {
+        bytes,
+        manifest: made.manifest,
+    })
+}
+
+/// [`build`], writing the package to `out` (mode 0644) through a temporary file in the same
+/// directory, so that `out` is either untouched or complete; payloads wait in an unnamed file
+/// there too. Returns the manifest and the package's length.
+pub fn build_to_file(
+    opts: &BuildOptions<'_>,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<(Manifest, u64), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = parent_dir(out);
+    let made = make(opts, &dir, progress)?;
+    // Named only once the package is made, so that a refused build leaves nothing behind.
+    let tmp = tempfile::NamedTempFile::new_in(&dir).fs("create a file in", &dir)?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
+    made.write_to(&mut writer, out)?;
+    drop(writer);
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .fs("set permissions of", tmp.path())?;
+    tmp.as_file().sync_all().fs("write", tmp.path())?;
+    let len = tmp.as_file().metadata().fs("write", tmp.path())?.len();
+    tmp.persist(out)
+        .map_err(|e| FsError::new("write", out, e.error))?;
+    Ok((made.manifest, len))
+}
+
+/// The directory a file at `path` goes in.
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Where a payload waits in the [`Spill`] file, and its digest.
+#[derive(Debug, Clone)]
+struct Spilled {
+    at: u64,
+    len: u64,
+    sha256: Digest,
+}
+
+/// An unnamed file that payloads are appended to as they are made, in any order.
+struct Spill {
+    file: std::sync::Mutex<(File, u64)>,
+    dir: PathBuf,
+}
+
+impl Spill {
+    fn new(dir: &Path) -> Result<Spill, FsError> {
+        let file = tempfile::tempfile_in(dir).fs("create a file in", dir)?;
+        Ok(Spill {
+            file: std::sync::Mutex::new((file, 0)),
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn put(&self, payload: &[u8]) -> Result<Spilled, FsError> {
+        let sha256 = bsi_format::sha256(payload);
+        // A panic elsewhere cannot leave the file half-written under the lock: take it back.
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, end) = &mut *guard;
+        file.write_all(payload)
+            .fs("write a temporary file in", &self.dir)?;
+        let at = *end;
+        *end += payload.len() as u64;
+        Ok(Spilled {
+            at,
+            len: payload.len() as u64,
+            sha256,
+        })
+    }
+
+    /// Copy a spilled payload to `out` (named `out_name` in messages).
+    fn copy_to(
+        &self,
+        spilled: &Spilled,
+        out: &mut dyn Write,
+        out_name: &Path,
+    ) -> Result<(), FsError> {
+        let guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut chunk = vec![0; (1 << 20).min(spilled.len as usize)];
+        let mut done = 0u64;
+        while done < spilled.len {
+            let n = chunk.len().min((spilled.len - done) as usize);
+            guard
+                .0
+                .read_exact_at(&mut chunk[..n], spilled.at + done)
+                .fs("read a temporary file in", &self.dir)?;
+            out.write_all(&chunk[..n]).fs("write", out_name)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
 }
 
 fn needs_payload(entry: &Entry) -> bool {
@@ -338,10 +484,7 @@ fn encode_entry(
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let dir = parent_dir(path);
     let mut tmp = tempfile::NamedTempFile::new_in(&dir).fs("create a file in", &dir)?;
     tmp.write_all(bytes).fs("write", tmp.path())?;
     tmp.as_file()

@@ -22,7 +22,9 @@ pub use apply::{
     apply, recover, revert, status, ApplyError, ApplyOutcome, RevertError, Session, SessionError,
     Space, Status, StatusError,
 };
-pub use build::{build, write_atomically, BuildError, BuildOptions, BuildSummary, ComponentSpec};
+pub use build::{
+    build, build_to_file, write_atomically, BuildError, BuildOptions, BuildSummary, ComponentSpec,
+};
 pub use package::{signer_key, verify_against_tree, OpenError, TreeVerifyError, VerifiedPackage};
 pub use state::default_state_dir;
 pub use tree::{scan, ScanError, Tree, STATE_DIR_NAME};

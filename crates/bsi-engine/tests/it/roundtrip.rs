@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use bsi_engine::{
-    apply, build, revert, scan, verify_against_tree, BuildOptions, NoProgress, VerifiedPackage,
+    apply, build, build_to_file, revert, scan, verify_against_tree, BuildOptions, NoProgress,
+    VerifiedPackage,
 };
 use bsi_sign::SecretKey;
 use proptest::prelude::*;
@@ -43,7 +44,21 @@ pub fn package_bytes(base: &Path, target: &Path, letter: char) -> Vec<u8> {
         components: Vec::new(),
         key: &key,
     };
-    build(&opts, &NoProgress).expect("build").bytes
+    let bytes = build(&opts, &NoProgress).expect("build").bytes;
+    // Built to a file (payloads spilled beside it), the package is the same, and nothing else
+    // is left in its directory.
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("p.bsi");
+    let (manifest, len) = build_to_file(&opts, &out, &NoProgress).expect("build to a file");
+    assert_eq!(std::fs::read(&out).expect("read package"), bytes);
+    assert_eq!(len, bytes.len() as u64);
+    assert_eq!(manifest.letter.to_string(), letter.to_string());
+    let left: Vec<_> = std::fs::read_dir(out_dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, ["p.bsi"]);
+    bytes
 }
 
 fn same_tree(a: &Path, b: &Path) -> Result<(), TestCaseError> {
