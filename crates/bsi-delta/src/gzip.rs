@@ -66,6 +66,7 @@ impl DeltaEncoder for Gzip {
                 .filter(|e| e.name() != self.name()),
             Some(&old_member.raw),
             &new_member.raw,
+            crate::HOLD_IN_MEMORY,
         )?;
         let header = &new[..new_member.header_len];
         let mut out = Vec::with_capacity(inner.payload.len() + header.len() + 32);

@@ -258,29 +258,28 @@ pub fn is_text(data: &[u8]) -> bool {
 /// 13 major versions) cost 47.5 MB with zstd-prefix instead of 57.6 MB with bsdiff or 53.8 MB
 /// plainly compressed.
 pub fn encode_best(old: Option<&[u8]>, new: &[u8]) -> io::Result<Encoded> {
-    encode_best_with(delta_encoders().iter().copied(), old, new)
+    encode_best_with(delta_encoders().iter().copied(), old, new, HOLD_IN_MEMORY)
 }
 
-/// [`encode_best`] with the given delta encoders, in the order given.
+/// [`encode_best`] with the given delta encoders, in the order given; a best payload larger than
+/// `hold_in_memory` waits in a temporary file (see [`HOLD_IN_MEMORY`]).
 pub(crate) fn encode_best_with<'e>(
     encoders: impl Iterator<Item = &'e dyn DeltaEncoder>,
     old: Option<&[u8]>,
     new: &[u8],
+    hold_in_memory: usize,
 ) -> io::Result<Encoded> {
     let enough = good_enough(new.len());
     let max_len = |encoder: &dyn DeltaEncoder| match is_text(new) {
         true => encoder.max_text_len(),
         false => encoder.max_new_len(),
     };
-    let weak = |best: &Option<Encoded>| {
-        best.as_ref()
-            .is_none_or(|b| is_weak(b.payload.len(), new.len()))
-    };
-    let mut best: Option<Encoded> = None;
+    let weak = |best: &Option<Best>| best.as_ref().is_none_or(|b| is_weak(b.len, new.len()));
+    let mut best: Option<Best> = None;
     let mut plain_covered = false;
     if let Some(old) = old {
         for encoder in encoders {
-            if best.as_ref().is_some_and(|b| b.payload.len() <= enough) {
+            if best.as_ref().is_some_and(|b| b.len <= enough) {
                 break;
             }
             if new.len() > max_len(encoder) && !weak(&best) {
@@ -290,29 +289,80 @@ pub(crate) fn encode_best_with<'e>(
                 continue;
             };
             plain_covered |= encoder.covers_plain();
-            if best
-                .as_ref()
-                .is_none_or(|b| payload.len() < b.payload.len())
-            {
-                best = Some(Encoded {
-                    encoder: Some(encoder.name()),
-                    payload,
-                });
+            if best.as_ref().is_none_or(|b| payload.len() < b.len) {
+                drop(best.take()); // freed before the new one is held
+                best = Some(Best::hold(encoder.name(), payload, hold_in_memory)?);
             }
         }
     }
     match best {
-        Some(delta) if plain_covered || !is_poor(delta.payload.len(), new.len()) => Ok(delta),
+        Some(delta) if plain_covered || !is_poor(delta.len, new.len()) => delta.into_encoded(),
         best => {
             let plain = compress(new)?;
-            Ok(match best {
-                Some(delta) if delta.payload.len() < plain.len() => delta,
-                _ => Encoded {
+            match best {
+                Some(delta) if delta.len < plain.len() => delta.into_encoded(),
+                _ => Ok(Encoded {
                     encoder: None,
                     payload: plain,
-                },
-            })
+                }),
+            }
         }
+    }
+}
+
+/// A payload larger than this (16 MiB) waits in a temporary file while other encoders run:
+/// Firefox's libxul.so (184 MB) has a 61.6 MB blocks payload while bsdiff builds its suffix
+/// array (708 MB) and a 57.6 MB bsdiff payload while zstd-prefix runs.
+const HOLD_IN_MEMORY: usize = 16 << 20;
+
+/// The smallest payload so far in [`encode_best`].
+struct Best {
+    encoder: &'static str,
+    len: usize,
+    held: Held,
+}
+
+enum Held {
+    Memory(Vec<u8>),
+    /// In an unnamed temporary file, from its start.
+    File(std::fs::File),
+}
+
+impl Best {
+    fn hold(encoder: &'static str, payload: Vec<u8>, hold_in_memory: usize) -> io::Result<Best> {
+        let len = payload.len();
+        let held = if len > hold_in_memory {
+            let mut file = tempfile::tempfile()?;
+            file.write_all(&payload)?;
+            Held::File(file)
+        } else {
+            Held::Memory(payload)
+        };
+        Ok(Best { encoder, len, held })
+    }
+
+    fn into_encoded(self) -> io::Result<Encoded> {
+        let payload = match self.held {
+            Held::Memory(payload) => payload,
+            Held::File(mut file) => {
+                use std::io::Seek;
+                file.rewind()?;
+                let mut payload = Vec::with_capacity(self.len);
+                file.read_to_end(&mut payload)?;
+                if payload.len() != self.len {
+                    return Err(io::Error::other(format!(
+                        "a temporary file held {} bytes of a {}-byte payload",
+                        payload.len(),
+                        self.len
+                    )));
+                }
+                payload
+            }
+        };
+        Ok(Encoded {
+            encoder: Some(self.encoder),
+            payload,
+        })
     }
 }
 
@@ -523,6 +573,7 @@ mod tests {
             counted.iter().map(|c| c as &dyn DeltaEncoder),
             Some(old),
             new,
+            HOLD_IN_MEMORY,
         )
         .expect("encode");
         let [b, z] = counted.map(|c| c.1.into_inner());
@@ -566,6 +617,25 @@ mod tests {
         }
         assert!(is_text(&new_text) && new_text.len() > ZSTD_PREFIX.max_new_len());
         assert_eq!(tries(&old_text, &new_text), (1, 1));
+    }
+
+    #[test]
+    fn payloads_held_in_a_file_come_back_the_same() {
+        let old_text: Vec<u8> = lines(4, 3_000).concat();
+        let mut edited = old_text.clone();
+        edited[10_000] = b'#';
+        let unrelated: Vec<u8> = lines(5, 3_000).concat();
+        for (old, new) in [
+            (&old_text, &edited),
+            (&old_text, &unrelated),
+            (&edited, &old_text),
+        ] {
+            let encoders = || delta_encoders().iter().copied();
+            let in_memory =
+                encode_best_with(encoders(), Some(old), new, usize::MAX).expect("encode");
+            let in_file = encode_best_with(encoders(), Some(old), new, 0).expect("encode");
+            assert_eq!(in_file, in_memory);
+        }
     }
 
     proptest! {
