@@ -70,6 +70,12 @@ pub trait DeltaEncoder: Send + Sync {
         self.max_new_len()
     }
 
+    /// Largest new file this encoder is tried on once the best delta so far is far (larger than
+    /// 1/4 of the file: the two files have little in common).
+    fn max_far_len(&self) -> usize {
+        usize::MAX
+    }
+
     /// True when this encoder's payload is plain compression of the new file with more to draw
     /// on (zstd-prefix: the same zstd level, with the old file as history), so that plain
     /// compression need not be tried after it.
@@ -243,6 +249,14 @@ fn is_weak(payload_len: usize, new_len: usize) -> bool {
     payload_len > new_len / WEAK_DELTA_RATIO
 }
 
+/// A delta larger than this share of the new file (1/4) is far: see
+/// [`DeltaEncoder::max_far_len`].
+const FAR_DELTA_RATIO: usize = 4;
+
+fn is_far(payload_len: usize, new_len: usize) -> bool {
+    payload_len > new_len / FAR_DELTA_RATIO
+}
+
 /// Whether `data` looks like text: no NUL byte in its first 8000 bytes (git's test).
 pub fn is_text(data: &[u8]) -> bool {
     !data[..data.len().min(8000)].contains(&0)
@@ -251,12 +265,13 @@ pub fn is_text(data: &[u8]) -> bool {
 /// Encode `new` against `old` (when there is one) with each delta encoder, cheapest first, and
 /// with plain compression; keep the smallest payload (ties go to the earlier encoder, and to
 /// plain compression, which needs no old file). Stops as soon as a payload is
-/// [`good_enough`]; skips encoders beyond their `max_new_len` unless every delta so far is weak,
-/// and plain compression when a delta is not poor or an encoder that covers it ran.
+/// [`good_enough`]; skips encoders beyond their `max_new_len` (`max_text_len` for text) unless
+/// every delta so far is weak, encoders beyond their `max_far_len` once a delta is far, and
+/// plain compression when a delta is not poor or an encoder that covers it ran.
 ///
 /// On Firefox ESR 140 -> 153 this is what makes libxul (184 MB, little left in common after
 /// 13 major versions) cost 47.5 MB with zstd-prefix instead of 57.6 MB with bsdiff or 53.8 MB
-/// plainly compressed.
+/// plainly compressed, without running bsdiff (blocks' delta is 34% of the file).
 pub fn encode_best(old: Option<&[u8]>, new: &[u8]) -> io::Result<Encoded> {
     encode_best_with(delta_encoders().iter().copied(), old, new, HOLD_IN_MEMORY)
 }
@@ -283,6 +298,11 @@ pub(crate) fn encode_best_with<'e>(
                 break;
             }
             if new.len() > max_len(encoder) && !weak(&best) {
+                continue;
+            }
+            if new.len() > encoder.max_far_len()
+                && best.as_ref().is_some_and(|b| is_far(b.len, new.len()))
+            {
                 continue;
             }
             let Some(payload) = encoder.encode(old, new)? else {
@@ -537,6 +557,30 @@ mod tests {
     /// An encoder that counts its `encode` calls.
     struct Counted<'e>(&'e dyn DeltaEncoder, std::sync::atomic::AtomicUsize);
 
+    /// An encoder with its own `max_far_len`.
+    struct FarLimited<'e>(&'e dyn DeltaEncoder, usize);
+
+    impl DeltaEncoder for FarLimited<'_> {
+        fn name(&self) -> &'static str {
+            self.0.name()
+        }
+        fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
+            self.0.encode(old, new)
+        }
+        fn decode_into(
+            &self,
+            old: &[u8],
+            payload: &[u8],
+            new_len: u64,
+            out: &mut dyn Write,
+        ) -> Result<(), DecodeError> {
+            self.0.decode_into(old, payload, new_len, out)
+        }
+        fn max_far_len(&self) -> usize {
+            self.1
+        }
+    }
+
     impl DeltaEncoder for Counted<'_> {
         fn name(&self) -> &'static str {
             self.0.name()
@@ -562,6 +606,9 @@ mod tests {
         }
         fn covers_plain(&self) -> bool {
             self.0.covers_plain()
+        }
+        fn max_far_len(&self) -> usize {
+            self.0.max_far_len()
         }
     }
 
@@ -617,6 +664,44 @@ mod tests {
         }
         assert!(is_text(&new_text) && new_text.len() > ZSTD_PREFIX.max_new_len());
         assert_eq!(tries(&old_text, &new_text), (1, 1));
+    }
+
+    #[test]
+    fn an_encoder_is_skipped_on_large_files_once_deltas_are_far() {
+        // bsdiff limited to 10 KB once far, after blocks: 100 KB of noise, edited or replaced.
+        let mut state = 11u64;
+        let mut noise_of = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (state >> 56) as u8
+                })
+                .collect()
+        };
+        let old = noise_of(100_000);
+        let noise = noise_of(100_000);
+        let mut touched = old.clone();
+        for i in (0..touched.len()).step_by(200) {
+            touched[i] ^= 0xff;
+        }
+        let bsdiff = Counted(&FarLimited(&BSDIFF, 10_000), 0.into());
+        let run = |new: &[u8]| {
+            let before = bsdiff.1.load(std::sync::atomic::Ordering::Relaxed);
+            let encoders: [&dyn DeltaEncoder; 2] = [&BLOCKS, &bsdiff];
+            encode_best_with(encoders.into_iter(), Some(&old), new, HOLD_IN_MEMORY)
+                .expect("encode");
+            bsdiff.1.load(std::sync::atomic::Ordering::Relaxed) - before
+        };
+        let blocks = |new: &[u8]| BLOCKS.encode(&old, new).expect("encode").expect("applies");
+        assert!(is_far(blocks(&noise).len(), noise.len()));
+        assert!(!is_far(blocks(&touched).len(), touched.len()));
+        assert!(noise.len() > 10_000 && touched.len() > 10_000);
+        assert!(blocks(&touched).len() > good_enough(touched.len()));
+        assert_eq!(run(&noise), 0);
+        assert_eq!(run(&touched), 1);
+        assert_eq!(run(&noise[..9_000]), 1, "under the limit it is tried");
     }
 
     #[test]
