@@ -3,11 +3,13 @@
 //! - `cargo xtask testdata [--out DIR]`: deterministic example release trees (see testdata/README.md)
 //! - `cargo xtask demo`: the end-to-end build / verify / apply / revert example
 //! - `cargo xtask bench [--smoke] [--pairs NAME,...] [--out FILE]`: bsi against peer delta tools
+//! - `cargo xtask encoders OLD NEW [--min BYTES] [--max BYTES]`: every encoder on every changed file
 //! - `cargo xtask killbench [--trials N]`: kill -9 during apply and revert, then recover
 //! - `cargo xtask release PLAN`: build, sign, verify and publish the packages of a release plan
 
 mod bench;
 mod demo;
+mod encoders;
 mod exe;
 mod killbench;
 mod release;
@@ -28,6 +30,9 @@ commands:
   bench [--smoke] [--pairs NAME,...] [--out FILE]
                          compare bsi with bsdiff, xdelta3 and zstd on synthetic and Debian pairs
                          (tables on stdout; default FILE: BENCHMARKS.md, none with --smoke)
+  encoders OLD NEW [--min BYTES] [--max BYTES]
+                         every delta encoder on every changed file of two trees: bytes, seconds,
+                         plain zstd, and the encoder bsi chooses
   killbench [--trials N] kill -9 bsi apply/revert at random moments, recover, compare (default 200)
   release PLAN           build, sign, verify and publish a release plan's packages to its channel
                          (example: testdata/release-plan.toml)";
@@ -55,6 +60,7 @@ fn run() -> Result<()> {
         ["testdata", "--out", dir] => testdata::generate(&PathBuf::from(dir)),
         ["demo"] => demo::demo(&ws),
         ["bench", rest @ ..] => bench::bench(&ws, rest),
+        ["encoders", rest @ ..] => encoders::encoders(rest),
         ["killbench", rest @ ..] => killbench::killbench(&ws, rest),
         ["release", rest @ ..] => release::release(&ws, rest),
         ["help" | "--help" | "-h"] => {
