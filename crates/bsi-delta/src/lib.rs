@@ -459,17 +459,22 @@ mod tests {
         assert!(decompress(b"not zstd at all", 10).is_err());
     }
 
-    #[test]
-    fn best_prefers_delta_for_a_small_edit() {
-        let mut state = 1u64;
-        let old: Vec<u8> = (0..200_000)
+    /// `len` pseudo-random bytes.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed;
+        (0..len)
             .map(|_| {
                 state = state
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 (state >> 56) as u8
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn best_prefers_delta_for_a_small_edit() {
+        let old = noise(1, 200_000);
         let mut new = old.clone();
         new.splice(1000..1000, b"inserted".iter().copied());
         new[150_000] ^= 0xff;
@@ -554,40 +559,35 @@ mod tests {
         assert_ne!(best.encoder, Some("zstd-prefix"));
     }
 
-    /// An encoder that counts its `encode` calls.
-    struct Counted<'e>(&'e dyn DeltaEncoder, std::sync::atomic::AtomicUsize);
+    /// An encoder that counts its `encode` calls, with its own `max_far_len` if given.
+    struct Spy<'e> {
+        inner: &'e dyn DeltaEncoder,
+        calls: std::sync::atomic::AtomicUsize,
+        far_len: Option<usize>,
+    }
 
-    /// An encoder with its own `max_far_len`.
-    struct FarLimited<'e>(&'e dyn DeltaEncoder, usize);
+    impl<'e> Spy<'e> {
+        fn new(inner: &'e dyn DeltaEncoder, far_len: Option<usize>) -> Spy<'e> {
+            Spy {
+                inner,
+                calls: 0.into(),
+                far_len,
+            }
+        }
 
-    impl DeltaEncoder for FarLimited<'_> {
-        fn name(&self) -> &'static str {
-            self.0.name()
-        }
-        fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-            self.0.encode(old, new)
-        }
-        fn decode_into(
-            &self,
-            old: &[u8],
-            payload: &[u8],
-            new_len: u64,
-            out: &mut dyn Write,
-        ) -> Result<(), DecodeError> {
-            self.0.decode_into(old, payload, new_len, out)
-        }
-        fn max_far_len(&self) -> usize {
-            self.1
+        fn calls(&self) -> usize {
+            self.calls.load(std::sync::atomic::Ordering::Relaxed)
         }
     }
 
-    impl DeltaEncoder for Counted<'_> {
+    impl DeltaEncoder for Spy<'_> {
         fn name(&self) -> &'static str {
-            self.0.name()
+            self.inner.name()
         }
         fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.0.encode(old, new)
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.encode(old, new)
         }
         fn decode_into(
             &self,
@@ -596,26 +596,26 @@ mod tests {
             new_len: u64,
             out: &mut dyn Write,
         ) -> Result<(), DecodeError> {
-            self.0.decode_into(old, payload, new_len, out)
+            self.inner.decode_into(old, payload, new_len, out)
         }
         fn max_new_len(&self) -> usize {
-            self.0.max_new_len()
+            self.inner.max_new_len()
         }
         fn max_text_len(&self) -> usize {
-            self.0.max_text_len()
-        }
-        fn covers_plain(&self) -> bool {
-            self.0.covers_plain()
+            self.inner.max_text_len()
         }
         fn max_far_len(&self) -> usize {
-            self.0.max_far_len()
+            self.far_len.unwrap_or_else(|| self.inner.max_far_len())
+        }
+        fn covers_plain(&self) -> bool {
+            self.inner.covers_plain()
         }
     }
 
     /// How many times each of bsdiff and zstd-prefix is tried on (old, new).
     fn tries(old: &[u8], new: &[u8]) -> (usize, usize) {
         let encoders: [&dyn DeltaEncoder; 2] = [&BSDIFF, &ZSTD_PREFIX];
-        let counted = encoders.map(|e| Counted(e, std::sync::atomic::AtomicUsize::new(0)));
+        let counted = encoders.map(|e| Spy::new(e, None));
         encode_best_with(
             counted.iter().map(|c| c as &dyn DeltaEncoder),
             Some(old),
@@ -623,26 +623,17 @@ mod tests {
             HOLD_IN_MEMORY,
         )
         .expect("encode");
-        let [b, z] = counted.map(|c| c.1.into_inner());
+        let [b, z] = counted.map(|c| c.calls());
         (b, z)
     }
 
     #[test]
     fn zstd_prefix_is_tried_on_small_binaries_and_on_text() {
         // Binary (NUL bytes) of 200 KB edited every 1000 bytes: a good delta, no zstd-prefix.
-        let mut state = 7u64;
-        let old: Vec<u8> = (0..200_000)
-            .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                if i % 5 == 0 {
-                    0
-                } else {
-                    (state >> 56) as u8
-                }
-            })
-            .collect();
+        let mut old = noise(7, 200_000);
+        for i in (0..old.len()).step_by(5) {
+            old[i] = 0;
+        }
         let mut new = old.clone();
         for i in (0..new.len()).step_by(1000) {
             new[i] ^= 0x5a;
@@ -669,39 +660,28 @@ mod tests {
     #[test]
     fn an_encoder_is_skipped_on_large_files_once_deltas_are_far() {
         // bsdiff limited to 10 KB once far, after blocks: 100 KB of noise, edited or replaced.
-        let mut state = 11u64;
-        let mut noise_of = |len: usize| -> Vec<u8> {
-            (0..len)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (state >> 56) as u8
-                })
-                .collect()
-        };
-        let old = noise_of(100_000);
-        let noise = noise_of(100_000);
+        let old = noise(11, 100_000);
+        let unrelated = noise(12, 100_000);
         let mut touched = old.clone();
         for i in (0..touched.len()).step_by(200) {
             touched[i] ^= 0xff;
         }
-        let bsdiff = Counted(&FarLimited(&BSDIFF, 10_000), 0.into());
+        let bsdiff = Spy::new(&BSDIFF, Some(10_000));
         let run = |new: &[u8]| {
-            let before = bsdiff.1.load(std::sync::atomic::Ordering::Relaxed);
+            let before = bsdiff.calls();
             let encoders: [&dyn DeltaEncoder; 2] = [&BLOCKS, &bsdiff];
             encode_best_with(encoders.into_iter(), Some(&old), new, HOLD_IN_MEMORY)
                 .expect("encode");
-            bsdiff.1.load(std::sync::atomic::Ordering::Relaxed) - before
+            bsdiff.calls() - before
         };
         let blocks = |new: &[u8]| BLOCKS.encode(&old, new).expect("encode").expect("applies");
-        assert!(is_far(blocks(&noise).len(), noise.len()));
+        assert!(is_far(blocks(&unrelated).len(), unrelated.len()));
         assert!(!is_far(blocks(&touched).len(), touched.len()));
-        assert!(noise.len() > 10_000 && touched.len() > 10_000);
+        assert!(unrelated.len() > 10_000 && touched.len() > 10_000);
         assert!(blocks(&touched).len() > good_enough(touched.len()));
-        assert_eq!(run(&noise), 0);
+        assert_eq!(run(&unrelated), 0);
         assert_eq!(run(&touched), 1);
-        assert_eq!(run(&noise[..9_000]), 1, "under the limit it is tried");
+        assert_eq!(run(&unrelated[..9_000]), 1, "under the limit it is tried");
     }
 
     #[test]
