@@ -4,10 +4,12 @@ use zstd::stream::raw::{CParameter, DParameter};
 
 use crate::{copy_exact_len, window_log, DecodeError, DeltaEncoder, LEVEL};
 
-/// Largest new file encoded through zstd's multithreaded path (see `encode`).
-const MULTITHREADED_MAX: usize = 64 << 20;
+/// Largest new file encoded through zstd's multithreaded path as one job (see `encode`).
+const ONE_JOB_MAX: usize = 64 << 20;
 /// Smallest old file encoded through zstd's multithreaded path, exclusive (see `encode`).
 const MULTITHREADED_MIN_OLD: usize = 8 << 20;
+/// The size of zstd's jobs for new files over [`ONE_JOB_MAX`] (see `encode`).
+const JOB_SIZE: u32 = 32 << 20;
 
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
 /// a window that covers old and new file together.
@@ -39,24 +41,17 @@ impl DeltaEncoder for ZstdPrefix {
     }
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let window = window_log(old.len() as u64 + new.len() as u64);
-        let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), LEVEL, old)?;
-        encoder.set_parameter(CParameter::WindowLog(window))?;
-        encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
-        // One worker thread: zstd's multithreaded path (as the zstd program uses) lets long
-        // distance matching see the prefix, which the single-threaded path does not. Firefox's
-        // omni.ja (43 MB, ESR 140 -> 153): 1,848,351 B instead of 3,384,901 B. One worker, so
-        // the output does not depend on the machine. Only where it paid: old files over 8 MiB
-        // (on the security updates' smaller files it saved 26 bytes in all and cost 25% more
-        // build time) and new files up to 64 MiB (on libxul, 184 MB, it saved 0.07% for 30% more
-        // build time).
-        if old.len() > MULTITHREADED_MIN_OLD && new.len() <= MULTITHREADED_MAX {
-            encoder.set_parameter(CParameter::NbWorkers(1))?;
-        }
-        encoder.set_parameter(CParameter::ChecksumFlag(false))?;
-        encoder.set_pledged_src_size(Some(new.len() as u64))?;
-        encoder.write_all(new)?;
-        encoder.finish().map(Some)
+        let jobs = (old.len() > MULTITHREADED_MIN_OLD).then(|| match new.len() > ONE_JOB_MAX {
+            true => Jobs {
+                workers: rayon::current_num_threads(),
+                size: Some(JOB_SIZE),
+            },
+            false => Jobs {
+                workers: 1,
+                size: None,
+            },
+        });
+        encode_in(old, new, LEVEL, jobs)
     }
 
     fn decode_into(
@@ -73,5 +68,108 @@ impl DeltaEncoder for ZstdPrefix {
             .map_err(DecodeError::Corrupt)?;
         let decoder = zstd::stream::zio::Reader::new(io::BufReader::new(payload), raw);
         copy_exact_len(decoder, new_len, out)
+    }
+}
+
+/// How zstd's multithreaded path runs: worker threads, and the size of the jobs the new file is
+/// cut into (`None`: one job).
+#[derive(Debug, Clone, Copy)]
+struct Jobs {
+    workers: usize,
+    size: Option<u32>,
+}
+
+/// The payload of `new` against `old` at zstd `level`, through zstd's multithreaded path when `jobs` is given.
+///
+/// That path (as the zstd program uses) lets long distance matching see the prefix, which the
+/// single-threaded path does not: Firefox's omni.ja (43 MB, ESR 140 -> 153) costs 1,848,351 B
+/// instead of 3,384,901 B. It runs only where it paid: old files over 8 MiB (on the security
+/// updates' smaller files it saved 26 bytes in all and cost 25% more build time). New files up
+/// to 64 MiB go as one job; larger ones in jobs of 32 MiB spread over every core: libxul.so
+/// (184 MB) in 73 s instead of 116 s single-threaded on 2 cores, for 47,529,799 B instead of
+/// 47,502,671 B (+0.06%; as one job, 47,470,967 B in 134 s). zstd's output on this path does not
+/// depend on the number of workers, so the payload does not depend on the machine.
+fn encode_in(
+    old: &[u8],
+    new: &[u8],
+    level: i32,
+    jobs: Option<Jobs>,
+) -> io::Result<Option<Vec<u8>>> {
+    let window = window_log(old.len() as u64 + new.len() as u64);
+    let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old)?;
+    encoder.set_parameter(CParameter::WindowLog(window))?;
+    encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+    if let Some(jobs) = jobs {
+        let workers = u32::try_from(jobs.workers.max(1)).unwrap_or(u32::MAX);
+        encoder.set_parameter(CParameter::NbWorkers(workers))?;
+        if let Some(size) = jobs.size {
+            encoder.set_parameter(CParameter::JobSize(size))?;
+        }
+    }
+    encoder.set_parameter(CParameter::ChecksumFlag(false))?;
+    encoder.set_pledged_src_size(Some(new.len() as u64))?;
+    encoder.write_all(new)?;
+    encoder.finish().map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_give_the_same_payload_on_any_number_of_workers() {
+        // Text-like bytes: the old file's, moved, then 2 MiB of new text, which only the jobs'
+        // own matching (not long distance matching) compresses.
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut text = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    b"etaoin shrdlu\n"[(s % 14) as usize]
+                })
+                .collect()
+        };
+        let old = text(3 << 20);
+        let mut new = old[1 << 20..].to_vec();
+        new.extend_from_slice(&old[..1 << 20]);
+        new.extend_from_slice(&text(2 << 20));
+        let payloads: Vec<Vec<u8>> = [1, 2, 3]
+            .into_iter()
+            .map(|workers| {
+                let jobs = Jobs {
+                    workers,
+                    size: Some(1 << 20),
+                };
+                // Level 3: at level 19 zstd makes a job at least 16 MiB long.
+                let payload = encode_in(&old, &new, 3, Some(jobs)).expect("encode");
+                payload.expect("zstd-prefix applies to any pair")
+            })
+            .collect();
+        assert!(
+            payloads.windows(2).all(|w| w[0] == w[1]),
+            "same bytes on 1, 2, 3 workers"
+        );
+        let one_job = Jobs {
+            workers: 1,
+            size: None,
+        };
+        let whole = encode_in(&old, &new, 3, Some(one_job))
+            .expect("encode")
+            .expect("applies");
+        assert_ne!(whole, payloads[0], "jobs of 1 MiB are not one job");
+        for payload in [&payloads[0], &whole] {
+            let decoded = ZstdPrefix
+                .decode(&old, payload, new.len() as u64)
+                .expect("decode");
+            assert!(decoded == new, "round trip");
+            // 2 MiB of 14 letters take 1 MiB or more; the 3 moved MiB almost nothing.
+            let len = payload.len();
+            assert!(
+                len < 1_100_000,
+                "{len} B for 3 MiB moved and 2 MiB of new text"
+            );
+        }
     }
 }
