@@ -10,6 +10,11 @@ const ONE_JOB_MAX: usize = 64 << 20;
 const MULTITHREADED_MIN_OLD: usize = 8 << 20;
 /// The size of zstd's jobs for new files over [`ONE_JOB_MAX`] (see `encode`).
 const JOB_SIZE: u32 = 32 << 20;
+/// At most this many zstd workers, whatever the number of cores: each job in flight adds about
+/// 90 MB at level 19 (libxul.so: peak 925 MB on one thread, 1,040 MB with 2 workers, 1,223 MB
+/// with 4), and the build stays within 6 times the largest file + 256 MB with 2 (1,098 MiB on
+/// the Firefox pair against 1,307 MiB).
+const MAX_WORKERS: usize = 2;
 
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
 /// a window that covers old and new file together.
@@ -43,7 +48,7 @@ impl DeltaEncoder for ZstdPrefix {
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
         let jobs = (old.len() > MULTITHREADED_MIN_OLD).then(|| match new.len() > ONE_JOB_MAX {
             true => Jobs {
-                workers: rayon::current_num_threads(),
+                workers: rayon::current_num_threads().min(MAX_WORKERS),
                 size: Some(JOB_SIZE),
             },
             false => Jobs {
@@ -85,7 +90,7 @@ struct Jobs {
 /// single-threaded path does not: Firefox's omni.ja (43 MB, ESR 140 -> 153) costs 1,848,351 B
 /// instead of 3,384,901 B. It runs only where it paid: old files over 8 MiB (on the security
 /// updates' smaller files it saved 26 bytes in all and cost 25% more build time). New files up
-/// to 64 MiB go as one job; larger ones in jobs of 32 MiB spread over every core: libxul.so
+/// to 64 MiB go as one job; larger ones in jobs of 32 MiB on up to 2 cores: libxul.so
 /// (184 MB) in 73 s instead of 116 s single-threaded on 2 cores, for 47,529,799 B instead of
 /// 47,502,671 B (+0.06%; as one job, 47,470,967 B in 134 s). zstd's output on this path does not
 /// depend on the number of workers, so the payload does not depend on the machine.
