@@ -210,8 +210,9 @@ fn pack(body: &[u8], level: i32) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The zstd level of a package payload's body: 19 where blocks may win, 3 where the body is large
-/// in itself or against the file. A large body means the files differ a lot and bsdiff wins
+/// The zstd level of a package payload's body: 19 where blocks may win (a body under 64 KiB, or
+/// under 1 MiB and at most 1/16 of the file), 3 where the body is large in itself or against
+/// the file. A large body means the files differ a lot and bsdiff wins
 /// (libxml2's library: a 190,905 B blocks payload against bsdiff's 38,578 B; at level 19 it took
 /// as long as bsdiff), so it is made quickly.
 fn body_level(body_len: usize, new_len: usize) -> i32 {
@@ -395,18 +396,7 @@ pub fn reverse(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect()
-    }
+    use crate::test_data::{noise, text};
 
     fn round_trip(old: &[u8], new: &[u8]) -> usize {
         let payload = Blocks.encode(old, new).expect("encode").expect("applies");
@@ -483,13 +473,6 @@ mod tests {
 
     #[test]
     fn bodies_large_against_their_file_are_packed_quickly() {
-        // Text-like data, which level 19 packs smaller than level 3.
-        let text = |seed, len| -> Vec<u8> {
-            noise(seed, len)
-                .iter()
-                .map(|b| b"etaoin shrdlu\n"[usize::from(*b) % 14])
-                .collect()
-        };
         let old = text(31, 4 << 20);
         // 100 KB rewritten: a body over 64 KiB but under 1/16 of the file.
         let mut near = old.clone();
@@ -510,6 +493,22 @@ mod tests {
             assert_ne!(payload, other, "levels 19 and 3 differ on {} B", body.len());
             let decoded = Blocks.decode(&old, &payload, new.len() as u64);
             assert_eq!(decoded.expect("decode"), *new);
+        }
+    }
+
+    #[test]
+    fn body_levels_at_their_limits() {
+        let mib = 1 << 20;
+        for (body, new, level) in [
+            (SMALL_BODY - 1, 100 * mib, 19),
+            (SMALL_BODY - 1, SMALL_BODY, 19),
+            (SMALL_BODY, 16 * SMALL_BODY, 19),
+            (SMALL_BODY, 16 * SMALL_BODY - 1, 3),
+            (mib - 1, 16 * (mib - 1), 19),
+            (mib, 100 * mib, 3),
+            (2 * mib, 2 * mib, 3),
+        ] {
+            assert_eq!(body_level(body, new), level, "body {body}, file {new}");
         }
     }
 

@@ -536,18 +536,7 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (state >> 56) as u8
-            })
-            .collect()
-    }
+    use crate::test_data::noise;
 
     fn round_trip(old: &[u8], new: &[u8]) -> Vec<u8> {
         let payload = Bsdiff::PLAIN
@@ -571,7 +560,7 @@ mod tests {
 
     /// An executable-like file: code with 8-byte pointers sprinkled in.
     fn program(len: usize, seed: u64) -> Vec<u8> {
-        let mut data = pseudo_random(len, seed);
+        let mut data = noise(seed, len);
         for (i, chunk) in data.chunks_exact_mut(64).enumerate() {
             chunk[..8].copy_from_slice(&(0x40_0000u64 + i as u64 * 64).to_le_bytes());
         }
@@ -580,7 +569,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let old = pseudo_random(50_000, 1);
+        let old = noise(1, 50_000);
         round_trip(&[], &[]);
         round_trip(&[], &old);
         round_trip(&old, &[]);
@@ -597,7 +586,7 @@ mod tests {
         );
 
         let mut shifted = old.clone();
-        shifted.splice(100..100, pseudo_random(777, 2));
+        shifted.splice(100..100, noise(2, 777));
         shifted.drain(30_000..30_500);
         let payload = round_trip(&old, &shifted);
         assert!(
@@ -606,7 +595,7 @@ mod tests {
             payload.len()
         );
 
-        round_trip(&old, &pseudo_random(30_000, 3));
+        round_trip(&old, &noise(3, 30_000));
     }
 
     #[test]
@@ -627,9 +616,9 @@ mod tests {
 
     #[test]
     fn refuses_bad_payloads() {
-        let old = pseudo_random(10_000, 5);
+        let old = noise(5, 10_000);
         let mut new = old.clone();
-        new.splice(5000..5000, pseudo_random(300, 6));
+        new.splice(5000..5000, noise(6, 300));
         new[100] = new[100].wrapping_add(3);
         let len = new.len() as u64;
         let payload = Bsdiff::PLAIN
@@ -665,7 +654,7 @@ mod tests {
 
     #[test]
     fn refuses_hostile_headers() {
-        let old = pseudo_random(1000, 7);
+        let old = noise(7, 1000);
         let mut header = MAGIC.to_vec();
         header.push(0);
         // A control stream claiming far more than the new file justifies.
@@ -720,7 +709,7 @@ mod tests {
         for chunk in new.chunks_exact_mut(4096) {
             chunk[..8].copy_from_slice(&0x1234_5678u64.to_le_bytes());
         }
-        new.splice(REGION - 10..REGION - 10, pseudo_random(5_000, 9));
+        new.splice(REGION - 10..REGION - 10, noise(9, 5_000));
 
         let payloads: Vec<Vec<u8>> = [1, 2, 3]
             .into_iter()
@@ -762,7 +751,7 @@ mod tests {
         let old = program(3 * OUT_CHUNK, 10);
         let mut new = old.clone();
         new[OUT_CHUNK + 5] ^= 1;
-        new.extend_from_slice(&pseudo_random(2 * OUT_CHUNK + 7, 11));
+        new.extend_from_slice(&noise(11, 2 * OUT_CHUNK + 7));
         let payload = Bsdiff::PLAIN
             .encode(&old, &new)
             .expect("encode")

@@ -426,8 +426,35 @@ pub(crate) fn read_exact_len(reader: impl Read, expected: u64) -> Result<Vec<u8>
     Ok(out)
 }
 
+/// Generated inputs for the tests of every encoder.
+#[cfg(test)]
+pub(crate) mod test_data {
+    /// `len` pseudo-random bytes.
+    pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 56) as u8
+            })
+            .collect()
+    }
+
+    /// `len` pseudo-random letters, spaces and newlines (14 symbols): text that zstd's higher
+    /// levels pack smaller than its lower ones.
+    pub fn text(seed: u64, len: usize) -> Vec<u8> {
+        noise(seed, len)
+            .iter()
+            .map(|b| b"etaoin shrdlu\n"[usize::from(*b) % 14])
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_data::noise;
     use super::*;
     use proptest::prelude::*;
 
@@ -457,19 +484,6 @@ mod tests {
             Err(DecodeError::WrongLength { .. })
         ));
         assert!(decompress(b"not zstd at all", 10).is_err());
-    }
-
-    /// `len` pseudo-random bytes.
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (state >> 56) as u8
-            })
-            .collect()
     }
 
     #[test]

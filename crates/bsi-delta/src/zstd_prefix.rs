@@ -4,17 +4,18 @@ use zstd::stream::raw::{CParameter, DParameter};
 
 use crate::{copy_exact_len, window_log, DecodeError, DeltaEncoder, LEVEL};
 
-/// Largest new file encoded through zstd's multithreaded path as one job (see `encode`).
+/// Largest new file encoded through zstd's multithreaded path in jobs of zstd's default size
+/// (64 MiB at level 19 with long distance matching: one job; see [`jobs`]).
 const ONE_JOB_MAX: usize = 64 << 20;
-/// Smallest old file encoded through zstd's multithreaded path, exclusive (see `encode`).
+/// Smallest old file encoded through zstd's multithreaded path, exclusive (see [`jobs`]).
 const MULTITHREADED_MIN_OLD: usize = 8 << 20;
-/// The size of zstd's jobs for new files over [`ONE_JOB_MAX`] (see `encode`).
+/// The size of zstd's jobs for new files over [`ONE_JOB_MAX`] (see [`jobs`]).
 const JOB_SIZE: u32 = 32 << 20;
 /// At most this many zstd workers, whatever the number of cores: each job in flight adds about
 /// 90 MB at level 19 (libxul.so: peak 925 MB on one thread, 1,040 MB with 2 workers, 1,223 MB
 /// with 4), and the build stays within 6 times the largest file + 256 MB with 2 (1,098 MiB on
 /// the Firefox pair against 1,307 MiB).
-const MAX_WORKERS: usize = 2;
+const MAX_WORKERS: u32 = 2;
 
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
 /// a window that covers old and new file together.
@@ -46,16 +47,7 @@ impl DeltaEncoder for ZstdPrefix {
     }
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let jobs = (old.len() > MULTITHREADED_MIN_OLD).then(|| match new.len() > ONE_JOB_MAX {
-            true => Jobs {
-                workers: rayon::current_num_threads().min(MAX_WORKERS),
-                size: Some(JOB_SIZE),
-            },
-            false => Jobs {
-                workers: 1,
-                size: None,
-            },
-        });
+        let jobs = jobs(old.len(), new.len(), rayon::current_num_threads());
         encode_in(old, new, LEVEL, jobs)
     }
 
@@ -77,14 +69,35 @@ impl DeltaEncoder for ZstdPrefix {
 }
 
 /// How zstd's multithreaded path runs: worker threads, and the size of the jobs the new file is
-/// cut into (`None`: one job).
-#[derive(Debug, Clone, Copy)]
+/// cut into (`None`: zstd's default for the level and window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Jobs {
-    workers: usize,
+    workers: u32,
     size: Option<u32>,
 }
 
-/// The payload of `new` against `old` at zstd `level`, through zstd's multithreaded path when `jobs` is given.
+/// How `encode` runs zstd for files of these sizes on `cores` threads: `None` for the
+/// single-threaded path (see [`encode_in`]).
+fn jobs(old_len: usize, new_len: usize, cores: usize) -> Option<Jobs> {
+    if old_len <= MULTITHREADED_MIN_OLD {
+        return None;
+    }
+    Some(match new_len > ONE_JOB_MAX {
+        true => Jobs {
+            workers: u32::try_from(cores)
+                .unwrap_or(u32::MAX)
+                .clamp(1, MAX_WORKERS),
+            size: Some(JOB_SIZE),
+        },
+        false => Jobs {
+            workers: 1,
+            size: None,
+        },
+    })
+}
+
+/// The payload of `new` against `old` at zstd `level`, through zstd's multithreaded path when
+/// `jobs` is given.
 ///
 /// That path (as the zstd program uses) lets long distance matching see the prefix, which the
 /// single-threaded path does not: Firefox's omni.ja (43 MB, ESR 140 -> 153) costs 1,848,351 B
@@ -105,8 +118,7 @@ fn encode_in(
     encoder.set_parameter(CParameter::WindowLog(window))?;
     encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
     if let Some(jobs) = jobs {
-        let workers = u32::try_from(jobs.workers.max(1)).unwrap_or(u32::MAX);
-        encoder.set_parameter(CParameter::NbWorkers(workers))?;
+        encoder.set_parameter(CParameter::NbWorkers(jobs.workers.max(1)))?;
         if let Some(size) = jobs.size {
             encoder.set_parameter(CParameter::JobSize(size))?;
         }
@@ -120,26 +132,41 @@ fn encode_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::text;
+
+    #[test]
+    fn jobs_by_size_and_cores() {
+        let mib = 1 << 20;
+        let one_job = Some(Jobs {
+            workers: 1,
+            size: None,
+        });
+        let split = |workers| {
+            Some(Jobs {
+                workers,
+                size: Some(JOB_SIZE),
+            })
+        };
+        for (old, new, cores, expected) in [
+            (8 * mib, 200 * mib, 2, None),
+            (8 * mib + 1, 64 * mib, 2, one_job),
+            (8 * mib + 1, 64 * mib, 64, one_job),
+            (8 * mib + 1, 64 * mib + 1, 1, split(1)),
+            (177 * mib, 184 * mib, 2, split(2)),
+            (177 * mib, 184 * mib, 64, split(2)),
+        ] {
+            assert_eq!(jobs(old, new, cores), expected, "{old} {new} on {cores}");
+        }
+    }
 
     #[test]
     fn jobs_give_the_same_payload_on_any_number_of_workers() {
-        // Text-like bytes: the old file's, moved, then 2 MiB of new text, which only the jobs'
-        // own matching (not long distance matching) compresses.
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut text = |len: usize| -> Vec<u8> {
-            (0..len)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    b"etaoin shrdlu\n"[(s % 14) as usize]
-                })
-                .collect()
-        };
-        let old = text(3 << 20);
+        // Text: the old file's, moved, then 2 MiB of new text, which only the jobs' own
+        // matching (not long distance matching) compresses.
+        let old = text(1, 3 << 20);
         let mut new = old[1 << 20..].to_vec();
         new.extend_from_slice(&old[..1 << 20]);
-        new.extend_from_slice(&text(2 << 20));
+        new.extend_from_slice(&text(2, 2 << 20));
         let payloads: Vec<Vec<u8>> = [1, 2, 3]
             .into_iter()
             .map(|workers| {
@@ -147,7 +174,8 @@ mod tests {
                     workers,
                     size: Some(1 << 20),
                 };
-                // Level 3: at level 19 zstd makes a job at least 16 MiB long.
+                // Level 3: at level 19 a job is at least as long as zstd's overlap between
+                // jobs (16 MiB on libxul), longer than this whole file.
                 let payload = encode_in(&old, &new, 3, Some(jobs)).expect("encode");
                 payload.expect("zstd-prefix applies to any pair")
             })
@@ -158,7 +186,7 @@ mod tests {
         );
         let one_job = Jobs {
             workers: 1,
-            size: None,
+            size: Some(8 << 20),
         };
         let whole = encode_in(&old, &new, 3, Some(one_job))
             .expect("encode")
@@ -169,7 +197,8 @@ mod tests {
                 .decode(&old, payload, new.len() as u64)
                 .expect("decode");
             assert!(decoded == new, "round trip");
-            // 2 MiB of 14 letters take 1 MiB or more; the 3 moved MiB almost nothing.
+            // 2 MiB of 14 letters take about 1 MB (3.8 bits each); the 3 moved MiB almost
+            // nothing.
             let len = payload.len();
             assert!(
                 len < 1_100_000,
