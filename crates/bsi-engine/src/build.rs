@@ -14,7 +14,7 @@ use bsi_sign::SecretKey;
 use rayon::prelude::*;
 
 use crate::tree::{scan, ScanError, Tree};
-use crate::{entry_weight, FsContext, FsError, Progress, LARGE_FILE};
+use crate::{entry_weight, large_batches, FsContext, FsError, Progress, LARGE_FILE};
 
 /// `--component NAME=SUBPATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +186,7 @@ fn make(
         .sum();
     progress.start("encoding", to_encode);
     let references = References::new(&base);
-    // Small files in parallel, then large ones one at a time (see LARGE_FILE).
+    // Small files in parallel, then large ones in batches (see LARGE_FILE).
     let (large, small): (Vec<usize>, Vec<usize>) =
         (0..planned.len()).partition(|&i| entry_weight(&planned[i]) >= LARGE_FILE);
     // Each payload waits in an unnamed file from the moment it is made, so that memory holds
@@ -201,15 +201,20 @@ fn make(
         )
     };
     let mut encoded: Vec<Option<(Operation, Spilled)>> = vec![None; planned.len()];
-    let done: Vec<_> = small
-        .into_par_iter()
-        .map(|i| encode_and_spill(i).map(|r| (i, r)))
-        .collect::<Result<_, _>>()?;
-    for (i, result) in done {
-        encoded[i] = result;
-    }
-    for i in large {
-        encoded[i] = encode_and_spill(i)?;
+    let mut encode_together = |indices: Vec<usize>| -> Result<(), BuildError> {
+        let done: Vec<_> = indices
+            .into_par_iter()
+            .map(|i| encode_and_spill(i).map(|r| (i, r)))
+            .collect::<Result<_, _>>()?;
+        for (i, result) in done {
+            encoded[i] = result;
+        }
+        Ok(())
+    };
+    encode_together(small)?;
+    let weights: Vec<u64> = large.iter().map(|&i| entry_weight(&planned[i])).collect();
+    for batch in large_batches(&weights) {
+        encode_together(batch.into_iter().map(|b| large[b]).collect())?;
     }
     progress.finish();
 
