@@ -58,6 +58,25 @@ pub trait DeltaEncoder: Send + Sync {
         out: &mut dyn Write,
     ) -> Result<(), DecodeError>;
 
+    /// Like [`decode_into`](Self::decode_into), reading the `payload_len` bytes of the payload
+    /// from `payload`. Encoders that can decode as the payload comes in (zstd-prefix) hold no
+    /// more of it than a buffer; the others read it whole first.
+    fn decode_stream_into(
+        &self,
+        old: &[u8],
+        payload: &mut dyn Read,
+        payload_len: u64,
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
+        let mut bytes = Vec::with_capacity(usize::try_from(payload_len).unwrap_or(0));
+        payload
+            .take(payload_len)
+            .read_to_end(&mut bytes)
+            .map_err(DecodeError::Corrupt)?;
+        self.decode_into(old, &bytes, new_len, out)
+    }
+
     /// Largest new file this encoder is always tried on; beyond it the encoder costs more than
     /// it usually wins over the others, and is tried only when every delta so far is weak
     /// (larger than 1/20 of the file).

@@ -1,4 +1,4 @@
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 use zstd::stream::raw::{CParameter, DParameter};
 
@@ -16,6 +16,8 @@ const JOB_SIZE: u32 = 32 << 20;
 /// with 4), and the build stays within 6 times the largest file + 256 MB with 2 (1,098 MiB on
 /// the Firefox pair against 1,307 MiB).
 const MAX_WORKERS: u32 = 2;
+/// How much of a payload decoding reads at a time from a stream (a package file).
+const PAYLOAD_BUFFER: usize = 128 << 10;
 
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
 /// a window that covers old and new file together.
@@ -58,12 +60,26 @@ impl DeltaEncoder for ZstdPrefix {
         new_len: u64,
         out: &mut dyn Write,
     ) -> Result<(), DecodeError> {
+        let payload_len = payload.len() as u64;
+        self.decode_stream_into(old, &mut { payload }, payload_len, new_len, out)
+    }
+
+    /// Streams: Firefox's libxul.so has a 45 MiB payload, read [`PAYLOAD_BUFFER`] at a time.
+    fn decode_stream_into(
+        &self,
+        old: &[u8],
+        payload: &mut dyn Read,
+        payload_len: u64,
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
         let window = window_log(old.len() as u64 + new_len);
         let mut raw =
             zstd::stream::raw::Decoder::with_ref_prefix(old).map_err(DecodeError::Corrupt)?;
         raw.set_parameter(DParameter::WindowLogMax(window))
             .map_err(DecodeError::Corrupt)?;
-        let decoder = zstd::stream::zio::Reader::new(io::BufReader::new(payload), raw);
+        let input = io::BufReader::with_capacity(PAYLOAD_BUFFER, payload.take(payload_len));
+        let decoder = zstd::stream::zio::Reader::new(input, raw);
         copy_exact_len(decoder, new_len, out)
     }
 }
@@ -205,5 +221,61 @@ mod tests {
                 "{len} B for 3 MiB moved and 2 MiB of new text"
             );
         }
+    }
+
+    #[test]
+    fn decodes_the_payload_as_it_comes_in() {
+        use std::cell::Cell;
+        use std::rc::Rc;
+
+        /// Counts the payload bytes read so far.
+        struct Counting<'a>(&'a [u8], Rc<Cell<usize>>);
+        impl Read for Counting<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.0.read(buf)?;
+                self.1.set(self.1.get() + n);
+                Ok(n)
+            }
+        }
+        /// Notes how much of the payload had been read when the first byte came out.
+        struct FirstOut(Vec<u8>, Rc<Cell<usize>>, Option<usize>);
+        impl Write for FirstOut {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.2.get_or_insert(self.1.get());
+                self.0.write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+
+        // Noise does not compress: the payload is about as long as the new file.
+        let old = text(3, 64 << 10);
+        let new = crate::test_data::noise(4, 1 << 20);
+        let payload = ZstdPrefix
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
+        assert!(payload.len() > 4 * PAYLOAD_BUFFER, "{} B", payload.len());
+        let read = Rc::new(Cell::new(0));
+        let mut out = FirstOut(Vec::new(), read.clone(), None);
+        let mut input = Counting(&payload, read.clone());
+        ZstdPrefix
+            .decode_stream_into(
+                &old,
+                &mut input,
+                payload.len() as u64,
+                new.len() as u64,
+                &mut out,
+            )
+            .expect("decode");
+        assert!(out.0 == new, "round trip");
+        assert_eq!(read.get(), payload.len(), "the whole payload was read");
+        let first = out.2.expect("bytes came out");
+        assert!(
+            first <= 2 * PAYLOAD_BUFFER,
+            "first bytes out after {first} of {} payload bytes",
+            payload.len()
+        );
     }
 }

@@ -287,32 +287,14 @@ impl VerifiedPackage {
                 )))
             }
             Section::File(file, start) => {
-                let fail = |reason: String| DecodeFailure {
+                let mut stream = PayloadStream::new(file, start + payload.offset, payload.len);
+                let mut bytes = Vec::with_capacity(payload.len as usize);
+                // A failed read stays in the stream, and `finish` names it.
+                let _ = stream.read_to_end(&mut bytes);
+                stream.finish(payload.sha256).map_err(|why| DecodeFailure {
                     path: entry.path.clone(),
-                    reason,
-                };
-                let changed = |how: &str| {
-                    fail(format!(
-                        "{} changed after it was verified: {how}",
-                        self.path.display()
-                    ))
-                };
-                let mut bytes = vec![0; payload.len as usize];
-                match file.read_exact_at(&mut bytes, start + payload.offset) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        return Err(changed("it is shorter"))
-                    }
-                    Err(e) => {
-                        return Err(fail(format!(
-                            "cannot read its payload from {}: {e}",
-                            self.path.display()
-                        )))
-                    }
-                }
-                if bsi_format::sha256(&bytes) != payload.sha256 {
-                    return Err(changed("the payload no longer matches its digest"));
-                }
+                    reason: why.describe(&self.path),
+                })?;
                 Ok(Some(Cow::Owned(bytes)))
             }
         }
@@ -354,22 +336,51 @@ impl VerifiedPackage {
             path: entry.path.clone(),
             reason,
         };
-        let (Some(Image::File { sha256, size, .. }), Some(payload)) =
-            (&entry.post, self.payload(entry)?)
+        let (Some(Image::File { sha256, size, .. }), Some(payload)) = (&entry.post, &entry.payload)
         else {
             return Err(fail("entry carries no file payload".to_owned()));
         };
-        let mut hashing = HashingWriter::new(out);
-        match &entry.op {
-            Operation::Delta { encoder, .. } => {
-                let old = old.ok_or_else(|| fail("delta has no reference bytes".to_owned()))?;
-                bsi_delta::delta_encoder(encoder)
-                    .and_then(|e| e.decode_into(old, &payload, *size, &mut hashing))
-                    .map_err(|e| fail(e.to_string()))?
-            }
-            _ => bsi_delta::decompress_into(&payload, *size, &mut hashing)
-                .map_err(|e| fail(e.to_string()))?,
+        let delta = match &entry.op {
+            Operation::Delta { encoder, .. } => Some((
+                bsi_delta::delta_encoder(encoder).map_err(|e| fail(e.to_string()))?,
+                old.ok_or_else(|| fail("delta has no reference bytes".to_owned()))?,
+            )),
+            _ => None,
         };
+        let mut hashing = HashingWriter::new(out);
+        let decoded = match &self.section {
+            // validate() and opening proved the range lies inside the section.
+            Section::Memory(bytes, start) => {
+                let from = start + payload.offset as usize;
+                let bytes = &bytes[from..from + payload.len as usize];
+                match delta {
+                    Some((encoder, old)) => encoder.decode_into(old, bytes, *size, &mut hashing),
+                    None => bsi_delta::decompress_into(bytes, *size, &mut hashing),
+                }
+            }
+            // Read as it is decoded, so that a 45 MiB payload is not held whole where its
+            // encoder streams; whether the bytes were the verified ones is known at the end.
+            Section::File(file, start) => {
+                let mut stream = PayloadStream::new(file, start + payload.offset, payload.len);
+                let decoded = match delta {
+                    Some((encoder, old)) => encoder.decode_stream_into(
+                        old,
+                        &mut stream,
+                        payload.len,
+                        *size,
+                        &mut hashing,
+                    ),
+                    None => bsi_delta::decompress_stream_into(&mut stream, *size, &mut hashing),
+                };
+                // Whatever the decoder made of them, bytes other than the verified ones are
+                // the reason to give.
+                stream
+                    .finish(payload.sha256)
+                    .map_err(|why| fail(why.describe(&self.path)))?;
+                decoded
+            }
+        };
+        decoded.map_err(|e| fail(e.to_string()))?;
         if hashing.digest() != *sha256 {
             return Err(fail(
                 "decoded bytes do not match the post-image sha256".to_owned(),
@@ -407,6 +418,93 @@ impl Write for HashingWriter<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// One payload read in order from the package file, hashed as it goes, so that [`finish`]
+/// can tell whether the bytes were the ones verified at opening.
+///
+/// [`finish`]: PayloadStream::finish
+struct PayloadStream<'f> {
+    file: &'f File,
+    at: u64,
+    left: u64,
+    hasher: Sha256,
+    /// The first failed read: a decoder sees only an error, `finish` says what it was.
+    failure: Option<Unverified>,
+}
+
+/// Why a payload read from the package file is not the one verified at opening.
+enum Unverified {
+    Shorter,
+    Changed,
+    Unreadable(String),
+}
+
+impl Unverified {
+    fn describe(&self, package: &Path) -> String {
+        let package = package.display();
+        match self {
+            Unverified::Shorter => {
+                format!("{package} changed after it was verified: it is shorter")
+            }
+            Unverified::Changed => format!(
+                "{package} changed after it was verified: the payload no longer matches its digest"
+            ),
+            Unverified::Unreadable(e) => format!("cannot read its payload from {package}: {e}"),
+        }
+    }
+}
+
+impl<'f> PayloadStream<'f> {
+    fn new(file: &'f File, at: u64, len: u64) -> PayloadStream<'f> {
+        PayloadStream {
+            file,
+            at,
+            left: len,
+            hasher: Sha256::new(),
+            failure: None,
+        }
+    }
+
+    /// Read what the decoder left, then check the whole payload against `expected`.
+    fn finish(mut self, expected: Digest) -> Result<(), Unverified> {
+        let mut buf = vec![0u8; 64 << 10];
+        while self.left > 0 && self.failure.is_none() {
+            // A failure is recorded in `self.failure`.
+            let _ = self.read(&mut buf);
+        }
+        if let Some(failure) = self.failure {
+            return Err(failure);
+        }
+        match Digest(self.hasher.finalize().into()) == expected {
+            true => Ok(()),
+            false => Err(Unverified::Changed),
+        }
+    }
+}
+
+impl Read for PayloadStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let failed = match self.file.read_at(&mut buf[..want], self.at) {
+            Ok(0) => Unverified::Shorter,
+            Ok(n) => {
+                self.hasher.update(&buf[..n]);
+                self.at += n as u64;
+                self.left -= n as u64;
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Err(e),
+            Err(e) => Unverified::Unreadable(e.to_string()),
+        };
+        self.failure.get_or_insert(failed);
+        Err(std::io::Error::other("the package file is not as verified"))
     }
 }
 

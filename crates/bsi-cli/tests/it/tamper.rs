@@ -113,6 +113,60 @@ fn every_flipped_bit_of_a_small_package_file_is_refused() {
 }
 
 #[test]
+fn a_package_file_changed_after_verification_is_refused_while_decoding() {
+    let fx = Fixture::release_a();
+    let pkg = fx.path("a.bsi");
+    let bytes = build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+    let section = 12 + manifest_len(&bytes) + 64;
+    let opened = VerifiedPackage::open(&pkg, &[example_trust()]).expect("verifies");
+    let reference = |entry: &bsi_format::Entry| match &entry.op {
+        bsi_format::Operation::Delta { source, .. } => {
+            let path = source.as_ref().map_or(&entry.path, |s| &s.path);
+            Some(fs::read(fx.base.join(path.as_str())).expect("reference in the base tree"))
+        }
+        _ => None,
+    };
+    let decode = |entry: &bsi_format::Entry| -> Result<Vec<u8>, String> {
+        (opened.decode(entry, reference(entry).as_deref())).map_err(|e| e.to_string())
+    };
+    let entries: Vec<_> = opened
+        .manifest
+        .entries
+        .iter()
+        .filter(|e| e.payload.as_ref().is_some_and(|p| p.len > 0))
+        .collect();
+    let ops: std::collections::BTreeSet<_> = entries.iter().map(|e| e.op.name()).collect();
+    assert!(ops.len() >= 2, "deltas and plain files: {ops:?}");
+    for entry in &entries {
+        decode(entry).expect("decodes as verified");
+        // One byte of this payload changes in the file after it was verified.
+        let payload = entry.payload.as_ref().expect("filtered");
+        let at = section + (payload.offset + payload.len / 2) as usize;
+        let mut changed = bytes.clone();
+        changed[at] ^= 0x01;
+        fs::write(&pkg, &changed).expect("change the package in place");
+        for message in [decode(entry).expect_err("changed"), {
+            opened.payload(entry).expect_err("changed").to_string()
+        }] {
+            assert!(
+                message.contains("changed after it was verified: the payload no longer matches"),
+                "{}: {message}",
+                entry.path
+            );
+        }
+        // The file is cut in the middle of this payload.
+        fs::write(&pkg, &bytes[..at]).expect("cut the package in place");
+        let message = decode(entry).expect_err("cut");
+        assert!(
+            message.contains("changed after it was verified: it is shorter"),
+            "{}: {message}",
+            entry.path
+        );
+        fs::write(&pkg, &bytes).expect("restore the package");
+    }
+}
+
+#[test]
 fn sampled_flipped_bits_of_a_large_package_are_refused_in_process() {
     let mut base = Model::new();
     let mut target = Model::new();
