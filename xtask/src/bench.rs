@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use walkdir::WalkDir;
 
 use crate::tree::{compare_trees, copy_tree};
@@ -616,6 +616,12 @@ fn bsi_run(r: &Runner, pair: &Pair) -> Result<Cell> {
         }
     }
     copy_tree(&pair.old, &root)?;
+    // The copy's writeback is not the apply's to pay for (its fsyncs would wait on it), and a
+    // device's tree was not written a moment ago.
+    let synced = std::process::Command::new("sync")
+        .status()
+        .context("running sync")?;
+    ensure!(synced.success(), "sync failed: {synced}");
     let apply = r.run(
         BSI_COPY,
         &os(&[
@@ -1144,7 +1150,8 @@ const METHOD: &str = "\
 How to read this: every tool runs on the same pairs in the same run, as a child process of
 `cargo xtask bench` under `/usr/bin/time -f %M` (peak resident set size); times are wall clock
 around the child. bsi builds one signed package from the two trees (`bsi build ... --quiet`, using
-every core) and applies it with `bsi apply` to a fresh copy of the old tree (the copy is not timed);
+every core) and applies it with `bsi apply` to a fresh copy of the old tree (the copy and a `sync`
+after it are not timed);
 the result is checked to equal the new tree (bytes, modes, symlinks, mtimes). The peers are
 single-file tools: each changed regular file (paired by path) is a separate `bsdiff old new patch`
 / `xdelta3 -9 -D -R -e -s old new patch` / `zstd -q -f -19 --long=N --patch-from=old new -o patch`

@@ -11,8 +11,9 @@ use serde::Serialize;
 
 use crate::fsx;
 use crate::package::{reference, source_matches, DecodeFailure, HashingWriter, VerifiedPackage};
+use crate::seen::Seen;
 use crate::state::{Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT};
-use crate::tree::{image_mismatch, observe, ScanError};
+use crate::tree::{image_mismatch, observe, observe_with, ScanError};
 use crate::txn::{self, Failed, Interrupted, Journal, Recovered, Step, TxnDir, TxnError, TxnKind};
 use crate::{FsContext, FsError, Progress, LARGE_FILE};
 use bsi_delta::DeltaEncoder as _;
@@ -258,14 +259,21 @@ fn release_title(product: &str, version: &impl fmt::Display, letter: Letter) -> 
 /// recorded and its revert data, every other path from disk.
 struct BaseView<'a> {
     root: &'a Path,
+    seen: &'a Seen,
     revert_dir: PathBuf,
     touched: BTreeMap<&'a PkgPath, &'a InstalledEntry>,
 }
 
 impl<'a> BaseView<'a> {
-    fn new(root: &'a Path, state: &StateDir, installed: Option<&'a Installed>) -> BaseView<'a> {
+    fn new(
+        root: &'a Path,
+        state: &StateDir,
+        installed: Option<&'a Installed>,
+        seen: &'a Seen,
+    ) -> BaseView<'a> {
         BaseView {
             root,
+            seen,
             revert_dir: state.revert_dir(),
             touched: installed
                 .map(|i| i.entries.iter().map(|e| (&e.path, e)).collect())
@@ -276,7 +284,7 @@ impl<'a> BaseView<'a> {
     fn image(&self, path: &PkgPath) -> Result<Option<Image>, ScanError> {
         match self.touched.get(path) {
             Some(entry) => Ok(entry.before.clone()),
-            None => observe(self.root, path),
+            None => observe_with(self.root, path, Some(self.seen)),
         }
     }
 
@@ -462,9 +470,9 @@ fn state_inside_root(root: &Path, state_dir: &Path) -> Option<String> {
 /// Check the installed patch's post-images are all on disk.
 /// A file or symlink rewritten since, even with the same bytes (a full OS update does that), has
 /// another time; directories are not held to theirs, which change whenever an entry is added.
-fn check_installed(root: &Path, installed: &Installed) -> Result<(), RevertError> {
+fn check_installed(root: &Path, installed: &Installed, seen: &Seen) -> Result<(), RevertError> {
     for entry in &installed.entries {
-        let actual = observe(root, &entry.path)?;
+        let actual = observe_with(root, &entry.path, Some(seen))?;
         let reason = image_mismatch(entry.after.as_ref(), actual.as_ref()).or_else(|| {
             match (&entry.after, &actual) {
                 (Some(after), Some(now))
@@ -594,6 +602,7 @@ fn apply_locked(
 ) -> Result<ApplyOutcome, ApplyError> {
     let m = &pkg.manifest;
     let installed = state.load()?;
+    let seen = Seen::default();
     let package_title = pkg.title();
     if let Some(inst) = &installed {
         let installed_title = release_title(&inst.product, &inst.base.version, inst.letter);
@@ -605,7 +614,7 @@ fn apply_locked(
             });
         }
         if inst.letter == m.letter && inst.package_sha256 == pkg.digest {
-            check_installed(root, inst)?;
+            check_installed(root, inst, &seen)?;
             return Ok(ApplyOutcome::AlreadyInstalled);
         }
         if inst.letter >= m.letter {
@@ -615,19 +624,27 @@ fn apply_locked(
                 package: package_title,
             });
         }
-        check_installed(root, inst)?;
+        check_installed(root, inst, &seen)?;
     }
-    let view = BaseView::new(root, state, installed.as_ref());
+    let view = BaseView::new(root, state, installed.as_ref(), &seen);
     let state_rel = state_inside_root(root, &state.dir);
 
     // 1. Every pre-image, every ancestor, before any write.
     let by_path: BTreeMap<&PkgPath, &Entry> = m.entries.iter().map(|e| (&e.path, e)).collect();
     let mut before: BTreeMap<&PkgPath, Option<Image>> = BTreeMap::new();
-    for entry in &m.entries {
-        if state_rel
-            .as_deref()
-            .is_some_and(|s| entry.path.is_within(s))
-        {
+    let inside_state = |path: &PkgPath| state_rel.as_deref().is_some_and(|s| path.is_within(s));
+    // Read and hash on every core (not what lies in the state directory, refused below); what
+    // was found is looked at in order.
+    let images: Vec<Result<Option<Image>, ScanError>> = m
+        .entries
+        .par_iter()
+        .map(|e| match inside_state(&e.path) {
+            true => Ok(None),
+            false => view.image(&e.path),
+        })
+        .collect();
+    for (entry, image) in m.entries.iter().zip(images) {
+        if inside_state(&entry.path) {
             return Err(ApplyError::InsideState {
                 root: root.to_owned(),
                 path: entry.path.clone(),
@@ -635,7 +652,7 @@ fn apply_locked(
         }
         // Ancestors first: a path below a symlink reads as missing, which would hide the reason.
         check_ancestors(root, &view, &by_path, entry)?;
-        let actual = view.image(&entry.path)?;
+        let actual = image?;
         if let Some(reason) = image_mismatch(entry.pre.as_ref(), actual.as_ref()) {
             return Err(ApplyError::PreImage {
                 root: root.to_owned(),
@@ -766,7 +783,10 @@ fn apply_locked(
         if let (
             true,
             Some(Image::File {
-                mode, mtime, size, ..
+                mode,
+                mtime,
+                size,
+                sha256,
             }),
         ) = (step.needs_content(), &step.to)
         {
@@ -786,6 +806,8 @@ fn apply_locked(
                             Ok(pkg.decode_into(entry, reference, out)?)
                         },
                     )?;
+                    // The decoded bytes were checked against the post-image as written.
+                    seen.wrote(&file, *sha256);
                 }
                 None => {
                     let old = old.as_deref().ok_or_else(|| ApplyError::PreImage {
@@ -886,7 +908,7 @@ fn apply_locked(
         before: installed.clone(),
         after: Some(record),
     };
-    txn::run(root, state, &txn, &journal).map_err(|source| ApplyError::Txn {
+    txn::run(root, state, &txn, &journal, &seen).map_err(|source| ApplyError::Txn {
         root: root.to_owned(),
         source: Box::new(source),
     })?;
@@ -943,7 +965,8 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
             patch,
         });
     }
-    check_installed(root, &inst)?;
+    let seen = Seen::default();
+    check_installed(root, &inst, &seen)?;
     let steps: Vec<Step> = inst
         .entries
         .iter()
@@ -971,15 +994,25 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
         .enumerate()
         .filter(|(j, _)| steps[*j].needs_content())
         .try_for_each(|(j, entry)| {
-            let (Some(img @ Image::File { mode, mtime, .. }), Some(name)) =
-                (&entry.before, &entry.revert)
+            let (
+                Some(
+                    img @ Image::File {
+                        mode,
+                        mtime,
+                        sha256,
+                        ..
+                    },
+                ),
+                Some(name),
+            ) = (&entry.before, &entry.revert)
             else {
                 return Err(RevertError::RevertData {
                     file: revert_dir.clone(),
                     path: entry.path.clone(),
                 });
             };
-            fsx::write_file(&txn.stage(j), *mode, Some(*mtime), |out| {
+            let file = txn.stage(j);
+            fsx::write_file(&file, *mode, Some(*mtime), |out| {
                 read_revert_into(
                     &revert_dir.join(name),
                     &entry.path,
@@ -987,7 +1020,10 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
                     &root.join(entry.path.as_str()),
                     out,
                 )
-            })
+            })?;
+            // The restored bytes were checked against the base image as written.
+            seen.wrote(&file, *sha256);
+            Ok(())
         });
     staged.inspect_err(|_| txn.abandon())?;
     let journal = Journal {
@@ -1000,7 +1036,7 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
         before: Some(inst.clone()),
         after: None,
     };
-    txn::run(root, state, &txn, &journal).map_err(|source| RevertError::Txn {
+    txn::run(root, state, &txn, &journal, &seen).map_err(|source| RevertError::Txn {
         root: root.to_owned(),
         source: Box::new(source),
     })?;

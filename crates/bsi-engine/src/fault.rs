@@ -28,7 +28,7 @@ pub struct Crash {
     pub step: usize,
 }
 
-type Action = Box<dyn FnOnce() + Send>;
+type Action = Box<dyn FnOnce(&Path) + Send>;
 
 struct Plan {
     scope: PathBuf,
@@ -66,8 +66,8 @@ pub fn arm(scope: &Path, at: usize, fault: Fault) {
 }
 
 /// Like [`arm`], but step `at` runs `action` first (an adversary changing the tree at that
-/// instant) and then proceeds normally.
-pub fn arm_action(scope: &Path, at: usize, action: impl FnOnce() + Send + 'static) {
+/// instant), given the path the step is about to change, and then proceeds normally.
+pub fn arm_action(scope: &Path, at: usize, action: impl FnOnce(&Path) + Send + 'static) {
     arm(scope, at, Fault::Crash);
     let mut plans = plans();
     if let Some(plan) = plans.iter_mut().find(|p| p.scope == scope) {
@@ -102,7 +102,7 @@ pub(crate) fn step(path: &Path) -> io::Result<()> {
             let action = (plan.seen == plan.at).then(|| plan.action.take()).flatten();
             drop(plans);
             if let Some(action) = action {
-                action();
+                action(path);
             }
             return Ok(());
         }

@@ -11,6 +11,7 @@ mod build;
 pub mod fault;
 mod fsx;
 mod package;
+mod seen;
 mod state;
 mod tree;
 mod txn;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use bsi_format::{Digest, Image, Mtime, PkgPath};
 use sha2::{Digest as _, Sha256};
 
+use crate::seen::Seen;
 use crate::{FsContext, FsError};
 
 /// Name of the engine's state directory at the top of a root; never part of a tree.
@@ -86,6 +87,7 @@ pub fn scan(root: &Path, subpaths: &[&str]) -> Result<Tree, ScanError> {
                         .unwrap_or_else(|| io::Error::other("walk error"));
                     FsError::new("read", full, source)
                 })?,
+                None,
             )?;
             tree.entries.insert(rel, image);
         }
@@ -103,8 +105,13 @@ fn pkg_path_of(full: &Path, rel: &Path) -> Result<PkgPath, ScanError> {
     })
 }
 
-/// The image of what `full` holds, from its (lstat) metadata; files are read and hashed.
-pub(crate) fn image_of(full: &Path, meta: &fs::Metadata) -> Result<Image, ScanError> {
+/// The image of what `full` holds, from its (lstat) metadata; files are read and hashed, unless
+/// `seen` knows them unchanged.
+pub(crate) fn image_of(
+    full: &Path,
+    meta: &fs::Metadata,
+    seen: Option<&Seen>,
+) -> Result<Image, ScanError> {
     let ft = meta.file_type();
     let mtime = mtime_of(meta);
     let mode = meta.mode() & 0o7777;
@@ -121,7 +128,10 @@ pub(crate) fn image_of(full: &Path, meta: &fs::Metadata) -> Result<Image, ScanEr
     } else if ft.is_dir() {
         Ok(Image::Dir { mode, mtime })
     } else if ft.is_file() {
-        let (sha256, size) = hash_file(full)?;
+        let (sha256, size) = match seen {
+            Some(seen) => seen.digest(full, meta)?,
+            None => hash_file(full)?,
+        };
         Ok(Image::File {
             sha256,
             size,
@@ -157,6 +167,11 @@ pub(crate) fn mtime_of(meta: &fs::Metadata) -> Mtime {
 /// Stream a file through sha256.
 pub(crate) fn hash_file(path: &Path) -> Result<(Digest, u64), FsError> {
     let mut file = fs::File::open(path).fs("open", path)?;
+    hash_open(&mut file, path)
+}
+
+/// Stream the rest of `file` (opened from `path`) through sha256.
+pub(crate) fn hash_open(file: &mut fs::File, path: &Path) -> Result<(Digest, u64), FsError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut size = 0u64;
@@ -174,6 +189,15 @@ pub(crate) fn hash_file(path: &Path) -> Result<(Digest, u64), FsError> {
 /// What `root/path` holds now (`None` when nothing is there), never following a symlink: not
 /// the last component, and not an ancestor (a path below a symlink or a file holds nothing).
 pub(crate) fn observe(root: &Path, path: &PkgPath) -> Result<Option<Image>, ScanError> {
+    observe_with(root, path, None)
+}
+
+/// [`observe`], not reading again a file that `seen` knows unchanged.
+pub(crate) fn observe_with(
+    root: &Path,
+    path: &PkgPath,
+    seen: Option<&Seen>,
+) -> Result<Option<Image>, ScanError> {
     let mut ancestor = root.to_path_buf();
     let components: Vec<&str> = path.components().collect();
     for part in &components[..components.len() - 1] {
@@ -187,7 +211,7 @@ pub(crate) fn observe(root: &Path, path: &PkgPath) -> Result<Option<Image>, Scan
     }
     let full = root.join(path.as_str());
     match fs::symlink_metadata(&full) {
-        Ok(meta) => image_of(&full, &meta).map(Some),
+        Ok(meta) => image_of(&full, &meta, seen).map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) if e.raw_os_error() == Some(20) => Ok(None), // ENOTDIR: an ancestor is a file
         Err(e) => Err(FsError::new("read", &full, e).into()),

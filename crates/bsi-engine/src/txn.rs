@@ -32,8 +32,9 @@ use bsi_format::{Image, Mtime, PkgPath};
 use serde::{Deserialize, Serialize};
 
 use crate::fsx::{self, OwnDir, RootDir};
+use crate::seen::Seen;
 use crate::state::{Installed, StateDir};
-use crate::tree::{describe_mismatch, matches_image, mtime_of, observe, ScanError};
+use crate::tree::{describe_mismatch, matches_image, mtime_of, observe_with, ScanError};
 use crate::FsError;
 
 const JOURNAL_FORMAT: u32 = 1;
@@ -303,8 +304,15 @@ fn exists(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok()
 }
 
-/// Bring every step to its end going `way`, then check every path.
-fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), TxnError> {
+/// Bring every step to its end going `way`, then check every path; files `seen` knows unchanged
+/// are not read again.
+fn roll(
+    root: &Path,
+    txn: &TxnDir,
+    journal: &Journal,
+    way: Way,
+    seen: &Seen,
+) -> Result<(), TxnError> {
     let steps = &journal.steps;
     let confined = RootDir::open(root)?;
     let (stage, undo) = (
@@ -322,7 +330,7 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
         if !goes {
             continue;
         }
-        let actual = observe(root, &step.path)?;
+        let actual = observe_with(root, &step.path, Some(seen))?;
         if actual.is_none() || same_thing(actual.as_ref(), target) {
             continue;
         }
@@ -339,7 +347,7 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
     for (i, step) in steps.iter().enumerate() {
         let (origin, target) = ends(step, way);
         let Some(target) = target else { continue };
-        let actual = observe(root, &step.path)?;
+        let actual = observe_with(root, &step.path, Some(seen))?;
         if same_thing(actual.as_ref(), Some(target)) {
             continue;
         }
@@ -374,7 +382,11 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
                         file: source,
                     });
                 }
+                let carried = seen.take(&source);
                 confined.move_in(dir, &i.to_string(), &step.path)?;
+                if let Some(carried) = carried {
+                    seen.carry(carried, &confined.full(&step.path));
+                }
             }
         }
     }
@@ -389,9 +401,15 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
         let path = &step.path;
         match ends(step, way).1 {
             Some(Image::File { mode, mtime, .. }) => {
-                set_meta(&confined, path, Some(*mode), *mtime, false)?
+                let set = set_meta(&confined, path, Some(*mode), *mtime, false)?;
+                if set {
+                    // A time or mode set here moves the time of change: no record vouches.
+                    seen.forget(&confined.full(path));
+                }
             }
-            Some(Image::Symlink { mtime, .. }) => set_meta(&confined, path, None, *mtime, true)?,
+            Some(Image::Symlink { mtime, .. }) => {
+                set_meta(&confined, path, None, *mtime, true)?;
+            }
             Some(Image::Dir { mode, mtime }) => {
                 dirs.insert(&step.path, (Some(*mode), *mtime));
             }
@@ -419,7 +437,7 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
     // 5. Every path holds its end, times included.
     for step in steps {
         let target = ends(step, way).1;
-        let actual = observe(root, &step.path)?;
+        let actual = observe_with(root, &step.path, Some(seen))?;
         let ok = match (target, &actual) {
             (None, None) => true,
             (Some(t), Some(a)) => matches_image(t, a) && t.mtime() == a.mtime(),
@@ -441,25 +459,29 @@ fn roll(root: &Path, txn: &TxnDir, journal: &Journal, way: Way) -> Result<(), Tx
     Ok(())
 }
 
-/// Set permission bits (when given) and the time of `full`, skipping what is already right.
+/// Set permission bits (when given) and the time of `full`, skipping what is already right;
+/// whether anything was set.
 fn set_meta(
     root: &RootDir,
     path: &PkgPath,
     mode: Option<u32>,
     mtime: Mtime,
     symlink: bool,
-) -> Result<(), FsError> {
+) -> Result<bool, FsError> {
     let full = root.full(path);
     let meta = fs::symlink_metadata(&full).map_err(|e| FsError::new("read", &full, e))?;
+    let mut set = false;
     if let Some(mode) = mode {
         if meta.mode() & 0o7777 != mode {
             root.set_mode(path, mode)?;
+            set = true;
         }
     }
     if mtime_of(&meta) != mtime {
         root.set_mtime(path, mtime, symlink)?;
+        set = true;
     }
-    Ok(())
+    Ok(set)
 }
 
 /// After the root holds the new tree: record it, swap in its revert data, end the transaction.
@@ -507,11 +529,12 @@ fn roll_back(
     state: &StateDir,
     txn: &TxnDir,
     journal: &Journal,
+    seen: &Seen,
 ) -> Result<(), TxnError> {
     if !exists(&txn.rollback_mark()) {
         fsx::write_atomically(&txn.rollback_mark(), b"")?;
     }
-    roll(root, txn, journal, Way::Back)?;
+    roll(root, txn, journal, Way::Back, seen)?;
     finish(state, txn)?;
     remove_if_empty(Some(&state.dir));
     Ok(())
@@ -528,12 +551,14 @@ pub enum Failed {
     Stuck { cause: TxnError, rollback: TxnError },
 }
 
-/// Write `journal` (whose staged files and revert data are ready in `txn`) and carry it out.
+/// Write `journal` (whose staged files and revert data are ready in `txn`) and carry it out;
+/// `seen` holds what this process read and wrote since it checked the root.
 pub(crate) fn run(
     root: &Path,
     state: &StateDir,
     txn: &TxnDir,
     journal: &Journal,
+    seen: &Seen,
 ) -> Result<(), Failed> {
     let kind = journal.kind;
     let prepare = || -> Result<(), FsError> {
@@ -546,7 +571,7 @@ pub(crate) fn run(
     if let Err(cause) = prepare() {
         // No journal on disk, or a whole one: nothing in the root was touched yet.
         if exists(&txn.journal()) {
-            return match roll_back(root, state, txn, journal) {
+            return match roll_back(root, state, txn, journal, seen) {
                 Ok(()) => Err(Failed::RolledBack {
                     kind,
                     cause: cause.into(),
@@ -563,7 +588,7 @@ pub(crate) fn run(
             cause: cause.into(),
         });
     }
-    let forward = roll(root, txn, journal, Way::Forward).and_then(|()| {
+    let forward = roll(root, txn, journal, Way::Forward, seen).and_then(|()| {
         commit(state, txn, journal)?;
         Ok(())
     });
@@ -579,7 +604,7 @@ pub(crate) fn run(
                 }),
             }
         }
-        Err(cause) => match roll_back(root, state, txn, journal) {
+        Err(cause) => match roll_back(root, state, txn, journal, seen) {
             Ok(()) => Err(Failed::RolledBack { kind, cause }),
             Err(rollback) => Err(Failed::Stuck { cause, rollback }),
         },
@@ -592,6 +617,8 @@ pub(crate) fn recover(root: &Path, state: &StateDir) -> Result<Option<Recovered>
     if !exists(&txn.dir) {
         return Ok(None);
     }
+    // A new process: nothing is known about the root, every file is read.
+    let seen = &Seen::default();
     let Some(journal) = txn.load()? else {
         // Interrupted while preparing: nothing in the root was touched.
         fsx::remove_all(&txn.dir)?;
@@ -606,21 +633,21 @@ pub(crate) fn recover(root: &Path, state: &StateDir) -> Result<Option<Recovered>
         from: journal.from_title.clone(),
     };
     if exists(&txn.rollback_mark()) {
-        roll_back(root, state, &txn, &journal)?;
+        roll_back(root, state, &txn, &journal, seen)?;
         return Ok(Some(rolled_back));
     }
     if exists(&txn.committed_mark()) {
-        roll(root, &txn, &journal, Way::Forward)?;
+        roll(root, &txn, &journal, Way::Forward, seen)?;
         commit(state, &txn, &journal)?;
         return Ok(Some(completed));
     }
-    match roll(root, &txn, &journal, Way::Forward) {
+    match roll(root, &txn, &journal, Way::Forward, seen) {
         Ok(()) => {
             commit(state, &txn, &journal)?;
             Ok(Some(completed))
         }
         Err(_) => {
-            roll_back(root, state, &txn, &journal)?;
+            roll_back(root, state, &txn, &journal, seen)?;
             Ok(Some(rolled_back))
         }
     }

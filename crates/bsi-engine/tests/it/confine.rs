@@ -25,7 +25,8 @@ fn file(seed: u64, len: usize, mode: u32, t: i64) -> Node {
     }
 }
 
-fn trees() -> (Model, Model) {
+/// A base tree three directories deep and a target that changes, adds and removes files in it.
+pub fn trees() -> (Model, Model) {
     let mut base = Model::new();
     base.insert("A".into(), dir(1_600_000_000));
     base.insert("A/B".into(), dir(1_600_000_000));
@@ -55,7 +56,7 @@ fn trees() -> (Model, Model) {
     (base, target)
 }
 
-fn materialized(parent: &Path, name: &str, model: &Model) -> std::path::PathBuf {
+pub fn materialized(parent: &Path, name: &str, model: &Model) -> std::path::PathBuf {
     let dir = parent.join(name);
     std::fs::create_dir_all(&dir).expect("mkdir");
     materialize(model, &dir);
@@ -105,7 +106,7 @@ fn symlinks_planted_at_every_level_and_step_never_redirect_a_write() {
 
             let (planted, moved) = (root.join(level), case.join("moved"));
             let link_to = outside.join("X");
-            fault::arm_action(&case, at, move || {
+            fault::arm_action(&case, at, move |_| {
                 std::fs::rename(&planted, &moved).expect("move the directory away");
                 std::os::unix::fs::symlink(&link_to, &planted).expect("plant the symlink");
             });

@@ -359,7 +359,7 @@ fn apply_while_the_file_changes(
     .expect("verifies");
     // Before anything is decoded, the file is overwritten in place by another signed package.
     let (file, other) = (pkg_file.clone(), bytes_of(&b_dir, 'b'));
-    fault::arm_action(&dir, 1, move || {
+    fault::arm_action(&dir, 1, move |_| {
         std::fs::write(&file, other).expect("swap the package file");
     });
     let result = apply(&pkg, &root, &state, &NoProgress);

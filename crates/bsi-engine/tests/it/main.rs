@@ -4,6 +4,7 @@ mod components;
 mod confine;
 mod faults;
 mod fixture;
+mod foreign;
 mod renames;
 mod revertdata;
 mod roundtrip;
