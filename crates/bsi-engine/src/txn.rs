@@ -421,9 +421,14 @@ fn roll(
     }
 
     // 4. Make the renames durable before anything is recorded as done: every directory that
-    //    gained or lost an entry, and the undo directory that holds what left the root.
+    //    gained or lost an entry (here or in a run a crash interrupted: the parent of every step
+    //    that changes more than modes and times), and the undo directory that holds what left
+    //    the root.
     let mut touched: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
-    for step in steps {
+    for step in steps
+        .iter()
+        .filter(|s| !same_thing(s.from.as_ref(), s.to.as_ref()))
+    {
         let parent = step.path.parent();
         touched.insert(parent.map_or(root.to_owned(), |p| root.join(p.as_str())));
     }
