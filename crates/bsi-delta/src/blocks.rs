@@ -12,9 +12,13 @@
 //!   ending right after the literal (or copy) that completes the new file
 //! ```
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 
 use crate::{corrupt, varint, window_log, DecodeError, DeltaEncoder};
 
@@ -23,6 +27,8 @@ const MAGIC: &[u8; 4] = b"BLK1";
 /// op (at most 30 bytes of varints) covers at least `MIN_MATCH` bytes.
 const BODY_SLACK_CONSTANT: u64 = 1024;
 const MIN_MATCH: usize = 32;
+/// Bytes of an old file on disk read at a time by [`Blocks::decode_file_into`].
+const COPY_BUFFER: u64 = 1 << 20;
 /// Polynomial rolling hash base (odd).
 const BASE: u64 = 0x100_0000_01b3;
 
@@ -183,6 +189,34 @@ impl Blocks {
     /// payloads made where time matters more than bytes (revert data made on a device).
     pub fn encode_at(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
         pack(&checked_body(old, new), level)
+    }
+
+    /// [`decode_into`](DeltaEncoder::decode_into) against the old file `old` (`old_len` bytes)
+    /// read where the payload copies from it, a megabyte at a time: the old file is not held in
+    /// memory, nor read where the new file does not use it.
+    pub fn decode_file_into(
+        &self,
+        old: &File,
+        old_len: u64,
+        payload: &[u8],
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
+        let mut buf = vec![0u8; COPY_BUFFER.min(new_len).max(1) as usize];
+        walk(payload, old_len, new_len, |op| match op {
+            Op::Literal(bytes) => out.write_all(bytes).map_err(DecodeError::Output),
+            Op::Copy { start, len, .. } => {
+                let mut done = 0u64;
+                while done < len {
+                    let chunk = &mut buf[..(len - done).min(COPY_BUFFER) as usize];
+                    old.read_exact_at(chunk, start + done)
+                        .map_err(DecodeError::Input)?;
+                    out.write_all(chunk).map_err(DecodeError::Output)?;
+                    done += chunk.len() as u64;
+                }
+                Ok(())
+            }
+        })
     }
 }
 
@@ -354,9 +388,41 @@ pub fn reverse(
     new_len: u64,
     level: i32,
 ) -> Result<Vec<u8>, DecodeError> {
+    reverse_reading(old.len() as u64, payload, new_len, level, |range| {
+        Ok(Cow::Borrowed(
+            &old[range.start as usize..range.end as usize],
+        ))
+    })
+}
+
+/// [`reverse`] with the old file `old` (`old_len` bytes) on disk: only the ranges of it that
+/// the new file does not copy are read.
+pub fn reverse_file(
+    old: &File,
+    old_len: u64,
+    payload: &[u8],
+    new_len: u64,
+    level: i32,
+) -> Result<Vec<u8>, DecodeError> {
+    reverse_reading(old_len, payload, new_len, level, |range| {
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        old.read_exact_at(&mut bytes, range.start)
+            .map_err(DecodeError::Input)?;
+        Ok(Cow::Owned(bytes))
+    })
+}
+
+/// [`reverse`] for an old file of `old_len` bytes whose ranges `read` gives.
+fn reverse_reading<'o>(
+    old_len: u64,
+    payload: &[u8],
+    new_len: u64,
+    level: i32,
+    mut read: impl FnMut(Range<u64>) -> Result<Cow<'o, [u8]>, DecodeError>,
+) -> Result<Vec<u8>, DecodeError> {
     // (old start, new position, length) of every forward copy.
     let mut copies: Vec<(u64, u64, u64)> = Vec::new();
-    walk(payload, old.len() as u64, new_len, |op| {
+    walk(payload, old_len, new_len, |op| {
         if let Op::Copy { start, len, at } = op {
             copies.push((start, at, len));
         }
@@ -381,14 +447,14 @@ pub fn reverse(
             continue;
         }
         body.op(
-            &old[literal_start as usize..start as usize],
+            &read(literal_start..start)?,
             Some((at as usize, len as usize)),
         );
         pos = start + len;
         literal_start = pos;
     }
-    if literal_start < old.len() as u64 || old.is_empty() {
-        body.op(&old[literal_start as usize..], None);
+    if literal_start < old_len || old_len == 0 {
+        body.op(&read(literal_start..old_len)?, None);
     }
     pack(&body.bytes, level).map_err(DecodeError::Output)
 }
@@ -398,6 +464,14 @@ mod tests {
     use super::*;
     use crate::test_data::{noise, text};
 
+    /// `bytes` in a file on disk.
+    fn on_disk(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("tempfile");
+        file.write_all(bytes).expect("write");
+        file
+    }
+
+    /// The payload of `old -> new`, checked to decode from memory and from disk; its size.
     fn round_trip(old: &[u8], new: &[u8]) -> usize {
         let payload = Blocks.encode(old, new).expect("encode").expect("applies");
         assert_eq!(
@@ -406,13 +480,35 @@ mod tests {
                 .expect("decode"),
             new
         );
+        let mut from_disk = Vec::new();
+        let file = on_disk(old);
+        Blocks
+            .decode_file_into(
+                file.as_file(),
+                old.len() as u64,
+                &payload,
+                new.len() as u64,
+                &mut from_disk,
+            )
+            .expect("decode from disk");
+        assert!(from_disk == new, "decoded from disk, {} B", from_disk.len());
         payload.len()
     }
 
-    /// The reverse of `old -> new`, checked to rebuild `old` from `new`; its size.
+    /// The reverse of `old -> new`, checked to rebuild `old` from `new` and to be the same
+    /// derived from `old` on disk; its size.
     fn reverse_round_trip(old: &[u8], new: &[u8]) -> usize {
         let forward = Blocks.encode(old, new).expect("encode").expect("applies");
         let back = reverse(old, &forward, new.len() as u64, 3).expect("reverse");
+        let file = on_disk(old);
+        let from_disk = reverse_file(
+            file.as_file(),
+            old.len() as u64,
+            &forward,
+            new.len() as u64,
+            3,
+        );
+        assert_eq!(from_disk.expect("reverse from disk"), back);
         assert_eq!(
             Blocks
                 .decode(new, &back, old.len() as u64)
@@ -454,6 +550,25 @@ mod tests {
         let forward = Blocks.encode(&old, &new).expect("encode").expect("applies");
         assert!(reverse(&old[..1000], &forward, new.len() as u64, 3).is_err());
         assert!(reverse(&old, &forward, new.len() as u64 + 1, 3).is_err());
+    }
+
+    #[test]
+    fn an_old_file_cut_short_on_disk_is_a_read_error() {
+        let old = noise(25, 300_000);
+        let mut new = old.clone();
+        new[250_000] ^= 1; // past the cut: the reverse reads the byte it changes
+        let forward = Blocks.encode(&old, &new).expect("encode").expect("applies");
+        // The manifest says 300,000 bytes; the disk holds fewer.
+        let file = on_disk(&old[..200_000]);
+        let (len, new_len) = (old.len() as u64, new.len() as u64);
+        let decoded =
+            Blocks.decode_file_into(file.as_file(), len, &forward, new_len, &mut Vec::new());
+        assert!(matches!(decoded, Err(DecodeError::Input(_))), "{decoded:?}");
+        let reversed = reverse_file(file.as_file(), len, &forward, new_len, 3);
+        assert!(
+            matches!(reversed, Err(DecodeError::Input(_))),
+            "{reversed:?}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod zstd_prefix;
 
 use std::io::{self, Read, Write};
 
-pub use blocks::{reverse as reverse_blocks, Blocks};
+pub use blocks::{reverse as reverse_blocks, reverse_file as reverse_blocks_file, Blocks};
 pub use bsdiff::Bsdiff;
 pub use gzip::Gzip;
 pub use zstd_prefix::ZstdPrefix;
@@ -38,6 +38,8 @@ pub enum DecodeError {
     WrongLength { expected: u64, actual: u64 },
     #[error("cannot write the decoded file: {0}")]
     Output(#[source] io::Error),
+    #[error("cannot read the old file: {0}")]
+    Input(#[source] io::Error),
 }
 
 /// A delta encoder: turns (old, new) into a payload and back.
@@ -158,12 +160,22 @@ pub const STREAM_WINDOW_LOG: u32 = 24;
 /// Plain zstd of `data` at `level`, written to `out` as it is produced, with a window of at most
 /// 16 MiB: compressing and decompressing it never holds more than that in zstd's buffers.
 pub fn compress_into(data: &[u8], level: i32, out: impl Write) -> io::Result<()> {
+    compress_stream_into(data, data.len() as u64, level, out)
+}
+
+/// [`compress_into`] of the first `len` bytes of `input` (fewer: an error).
+pub fn compress_stream_into(
+    input: impl Read,
+    len: u64,
+    level: i32,
+    out: impl Write,
+) -> io::Result<()> {
     let mut encoder = zstd::stream::Encoder::new(out, level)?;
-    encoder.set_pledged_src_size(Some(data.len() as u64))?;
+    encoder.set_pledged_src_size(Some(len))?;
     encoder.include_checksum(false)?;
     encoder.include_contentsize(true)?;
-    encoder.window_log(window_log(data.len() as u64).min(STREAM_WINDOW_LOG))?;
-    encoder.write_all(data)?;
+    encoder.window_log(window_log(len).min(STREAM_WINDOW_LOG))?;
+    io::copy(&mut input.take(len), &mut encoder)?;
     encoder.finish()?.flush()
 }
 

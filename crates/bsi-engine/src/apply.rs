@@ -288,6 +288,18 @@ impl<'a> BaseView<'a> {
         }
     }
 
+    /// The base file at `path`, whose base image is `image`: left on disk when `in_place` and the
+    /// disk holds it, else its bytes.
+    fn base(&self, path: &PkgPath, image: &Image, in_place: bool) -> Result<Base, RevertError> {
+        let on_disk = self.touched.get(path).is_none_or(|e| e.revert.is_none());
+        if let (true, true, Image::File { size, .. }) = (in_place, on_disk, image) {
+            let full = self.root.join(path.as_str());
+            let file = fs::File::open(&full).fs("open", &full)?;
+            return Ok(Base::OnDisk { file, len: *size });
+        }
+        self.bytes(path, image).map(Base::Bytes)
+    }
+
     /// The base bytes of a file whose base image is `image`.
     fn bytes(&self, path: &PkgPath, image: &Image) -> Result<Vec<u8>, RevertError> {
         let revert = self.touched.get(path).and_then(|e| e.revert.as_ref());
@@ -346,8 +358,37 @@ fn read_revert(
     Ok(bytes)
 }
 
+/// A base file for decoding and revert data: its bytes, or for a `blocks` payload (which reads
+/// only the ranges it copies) the file itself, so that a 92 MB library is not read into memory
+/// for the few bytes that change.
+enum Base {
+    Bytes(Vec<u8>),
+    OnDisk { file: fs::File, len: u64 },
+}
+
+impl Base {
+    fn len(&self) -> u64 {
+        match self {
+            Base::Bytes(bytes) => bytes.len() as u64,
+            Base::OnDisk { len, .. } => *len,
+        }
+    }
+
+    fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Base::Bytes(bytes) => Some(bytes),
+            Base::OnDisk { .. } => None,
+        }
+    }
+}
+
+/// Whether `entry` is a `blocks` delta against its own base.
+fn is_own_blocks(entry: &Entry) -> bool {
+    matches!(&entry.op, bsi_format::Operation::Delta { encoder, source: None } if encoder == "blocks")
+}
+
 /// Revert data this small is kept without trying a compressed copy (1/64 of the file).
-const SURELY_SMALLER: usize = 64;
+const SURELY_SMALLER: u64 = 64;
 /// A reverse delta needs the new file in memory; up to this size, any file gets one.
 const REVERSE_IN_MEMORY: u64 = 16 << 20;
 
@@ -358,7 +399,7 @@ const REVERSE_IN_MEMORY: u64 = 16 << 20;
 fn keep_revert(
     dir: &Path,
     i: usize,
-    old: &[u8],
+    old: &Base,
     pkg: &VerifiedPackage,
     entry: &Entry,
     staged: Option<&Path>,
@@ -367,18 +408,20 @@ fn keep_revert(
         Some(Image::File { size, .. }) => Some(*size),
         _ => None,
     };
-    let forward_blocks = matches!(&entry.op, bsi_format::Operation::Delta { encoder, source: None } if encoder == "blocks");
     // The forward payload was read and checked when the file was decoded; should reading it
     // again fail, the revert data is a copy.
-    let forward = match forward_blocks {
+    let forward = match is_own_blocks(entry) {
         true => pkg.payload(entry).ok().flatten(),
         false => None,
     };
-    let reverse = match (post_size, forward, staged) {
-        (Some(size), Some(payload), _) => {
+    let reverse = match (post_size, forward, staged, old) {
+        (Some(size), Some(payload), _, Base::Bytes(old)) => {
             bsi_delta::reverse_blocks(old, &payload, size, REVERT_LEVEL).ok()
         }
-        (Some(size), _, Some(staged)) if size <= REVERSE_IN_MEMORY => {
+        (Some(size), Some(payload), _, Base::OnDisk { file, len }) => {
+            bsi_delta::reverse_blocks_file(file, *len, &payload, size, REVERT_LEVEL).ok()
+        }
+        (Some(size), _, Some(staged), Base::Bytes(old)) if size <= REVERSE_IN_MEMORY => {
             let new = fs::read(staged).fs("read", staged)?;
             bsi_delta::Blocks::encode_at(&new, old, REVERT_LEVEL).ok()
         }
@@ -394,14 +437,21 @@ fn keep_revert(
     let (rev_name, copy_name) = (format!("{i}.rev"), format!("{i}.zst"));
     if let Some(rev) = reverse
         .as_deref()
-        .filter(|r| r.len() <= old.len() / SURELY_SMALLER)
+        .filter(|r| r.len() as u64 <= old.len() / SURELY_SMALLER)
     {
         write(&rev_name, rev)?;
         return Ok(rev_name);
     }
     let copy = dir.join(&copy_name);
     fsx::write_file(&copy, 0o644, None, |out| -> Result<(), ApplyError> {
-        bsi_delta::compress_into(old, REVERT_LEVEL, out).fs("write", &copy)?;
+        match old {
+            Base::Bytes(old) => bsi_delta::compress_into(old, REVERT_LEVEL, out),
+            Base::OnDisk { file, len } => {
+                let input = std::io::BufReader::with_capacity(1 << 20, file);
+                bsi_delta::compress_stream_into(input, *len, REVERT_LEVEL, out)
+            }
+        }
+        .fs("write", &copy)?;
         Ok(())
     })?;
     let copy_len = fs::metadata(&copy).fs("read", &copy)?.len();
@@ -774,9 +824,10 @@ fn apply_locked(
         };
         let own_is_reference = entry.is_some_and(|e| matches!(reference(e), Some((_, None))));
         let needs_base = step.needs_content() && entry.is_none_or(|e| e.payload.is_none());
+        let in_place = entry.is_some_and(|e| e.payload.is_some() && is_own_blocks(e));
         let old = match &base {
             Some(img @ Image::File { .. }) if own_is_reference || !keeps_bytes || needs_base => {
-                Some(view.bytes(&step.path, img)?)
+                Some(view.base(&step.path, img, in_place)?)
             }
             _ => None,
         };
@@ -797,24 +848,37 @@ fn apply_locked(
                         Some((_, Some(src))) => Some(view.bytes(&src.path, &source_image(src))?),
                         _ => None,
                     };
-                    let reference = source_bytes.as_deref().or(old.as_deref());
                     fsx::write_file(
                         &file,
                         *mode,
                         Some(*mtime),
                         |out| -> Result<(), ApplyError> {
-                            Ok(pkg.decode_into(entry, reference, out)?)
+                            match (&source_bytes, &old) {
+                                (None, Some(Base::OnDisk { file, len })) => {
+                                    pkg.decode_file_into(entry, file, *len, out)?
+                                }
+                                _ => {
+                                    let reference = source_bytes
+                                        .as_deref()
+                                        .or(old.as_ref().and_then(Base::bytes));
+                                    pkg.decode_into(entry, reference, out)?
+                                }
+                            }
+                            Ok(())
                         },
                     )?;
                     // The decoded bytes were checked against the post-image as written.
                     seen.wrote(&file, *sha256);
                 }
                 None => {
-                    let old = old.as_deref().ok_or_else(|| ApplyError::PreImage {
-                        root: root.to_owned(),
-                        path: step.path.clone(),
-                        reason: "its base bytes are not available".to_owned(),
-                    })?;
+                    let old =
+                        old.as_ref()
+                            .and_then(Base::bytes)
+                            .ok_or_else(|| ApplyError::PreImage {
+                                root: root.to_owned(),
+                                path: step.path.clone(),
+                                reason: "its base bytes are not available".to_owned(),
+                            })?;
                     fsx::write_file(
                         &file,
                         *mode,

@@ -324,6 +324,42 @@ impl VerifiedPackage {
         Ok(out)
     }
 
+    /// [`decode_into`](Self::decode_into) for a `blocks` delta, reading its base from `old`
+    /// (`old_len` bytes, the verified pre-image's size) where the payload copies from it.
+    pub fn decode_file_into(
+        &self,
+        entry: &Entry,
+        old: &std::fs::File,
+        old_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeFailure> {
+        let fail = |reason: String| DecodeFailure {
+            path: entry.path.clone(),
+            reason,
+        };
+        let Some(Image::File { sha256, size, .. }) = &entry.post else {
+            return Err(fail("entry carries no file payload".to_owned()));
+        };
+        if !matches!(&entry.op, Operation::Delta { encoder, .. } if encoder == "blocks") {
+            return Err(fail(
+                "only a blocks delta reads its base in place".to_owned(),
+            ));
+        }
+        let payload = self
+            .payload(entry)?
+            .ok_or_else(|| fail("entry carries no file payload".to_owned()))?;
+        let mut hashing = HashingWriter::new(out);
+        bsi_delta::Blocks
+            .decode_file_into(old, old_len, &payload, *size, &mut hashing)
+            .map_err(|e| fail(e.to_string()))?;
+        if hashing.digest() != *sha256 {
+            return Err(fail(
+                "decoded bytes do not match the post-image sha256".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Like [`decode`](Self::decode), writing the bytes to `out` as they are produced; the
     /// digest is checked when the last byte is written, so `out` must be discarded on error.
     pub fn decode_into(

@@ -25,8 +25,7 @@ fn file(seed: u64, len: usize, mode: u32, t: i64) -> Node {
     }
 }
 
-/// A base tree three directories deep and a target that changes, adds and removes files in it.
-pub fn trees() -> (Model, Model) {
+fn trees() -> (Model, Model) {
     let mut base = Model::new();
     base.insert("A".into(), dir(1_600_000_000));
     base.insert("A/B".into(), dir(1_600_000_000));

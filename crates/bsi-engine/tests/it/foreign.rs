@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use bsi_engine::fault;
 use bsi_engine::{apply, recover, NoProgress};
+use bsi_format::Operation;
 
-use crate::confine::{materialized, trees};
+use crate::confine::materialized;
+use crate::fixture::{noise, Model, Node};
 use crate::roundtrip::package;
-
-const VICTIM: &str = "A/B/C/lib.dylib";
 
 /// Rewrite the first byte of `path` in place, size and modification time kept; the new bytes.
 fn rewrite_in_place(path: &Path) -> Vec<u8> {
@@ -43,38 +43,47 @@ struct Landed {
     into_the_replaced: bool,
 }
 
-#[test]
-fn a_file_rewritten_in_place_before_any_step_is_never_lost_or_taken_for_applied() {
-    let (base, target) = trees();
+/// For every step of a clean apply of `base` -> `target`: rewrite `victim` in place before
+/// that step, apply, and check that the write is neither lost nor taken for the applied file.
+fn rewrite_before_every_step(base: &Model, target: &Model, victim: &str, encoder: &str) {
     let trees_dir = tempfile::tempdir().expect("tempdir");
     let pkg = package(
-        &materialized(trees_dir.path(), "base", &base),
-        &materialized(trees_dir.path(), "target", &target),
+        &materialized(trees_dir.path(), "base", base),
+        &materialized(trees_dir.path(), "target", target),
         'a',
     );
+    let op = pkg
+        .manifest
+        .entries
+        .iter()
+        .find(|e| e.path.as_str() == victim);
+    assert!(
+        matches!(op.map(|e| &e.op), Some(Operation::Delta { encoder: e, .. }) if e == encoder),
+        "{victim} is not a {encoder} delta: {op:?}"
+    );
     let probe = tempfile::tempdir().expect("tempdir");
-    let root = materialized(probe.path(), "root", &base);
+    let root = materialized(probe.path(), "root", base);
     fault::arm(probe.path(), usize::MAX, fault::Fault::Crash);
     apply(&pkg, &root, &probe.path().join("state"), &NoProgress).expect("clean apply");
     let steps = fault::disarm(probe.path());
-    let old = fs::read(trees_dir.path().join("base").join(VICTIM)).expect("read the base");
-    let new = fs::read(trees_dir.path().join("target").join(VICTIM)).expect("read the target");
+    let old = fs::read(trees_dir.path().join("base").join(victim)).expect("read the base");
+    let new = fs::read(trees_dir.path().join("target").join(victim)).expect("read the target");
 
     let (mut applied, mut refused, mut raced) = (0, 0, 0);
     for at in 1..=steps {
         let tmp = tempfile::tempdir().expect("tempdir");
         let case = tmp.path().join("case");
-        let root = materialized(&case, "root", &base);
+        let root = materialized(&case, "root", base);
         // Old enough that its metadata vouches for its bytes: the checks may skip reading it.
         std::thread::sleep(Duration::from_millis(50));
         let landed = Arc::new(Mutex::new(None));
-        let (victim, slot, old) = (root.join(VICTIM), Arc::clone(&landed), old.clone());
+        let (path, slot, old) = (root.join(victim), Arc::clone(&landed), old.clone());
         fault::arm_action(&case, at, move |step| {
-            let was_old = fs::read(&victim).ok().as_ref() == Some(&old);
-            let bytes = rewrite_in_place(&victim);
+            let was_old = fs::read(&path).ok().as_ref() == Some(&old);
+            let bytes = rewrite_in_place(&path);
             *slot.lock().expect("lock") = Some(Landed {
                 bytes,
-                into_the_replaced: step == victim && was_old,
+                into_the_replaced: step == path && was_old,
             });
         });
         let result = apply(&pkg, &root, &case.join("state"), &NoProgress);
@@ -86,14 +95,14 @@ fn a_file_rewritten_in_place_before_any_step_is_never_lost_or_taken_for_applied(
             .unwrap_or_else(|| panic!("no step {at} of {steps}"));
         match result {
             Ok(_) => {
-                let now = fs::read(root.join(VICTIM)).expect("read the victim");
+                let now = fs::read(root.join(victim)).expect("read the victim");
                 let expected = match landed.into_the_replaced {
                     true => &new,
                     false => &landed.bytes,
                 };
                 assert!(
                     now == *expected,
-                    "rewritten before step {at} of {steps}: the apply succeeded and the write is gone"
+                    "{victim} rewritten before step {at} of {steps}: the apply succeeded and the write is gone"
                 );
                 match landed.into_the_replaced {
                     true => raced += 1,
@@ -111,7 +120,41 @@ fn a_file_rewritten_in_place_before_any_step_is_never_lost_or_taken_for_applied(
         "{refused} refused, {applied} applied"
     );
     println!(
-        "{steps} steps: {refused} applies refused, {applied} kept the write made after their \
-         checks, {raced} replaced the file written to as they replaced it"
+        "{victim} ({encoder}), {steps} steps: {refused} applies refused, {applied} kept the write \
+         made after their checks, {raced} replaced the file written to as they replaced it"
     );
+}
+
+/// A tree of one library, `edit`ed in the target.
+fn one_library(edit: impl Fn(&mut Vec<u8>)) -> (Model, Model) {
+    let old = noise(5, 1 << 20);
+    let mut new = old.clone();
+    edit(&mut new);
+    let node = |bytes: Vec<u8>, t| Node::File {
+        bytes,
+        mode: 0o755,
+        mtime: (t, 0),
+    };
+    (
+        [("lib.dylib".to_owned(), node(old, 1_600_000_000))].into(),
+        [("lib.dylib".to_owned(), node(new, 1_650_000_000))].into(),
+    )
+}
+
+#[test]
+fn a_base_read_into_memory_and_rewritten_before_any_step_is_never_lost() {
+    // A byte in every 40 changed: a bsdiff delta, whose base is read whole.
+    let (base, target) = one_library(|new| new.iter_mut().step_by(40).for_each(|b| *b ^= 1));
+    rewrite_before_every_step(&base, &target, "lib.dylib", "bsdiff");
+}
+
+#[test]
+fn a_base_read_in_place_and_rewritten_before_any_step_is_never_lost() {
+    // Near-identical: a blocks delta, whose base is read on disk where it is copied from.
+    let (base, target) = one_library(|new| {
+        for at in [10, 700_000, 1_000_000] {
+            new[at] ^= 0x42;
+        }
+    });
+    rewrite_before_every_step(&base, &target, "lib.dylib", "blocks");
 }
