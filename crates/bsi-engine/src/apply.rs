@@ -10,7 +10,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::fsx;
-use crate::package::{reference, source_matches, DecodeFailure, HashingWriter, VerifiedPackage};
+use crate::package::{
+    reference, source_matches, DecodeFailure, HashingWriter, InPlaceFailure, VerifiedPackage,
+};
 use crate::seen::Seen;
 use crate::state::{Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT};
 use crate::tree::{image_mismatch, observe, observe_with, ScanError};
@@ -295,7 +297,11 @@ impl<'a> BaseView<'a> {
         if let (true, true, Image::File { size, .. }) = (in_place, on_disk, image) {
             let full = self.root.join(path.as_str());
             let file = fs::File::open(&full).fs("open", &full)?;
-            return Ok(Base::OnDisk { file, len: *size });
+            return Ok(Base::OnDisk {
+                file,
+                len: *size,
+                path: full,
+            });
         }
         self.bytes(path, image).map(Base::Bytes)
     }
@@ -363,7 +369,11 @@ fn read_revert(
 /// for the few bytes that change.
 enum Base {
     Bytes(Vec<u8>),
-    OnDisk { file: fs::File, len: u64 },
+    OnDisk {
+        file: fs::File,
+        len: u64,
+        path: PathBuf,
+    },
 }
 
 impl Base {
@@ -418,7 +428,7 @@ fn keep_revert(
         (Some(size), Some(payload), _, Base::Bytes(old)) => {
             bsi_delta::reverse_blocks(old, &payload, size, REVERT_LEVEL).ok()
         }
-        (Some(size), Some(payload), _, Base::OnDisk { file, len }) => {
+        (Some(size), Some(payload), _, Base::OnDisk { file, len, .. }) => {
             bsi_delta::reverse_blocks_file(file, *len, &payload, size, REVERT_LEVEL).ok()
         }
         (Some(size), _, Some(staged), Base::Bytes(old)) if size <= REVERSE_IN_MEMORY => {
@@ -445,13 +455,14 @@ fn keep_revert(
     let copy = dir.join(&copy_name);
     fsx::write_file(&copy, 0o644, None, |out| -> Result<(), ApplyError> {
         match old {
-            Base::Bytes(old) => bsi_delta::compress_into(old, REVERT_LEVEL, out),
-            Base::OnDisk { file, len } => {
+            Base::Bytes(old) => bsi_delta::compress_into(old, REVERT_LEVEL, out).fs("write", &copy),
+            // A base cut short since its check fails here, as it is read.
+            Base::OnDisk { file, len, path } => {
                 let input = std::io::BufReader::with_capacity(1 << 20, file);
                 bsi_delta::compress_stream_into(input, *len, REVERT_LEVEL, out)
+                    .fs("keep a copy of", path)
             }
-        }
-        .fs("write", &copy)?;
+        }?;
         Ok(())
     })?;
     let copy_len = fs::metadata(&copy).fs("read", &copy)?.len();
@@ -854,9 +865,14 @@ fn apply_locked(
                         Some(*mtime),
                         |out| -> Result<(), ApplyError> {
                             match (&source_bytes, &old) {
-                                (None, Some(Base::OnDisk { file, len })) => {
-                                    pkg.decode_file_into(entry, file, *len, out)?
-                                }
+                                (None, Some(Base::OnDisk { file, len, path })) => pkg
+                                    .decode_file_into(entry, file, *len, out)
+                                    .map_err(|e| match e {
+                                        InPlaceFailure::Payload(f) => ApplyError::from(f),
+                                        InPlaceFailure::Base(e) => {
+                                            FsError::new("read", path, e).into()
+                                        }
+                                    })?,
                                 _ => {
                                     let reference = source_bytes
                                         .as_deref()

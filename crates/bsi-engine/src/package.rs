@@ -326,36 +326,37 @@ impl VerifiedPackage {
 
     /// [`decode_into`](Self::decode_into) for a `blocks` delta, reading its base from `old`
     /// (`old_len` bytes, the verified pre-image's size) where the payload copies from it.
-    pub fn decode_file_into(
+    pub(crate) fn decode_file_into(
         &self,
         entry: &Entry,
         old: &std::fs::File,
         old_len: u64,
         out: &mut dyn Write,
-    ) -> Result<(), DecodeFailure> {
-        let fail = |reason: String| DecodeFailure {
-            path: entry.path.clone(),
-            reason,
+    ) -> Result<(), InPlaceFailure> {
+        let fail = |reason: &str| {
+            InPlaceFailure::Payload(DecodeFailure {
+                path: entry.path.clone(),
+                reason: reason.to_owned(),
+            })
         };
         let Some(Image::File { sha256, size, .. }) = &entry.post else {
-            return Err(fail("entry carries no file payload".to_owned()));
+            return Err(fail("entry carries no file payload"));
         };
         if !matches!(&entry.op, Operation::Delta { encoder, .. } if encoder == "blocks") {
-            return Err(fail(
-                "only a blocks delta reads its base in place".to_owned(),
-            ));
+            return Err(fail("only a blocks delta reads its base in place"));
         }
         let payload = self
-            .payload(entry)?
-            .ok_or_else(|| fail("entry carries no file payload".to_owned()))?;
+            .payload(entry)
+            .map_err(InPlaceFailure::Payload)?
+            .ok_or_else(|| fail("entry carries no file payload"))?;
         let mut hashing = HashingWriter::new(out);
-        bsi_delta::Blocks
-            .decode_file_into(old, old_len, &payload, *size, &mut hashing)
-            .map_err(|e| fail(e.to_string()))?;
+        match bsi_delta::Blocks.decode_file_into(old, old_len, &payload, *size, &mut hashing) {
+            Ok(()) => {}
+            Err(bsi_delta::DecodeError::Input(e)) => return Err(InPlaceFailure::Base(e)),
+            Err(e) => return Err(fail(&e.to_string())),
+        }
         if hashing.digest() != *sha256 {
-            return Err(fail(
-                "decoded bytes do not match the post-image sha256".to_owned(),
-            ));
+            return Err(fail("decoded bytes do not match the post-image sha256"));
         }
         Ok(())
     }
@@ -539,6 +540,15 @@ impl Read for PayloadStream<'_> {
         self.failure.get_or_insert(failed);
         Err(std::io::Error::other("the package file is not as verified"))
     }
+}
+
+/// Why [`VerifiedPackage::decode_file_into`] failed.
+#[derive(Debug)]
+pub(crate) enum InPlaceFailure {
+    /// The payload does not rebuild the post-image.
+    Payload(DecodeFailure),
+    /// The base could not be read where the payload copies from it: the disk's error.
+    Base(std::io::Error),
 }
 
 /// A payload that does not rebuild its post-image.

@@ -528,18 +528,19 @@ fn remove_if_empty(state_dir: Option<&Path>) {
     }
 }
 
-/// Roll back: mark it, so that recovery rolls back too, then run the steps backwards.
+/// Roll back: mark it, so that recovery rolls back too, then run the steps backwards, reading
+/// every file: what was placed moments ago has a stamp too recent to vouch for its bytes, and
+/// a foreign write into it must stop the roll back, not be undone by it.
 fn roll_back(
     root: &Path,
     state: &StateDir,
     txn: &TxnDir,
     journal: &Journal,
-    seen: &Seen,
 ) -> Result<(), TxnError> {
     if !exists(&txn.rollback_mark()) {
         fsx::write_atomically(&txn.rollback_mark(), b"")?;
     }
-    roll(root, txn, journal, Way::Back, seen)?;
+    roll(root, txn, journal, Way::Back, &Seen::default())?;
     finish(state, txn)?;
     remove_if_empty(Some(&state.dir));
     Ok(())
@@ -576,7 +577,7 @@ pub(crate) fn run(
     if let Err(cause) = prepare() {
         // No journal on disk, or a whole one: nothing in the root was touched yet.
         if exists(&txn.journal()) {
-            return match roll_back(root, state, txn, journal, seen) {
+            return match roll_back(root, state, txn, journal) {
                 Ok(()) => Err(Failed::RolledBack {
                     kind,
                     cause: cause.into(),
@@ -609,7 +610,7 @@ pub(crate) fn run(
                 }),
             }
         }
-        Err(cause) => match roll_back(root, state, txn, journal, seen) {
+        Err(cause) => match roll_back(root, state, txn, journal) {
             Ok(()) => Err(Failed::RolledBack { kind, cause }),
             Err(rollback) => Err(Failed::Stuck { cause, rollback }),
         },
@@ -638,7 +639,7 @@ pub(crate) fn recover(root: &Path, state: &StateDir) -> Result<Option<Recovered>
         from: journal.from_title.clone(),
     };
     if exists(&txn.rollback_mark()) {
-        roll_back(root, state, &txn, &journal, seen)?;
+        roll_back(root, state, &txn, &journal)?;
         return Ok(Some(rolled_back));
     }
     if exists(&txn.committed_mark()) {
@@ -652,7 +653,7 @@ pub(crate) fn recover(root: &Path, state: &StateDir) -> Result<Option<Recovered>
             Ok(Some(completed))
         }
         Err(_) => {
-            roll_back(root, state, &txn, &journal, seen)?;
+            roll_back(root, state, &txn, &journal)?;
             Ok(Some(rolled_back))
         }
     }

@@ -158,3 +158,49 @@ fn a_base_read_in_place_and_rewritten_before_any_step_is_never_lost() {
     });
     rewrite_before_every_step(&base, &target, "lib.dylib", "blocks");
 }
+
+#[test]
+fn a_base_cut_short_after_its_check_is_a_read_error_that_names_it() {
+    let (base, target) = one_library(|new| new[500_000] ^= 1);
+    let trees_dir = tempfile::tempdir().expect("tempdir");
+    let pkg = package(
+        &materialized(trees_dir.path(), "base", &base),
+        &materialized(trees_dir.path(), "target", &target),
+        'a',
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let case = tmp.path().join("case");
+    let root = materialized(&case, "root", &base);
+    let state = case.join("state");
+    let victim = root.join("lib.dylib");
+    // Cut just before its new file is staged: after the pre-image check, before the decode.
+    let (path, stage) = (victim.clone(), state.join("txn/stage"));
+    let cut = Arc::new(Mutex::new(false));
+    let done = Arc::clone(&cut);
+    for at in 1.. {
+        let (path, stage, done) = (path.clone(), stage.clone(), Arc::clone(&done));
+        fault::arm_action(&case, at, move |step| {
+            if step.starts_with(&stage) && step != stage {
+                let file = fs::OpenOptions::new().write(true).open(&path).expect("open");
+                file.set_len(300_000).expect("cut the base short");
+                *done.lock().expect("lock") = true;
+            }
+        });
+        let result = apply(&pkg, &root, &state, &NoProgress);
+        fault::disarm(&case);
+        if !*cut.lock().expect("lock") {
+            assert!(result.is_ok(), "nothing was cut before step {at}");
+            // Start again from the base.
+            let _ = bsi_engine::revert(&root, &state);
+            continue;
+        }
+        let message = result.expect_err("a base cut short is refused").to_string();
+        assert!(
+            message.starts_with(&format!("cannot read {}", victim.display())),
+            "{message}"
+        );
+        assert_eq!(fs::metadata(&victim).expect("stat").len(), 300_000);
+        assert!(!state.join("txn").exists(), "the staging area was left behind");
+        return;
+    }
+}
