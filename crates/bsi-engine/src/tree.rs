@@ -87,7 +87,7 @@ pub fn scan(root: &Path, subpaths: &[&str]) -> Result<Tree, ScanError> {
                         .unwrap_or_else(|| io::Error::other("walk error"));
                     FsError::new("read", full, source)
                 })?,
-                None,
+                Content::Read(None),
             )?;
             tree.entries.insert(rel, image);
         }
@@ -105,12 +105,20 @@ fn pkg_path_of(full: &Path, rel: &Path) -> Result<PkgPath, ScanError> {
     })
 }
 
-/// The image of what `full` holds, from its (lstat) metadata; files are read and hashed, unless
-/// `seen` knows them unchanged.
+/// How [`image_of`] learns a regular file's digest.
+#[derive(Clone, Copy)]
+pub(crate) enum Content<'s> {
+    /// Read and hash the file, unless the [`Seen`] knows it unchanged.
+    Read(Option<&'s Seen>),
+    /// Take this digest on trust: the caller hashes the file later, before anything counts on it.
+    Assume(Digest),
+}
+
+/// The image of what `full` holds, from its (lstat) metadata; a file's digest as `content` says.
 pub(crate) fn image_of(
     full: &Path,
     meta: &fs::Metadata,
-    seen: Option<&Seen>,
+    content: Content<'_>,
 ) -> Result<Image, ScanError> {
     let ft = meta.file_type();
     let mtime = mtime_of(meta);
@@ -128,9 +136,10 @@ pub(crate) fn image_of(
     } else if ft.is_dir() {
         Ok(Image::Dir { mode, mtime })
     } else if ft.is_file() {
-        let (sha256, size) = match seen {
-            Some(seen) => seen.digest(full, meta)?,
-            None => hash_file(full)?,
+        let (sha256, size) = match content {
+            Content::Read(Some(seen)) => seen.digest(full, meta)?,
+            Content::Read(None) => hash_file(full)?,
+            Content::Assume(digest) => (digest, meta.len()),
         };
         Ok(Image::File {
             sha256,
@@ -189,14 +198,14 @@ pub(crate) fn hash_open(file: &mut fs::File, path: &Path) -> Result<(Digest, u64
 /// What `root/path` holds now (`None` when nothing is there), never following a symlink: not
 /// the last component, and not an ancestor (a path below a symlink or a file holds nothing).
 pub(crate) fn observe(root: &Path, path: &PkgPath) -> Result<Option<Image>, ScanError> {
-    observe_with(root, path, None)
+    observe_with(root, path, Content::Read(None))
 }
 
-/// [`observe`], not reading again a file that `seen` knows unchanged.
+/// [`observe`], learning a file's digest as `content` says.
 pub(crate) fn observe_with(
     root: &Path,
     path: &PkgPath,
-    seen: Option<&Seen>,
+    content: Content<'_>,
 ) -> Result<Option<Image>, ScanError> {
     let mut ancestor = root.to_path_buf();
     let components: Vec<&str> = path.components().collect();
@@ -211,7 +220,7 @@ pub(crate) fn observe_with(
     }
     let full = root.join(path.as_str());
     match fs::symlink_metadata(&full) {
-        Ok(meta) => image_of(&full, &meta, seen).map(Some),
+        Ok(meta) => image_of(&full, &meta, content).map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) if e.raw_os_error() == Some(20) => Ok(None), // ENOTDIR: an ancestor is a file
         Err(e) => Err(FsError::new("read", &full, e).into()),

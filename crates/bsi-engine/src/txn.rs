@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::fsx::{self, OwnDir, RootDir};
 use crate::seen::Seen;
 use crate::state::{Installed, StateDir};
-use crate::tree::{describe_mismatch, matches_image, mtime_of, observe_with, ScanError};
+use crate::tree::{describe_mismatch, matches_image, mtime_of, observe_with, Content, ScanError};
 use crate::FsError;
 
 const JOURNAL_FORMAT: u32 = 1;
@@ -330,7 +330,7 @@ fn roll(
         if !goes {
             continue;
         }
-        let actual = observe_with(root, &step.path, Some(seen))?;
+        let actual = observe_with(root, &step.path, Content::Read(Some(seen)))?;
         if actual.is_none() || same_thing(actual.as_ref(), target) {
             continue;
         }
@@ -347,7 +347,7 @@ fn roll(
     for (i, step) in steps.iter().enumerate() {
         let (origin, target) = ends(step, way);
         let Some(target) = target else { continue };
-        let actual = observe_with(root, &step.path, Some(seen))?;
+        let actual = observe_with(root, &step.path, Content::Read(Some(seen)))?;
         if same_thing(actual.as_ref(), Some(target)) {
             continue;
         }
@@ -442,7 +442,7 @@ fn roll(
     // 5. Every path holds its end, times included.
     for step in steps {
         let target = ends(step, way).1;
-        let actual = observe_with(root, &step.path, Some(seen))?;
+        let actual = observe_with(root, &step.path, Content::Read(Some(seen)))?;
         let ok = match (target, &actual) {
             (None, None) => true,
             (Some(t), Some(a)) => matches_image(t, a) && t.mtime() == a.mtime(),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bsi_engine::fault;
-use bsi_engine::{apply, recover, NoProgress};
+use bsi_engine::{apply, recover, ApplyError, NoProgress};
 use bsi_format::Operation;
 
 use crate::confine::materialized;
@@ -159,18 +159,29 @@ fn a_base_read_in_place_and_rewritten_before_any_step_is_never_lost() {
     rewrite_before_every_step(&base, &target, "lib.dylib", "blocks");
 }
 
-#[test]
-fn a_base_cut_short_after_its_check_is_a_read_error_that_names_it() {
+/// A package of one library whose byte 500,000 changes (a blocks delta: the new file copies
+/// all of the base but that byte), and a root holding the base under `case/`; the temporary
+/// directory holding both.
+fn one_byte_changed() -> (
+    bsi_engine::VerifiedPackage,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     let (base, target) = one_library(|new| new[500_000] ^= 1);
-    let trees_dir = tempfile::tempdir().expect("tempdir");
+    let tmp = tempfile::tempdir().expect("tempdir");
     let pkg = package(
-        &materialized(trees_dir.path(), "base", &base),
-        &materialized(trees_dir.path(), "target", &target),
+        &materialized(tmp.path(), "base", &base),
+        &materialized(tmp.path(), "target", &target),
         'a',
     );
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = materialized(&tmp.path().join("case"), "root", &base);
+    (pkg, tmp, root)
+}
+
+#[test]
+fn a_base_cut_short_after_its_check_is_refused_by_name() {
+    let (pkg, tmp, root) = one_byte_changed();
     let case = tmp.path().join("case");
-    let root = materialized(&case, "root", &base);
     let state = case.join("state");
     let victim = root.join("lib.dylib");
     // Cut just before its new file is staged: after the pre-image check, before the decode.
@@ -181,7 +192,10 @@ fn a_base_cut_short_after_its_check_is_a_read_error_that_names_it() {
         let (path, stage, done) = (path.clone(), stage.clone(), Arc::clone(&done));
         fault::arm_action(&case, at, move |step| {
             if step.starts_with(&stage) && step != stage {
-                let file = fs::OpenOptions::new().write(true).open(&path).expect("open");
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .expect("open");
                 file.set_len(300_000).expect("cut the base short");
                 *done.lock().expect("lock") = true;
             }
@@ -194,13 +208,39 @@ fn a_base_cut_short_after_its_check_is_a_read_error_that_names_it() {
             let _ = bsi_engine::revert(&root, &state);
             continue;
         }
-        let message = result.expect_err("a base cut short is refused").to_string();
+        // The base is hashed beside its decoding: whichever reads the cut first tells.
+        let err = result.expect_err("a base cut short is refused");
+        let message = err.to_string();
         assert!(
-            message.starts_with(&format!("cannot read {}", victim.display())),
+            message.starts_with(&format!("cannot read {}", victim.display()))
+                || matches!(&err, ApplyError::PreImage { path, .. } if path.as_str() == "lib.dylib"),
             "{message}"
         );
         assert_eq!(fs::metadata(&victim).expect("stat").len(), 300_000);
-        assert!(!state.join("txn").exists(), "the staging area was left behind");
+        assert!(
+            !state.join("txn").exists(),
+            "the staging area was left behind"
+        );
         return;
     }
+}
+
+#[test]
+fn a_base_hashed_beside_its_decoding_that_differs_is_refused_as_a_pre_image() {
+    // The new file does not copy byte 500,000 from the base, so a base that differs there alone
+    // decodes as if it were right; only its hash tells.
+    let (pkg, tmp, root) = one_byte_changed();
+    let victim = root.join("lib.dylib");
+    let mut bytes = fs::read(&victim).expect("read");
+    bytes[500_000] ^= 0x80;
+    fs::write(&victim, &bytes).expect("write");
+    let state = tmp.path().join("case/state");
+    let err = apply(&pkg, &root, &state, &NoProgress).expect_err("a base that differs is refused");
+    assert!(matches!(err, ApplyError::PreImage { .. }), "{err}");
+    assert!(err.to_string().contains("content differs"), "{err}");
+    assert_eq!(fs::read(&victim).expect("read"), bytes, "the root changed");
+    assert!(
+        !state.join("txn").exists(),
+        "the staging area was left behind"
+    );
 }
