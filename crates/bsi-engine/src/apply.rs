@@ -433,6 +433,26 @@ impl Base {
     }
 }
 
+/// Decode `entry`'s payload into `out` against its reference: `source`, the bytes of a file
+/// elsewhere that the package names, or else its own base `old`.
+fn decode_entry(
+    pkg: &VerifiedPackage,
+    entry: &Entry,
+    source: Option<&[u8]>,
+    old: Option<&Base>,
+    out: &mut dyn std::io::Write,
+) -> Result<(), ApplyError> {
+    match (source, old) {
+        (None, Some(Base::OnDisk { file, len, path })) => pkg
+            .decode_file_into(entry, file, *len, out)
+            .map_err(|e| match e {
+                InPlaceFailure::Payload(failure) => failure.into(),
+                InPlaceFailure::Base(e) => FsError::new("read", path, e).into(),
+            }),
+        _ => Ok(pkg.decode_into(entry, source.or(old.and_then(Base::bytes)), out)?),
+    }
+}
+
 /// Whether `entry` is a `blocks` delta against its own base.
 fn is_own_blocks(entry: &Entry) -> bool {
     matches!(&entry.op, bsi_format::Operation::Delta { encoder, source: None } if encoder == "blocks")
@@ -904,30 +924,9 @@ fn apply_locked(
                         _ => None,
                     };
                     let stage = || {
-                        fsx::write_file(
-                            &file,
-                            *mode,
-                            Some(*mtime),
-                            |out| -> Result<(), ApplyError> {
-                                match (&source_bytes, &old) {
-                                    (None, Some(Base::OnDisk { file, len, path })) => pkg
-                                        .decode_file_into(entry, file, *len, out)
-                                        .map_err(|e| match e {
-                                            InPlaceFailure::Payload(f) => ApplyError::from(f),
-                                            InPlaceFailure::Base(e) => {
-                                                FsError::new("read", path, e).into()
-                                            }
-                                        })?,
-                                    _ => {
-                                        let reference = source_bytes
-                                            .as_deref()
-                                            .or(old.as_ref().and_then(Base::bytes));
-                                        pkg.decode_into(entry, reference, out)?
-                                    }
-                                }
-                                Ok(())
-                            },
-                        )
+                        fsx::write_file(&file, *mode, Some(*mtime), |out| {
+                            decode_entry(pkg, entry, source_bytes.as_deref(), old.as_ref(), out)
+                        })
                     };
                     match &entry.pre {
                         // Its base was not read yet: hashed beside the decoding, on another core.
