@@ -140,11 +140,6 @@ impl Seen {
         }
     }
 
-    /// This process changed `full`'s metadata: its record no longer says anything.
-    pub fn forget(&self, full: &Path) {
-        self.files().remove(full);
-    }
-
     /// How many files were read and hashed.
     #[cfg(test)]
     pub fn hashed(&self) -> usize {

@@ -400,16 +400,12 @@ fn roll(
     for step in steps {
         let path = &step.path;
         match ends(step, way).1 {
+            // A mode or time set here moves the file's time of change: its record no longer
+            // matches, and step 5 reads it.
             Some(Image::File { mode, mtime, .. }) => {
-                let set = set_meta(&confined, path, Some(*mode), *mtime, false)?;
-                if set {
-                    // A time or mode set here moves the time of change: no record vouches.
-                    seen.forget(&confined.full(path));
-                }
+                set_meta(&confined, path, Some(*mode), *mtime, false)?
             }
-            Some(Image::Symlink { mtime, .. }) => {
-                set_meta(&confined, path, None, *mtime, true)?;
-            }
+            Some(Image::Symlink { mtime, .. }) => set_meta(&confined, path, None, *mtime, true)?,
             Some(Image::Dir { mode, mtime }) => {
                 dirs.insert(&step.path, (Some(*mode), *mtime));
             }
@@ -464,29 +460,25 @@ fn roll(
     Ok(())
 }
 
-/// Set permission bits (when given) and the time of `full`, skipping what is already right;
-/// whether anything was set.
+/// Set permission bits (when given) and the time of `full`, skipping what is already right.
 fn set_meta(
     root: &RootDir,
     path: &PkgPath,
     mode: Option<u32>,
     mtime: Mtime,
     symlink: bool,
-) -> Result<bool, FsError> {
+) -> Result<(), FsError> {
     let full = root.full(path);
     let meta = fs::symlink_metadata(&full).map_err(|e| FsError::new("read", &full, e))?;
-    let mut set = false;
     if let Some(mode) = mode {
         if meta.mode() & 0o7777 != mode {
             root.set_mode(path, mode)?;
-            set = true;
         }
     }
     if mtime_of(&meta) != mtime {
         root.set_mtime(path, mtime, symlink)?;
-        set = true;
     }
-    Ok(set)
+    Ok(())
 }
 
 /// After the root holds the new tree: record it, swap in its revert data, end the transaction.
