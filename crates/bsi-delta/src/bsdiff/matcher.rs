@@ -66,11 +66,24 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 pub(super) struct Index<'a> {
     old: &'a [u8],
     sa: Vec<i32>,
+    /// The inverse of `sa` (the rank of each old position), for files of up to [`RANKS_MAX`]
+    /// bytes: see [`Index::longest_match_near`].
+    ranks: Option<Vec<u32>>,
     /// `buckets[k]` is the first rank of the suffixes whose first two bytes, big-endian, are
     /// at least `k` (a one-byte suffix `x` counts as `x 0`: it sorts first among those starting
     /// with `x`); `buckets[65536]` is the number of suffixes.
     buckets: Vec<u32>,
 }
+
+/// Old files up to this size also keep the rank of each position, 4 more bytes per old byte
+/// (the suffix array takes 4 too): larger ones are diffed by bsdiff only when blocks found
+/// them near, where matches are long and searches few.
+const RANKS_MAX: usize = 32 << 20;
+
+/// The search for the next position starts from the rank of the previous match's next
+/// position when that match was at least this long; shorter ones share too little to narrow
+/// the search down (libssl3: most previous matches are 2 to 7 bytes long).
+const NEAR_MIN: usize = 5;
 
 /// The two-byte key of a suffix, see [`Index::buckets`].
 fn key(first: u8, second: Option<u8>) -> usize {
@@ -89,7 +102,20 @@ impl<'a> Index<'a> {
         for k in 1..buckets.len() {
             buckets[k] += buckets[k - 1];
         }
-        Ok(Index { old, sa, buckets })
+        let ranks = (old.len() <= RANKS_MAX).then(|| {
+            let mut ranks = vec![0u32; old.len()];
+            for (rank, &pos) in sa.iter().enumerate() {
+                // Ranks and positions are below old.len(), which fits in an i32.
+                ranks[pos as usize] = rank as u32;
+            }
+            ranks
+        });
+        Ok(Index {
+            old,
+            sa,
+            ranks,
+            buckets,
+        })
     }
 
     /// The ranks (inclusive) of the suffixes that share the longest possible prefix of up to
@@ -155,6 +181,96 @@ impl<'a> Index<'a> {
             (self.suffix(hi), lcp_hi)
         }
     }
+
+    /// [`Index::longest_match`] of `target`, knowing that the old file's suffix at `near`
+    /// shares its first `shared` bytes (at most all) with `target`. The search gallops out
+    /// from the rank of `near` instead of bisecting the whole bucket: the match is one of the
+    /// two suffixes around `target`'s place in the order, and that place is close by when
+    /// `shared` is long. Each probe reads the old file at a random place, a cache miss; the
+    /// ranks next to `near`'s share its cache line.
+    fn longest_match_near(&self, target: &[u8], near: usize, shared: usize) -> (usize, usize) {
+        let Some(ranks) = &self.ranks else {
+            return self.longest_match(target);
+        };
+        let lcp_at = |rank: usize, skip: usize| {
+            let pos = self.suffix(rank);
+            skip + common_prefix(&self.old[pos + skip..], &target[skip..])
+        };
+        // Whether the suffix at `rank`, sharing `l` bytes with `target`, sorts before it.
+        let before = |rank: usize, l: usize| {
+            let pos = self.suffix(rank);
+            pos + l == self.old.len() || self.old[pos + l] < target[l]
+        };
+        let start = ranks[near] as usize;
+        let l = lcp_at(start, shared.min(target.len()));
+        if l == target.len() {
+            return (near, l);
+        }
+        // The nearest ranks known on either side of `target`'s place, with their common
+        // prefixes: `lo` sorts before it, `hi` after; `None` past either end of the order.
+        let mut lo = None;
+        let mut hi = None;
+        let mut step = 1;
+        if before(start, l) {
+            lo = Some((start, l));
+            let last = self.sa.len() - 1;
+            let mut rank = start;
+            while rank < last {
+                rank = (start + step).min(last);
+                let l = lcp_at(rank, 0);
+                if l == target.len() {
+                    return (self.suffix(rank), l);
+                }
+                if !before(rank, l) {
+                    hi = Some((rank, l));
+                    break;
+                }
+                lo = Some((rank, l));
+                step *= 2;
+            }
+        } else {
+            hi = Some((start, l));
+            let mut rank = start;
+            while rank > 0 {
+                rank = start.saturating_sub(step);
+                let l = lcp_at(rank, 0);
+                if l == target.len() {
+                    return (self.suffix(rank), l);
+                }
+                if before(rank, l) {
+                    lo = Some((rank, l));
+                    break;
+                }
+                hi = Some((rank, l));
+                step *= 2;
+            }
+        }
+        // Bisect what lies between, past the galloping's last probes, when both are known.
+        if let (Some((mut lo_rank, mut lcp_lo)), Some((mut hi_rank, mut lcp_hi))) = (lo, hi) {
+            while hi_rank - lo_rank > 1 {
+                let mid = lo_rank + (hi_rank - lo_rank) / 2;
+                let l = lcp_at(mid, lcp_lo.min(lcp_hi));
+                if l == target.len() {
+                    return (self.suffix(mid), l);
+                }
+                if before(mid, l) {
+                    (lo_rank, lcp_lo) = (mid, l);
+                } else {
+                    (hi_rank, lcp_hi) = (mid, l);
+                }
+            }
+            (lo, hi) = (Some((lo_rank, lcp_lo)), Some((hi_rank, lcp_hi)));
+        }
+        // Of the two, the longer common prefix; the lower rank on a tie, as `longest_match`.
+        let (rank, l) = match (lo, hi) {
+            (Some((_, lcp_lo)), Some(hi)) if lcp_lo < hi.1 => hi,
+            (Some(lo), _) => lo,
+            (None, Some(hi)) => hi,
+            // The start rank is on one side or the other.
+            (None, None) => (start, l),
+        };
+        (self.suffix(rank), l)
+    }
 }
 
 /// The steps that rebuild `new[start..]` from the old file (bsdiff 4 matching), searched as if
@@ -172,8 +288,13 @@ pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize) -> Vec<Op>
         let mut old_score = 0i64;
         scan += len;
         let mut scsc = scan;
+        // The old position known to share some bytes with `new[scan..]`, and how many.
+        let mut near = None;
         while scan < new_len {
-            (pos, len) = index.longest_match(&new[scan..]);
+            (pos, len) = match near {
+                Some((near, shared)) => index.longest_match_near(&new[scan..], near, shared),
+                None => index.longest_match(&new[scan..]),
+            };
             while scsc < scan + len {
                 if old_at(scsc as i64 + last_offset) == Some(&new[scsc]) {
                     old_score += 1;
@@ -188,6 +309,8 @@ pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize) -> Vec<Op>
                 old_score -= 1;
             }
             scan += 1;
+            // What matched here, less its first byte, matches at the next position.
+            near = (len >= NEAR_MIN).then(|| (pos + 1, len - 1));
         }
         if len as i64 == old_score && scan != new_len {
             continue;
@@ -258,4 +381,74 @@ pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize) -> Vec<Op>
         last_offset = pos as i64 - scan as i64;
     }
     ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Text over a few letters, so that suffixes share long prefixes and buckets are large.
+    fn letters(seed: u64, len: usize, alphabet: u8) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b'a' + (x % u64::from(alphabet)) as u8
+            })
+            .collect()
+    }
+
+    fn lcp(index: &Index<'_>, pos: usize, target: &[u8]) -> usize {
+        common_prefix(&index.old[pos..], target)
+    }
+
+    /// The near search finds a match as long as the full search's, from any old position
+    /// whose common prefix with the target is known (up to all of it), and the match is real.
+    fn check_near(old: &[u8], new: &[u8]) {
+        let index = Index::new(old).expect("index");
+        assert!(index.ranks.is_some());
+        for at in 0..new.len() {
+            let target = &new[at..];
+            let (_, want) = index.longest_match(target);
+            // Every old position as the start, and the previous match's next position.
+            let previous = at
+                .checked_sub(1)
+                .map(|p| index.longest_match(&new[p..]))
+                .filter(|&(pos, len)| len >= 1 && pos + 1 < old.len())
+                .map(|(pos, _)| pos + 1);
+            for near in (0..old.len()).step_by(7).chain(previous) {
+                let shared = lcp(&index, near, target);
+                for shared in [0, shared / 2, shared] {
+                    let (pos, len) = index.longest_match_near(target, near, shared);
+                    assert_eq!(len, want, "at {at} from {near} ({shared} shared)");
+                    assert_eq!(lcp(&index, pos, target), len, "at {at} from {near}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn near_search_matches_the_full_search() {
+        for (alphabet, seed) in [(1, 1), (2, 2), (3, 3), (26, 4)] {
+            let old = letters(seed, 700, alphabet);
+            let mut new = old[100..400].to_vec();
+            new.extend(letters(seed + 10, 50, alphabet));
+            new.extend_from_slice(&old[650..]);
+            new.extend_from_slice(&old[..30]);
+            check_near(&old, &new);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn near_search_matches_the_full_search_on_any_input(
+            old in proptest::collection::vec(0u8..3, 1..300),
+            new in proptest::collection::vec(0u8..3, 1..60),
+        ) {
+            check_near(&old, &new);
+        }
+    }
 }
