@@ -103,6 +103,7 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    #[inline(always)]
     fn bit(&mut self, prob0: u16) -> bool {
         let bound = (self.range >> PROB_BITS) * u32::from(prob0);
         let bit = if self.code < bound {
@@ -128,6 +129,7 @@ const SQUASH_POINTS: [i32; 33] = [
 ];
 
 /// 1 / (1 + e^-x), x in 1/256 units, result in 1/4096 units.
+#[inline(always)]
 fn squash(x: i32) -> i32 {
     if x > 2047 {
         return 4095;
@@ -140,8 +142,8 @@ fn squash(x: i32) -> i32 {
     (SQUASH_POINTS[i] * (128 - w) + SQUASH_POINTS[i + 1] * w + 64) >> 7
 }
 
-fn stretch_table() -> Vec<i16> {
-    let mut table = vec![2047i16; 4096];
+fn stretch_table() -> Box<[i16; 4096]> {
+    let mut table = Box::new([2047i16; 4096]);
     let mut next = 0usize;
     for x in -2047..=2047i32 {
         let v = squash(x) as usize;
@@ -153,29 +155,40 @@ fn stretch_table() -> Vec<i16> {
     table
 }
 
+/// Mixer inputs: three or four models' stretched probabilities and a bias. The zero flag's
+/// fourth model comes after the bias, so that the value bits, which have three models, mix
+/// the first [`VALUE_INPUTS`].
 const INPUTS: usize = 5;
+const VALUE_INPUTS: usize = 4;
+const BIAS: usize = 3;
 const ZERO_SETS: usize = 2;
 const VALUE_SETS: usize = 256;
 const HASH_BITS: u32 = 18;
+const TABLE_HASHED: usize = 1 << HASH_BITS;
 /// Weights are 16.16 fixed point; the bound keeps a hostile payload from overflowing them.
 const MAX_WEIGHT: i32 = 1 << 22;
 
 /// Adaptive probabilities (of a 1 bit, 16-bit precision) and mixer weights shared by encoder
 /// and decoder.
 struct Model {
-    stretch: Vec<i16>,
+    stretch: Box<[i16; 4096]>,
+    /// `squash(x).clamp(1, 4095)` at `x + 2047`, for x in -2047..=2047.
+    squashed: Box<[i16; 4096]>,
     /// Zero flag (1 = nonzero) by: run bucket, previous nonzero and old byte; hashed diff
     /// history; new position mod 8 and the last 8 flags; the old byte and the next one.
-    zero_a: Vec<u16>,
-    zero_b: Vec<u16>,
-    zero_c: Vec<u16>,
-    zero_d: Vec<u16>,
+    zero_a: Table<8192>,
+    zero_b: Table<{ TABLE_HASHED }>,
+    zero_c: Table<2048>,
+    zero_d: Table<65536>,
     /// Value bits by: previous diff byte; old byte; hashed diff history.
-    value_a: Vec<u16>,
-    value_b: Vec<u16>,
-    value_c: Vec<u16>,
+    value_a: Table<65536>,
+    value_b: Table<65536>,
+    value_c: Table<{ TABLE_HASHED }>,
     weights: Vec<i32>,
     history: u64,
+    /// [`hash_state`] of the last two diff bytes, from which the hashed model of a byte's
+    /// value bits starts; set at its first bit.
+    value_hash: u64,
     flags: u8,
     zero_run: u64,
     long_ones: u64,
@@ -185,29 +198,74 @@ struct Model {
     set: usize,
 }
 
+/// `N` probabilities (a power of two), each starting at one half; indexes wrap around (every
+/// index the model makes is in range, and the wrap spares the bounds checks).
+struct Table<const N: usize>(Box<[u16; N]>);
+
+impl<const N: usize> Table<N> {
+    fn new() -> Self {
+        const { assert!(N.is_power_of_two()) };
+        // Built on the heap: the largest tables would take 512 KiB of stack.
+        let table = vec![1 << 15; N].into_boxed_slice();
+        Table(table.try_into().expect("a slice of N"))
+    }
+}
+
+impl<const N: usize> std::ops::Index<usize> for Table<N> {
+    type Output = u16;
+
+    #[inline(always)]
+    fn index(&self, i: usize) -> &u16 {
+        &self.0[i & (N - 1)]
+    }
+}
+
+impl<const N: usize> std::ops::IndexMut<usize> for Table<N> {
+    #[inline(always)]
+    fn index_mut(&mut self, i: usize) -> &mut u16 {
+        &mut self.0[i & (N - 1)]
+    }
+}
+
+#[inline(always)]
 fn hash(values: &[u64]) -> usize {
-    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    hash_from(HASH_SEED, values)
+}
+
+const HASH_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// [`hash`] of values that follow those whose [`hash_state`] is `h`.
+#[inline(always)]
+fn hash_from(h: u64, values: &[u64]) -> usize {
+    (hash_state(h, values) >> (64 - HASH_BITS)) as usize
+}
+
+#[inline(always)]
+fn hash_state(mut h: u64, values: &[u64]) -> u64 {
     for &v in values {
         h = (h ^ v).wrapping_mul(0xff51_afd7_ed55_8ccd);
         h ^= h >> 29;
     }
-    (h >> (64 - HASH_BITS)) as usize
+    h
 }
 
 impl Model {
     fn new() -> Self {
-        let half = 1u16 << 15;
         Model {
             stretch: stretch_table(),
-            zero_a: vec![half; 16 * 2 * 256],
-            zero_b: vec![half; 1 << HASH_BITS],
-            zero_c: vec![half; 8 * 256],
-            zero_d: vec![half; 1 << 16],
-            value_a: vec![half; 256 * 256],
-            value_b: vec![half; 256 * 256],
-            value_c: vec![half; 1 << HASH_BITS],
+            squashed: Box::new(std::array::from_fn(|i| {
+                squash(i as i32 - 2047).clamp(1, 4095) as i16
+            })),
+            zero_a: Table::new(),
+            zero_b: Table::new(),
+            zero_c: Table::new(),
+            zero_d: Table::new(),
+            value_a: Table::new(),
+            value_b: Table::new(),
+            value_c: Table::new(),
             weights: vec![1 << 14; (ZERO_SETS + VALUE_SETS) * INPUTS],
             history: 0,
+            value_hash: 0,
             flags: 0,
             zero_run: 0,
             long_ones: 0,
@@ -218,27 +276,29 @@ impl Model {
         }
     }
 
-    /// Mix the current inputs; probability of a 1 bit in 1/4096.
-    fn mix(&self) -> i32 {
-        let w = &self.weights[self.set * INPUTS..][..INPUTS];
-        let dot: i64 = self
-            .inputs
+    /// Mix the first `N` inputs; probability of a 1 bit in 1/4096.
+    #[inline(always)]
+    fn mix<const N: usize>(&self) -> i32 {
+        let w = &self.weights[self.set * INPUTS..][..N];
+        let dot: i64 = self.inputs[..N]
             .iter()
             .zip(w)
             .map(|(&x, &w)| i64::from(x) * i64::from(w))
             .sum();
-        squash((dot >> 16).clamp(-2047, 2047) as i32).clamp(1, 4095)
+        i32::from(self.squashed[((dot >> 16).clamp(-2047, 2047) + 2047) as usize])
     }
 
-    fn learn(&mut self, p: i32, bit: bool) {
+    #[inline(always)]
+    fn learn<const N: usize>(&mut self, p: i32, bit: bool) {
         let err = (i32::from(bit) << 12) - p;
-        let w = &mut self.weights[self.set * INPUTS..][..INPUTS];
-        for (w, &x) in w.iter_mut().zip(&self.inputs) {
+        let w = &mut self.weights[self.set * INPUTS..][..N];
+        for (w, &x) in w.iter_mut().zip(&self.inputs[..N]) {
             *w = (*w + ((x * err) >> 9)).clamp(-MAX_WEIGHT, MAX_WEIGHT);
         }
     }
 
     /// Probability (1/65536) that the next diff byte is nonzero.
+    #[inline(always)]
     fn zero_prob(&mut self, new_pos: u64, old: &[u8], k: usize) -> i32 {
         if self.zero_run >= LONG_RUN {
             let p = ((2 * self.long_ones + 1) << 16) / (2 * self.long_total + 2);
@@ -259,15 +319,17 @@ impl Model {
             self.zero_a[self.slots[0]],
             self.zero_b[self.slots[1]],
             self.zero_c[self.slots[2]],
+            0,
             self.zero_d[self.slots[3]],
         ];
         for (input, p) in self.inputs.iter_mut().zip(ps) {
             *input = i32::from(self.stretch[usize::from(p >> 4)]);
         }
-        self.inputs[INPUTS - 1] = 256;
-        self.mix() << 4
+        self.inputs[BIAS] = 256;
+        self.mix::<INPUTS>() << 4
     }
 
+    #[inline(always)]
     fn zero_update(&mut self, p: i32, bit: bool) {
         if self.zero_run >= LONG_RUN {
             self.long_total += 1;
@@ -278,7 +340,7 @@ impl Model {
             }
             return;
         }
-        self.learn(p >> 4, bit);
+        self.learn::<INPUTS>(p >> 4, bit);
         let [a, b, c, d] = self.slots;
         adapt(&mut self.zero_a[a], bit);
         adapt(&mut self.zero_b[b], bit);
@@ -286,12 +348,16 @@ impl Model {
         adapt(&mut self.zero_d[d], bit);
     }
 
+    #[inline(always)]
     fn value_prob(&mut self, old: u8, node: usize) -> i32 {
+        if node == 1 {
+            self.value_hash = hash_state(HASH_SEED, &[self.history & 0xffff]);
+        }
         let prev = (self.history & 0xff) as usize;
         self.slots = [
             prev << 8 | node,
             usize::from(old) << 8 | node,
-            hash(&[self.history & 0xffff, node as u64, 2]),
+            hash_from(self.value_hash, &[node as u64, 2]),
             0,
         ];
         self.set = ZERO_SETS + node;
@@ -303,19 +369,20 @@ impl Model {
         for (input, p) in self.inputs.iter_mut().zip(ps) {
             *input = i32::from(self.stretch[usize::from(p >> 4)]);
         }
-        self.inputs[3] = 0;
-        self.inputs[INPUTS - 1] = 256;
-        self.mix() << 4
+        self.inputs[BIAS] = 256;
+        self.mix::<VALUE_INPUTS>() << 4
     }
 
+    #[inline(always)]
     fn value_update(&mut self, p: i32, bit: bool) {
-        self.learn(p >> 4, bit);
+        self.learn::<VALUE_INPUTS>(p >> 4, bit);
         let [a, b, c, _] = self.slots;
         adapt(&mut self.value_a[a], bit);
         adapt(&mut self.value_b[b], bit);
         adapt(&mut self.value_c[c], bit);
     }
 
+    #[inline(always)]
     fn update(&mut self, diff: u8) {
         self.zero_run = if diff == 0 { self.zero_run + 1 } else { 0 };
         self.history = self.history << 8 | u64::from(diff);
@@ -323,6 +390,7 @@ impl Model {
     }
 }
 
+#[inline(always)]
 fn adapt(p: &mut u16, bit: bool) {
     if bit {
         *p += (u16::MAX - *p) >> 4;
