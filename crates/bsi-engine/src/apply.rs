@@ -485,18 +485,33 @@ fn keep_revert(
         true => pkg.payload(entry).ok().flatten(),
         false => None,
     };
-    let reverse = match (post_size, forward, staged, old) {
-        (Some(size), Some(payload), _, Base::Bytes(old)) => {
-            bsi_delta::reverse_blocks(old, &payload, size, REVERT_LEVEL).ok()
-        }
-        (Some(size), Some(payload), _, Base::OnDisk { file, len, .. }) => {
-            bsi_delta::reverse_blocks_file(file, *len, &payload, size, REVERT_LEVEL).ok()
-        }
+    // A compressed copy made beside the reverse delta, if any.
+    let (reverse, copied) = match (post_size, forward, staged, old) {
+        (Some(size), Some(payload), _, Base::Bytes(old)) => (
+            bsi_delta::reverse_blocks(old, &payload, size, REVERT_LEVEL).ok(),
+            None,
+        ),
+        (Some(size), Some(payload), _, Base::OnDisk { file, len, .. }) => (
+            bsi_delta::reverse_blocks_file(file, *len, &payload, size, REVERT_LEVEL).ok(),
+            None,
+        ),
+        // Encoding the reverse delta reads both files; the copy it must beat reads only the
+        // old one, so it is made at the same time, on another core (libcrypto: 34 ms and
+        // 16 ms).
         (Some(size), _, Some(staged), Base::Bytes(old)) if size <= REVERSE_IN_MEMORY => {
-            let new = fs::read(staged).fs("read", staged)?;
-            bsi_delta::Blocks::encode_at(&new, old, REVERT_LEVEL).ok()
+            let (reverse, copied) = rayon::join(
+                || -> Result<_, ApplyError> {
+                    let new = fs::read(staged).fs("read", staged)?;
+                    Ok(bsi_delta::Blocks::encode_at(&new, old, REVERT_LEVEL).ok())
+                },
+                || {
+                    let mut copy = Vec::new();
+                    bsi_delta::compress_into(old, REVERT_LEVEL, &mut copy).map(|()| copy)
+                },
+            );
+            (reverse?, copied.ok())
         }
-        _ => None,
+        _ => (None, None),
     };
     let write = |name: &str, bytes: &[u8]| -> Result<(), ApplyError> {
         let file = dir.join(name);
@@ -512,6 +527,18 @@ fn keep_revert(
     {
         write(&rev_name, rev)?;
         return Ok(rev_name);
+    }
+    if let Some(copied) = copied {
+        return match reverse {
+            Some(rev) if rev.len() < copied.len() => {
+                write(&rev_name, &rev)?;
+                Ok(rev_name)
+            }
+            _ => {
+                write(&copy_name, &copied)?;
+                Ok(copy_name)
+            }
+        };
     }
     let copy = dir.join(&copy_name);
     fsx::write_file(&copy, 0o644, None, |out| -> Result<(), ApplyError> {
