@@ -52,6 +52,12 @@ impl DeltaEncoder for Gzip {
         MAX_RAW as usize
     }
 
+    /// Debian's changelogs gain entries at the top: libssl3's changelog.gz (251 KB) costs
+    /// 3,770 B here, 244,765 B with blocks and 246,162 B with bsdiff, which took 36 ms more.
+    fn settles(&self) -> bool {
+        true
+    }
+
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
         let (Some(old_member), Some(new_member)) = (Member::parse(old), Member::parse(new)) else {
             return Ok(None);
@@ -242,11 +248,11 @@ fn inflate(input: &[u8], limit: u64) -> Option<(Vec<u8>, &[u8])> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// What `gzip -9n` writes: header without name or time, level-9 stream, trailer.
-    fn gzip9(raw: &[u8]) -> Vec<u8> {
+    pub(crate) fn gzip9(raw: &[u8]) -> Vec<u8> {
         let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 2, 3];
         out.extend(deflate::deflate(raw, 9).expect("level 9"));
         let mut crc = flate2::Crc::new();

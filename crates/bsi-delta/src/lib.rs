@@ -104,6 +104,13 @@ pub trait DeltaEncoder: Send + Sync {
         false
     }
 
+    /// True when a payload of this encoder that is not weak ends the search: the encoders after
+    /// it would diff the bytes it sees through (gzip: the two compressed streams, which differ
+    /// from the first changed block on, so that their deltas are about the file's size).
+    fn settles(&self) -> bool {
+        false
+    }
+
     /// Like [`decode_into`](Self::decode_into), into memory.
     fn decode(&self, old: &[u8], payload: &[u8], new_len: u64) -> Result<Vec<u8>, DecodeError> {
         let mut out = Vec::with_capacity(initial_capacity(new_len));
@@ -296,7 +303,7 @@ pub fn is_text(data: &[u8]) -> bool {
 /// Encode `new` against `old` (when there is one) with each delta encoder, cheapest first, and
 /// with plain compression; keep the smallest payload (ties go to the earlier encoder, and to
 /// plain compression, which needs no old file). Stops as soon as a payload is
-/// [`good_enough`]; skips encoders beyond their `max_new_len` (`max_text_len` for text) unless
+/// [`good_enough`], or not weak from an encoder that [settles](DeltaEncoder::settles); skips encoders beyond their `max_new_len` (`max_text_len` for text) unless
 /// every delta so far is weak, encoders beyond their `max_far_len` once a delta is far, and
 /// plain compression when a delta is not poor or an encoder that covers it ran.
 ///
@@ -340,9 +347,13 @@ pub(crate) fn encode_best_with<'e>(
                 continue;
             };
             plain_covered |= encoder.covers_plain();
+            let settled = encoder.settles() && !is_weak(payload.len(), new.len());
             if best.as_ref().is_none_or(|b| payload.len() < b.len) {
                 drop(best.take()); // freed before the new one is held
                 best = Some(Best::hold(encoder.name(), payload, hold_in_memory)?);
+            }
+            if settled {
+                break;
             }
         }
     }
@@ -655,6 +666,9 @@ mod tests {
         fn covers_plain(&self) -> bool {
             self.inner.covers_plain()
         }
+        fn settles(&self) -> bool {
+            self.inner.settles()
+        }
     }
 
     /// How many times each of bsdiff and zstd-prefix is tried on (old, new).
@@ -727,6 +741,33 @@ mod tests {
         assert_eq!(run(&unrelated), 0);
         assert_eq!(run(&touched), 1);
         assert_eq!(run(&unrelated[..9_000]), 1, "under the limit it is tried");
+    }
+
+    #[test]
+    fn a_gzip_delta_that_is_not_weak_settles_the_search() {
+        use crate::gzip::tests::gzip9;
+        let old_raw = test_data::text(6, 200_000);
+        let old = gzip9(&old_raw);
+        // 3 KB of new text ahead of the old: a delta neither good enough nor weak.
+        let grown = gzip9(&[test_data::text(9, 3_000), old_raw].concat());
+        // Reproducible gzip too, but of unrelated content: the gzip delta is weak.
+        let unrelated = gzip9(&test_data::text(5, 200_000));
+        let gzip = Spy::new(&GZIP, None);
+        let blocks = Spy::new(&BLOCKS, None);
+        let run = |new: &[u8]| {
+            let before = (gzip.calls(), blocks.calls());
+            let encoders: [&dyn DeltaEncoder; 2] = [&gzip, &blocks];
+            let best = encode_best_with(encoders.into_iter(), Some(&old), new, HOLD_IN_MEMORY)
+                .expect("encode");
+            let calls = (gzip.calls() - before.0, blocks.calls() - before.1);
+            (best.encoder, calls)
+        };
+        let payload = GZIP.encode(&old, &grown).expect("encode").expect("applies");
+        assert!(payload.len() > good_enough(grown.len()));
+        assert!(!is_weak(payload.len(), grown.len()));
+        assert_eq!(run(&grown), (Some("gzip"), (1, 0)));
+        let (_, calls) = run(&unrelated);
+        assert_eq!(calls, (1, 1), "after a weak gzip delta, blocks is tried");
     }
 
     #[test]
