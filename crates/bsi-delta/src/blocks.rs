@@ -70,8 +70,28 @@ impl Hasher for MixHasher {
     }
 }
 
+/// The polynomial hash of `window` (first byte the highest power of [`BASE`]), the value the
+/// rolling hash keeps. Computed in four interleaved Horner chains over every fourth byte, which
+/// the CPU runs side by side (a single chain waits on each multiply): wrapping arithmetic is a
+/// ring, so the sum is the same.
 fn hash(window: &[u8]) -> u64 {
-    window.iter().fold(0u64, |h, &b| {
+    const BASE_2: u64 = BASE.wrapping_mul(BASE);
+    const BASE_3: u64 = BASE_2.wrapping_mul(BASE);
+    const BASE_4: u64 = BASE_2.wrapping_mul(BASE_2);
+    let chunks = window.chunks_exact(4);
+    let rest = chunks.remainder();
+    let mut lanes = [0u64; 4];
+    for chunk in chunks {
+        for (lane, &b) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.wrapping_mul(BASE_4).wrapping_add(u64::from(b));
+        }
+    }
+    let whole = lanes[0]
+        .wrapping_mul(BASE_3)
+        .wrapping_add(lanes[1].wrapping_mul(BASE_2))
+        .wrapping_add(lanes[2].wrapping_mul(BASE))
+        .wrapping_add(lanes[3]);
+    rest.iter().fold(whole, |h, &b| {
         h.wrapping_mul(BASE).wrapping_add(u64::from(b))
     })
 }
@@ -108,15 +128,51 @@ impl Body {
     }
 }
 
+/// One bit per slot, set for each hash of the index: a clear bit spares the index lookup (a
+/// cache miss) at most positions of a literal run. About 8 slots per block keep the bits
+/// within the L2 cache (150 KB for libcrypto's 4.7 MB) and let through 1 miss in 8.
+struct Filter {
+    bits: Vec<u64>,
+    shift: u32,
+}
+
+impl Filter {
+    fn new(blocks: usize) -> Filter {
+        let slots = (blocks * 8).next_power_of_two().max(64);
+        Filter {
+            bits: vec![0; slots / 64],
+            shift: 64 - slots.trailing_zeros(),
+        }
+    }
+
+    fn slot(&self, h: u64) -> usize {
+        (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    fn insert(&mut self, h: u64) {
+        let slot = self.slot(h);
+        self.bits[slot / 64] |= 1 << (slot % 64);
+    }
+
+    fn may_hold(&self, h: u64) -> bool {
+        let slot = self.slot(h);
+        self.bits[slot / 64] & (1 << (slot % 64)) != 0
+    }
+}
+
 /// The body for `new` against `old`: copies of every run of at least `MIN_MATCH` equal bytes
 /// found, literals for the rest.
 fn body(old: &[u8], new: &[u8]) -> Vec<u8> {
     let b = block_size(old.len());
     let mut index: HashMap<u64, u32, BuildHasherDefault<MixHasher>> = HashMap::default();
+    let mut filter = Filter::new(0);
     if old.len() >= b && new.len() >= b {
         index.reserve(old.len() / b);
+        filter = Filter::new(old.len() / b);
         for (i, block) in old.chunks_exact(b).enumerate() {
-            index.entry(hash(block)).or_insert(i as u32);
+            let h = hash(block);
+            index.entry(h).or_insert(i as u32);
+            filter.insert(h);
         }
     }
     let top = (0..b - 1).fold(1u64, |p, _| p.wrapping_mul(BASE)); // BASE^(b-1)
@@ -146,7 +202,7 @@ fn body(old: &[u8], new: &[u8]) -> Vec<u8> {
                 None => hash(&new[n..n + b]),
             };
             rolling = Some(h);
-            if let Some(&block) = index.get(&h) {
+            if let Some(&block) = filter.may_hold(h).then(|| index.get(&h)).flatten() {
                 let start = block as usize * b;
                 if old[start..start + b] == new[n..n + b] {
                     found = Some(start);
@@ -462,6 +518,20 @@ fn reverse_reading<'o>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_hash_is_the_polynomial() {
+        let data = crate::test_data::noise(3, 200);
+        for len in 0..100 {
+            for start in [0, 1, 7] {
+                let window = &data[start..start + len];
+                let horner = window.iter().fold(0u64, |h, &b| {
+                    h.wrapping_mul(BASE).wrapping_add(u64::from(b))
+                });
+                assert_eq!(hash(window), horner, "{len} bytes");
+            }
+        }
+    }
     use crate::test_data::{noise, text};
 
     /// `bytes` in a file on disk.
