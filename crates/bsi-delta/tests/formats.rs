@@ -1,0 +1,107 @@
+//! Packages already published must stay applicable: for each delta format, a payload written by
+//! an earlier build (in `tests/data/`) still decodes to its file. Neither a stream layout nor a
+//! model (bsdiff's diff coder) can drift without a new format number.
+//!
+//! `BSI_BLESS=1 cargo test -p bsi-delta --test formats` writes the payloads again: only for a new
+//! format, along with a new magic, and keeping a payload of the old one.
+
+use std::path::{Path, PathBuf};
+
+use bsi_delta::delta_encoder;
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+/// Pseudo-random bytes (xorshift), the same on every machine and in every version.
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// Decode `name`'s stored payload against `old` and require `new`; write it first when blessing.
+fn check(encoder: &str, name: &str, old: &[u8], new: &[u8]) {
+    let encoder = delta_encoder(encoder).expect("a known encoder");
+    let path = data(name);
+    if std::env::var_os("BSI_BLESS").is_some() {
+        let payload = encoder
+            .encode(old, new)
+            .expect("encode")
+            .expect("the encoder applies");
+        std::fs::write(&path, payload).expect("write the payload");
+    }
+    let payload = std::fs::read(&path).expect("read the payload");
+    let decoded = encoder
+        .decode(old, &payload, new.len() as u64)
+        .unwrap_or_else(|e| panic!("{name} no longer decodes: {e}"));
+    assert!(decoded == new, "{name} no longer gives its file");
+}
+
+/// A program whose pointers moved in its first third, with 2 KB inserted in the middle and a few
+/// bytes edited in a long unchanged tail: the diff coder's value bits, its zero flags and its
+/// long-run counts all take part.
+#[test]
+fn bsdiff_1() {
+    let mut old = bytes(0x2545_f491_4f6c_dd1d, 122_000);
+    let inserted = old.split_off(120_000);
+    for (i, chunk) in old.chunks_exact_mut(64).enumerate() {
+        chunk[..8].copy_from_slice(&(0x40_0000u64 + i as u64 * 64).to_le_bytes());
+    }
+    let mut new = old.clone();
+    for chunk in new[..40_000].chunks_exact_mut(64) {
+        let pointer = u64::from_le_bytes(chunk[..8].try_into().expect("8 bytes"));
+        chunk[..8].copy_from_slice(&(pointer + 0x1040).to_le_bytes());
+    }
+    new.splice(60_000..60_000, inserted);
+    for at in [90_001, 100_003, 110_007] {
+        new[at] = new[at].wrapping_add(0x21);
+    }
+    check("bsdiff", "bsdiff-1.bin", &old, &new);
+}
+
+/// Near-identical files: a few bytes edited, a run inserted and one moved.
+#[test]
+fn blocks_1() {
+    let old = bytes(5, 100_000);
+    let mut new = old.clone();
+    new[10] ^= 0x40;
+    new[70_000] ^= 0x01;
+    new.splice(30_000..30_000, bytes(6, 300));
+    let moved: Vec<u8> = new.drain(50_000..52_000).collect();
+    new.extend(moved);
+    check("blocks", "blocks-1.bin", &old, &new);
+}
+
+/// Text with lines edited, removed and added.
+#[test]
+fn zstd_prefix_1() {
+    let line = |i: u32| format!("entry {i}: value {}\n", i * 7919 % 10007);
+    let old: Vec<u8> = (0..2_000).flat_map(|i| line(i).into_bytes()).collect();
+    let new: Vec<u8> = (0..2_100)
+        .filter(|i| i % 97 != 0)
+        .flat_map(|i| match i % 31 {
+            0 => format!("changed {i}\n").into_bytes(),
+            _ => line(i).into_bytes(),
+        })
+        .collect();
+    check("zstd-prefix", "zstd-prefix-1.bin", &old, &new);
+}
+
+/// A changelog that gained an entry at the top, both compressed by GNU gzip 1.12 (`gzip -9n`,
+/// as Debian does), stored as they are: the decoder compresses the rebuilt content again and
+/// must give back the new file's exact bytes.
+#[test]
+fn gzip_1() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored gzip file");
+    let (old, new) = (read("gzip-1.old.gz"), read("gzip-1.new.gz"));
+    check("gzip", "gzip-1.bin", &old, &new);
+}
