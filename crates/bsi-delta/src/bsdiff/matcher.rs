@@ -390,15 +390,8 @@ mod tests {
 
     /// Text over a few letters, so that suffixes share long prefixes and buckets are large.
     fn letters(seed: u64, len: usize, alphabet: u8) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                b'a' + (x % u64::from(alphabet)) as u8
-            })
-            .collect()
+        let noise = crate::test_data::noise(seed, len);
+        noise.iter().map(|b| b'a' + b % alphabet).collect()
     }
 
     fn lcp(index: &Index<'_>, pos: usize, target: &[u8]) -> usize {

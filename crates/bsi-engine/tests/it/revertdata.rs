@@ -1,14 +1,46 @@
 //! Revert data: reverse deltas where they are smaller than compressed copies, checked on use.
 
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use bsi_engine::{apply, revert, scan, NoProgress};
 
 use crate::fixture::{materialize, noise, Model, Node};
 use crate::roundtrip::package;
 
+/// A package from `base` to `target` applied to a copy of `base`, in a temporary directory.
+struct Applied {
+    _tmp: tempfile::TempDir,
+    base_dir: PathBuf,
+    target_dir: PathBuf,
+    root: PathBuf,
+    state: PathBuf,
+}
+
+fn applied(base: &Model, target: &Model) -> Applied {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = |name: &str, model: &Model| {
+        let d = tmp.path().join(name);
+        fs::create_dir(&d).expect("mkdir");
+        materialize(model, &d);
+        d
+    };
+    let (base_dir, target_dir) = (dir("base", base), dir("target", target));
+    let pkg = package(&base_dir, &target_dir, 'a');
+    let root = dir("root", base);
+    let state = tmp.path().join("state");
+    apply(&pkg, &root, &state, &NoProgress).expect("apply");
+    Applied {
+        _tmp: tmp,
+        base_dir,
+        target_dir,
+        root,
+        state,
+    }
+}
+
 /// The revert data kept in `state`: file name and length, by name.
-fn kept(state: &std::path::Path) -> Vec<(String, u64)> {
+fn kept(state: &Path) -> Vec<(String, u64)> {
     let mut kept: Vec<(String, u64)> = fs::read_dir(state.join("revert"))
         .expect("revert dir")
         .map(|e| {
@@ -52,19 +84,13 @@ fn a_reverse_delta_or_a_copy_whichever_is_smaller() {
         ("b.bin".to_owned(), node(noise(13, 300_000))),
     ]
     .into();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = |name: &str, model: &Model| {
-        let d = tmp.path().join(name);
-        fs::create_dir(&d).expect("mkdir");
-        materialize(model, &d);
-        d
-    };
-    let (base_dir, target_dir) = (dir("base", &base), dir("target", &target));
-    let pkg = package(&base_dir, &target_dir, 'a');
-    let root = dir("root", &base);
-    let state = tmp.path().join("state");
-
-    apply(&pkg, &root, &state, &NoProgress).expect("apply");
+    let Applied {
+        _tmp,
+        base_dir,
+        root,
+        state,
+        ..
+    } = applied(&base, &target);
     let kept = kept(&state);
     assert_eq!(kept.len(), 2, "{kept:?}");
     // Entries are numbered in path order: a.dylib, then b.bin.
@@ -96,19 +122,13 @@ fn a_near_identical_file_keeps_a_tiny_reverse_delta_and_reverts_exactly() {
     };
     let base: Model = [("lib.dylib".to_owned(), node(big, 1_600_000_000))].into();
     let target: Model = [("lib.dylib".to_owned(), node(edited, 1_650_000_000))].into();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = |name: &str, model: &Model| {
-        let d = tmp.path().join(name);
-        fs::create_dir(&d).expect("mkdir");
-        materialize(model, &d);
-        d
-    };
-    let (base_dir, target_dir) = (dir("base", &base), dir("target", &target));
-    let pkg = package(&base_dir, &target_dir, 'a');
-    let root = dir("root", &base);
-    let state = tmp.path().join("state");
-
-    apply(&pkg, &root, &state, &NoProgress).expect("apply");
+    let Applied {
+        _tmp,
+        base_dir,
+        target_dir,
+        root,
+        state,
+    } = applied(&base, &target);
     let kept = kept(&state);
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(kept[0].0.ends_with(".rev"), "{kept:?}");
