@@ -518,10 +518,11 @@ fn reverse_reading<'o>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::{noise, text};
 
     #[test]
     fn interleaved_hash_is_the_polynomial() {
-        let data = crate::test_data::noise(3, 200);
+        let data = noise(3, 200);
         for len in 0..100 {
             for start in [0, 1, 7] {
                 let window = &data[start..start + len];
@@ -532,7 +533,6 @@ mod tests {
             }
         }
     }
-    use crate::test_data::{noise, text};
 
     /// `bytes` in a file on disk.
     fn on_disk(bytes: &[u8]) -> tempfile::NamedTempFile {

@@ -303,9 +303,10 @@ pub fn is_text(data: &[u8]) -> bool {
 /// Encode `new` against `old` (when there is one) with each delta encoder, cheapest first, and
 /// with plain compression; keep the smallest payload (ties go to the earlier encoder, and to
 /// plain compression, which needs no old file). Stops as soon as a payload is
-/// [`good_enough`], or not weak from an encoder that [settles](DeltaEncoder::settles); skips encoders beyond their `max_new_len` (`max_text_len` for text) unless
-/// every delta so far is weak, encoders beyond their `max_far_len` once a delta is far, and
-/// plain compression when a delta is not poor or an encoder that covers it ran.
+/// [`good_enough`], or is not weak and from an encoder that [settles](DeltaEncoder::settles);
+/// skips encoders beyond their `max_new_len` (`max_text_len` for text) unless every delta so far
+/// is weak, encoders beyond their `max_far_len` once a delta is far, and plain compression when
+/// a delta is not poor or an encoder that covers it ran.
 ///
 /// On Firefox ESR 140 -> 153 this is what makes libxul (184 MB, little left in common after
 /// 13 major versions) cost 47.5 MB with zstd-prefix instead of 57.6 MB with bsdiff or 53.8 MB

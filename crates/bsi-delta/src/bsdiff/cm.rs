@@ -128,8 +128,7 @@ const SQUASH_POINTS: [i32; 33] = [
     3607, 3785, 3901, 3975, 4022, 4050, 4068, 4079, 4085, 4089, 4092, 4093, 4094,
 ];
 
-/// 1 / (1 + e^-x), x in 1/256 units, result in 1/4096 units.
-#[inline(always)]
+/// 1 / (1 + e^-x), x in 1/256 units, result in 1/4096 units (through `Model::squashed`).
 fn squash(x: i32) -> i32 {
     if x > 2047 {
         return 4095;
