@@ -1,26 +1,30 @@
 use std::io::{self, Read, Write};
 
+use rayon::prelude::*;
 use zstd::stream::raw::{CParameter, DParameter};
 
-use crate::{copy_exact_len, window_log, DecodeError, DeltaEncoder, LEVEL};
+use crate::{copy_exact_len, corrupt, window_log, DecodeError, DeltaEncoder, LEVEL};
 
-/// Largest new file encoded through zstd's multithreaded path in jobs of zstd's default size
-/// (64 MiB at level 19 with long distance matching: one job; see [`jobs`]).
-const ONE_JOB_MAX: usize = 64 << 20;
-/// Smallest old file encoded through zstd's multithreaded path, exclusive (see [`jobs`]).
+/// Smallest old file encoded through zstd's multithreaded path, exclusive (see [`encode_in`]).
 const MULTITHREADED_MIN_OLD: usize = 8 << 20;
-/// The size of zstd's jobs for new files over [`ONE_JOB_MAX`] (see [`jobs`]).
-const JOB_SIZE: u32 = 32 << 20;
-/// At most this many zstd workers, whatever the number of cores: each job in flight adds about
-/// 90 MB at level 19 (libxul.so: peak 925 MB on one thread, 1,040 MB with 2 workers, 1,223 MB
-/// with 4), and the build stays within 6 times the largest file + 256 MB with 2 (1,098 MiB on
-/// the Firefox pair against 1,307 MiB).
-const MAX_WORKERS: u32 = 2;
+/// New files longer than this are cut into frames of this length (see [`encode_framed`]).
+const FRAME_LEN: usize = 32 << 20;
+/// At most this many frames are encoded at once, whatever the number of cores: each adds about
+/// 260 MB at level 19 against a 177 MB old file (libxul.so: 881 MB with 2), and the build stays
+/// within 6 times the largest file + 256 MB with 2.
+const FRAMES_AT_ONCE: usize = 2;
+/// Shortest frame a framed payload may declare: it bounds the frames (and zstd contexts) per
+/// byte of output.
+const MIN_FRAME_LEN: u32 = 64 << 10;
+/// First bytes of a framed payload; a single-frame payload is a bare zstd frame, which starts
+/// with zstd's magic number (28 b5 2f fd).
+const FRAMED_MAGIC: &[u8; 4] = b"ZPF\x01";
 /// How much of a payload decoding reads at a time from a stream (a package file).
 const PAYLOAD_BUFFER: usize = 128 << 10;
 
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
-/// a window that covers old and new file together.
+/// a window that covers the old file and the new one, or for a new file over 32 MiB, each
+/// 32 MiB frame of it (see [`encode_framed`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ZstdPrefix;
 
@@ -49,8 +53,11 @@ impl DeltaEncoder for ZstdPrefix {
     }
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let jobs = jobs(old.len(), new.len(), rayon::current_num_threads());
-        encode_in(old, new, LEVEL, jobs)
+        let payload = match new.len() > FRAME_LEN {
+            true => encode_framed(old, new, LEVEL, FRAME_LEN, FRAMES_AT_ONCE)?,
+            false => encode_in(old, new, LEVEL)?,
+        };
+        Ok(Some(payload))
     }
 
     fn decode_into(
@@ -64,7 +71,8 @@ impl DeltaEncoder for ZstdPrefix {
         self.decode_stream_into(old, &mut { payload }, payload_len, new_len, out)
     }
 
-    /// Streams: Firefox's libxul.so has a 45 MiB payload, read [`PAYLOAD_BUFFER`] at a time.
+    /// Streams: Firefox's libxul.so has a 45 MiB payload, read [`PAYLOAD_BUFFER`] at a time, and
+    /// decodes into a window of one 32 MiB frame beside the old file.
     fn decode_stream_into(
         &self,
         old: &[u8],
@@ -73,76 +81,151 @@ impl DeltaEncoder for ZstdPrefix {
         new_len: u64,
         out: &mut dyn Write,
     ) -> Result<(), DecodeError> {
-        let window = window_log(old.len() as u64 + new_len);
-        let mut raw =
-            zstd::stream::raw::Decoder::with_ref_prefix(old).map_err(DecodeError::Corrupt)?;
-        raw.set_parameter(DParameter::WindowLogMax(window))
-            .map_err(DecodeError::Corrupt)?;
-        let input = io::BufReader::with_capacity(PAYLOAD_BUFFER, payload.take(payload_len));
-        let decoder = zstd::stream::zio::Reader::new(input, raw);
-        copy_exact_len(decoder, new_len, out)
+        let mut head = [0u8; FRAMED_MAGIC.len()];
+        let head = &mut head[..payload_len.min(FRAMED_MAGIC.len() as u64) as usize];
+        payload.read_exact(head).map_err(DecodeError::Corrupt)?;
+        let rest = payload_len - head.len() as u64;
+        match &*head == FRAMED_MAGIC {
+            true => decode_frames(old, payload, rest, new_len, out),
+            false => decode_frame(old, (&*head).chain(payload.take(rest)), new_len, out),
+        }
     }
 }
 
-/// How zstd's multithreaded path runs: worker threads, and the size of the jobs the new file is
-/// cut into (`None`: zstd's default for the level and window).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Jobs {
-    workers: u32,
-    size: Option<u32>,
-}
-
-/// How `encode` runs zstd for files of these sizes on `cores` threads: `None` for the
-/// single-threaded path (see [`encode_in`]).
-fn jobs(old_len: usize, new_len: usize, cores: usize) -> Option<Jobs> {
-    if old_len <= MULTITHREADED_MIN_OLD {
-        return None;
-    }
-    Some(match new_len > ONE_JOB_MAX {
-        true => Jobs {
-            workers: u32::try_from(cores)
-                .unwrap_or(u32::MAX)
-                .clamp(1, MAX_WORKERS),
-            size: Some(JOB_SIZE),
-        },
-        false => Jobs {
-            workers: 1,
-            size: None,
-        },
-    })
-}
-
-/// The payload of `new` against `old` at zstd `level`, through zstd's multithreaded path when
-/// `jobs` is given.
+/// The payload of `new` against `old` at zstd `level`: one zstd frame.
 ///
-/// That path (as the zstd program uses) lets long distance matching see the prefix, which the
-/// single-threaded path does not: Firefox's omni.ja (43 MB, ESR 140 -> 153) costs 1,848,351 B
-/// instead of 3,384,901 B. It runs only where it paid: old files over 8 MiB (on the security
-/// updates' smaller files it saved 26 bytes in all and cost 25% more build time). New files up
-/// to 64 MiB go as one job; larger ones in jobs of 32 MiB on up to 2 cores: libxul.so
-/// (184 MB) in 73 s instead of 116 s single-threaded on 2 cores, for 47,529,799 B instead of
-/// 47,502,671 B (+0.06%; as one job, 47,470,967 B in 134 s). zstd's output on this path does not
-/// depend on the number of workers, so the payload does not depend on the machine.
-fn encode_in(
-    old: &[u8],
-    new: &[u8],
-    level: i32,
-    jobs: Option<Jobs>,
-) -> io::Result<Option<Vec<u8>>> {
+/// For old files over 8 MiB it comes from zstd's multithreaded path, with one worker: that path
+/// (as the zstd program uses) lets long distance matching see the prefix, which the
+/// single-threaded path does not. Firefox's omni.ja (43 MB) costs 1,848,351 B instead of
+/// 3,384,901 B. On the security updates' smaller files it saved 26 bytes in all and cost 25%
+/// more build time. A frame of up to 32 MiB is one job on that path, so the payload does not
+/// depend on the machine.
+fn encode_in(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
     let window = window_log(old.len() as u64 + new.len() as u64);
     let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old)?;
     encoder.set_parameter(CParameter::WindowLog(window))?;
     encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
-    if let Some(jobs) = jobs {
-        encoder.set_parameter(CParameter::NbWorkers(jobs.workers.max(1)))?;
-        if let Some(size) = jobs.size {
-            encoder.set_parameter(CParameter::JobSize(size))?;
-        }
+    if old.len() > MULTITHREADED_MIN_OLD {
+        encoder.set_parameter(CParameter::NbWorkers(1))?;
     }
     encoder.set_parameter(CParameter::ChecksumFlag(false))?;
     encoder.set_pledged_src_size(Some(new.len() as u64))?;
     encoder.write_all(new)?;
-    encoder.finish().map(Some)
+    encoder.finish()
+}
+
+/// The framed payload of `new` against `old`: each `frame_len` bytes of `new` a zstd frame
+/// (see [`encode_in`]) with the whole old file as prefix, so that decoding holds the old file
+/// and one frame, not the old file and the new one. `threads` frames are encoded at once.
+///
+/// Layout: [`FRAMED_MAGIC`], the frame length (u32, little-endian), then for each frame the
+/// length of its zstd frame (u32) and the frame. The last frame is what remains of the file.
+///
+/// Firefox ESR 140 -> 153: libxul.so (184 MB) costs 47,942,073 B in 84 s on 2 cores, against
+/// 47,529,799 B in 73 s as one frame (+0.87%), and decodes in 32 MiB beside the old file
+/// instead of 175 MiB; omni.ja (43 MB) costs 1,851,816 B instead of 1,848,020 B (+0.21%) and
+/// browser/omni.ja (54 MB) 4,357,832 B instead of 4,341,044 B (+0.39%), both faster, their two
+/// frames side by side.
+fn encode_framed(
+    old: &[u8],
+    new: &[u8],
+    level: i32,
+    frame_len: usize,
+    threads: usize,
+) -> io::Result<Vec<u8>> {
+    let declared = u32::try_from(frame_len)
+        .ok()
+        .filter(|&len| len >= MIN_FRAME_LEN)
+        .ok_or_else(|| io::Error::other(format!("frame length {frame_len} out of range")))?;
+    let frames = || -> io::Result<Vec<Vec<u8>>> {
+        new.par_chunks(frame_len)
+            .map(|frame| encode_in(old, frame, level))
+            .collect()
+    };
+    // Each frame is encoded alike on any thread: the payload does not depend on the machine.
+    let threads = threads.clamp(1, rayon::current_num_threads().max(1));
+    let frames = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+        Ok(pool) => pool.install(frames)?,
+        Err(_) => new
+            .chunks(frame_len)
+            .map(|frame| encode_in(old, frame, level))
+            .collect::<io::Result<_>>()?,
+    };
+    let total: usize = frames.iter().map(|frame| frame.len() + 4).sum();
+    let mut out = Vec::with_capacity(FRAMED_MAGIC.len() + 4 + total);
+    out.extend_from_slice(FRAMED_MAGIC);
+    out.extend_from_slice(&declared.to_le_bytes());
+    for frame in frames {
+        let len =
+            u32::try_from(frame.len()).map_err(|_| io::Error::other("a zstd frame over 4 GiB"))?;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&frame);
+    }
+    Ok(out)
+}
+
+/// Decode one zstd frame read from `input` against `old` into exactly `new_len` bytes.
+fn decode_frame(
+    old: &[u8],
+    input: impl Read,
+    new_len: u64,
+    out: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    let window = window_log(old.len() as u64 + new_len);
+    let mut raw = zstd::stream::raw::Decoder::with_ref_prefix(old).map_err(DecodeError::Corrupt)?;
+    raw.set_parameter(DParameter::WindowLogMax(window))
+        .map_err(DecodeError::Corrupt)?;
+    let input = io::BufReader::with_capacity(PAYLOAD_BUFFER, input);
+    let decoder = zstd::stream::zio::Reader::new(input, raw);
+    copy_exact_len(decoder, new_len, out)
+}
+
+/// Decode the frames of a framed payload (see [`encode_framed`]), its magic number already
+/// read: `payload_len` more bytes, which must hold exactly the frames of `new_len` bytes.
+fn decode_frames(
+    old: &[u8],
+    payload: &mut dyn Read,
+    payload_len: u64,
+    new_len: u64,
+    out: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    let mut left = payload_len;
+    let frame_len = read_u32(payload, &mut left, "its frame length")?;
+    if frame_len < MIN_FRAME_LEN {
+        return Err(corrupt(&format!(
+            "frame length {frame_len} is below {MIN_FRAME_LEN}"
+        )));
+    }
+    let frames = new_len.div_ceil(u64::from(frame_len));
+    for k in 0..frames {
+        let len = u64::from(read_u32(payload, &mut left, "a frame")?);
+        let this = (new_len - k * u64::from(frame_len)).min(u64::from(frame_len));
+        left = left
+            .checked_sub(len)
+            .ok_or_else(|| corrupt(&format!("frame {k} runs past the payload's end")))?;
+        decode_frame(old, payload.take(len), this, out).map_err(|e| match e {
+            DecodeError::TooLong { .. } | DecodeError::WrongLength { .. } => {
+                corrupt(&format!("frame {k} does not decode to its {this} bytes"))
+            }
+            e => e,
+        })?;
+    }
+    match left {
+        0 => Ok(()),
+        _ => Err(corrupt(&format!("{left} bytes follow the last frame"))),
+    }
+}
+
+/// The next little-endian u32 of a framed payload with `left` bytes left in it.
+fn read_u32(payload: &mut dyn Read, left: &mut u64, what: &str) -> Result<u32, DecodeError> {
+    *left = left
+        .checked_sub(4)
+        .ok_or_else(|| corrupt(&format!("the payload ends before {what}")))?;
+    let mut bytes = [0u8; 4];
+    payload
+        .read_exact(&mut bytes)
+        .map_err(DecodeError::Corrupt)?;
+    Ok(u32::from_le_bytes(bytes))
 }
 
 #[cfg(test)]
@@ -150,77 +233,123 @@ mod tests {
     use super::*;
     use crate::test_data::text;
 
-    #[test]
-    fn jobs_by_size_and_cores() {
-        let mib = 1 << 20;
-        let one_job = Some(Jobs {
-            workers: 1,
-            size: None,
-        });
-        let split = |workers| {
-            Some(Jobs {
-                workers,
-                size: Some(JOB_SIZE),
-            })
-        };
-        for (old, new, cores, expected) in [
-            (8 * mib, 200 * mib, 2, None),
-            (8 * mib + 1, 64 * mib, 2, one_job),
-            (8 * mib + 1, 64 * mib, 64, one_job),
-            (8 * mib + 1, 64 * mib + 1, 1, split(1)),
-            (177 * mib, 184 * mib, 2, split(2)),
-            (177 * mib, 184 * mib, 64, split(2)),
-        ] {
-            assert_eq!(jobs(old, new, cores), expected, "{old} {new} on {cores}");
-        }
-    }
-
-    #[test]
-    fn jobs_give_the_same_payload_on_any_number_of_workers() {
-        // Text: the old file's, moved, then 2 MiB of new text, which only the jobs' own
-        // matching (not long distance matching) compresses.
+    /// Text: the old file's, moved, then 2 MiB of new text, which only the frames' own matching
+    /// (not the old file) compresses.
+    fn moved_and_new_text() -> (Vec<u8>, Vec<u8>) {
         let old = text(1, 3 << 20);
         let mut new = old[1 << 20..].to_vec();
         new.extend_from_slice(&old[..1 << 20]);
-        new.extend_from_slice(&text(2, 2 << 20));
+        new.extend_from_slice(&text(2, (2 << 20) + 12_345));
+        (old, new)
+    }
+
+    #[test]
+    fn frames_give_the_same_payload_on_any_number_of_threads() {
+        let (old, new) = moved_and_new_text();
+        let frame_len = 1 << 20;
+        // Level 3: the frames are what is tested, not the level.
         let payloads: Vec<Vec<u8>> = [1, 2, 3]
             .into_iter()
-            .map(|workers| {
-                let jobs = Jobs {
-                    workers,
-                    size: Some(1 << 20),
-                };
-                // Level 3: at level 19 a job is at least as long as zstd's overlap between
-                // jobs (16 MiB on libxul), longer than this whole file.
-                let payload = encode_in(&old, &new, 3, Some(jobs)).expect("encode");
-                payload.expect("zstd-prefix applies to any pair")
-            })
+            .map(|threads| encode_framed(&old, &new, 3, frame_len, threads).expect("encode"))
             .collect();
         assert!(
             payloads.windows(2).all(|w| w[0] == w[1]),
-            "same bytes on 1, 2, 3 workers"
+            "same bytes on 1, 2, 3 threads"
         );
-        let one_job = Jobs {
-            workers: 1,
-            size: Some(8 << 20),
-        };
-        let whole = encode_in(&old, &new, 3, Some(one_job))
+        let payload = &payloads[0];
+        assert_eq!(&payload[..4], FRAMED_MAGIC);
+        let decoded = ZstdPrefix
+            .decode(&old, payload, new.len() as u64)
+            .expect("decode");
+        assert!(decoded == new, "round trip");
+        // Each frame has the whole old file as prefix: the moved 3 MiB cost almost nothing,
+        // 2 MiB of 14 letters about 1 MB (3.8 bits each).
+        let len = payload.len();
+        assert!(
+            len < 1_100_000,
+            "{len} B for 3 MiB moved and 2 MiB of new text"
+        );
+        let whole = encode_in(&old, &new, 3).expect("encode");
+        assert_ne!(&whole[..4], FRAMED_MAGIC, "one frame is a bare zstd frame");
+        let decoded = ZstdPrefix
+            .decode(&old, &whole, new.len() as u64)
+            .expect("decode");
+        assert!(decoded == new, "round trip of one frame");
+    }
+
+    #[test]
+    fn files_over_32_mib_are_framed() {
+        // 33 MiB: the old file's 1 MiB, then 32 copies of it with one byte changed in each.
+        let old = crate::test_data::noise(5, 1 << 20);
+        let mut new = old.clone();
+        for k in 0..32usize {
+            let at = new.len() + k * 4099;
+            new.extend_from_slice(&old);
+            new[at] ^= 0x5a;
+        }
+        assert!(new.len() > FRAME_LEN);
+        let payload = ZstdPrefix
+            .encode(&old, &new)
             .expect("encode")
             .expect("applies");
-        assert_ne!(whole, payloads[0], "jobs of 1 MiB are not one job");
-        for payload in [&payloads[0], &whole] {
-            let decoded = ZstdPrefix
-                .decode(&old, payload, new.len() as u64)
-                .expect("decode");
-            assert!(decoded == new, "round trip");
-            // 2 MiB of 14 letters take about 1 MB (3.8 bits each); the 3 moved MiB almost
-            // nothing.
-            let len = payload.len();
-            assert!(
-                len < 1_100_000,
-                "{len} B for 3 MiB moved and 2 MiB of new text"
-            );
+        assert_eq!(&payload[..4], FRAMED_MAGIC);
+        let frame_len = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
+        assert_eq!(frame_len as usize, FRAME_LEN);
+        let decoded = ZstdPrefix
+            .decode(&old, &payload, new.len() as u64)
+            .expect("decode");
+        assert!(decoded == new, "round trip");
+        let small = &new[..FRAME_LEN];
+        let payload = ZstdPrefix
+            .encode(&old, small)
+            .expect("encode")
+            .expect("applies");
+        assert_ne!(&payload[..4], FRAMED_MAGIC, "32 MiB is one frame");
+    }
+
+    #[test]
+    fn framed_payloads_are_checked() {
+        let old = text(3, 200_000);
+        let mut new = text(4, 150_000);
+        new.extend_from_slice(&old[..100_000]);
+        let frame_len = MIN_FRAME_LEN as usize;
+        let good = encode_framed(&old, &new, 3, frame_len, 1).expect("encode");
+        let decode = |payload: &[u8], len: usize| ZstdPrefix.decode(&old, payload, len as u64);
+        assert!(decode(&good, new.len()).is_ok_and(|out| out == new));
+
+        // Cut anywhere: an error, never a panic or a file.
+        for cut in (0..good.len())
+            .step_by(97)
+            .chain([4, 8, 11, good.len() - 1])
+        {
+            assert!(decode(&good[..cut], new.len()).is_err(), "cut at {cut}");
         }
+        // Bytes after the last frame.
+        let mut longer = good.clone();
+        longer.push(0);
+        let e = decode(&longer, new.len()).expect_err("trailing byte");
+        assert!(e.to_string().contains("follow the last frame"), "{e}");
+        // A length the frames do not make: one byte more or less.
+        for len in [new.len() - 1, new.len() + 1] {
+            assert!(decode(&good, len).is_err(), "new length {len}");
+        }
+        // A frame length below the minimum.
+        let mut tiny = good.clone();
+        tiny[4..8].copy_from_slice(&(MIN_FRAME_LEN - 1).to_le_bytes());
+        let e = decode(&tiny, new.len()).expect_err("tiny frames");
+        assert!(e.to_string().contains("below"), "{e}");
+        // Frames of 64 KiB read as frames of 128 KiB: each must give its own length.
+        let mut doubled = good.clone();
+        doubled[4..8].copy_from_slice(&(2 * MIN_FRAME_LEN).to_le_bytes());
+        let e = decode(&doubled, new.len()).expect_err("frames read as twice as long");
+        assert!(e.to_string().contains("frame 0 does not decode"), "{e}");
+        let whole = encode_in(&old, &new, 3).expect("encode");
+        let mut one_frame = FRAMED_MAGIC.to_vec();
+        one_frame.extend_from_slice(&MIN_FRAME_LEN.to_le_bytes());
+        one_frame.extend_from_slice(&(whole.len() as u32).to_le_bytes());
+        one_frame.extend_from_slice(&whole);
+        let e = decode(&one_frame, new.len()).expect_err("a frame longer than declared");
+        assert!(e.to_string().contains("frame 0 does not decode"), "{e}");
     }
 
     #[test]

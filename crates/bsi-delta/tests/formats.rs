@@ -96,6 +96,22 @@ fn zstd_prefix_1() {
     check("zstd-prefix", "zstd-prefix-1.bin", &old, &new);
 }
 
+/// A file over 32 MiB, which zstd-prefix cuts into frames of 32 MiB, each with the whole old file
+/// as prefix: 33 copies of the old file with a byte changed in each.
+#[test]
+fn zstd_prefix_framed_1() {
+    let old = bytes(7, 1 << 20);
+    let mut new = Vec::with_capacity(33 << 20);
+    for k in 0..33usize {
+        new.extend_from_slice(&old);
+        let at = new.len() - old.len() + k * 4099;
+        new[at] ^= 0x5a;
+    }
+    check("zstd-prefix", "zstd-prefix-framed-1.bin", &old, &new);
+    let stored = std::fs::read(data("zstd-prefix-framed-1.bin")).expect("read the payload");
+    assert_eq!(&stored[..4], b"ZPF\x01", "the stored payload is framed");
+}
+
 /// A changelog that gained an entry at the top, both compressed by GNU gzip 1.12 (`gzip -9n`,
 /// as Debian does), stored as they are: the decoder compresses the rebuilt content again and
 /// must give back the new file's exact bytes.

@@ -1003,7 +1003,10 @@ fn apply_locked(
         };
         Ok(revert)
     };
-    // Large files one at a time, so that memory stays near the largest file; the rest in parallel.
+    // Large files one at a time, so that memory stays near the largest file, and first, largest
+    // first: the small files, decoded in parallel, leave the allocator's heaps holding freed
+    // memory that a large file would otherwise find there (Firefox: 248 MiB at libxul.so's
+    // peak after them, 208 MiB before them); then the rest in parallel.
     let weight = |j: usize| {
         let size = |image: &Option<Image>| match image {
             Some(Image::File { size, .. }) => *size,
@@ -1011,16 +1014,20 @@ fn apply_locked(
         };
         size(&steps[j].from).max(size(&steps[j].to))
     };
-    let (large, small): (Vec<usize>, Vec<usize>) =
+    let (mut large, small): (Vec<usize>, Vec<usize>) =
         (0..steps.len()).partition(|&j| weight(j) >= LARGE_FILE);
-    let prepared: Result<Vec<(usize, Option<String>)>, ApplyError> = small
-        .into_par_iter()
+    large.sort_by_key(|&j| std::cmp::Reverse(weight(j)));
+    let prepared: Result<Vec<(usize, Option<String>)>, ApplyError> = large
+        .into_iter()
         .map(|j| prepare(j).map(|r| (j, r)))
         .collect::<Result<Vec<_>, _>>()
         .and_then(|mut done| {
-            for j in large {
-                done.push((j, prepare(j)?));
-            }
+            done.extend(
+                small
+                    .into_par_iter()
+                    .map(|j| prepare(j).map(|r| (j, r)))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
             Ok(done)
         });
     progress.finish();
