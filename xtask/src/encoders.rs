@@ -1,5 +1,6 @@
 //! `cargo xtask encoders OLD NEW [--min BYTES] [--max BYTES]`: every delta encoder on every
-//! changed regular file of two trees (paired by path), with the bytes and seconds each took,
+//! changed regular file of two trees (paired by path), with the bytes each payload took and the
+//! seconds its encoding and its decoding took (each decoding checked against the new file),
 //! plain zstd beside them, and the encoder `encode_best` chooses. This is how the limits of the
 //! encoders (`max_new_len`, `max_text_len`, `max_far_len`) were measured; run it on a new pair
 //! before changing one.
@@ -33,7 +34,7 @@ pub fn encoders(args: &[&str]) -> Result<()> {
     let [old_root, new_root] = roots[..] else {
         bail!("usage: cargo xtask encoders OLD NEW [--min BYTES] [--max BYTES]");
     };
-    println!("file | new bytes | text | encoder: payload bytes / seconds ... | chosen");
+    println!("file | new bytes | text | encoder: payload bytes / encode s / decode s ... | chosen");
     for entry in WalkDir::new(new_root).sort_by_file_name() {
         let entry = entry.with_context(|| format!("walking {}", new_root.display()))?;
         if !entry.file_type().is_file() {
@@ -63,16 +64,32 @@ pub fn encoders(args: &[&str]) -> Result<()> {
             new.len(),
             bsi_delta::is_text(&new)
         );
-        for encoder in bsi_delta::delta_encoders() {
+        // bsdiff without reference prediction beside the encoders: what the predictor wins.
+        let unpredicted: &dyn bsi_delta::DeltaEncoder = &bsi_delta::Bsdiff::UNPREDICTED;
+        let encoders = bsi_delta::delta_encoders().iter().copied();
+        for (i, encoder) in encoders.chain([unpredicted]).enumerate() {
+            let label = match i < bsi_delta::delta_encoders().len() {
+                true => encoder.name(),
+                false => "bsdiff unpredicted",
+            };
             let start = Instant::now();
             let payload = encoder
                 .encode(&old, &new)
                 .with_context(|| format!("{} on {}", encoder.name(), rel.display()))?;
             let took = start.elapsed().as_secs_f64();
-            match payload {
-                Some(p) => line += &format!(" {}: {} / {took:.2}", encoder.name(), p.len()),
-                None => line += &format!(" {}: -", encoder.name()),
+            let Some(payload) = payload else {
+                line += &format!(" {label}: -");
+                continue;
+            };
+            let start = Instant::now();
+            let decoded = encoder
+                .decode(&old, &payload, new.len() as u64)
+                .with_context(|| format!("{} decoding {}", encoder.name(), rel.display()))?;
+            let decode_took = start.elapsed().as_secs_f64();
+            if decoded != new {
+                bail!("{} decodes {} wrongly", encoder.name(), rel.display());
             }
+            line += &format!(" {label}: {} / {took:.2} / {decode_took:.3}", payload.len());
         }
         let start = Instant::now();
         let plain = bsi_delta::compress(&new).context("plain zstd")?;

@@ -2,8 +2,9 @@
 //! an earlier build (in `tests/data/`) still decodes to its file. Neither a stream layout nor a
 //! model (bsdiff's diff coder) can drift without a new format number.
 //!
-//! `BSI_BLESS=1 cargo test -p bsi-delta --test formats` writes the payloads again: only for a new
-//! format, along with a new magic, and keeping a payload of the old one.
+//! `BSI_BLESS=1 cargo test -p bsi-delta --test formats NAME` writes a test's payload again: only
+//! for a new format, along with a new magic, and keeping a payload of the old one (each test of
+//! an old format checks that its stored payload still has the old magic).
 
 use std::path::{Path, PathBuf};
 
@@ -66,6 +67,28 @@ fn bsdiff_1() {
         new[at] = new[at].wrapping_add(0x21);
     }
     check("bsdiff", "bsdiff-1.bin", &old, &new);
+    let stored = std::fs::read(data("bsdiff-1.bin")).expect("read the payload");
+    assert_eq!(
+        &stored[..5],
+        b"BSD\x01\x00",
+        "the stored payload is format 1"
+    );
+}
+
+/// A library relinked with a function inserted in the middle (two builds by gcc of the program
+/// `elf-1.gen.py` writes): format 2, whose decoder finds the old file's references and predicts
+/// where they point now.
+#[test]
+fn bsdiff_2() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
+    let (old, new) = (read("elf-1.old.so"), read("elf-1.new.so"));
+    check("bsdiff", "bsdiff-2.bin", &old, &new);
+    let stored = std::fs::read(data("bsdiff-2.bin")).expect("read the payload");
+    assert_eq!(
+        &stored[..5],
+        b"BSD\x02\x01",
+        "format 2 with the x86-64 predictor"
+    );
 }
 
 /// Near-identical files: a few bytes edited, a run inserted and one moved.

@@ -1,0 +1,402 @@
+//! Reference prediction: the old bytes an add step starts from, with every reference of the old
+//! file (see `refs`) rewritten to point where its target went in the new file.
+//!
+//! Where a target went is read off the add steps themselves (the alignment): a step says that
+//! the new bytes at `new..new + len` come from the old bytes at `old..old + len`, so an old
+//! offset inside it moved by `new - old`. Steps overlap in the old file (old bytes can be used
+//! twice); the longest step covering an offset decides, and an offset no step covers moves like
+//! the nearest covered offset before it. The decoder reads the steps before it decodes any
+//! byte (the control stream comes first), so it predicts exactly as the encoder did.
+//!
+//! Addresses are virtual; the alignment moves file offsets. A reference's site, target and base
+//! are kept as file offsets with their segment's `vaddr - offset`, which the new file is taken
+//! to keep (true of every segment but the ones whose padding changed).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use super::refs::{self, Kind};
+
+/// Steps shorter than this do not take part in the alignment: a short step is as often a
+/// chance match as a moved piece of the file.
+pub(super) const MIN_ALIGN: u64 = 32;
+/// At most this many steps take part in the alignment (the first ones of at least
+/// [`MIN_ALIGN`] bytes), so that a hostile control stream costs bounded memory (with
+/// [`refs::MAX_REFS`], about 40 MB in all).
+pub(super) const MAX_ALIGN_STEPS: usize = 1 << 19;
+
+/// A step covering a piece of the old file, ordered so that the one that decides is greatest:
+/// (preferred, length, the lowest (old, new) offsets).
+type Covering = (bool, u64, Reverse<(u64, u64)>);
+
+/// Where old offsets went in the new file: disjoint old intervals sorted by start, each moved
+/// by its delta.
+#[derive(Debug, Default)]
+pub(super) struct Alignment {
+    starts: Vec<u64>,
+    deltas: Vec<i64>,
+}
+
+impl Alignment {
+    /// The alignment made by add steps `(old, new, len)` in the order of the new file, each
+    /// inside a file (offsets and lengths below 2^62).
+    pub fn new(steps: &[(u64, u64, u64)]) -> Self {
+        Self::preferring(steps, &[])
+    }
+
+    /// [`Alignment::new`], where the pieces `preferred` (old, new, len) win over any step.
+    pub fn preferring(steps: &[(u64, u64, u64)], preferred: &[(u64, u64, u64)]) -> Self {
+        let mut steps: Vec<(u64, u64, u64, bool)> = steps
+            .iter()
+            .filter(|&&(_, _, len)| len >= MIN_ALIGN)
+            .take(MAX_ALIGN_STEPS)
+            .map(|&(old, new, len)| (old, new, len, false))
+            .chain(
+                preferred
+                    .iter()
+                    .map(|&(old, new, len)| (old, new, len, true)),
+            )
+            .collect();
+        steps.sort_unstable();
+        let mut bounds: Vec<u64> = steps
+            .iter()
+            .flat_map(|&(old, _, len, _)| [old, old + len])
+            .collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        // Sweep the pieces between bounds with the steps covering each, longest first (ties:
+        // the lowest old offset, then the lowest new offset); steps that ended are dropped
+        // when they come to the top.
+        let mut active: BinaryHeap<Covering> = BinaryHeap::new();
+        let mut next = 0;
+        let mut alignment = Alignment::default();
+        for &start in &bounds {
+            while let Some(&(old, new, len, first)) = steps.get(next).filter(|s| s.0 <= start) {
+                active.push((first, len, Reverse((old, new))));
+                next += 1;
+            }
+            while active
+                .peek()
+                .is_some_and(|&(_, len, Reverse((old, _)))| old + len <= start)
+            {
+                active.pop();
+            }
+            let Some(&(_, _, Reverse((old, new)))) = active.peek() else {
+                continue;
+            };
+            let delta = new as i64 - old as i64;
+            if alignment.deltas.last() != Some(&delta) {
+                alignment.starts.push(start);
+                alignment.deltas.push(delta);
+            }
+        }
+        alignment
+    }
+
+    /// Where old offset `offset` went.
+    pub fn map(&self, offset: u64) -> Option<i64> {
+        let i = self.starts.partition_point(|&s| s <= offset);
+        let delta = match i {
+            0 => self.deltas.first().copied().unwrap_or(0),
+            i => self.deltas[i - 1],
+        };
+        i64::try_from(offset).ok()?.checked_add(delta)
+    }
+}
+
+/// A virtual address as the file offset that holds it (or would, past the file bytes of its
+/// segment) and the index of its segment.
+#[derive(Debug, Clone, Copy)]
+struct Point {
+    offset: u64,
+    segment: u8,
+}
+
+/// How a prepared reference's value is made (see [`Kind`]); a base is an index into
+/// [`Predictor::bases`].
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    Rel32 { k: u8 },
+    Back32,
+    Based32 { base: u32 },
+    Abs64,
+}
+
+/// A reference ready for prediction (24 bytes).
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    site: u64,
+    site_segment: u8,
+    rule: Rule,
+    target: Point,
+}
+
+impl Prepared {
+    fn width(&self) -> u64 {
+        match self.rule {
+            Rule::Abs64 => 8,
+            Rule::Rel32 { .. } | Rule::Back32 | Rule::Based32 { .. } => 4,
+        }
+    }
+}
+
+/// The old file's references and an alignment: predicts the bytes of add steps.
+#[derive(Debug)]
+pub(super) struct Predictor {
+    refs: Vec<Prepared>,
+    /// `vaddr - offset` of each segment of the old file.
+    skews: Vec<i64>,
+    bases: Vec<Point>,
+    alignment: Alignment,
+}
+
+impl Predictor {
+    /// The predictor of an old file whose image is `image` (see [`refs::scan`]) through
+    /// `alignment`, or `None` when it has no references.
+    pub fn new(image: &refs::Image, alignment: Alignment) -> Option<Self> {
+        let segments = &image.segments;
+        let point = |vaddr: u64| -> Option<Point> {
+            let i = segments
+                .iter()
+                .position(|s| s.vaddr <= vaddr && vaddr - s.vaddr < s.mem_len)?;
+            let offset = segments[i].offset.checked_add(vaddr - segments[i].vaddr)?;
+            (offset < 1 << 62).then_some(Point {
+                offset,
+                segment: u8::try_from(i).ok()?,
+            })
+        };
+        let mut bases: Vec<(u64, Point)> = Vec::new();
+        let mut refs = Vec::with_capacity(image.refs.len());
+        for r in &image.refs {
+            let Some(site_segment) = segments
+                .iter()
+                .position(|s| s.offset <= r.site && r.site - s.offset < s.file_len)
+                .and_then(|i| u8::try_from(i).ok())
+            else {
+                continue;
+            };
+            let rule = match r.kind {
+                Kind::Rel32 { k } => Rule::Rel32 { k },
+                Kind::Back32 => Rule::Back32,
+                Kind::Abs64 => Rule::Abs64,
+                Kind::Based32 { base } => {
+                    // Few distinct bases (one per table): the last one is almost always it.
+                    let index = match bases.iter().rposition(|&(b, _)| b == base) {
+                        Some(index) => index,
+                        None => {
+                            let Some(p) = point(base) else {
+                                continue;
+                            };
+                            bases.push((base, p));
+                            bases.len() - 1
+                        }
+                    };
+                    let Ok(base) = u32::try_from(index) else {
+                        continue;
+                    };
+                    Rule::Based32 { base }
+                }
+            };
+            let Some(target) = point(r.target) else {
+                continue;
+            };
+            refs.push(Prepared {
+                site: r.site,
+                site_segment,
+                rule,
+                target,
+            });
+        }
+        if refs.is_empty() {
+            return None;
+        }
+        Some(Predictor {
+            refs,
+            skews: segments
+                .iter()
+                .map(|s| s.vaddr.wrapping_sub(s.offset) as i64)
+                .collect(),
+            bases: bases.into_iter().map(|(_, p)| p).collect(),
+            alignment,
+        })
+    }
+
+    /// Where `point` went in the new file, as a virtual address.
+    fn moved(&self, point: Point) -> Option<i64> {
+        self.alignment
+            .map(point.offset)?
+            .checked_add(self.skews[usize::from(point.segment)])
+    }
+
+    /// The bytes of reference `r` at new file offset `new_site`, or `None` when the predicted
+    /// value does not fit.
+    fn value(&self, r: &Prepared, new_site: i64) -> Option<[u8; 8]> {
+        let site = new_site.checked_add(self.skews[usize::from(r.site_segment)])?;
+        let target = self.moved(r.target)?;
+        let rel =
+            |v: Option<i64>| -> Option<u64> { Some(i64::from(i32::try_from(v?).ok()?) as u64) };
+        let value = match r.rule {
+            Rule::Rel32 { k } => rel(target.checked_sub(site.checked_add(i64::from(k))?))?,
+            Rule::Back32 => rel(site.checked_sub(target))?,
+            Rule::Based32 { base } => {
+                rel(target.checked_sub(self.moved(self.bases[base as usize])?))?
+            }
+            Rule::Abs64 => u64::try_from(target).ok()?,
+        };
+        Some(value.to_le_bytes())
+    }
+
+    /// The whole old file with every reference rewritten as if its site had moved with the
+    /// alignment too: what the new file would be if it were the old one moved piece by piece.
+    pub fn transform(&self, old: &[u8]) -> Vec<u8> {
+        let mut out = old.to_vec();
+        for r in &self.refs {
+            let Some(bytes) = self.alignment.map(r.site).and_then(|s| self.value(r, s)) else {
+                continue;
+            };
+            let (site, width) = (r.site as usize, r.width() as usize);
+            if let Some(place) = out.get_mut(site..site + width) {
+                place.copy_from_slice(&bytes[..width]);
+            }
+        }
+        out
+    }
+
+    /// Append to `out` the predicted bytes `chunk` (offsets within the step) of the add step
+    /// that takes `old[from..from + len]` to new offset `new_at`: the old bytes, with the
+    /// references lying wholly inside the step rewritten.
+    pub fn predict(
+        &self,
+        old: &[u8],
+        from: usize,
+        len: usize,
+        new_at: u64,
+        chunk: std::ops::Range<usize>,
+        out: &mut Vec<u8>,
+    ) {
+        let base = out.len();
+        out.extend_from_slice(&old[from + chunk.start..from + chunk.end]);
+        let (step_start, step_end) = (from as u64, (from + len) as u64);
+        let (chunk_start, chunk_end) = ((from + chunk.start) as u64, (from + chunk.end) as u64);
+        // Sites are sorted and do not overlap, so their ends are sorted too.
+        let first = self
+            .refs
+            .partition_point(|r| r.site + r.width() <= chunk_start.max(step_start));
+        for r in &self.refs[first..] {
+            if r.site >= chunk_end {
+                break;
+            }
+            let width = r.width();
+            if r.site < step_start || r.site + width > step_end {
+                continue;
+            }
+            let new_site = new_at as i64 + (r.site - step_start) as i64;
+            let Some(bytes) = self.value(r, new_site) else {
+                continue;
+            };
+            for (k, &byte) in bytes[..width as usize].iter().enumerate() {
+                let at = r.site + k as u64;
+                if (chunk_start..chunk_end).contains(&at) {
+                    out[base + (at - chunk_start) as usize] = byte;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_step_decides_and_gaps_move_like_what_precedes_them() {
+        // 0..100 moved by +10; 40..60 also copied to 500 (shorter: loses); 200..300 by -50.
+        let alignment = Alignment::new(&[(0, 10, 100), (40, 500, 40), (200, 150, 100)]);
+        assert_eq!(alignment.map(0), Some(10));
+        assert_eq!(alignment.map(50), Some(60));
+        assert_eq!(
+            alignment.map(150),
+            Some(160),
+            "a gap moves like what precedes it"
+        );
+        assert_eq!(alignment.map(250), Some(200));
+        assert_eq!(alignment.map(10_000), Some(9_950));
+        // Before every step: like the first piece.
+        let later = Alignment::new(&[(100, 0, 64)]);
+        assert_eq!(later.map(0), Some(-100));
+        // Short steps take no part; no steps at all move nothing.
+        assert_eq!(Alignment::new(&[(0, 7, MIN_ALIGN - 1)]).map(5), Some(5));
+        assert_eq!(Alignment::new(&[]).map(5), Some(5));
+    }
+
+    #[test]
+    fn a_longer_step_inside_another_wins_its_part() {
+        let alignment = Alignment::new(&[(0, 0, 50), (10, 1000, 200)]);
+        assert_eq!(alignment.map(5), Some(5));
+        assert_eq!(alignment.map(10), Some(1000));
+        assert_eq!(alignment.map(209), Some(1199));
+        // A preferred piece wins even over a longer step.
+        let preferring = Alignment::preferring(&[(10, 1000, 200)], &[(0, 0, 50)]);
+        assert_eq!(preferring.map(20), Some(20));
+        assert_eq!(preferring.map(60), Some(1050));
+    }
+
+    /// An image of one segment (file offset 0 at 0x1000) with a reference of every kind every
+    /// 13 bytes, moved by steps.
+    fn predictor(len: u64) -> Predictor {
+        let segments = vec![refs::Segment {
+            offset: 0,
+            vaddr: 0x1000,
+            file_len: len,
+            mem_len: len + 100,
+        }];
+        let kinds = [
+            Kind::Rel32 { k: 5 },
+            Kind::Back32,
+            Kind::Based32 { base: 0x1010 },
+            Kind::Abs64,
+        ];
+        let refs = (0..len / 13 - 1)
+            .map(|i| refs::Ref {
+                site: i * 13,
+                kind: kinds[i as usize % 4],
+                target: 0x1000 + (i * 7919) % len,
+            })
+            .collect();
+        let image = refs::Image { segments, refs };
+        let steps = [(0, 40, 300), (300, 200, 500), (600, 1000, len - 600)];
+        Predictor::new(&image, Alignment::new(&steps)).expect("references")
+    }
+
+    #[test]
+    fn predicting_in_chunks_gives_the_whole_step() {
+        let len = 2000;
+        let predictor = predictor(len);
+        let old = crate::test_data::noise(3, len as usize);
+        for (from, step) in [(0usize, 2000usize), (5, 1000), (600, 1400), (17, 3)] {
+            let mut whole = Vec::new();
+            predictor.predict(&old, from, step, 77, 0..step, &mut whole);
+            if step > 26 {
+                assert_ne!(whole, old[from..from + step], "something predicted");
+            }
+            for chunk in [1, 3, 7, 8, 100, step] {
+                let mut pieces = Vec::new();
+                for start in (0..step).step_by(chunk) {
+                    predictor.predict(
+                        &old,
+                        from,
+                        step,
+                        77,
+                        start..step.min(start + chunk),
+                        &mut pieces,
+                    );
+                }
+                assert_eq!(pieces, whole, "step {from}+{step} in chunks of {chunk}");
+            }
+        }
+        // References cut by the step's ends are left as they are.
+        let mut cut = Vec::new();
+        predictor.predict(&old, 14, 12, 0, 0..12, &mut cut);
+        assert_eq!(cut, old[14..26]);
+    }
+}

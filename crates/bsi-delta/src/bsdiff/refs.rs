@@ -1,0 +1,845 @@
+//! References in an x86-64 ELF file: the places whose bytes are an address or a distance to an
+//! address, found in the old file alone so that the decoder finds the same ones.
+//!
+//! When code moves between two builds, every reference that crosses the move changes although
+//! nothing it means has: a call's displacement grows by the bytes inserted between the call and
+//! its callee. The predictor (see `predict`) rewrites each reference of the old file to point
+//! where its target went in the new file, so that the diff of a moved reference is zero. This
+//! module only finds them; it never fails: a file it cannot read has no references.
+//!
+//! Found here:
+//! - in executable sections, `call`/`jmp`/`jcc` with a 32-bit displacement and RIP-relative
+//!   memory operands of common instructions (a byte scan, like Courgette's and Zucchini's: an
+//!   instruction is taken when its target lies inside the image, and the scan resumes after it);
+//! - relocations (`SHT_RELA`): the address each one patches, its addend when that is an address
+//!   (relative and indirect relocations), and the pointer stored at the patched place;
+//! - symbol values (`.dynsym`, `.symtab`) and the address entries of `.dynamic`;
+//! - unwind tables: `.eh_frame_hdr`'s pointer and search table, and in `.eh_frame` each FDE's
+//!   CIE pointer, start address and LSDA pointer, and each CIE's personality pointer, where
+//!   they are 32-bit PC-relative (as GCC and Clang write them).
+
+/// How the bytes at a reference's site relate to its target (all addresses are virtual).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// A signed 32-bit distance from a point `k` bytes after the site: `target - (site + k)`
+    /// (an instruction's displacement: `k` is 4 plus the bytes of immediate after it).
+    Rel32 { k: u8 },
+    /// A signed 32-bit distance back from the site: `site - target` (an FDE's CIE pointer).
+    Back32,
+    /// A signed 32-bit distance from a fixed address: `target - base`.
+    Based32 { base: u64 },
+    /// A 64-bit address: `target`.
+    Abs64,
+}
+
+/// One reference of the old file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ref {
+    /// File offset of the reference's bytes.
+    pub site: u64,
+    pub kind: Kind,
+    /// Virtual address it refers to.
+    pub target: u64,
+}
+
+impl Ref {
+    /// Bytes the reference occupies.
+    pub fn width(&self) -> u64 {
+        match self.kind {
+            Kind::Abs64 => 8,
+            Kind::Rel32 { .. } | Kind::Back32 | Kind::Based32 { .. } => 4,
+        }
+    }
+}
+
+/// A loaded segment: file bytes `offset..offset + file_len` at `vaddr`, `mem_len` in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Segment {
+    pub offset: u64,
+    pub vaddr: u64,
+    pub file_len: u64,
+    pub mem_len: u64,
+}
+
+/// The layout of an ELF file and the references found in it.
+#[derive(Debug, Default)]
+pub(super) struct Image {
+    pub segments: Vec<Segment>,
+    /// Sorted by site; sites do not overlap.
+    pub refs: Vec<Ref>,
+}
+
+impl Image {
+    /// The virtual address of file offset `offset`, through the segment holding it.
+    pub fn vaddr_of(&self, offset: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| s.offset <= offset && offset - s.offset < s.file_len)
+            .map(|s| s.vaddr + (offset - s.offset))
+    }
+
+    /// The segment whose memory holds `vaddr`.
+    pub fn segment_at(&self, vaddr: u64) -> Option<&Segment> {
+        self.segments
+            .iter()
+            .find(|s| s.vaddr <= vaddr && vaddr - s.vaddr < s.mem_len)
+    }
+}
+
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const EM_X86_64: u16 = 62;
+const PT_LOAD: u32 = 1;
+const SHT_PROGBITS: u32 = 1;
+const SHT_SYMTAB: u32 = 2;
+const SHT_RELA: u32 = 4;
+const SHT_DYNAMIC: u32 = 6;
+const SHT_DYNSYM: u32 = 11;
+const SHF_ALLOC: u64 = 2;
+const SHF_EXECINSTR: u64 = 4;
+/// Bounds on the tables read, so that a hostile header costs nothing.
+const MAX_SEGMENTS: usize = 64;
+const MAX_SECTIONS: usize = 4096;
+/// At most this many references are kept (the first ones by site): a decoder holds them beside
+/// the old file (32 bytes each while found, 24 once prepared).
+pub(super) const MAX_REFS: usize = 1 << 19;
+
+fn u16_at(data: &[u8], at: u64) -> Option<u16> {
+    let at = usize::try_from(at).ok()?;
+    Some(u16::from_le_bytes(
+        data.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
+}
+
+fn u32_at(data: &[u8], at: u64) -> Option<u32> {
+    let at = usize::try_from(at).ok()?;
+    Some(u32::from_le_bytes(
+        data.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
+}
+
+fn i32_at(data: &[u8], at: u64) -> Option<i64> {
+    u32_at(data, at).map(|v| i64::from(v as i32))
+}
+
+fn u64_at(data: &[u8], at: u64) -> Option<u64> {
+    let at = usize::try_from(at).ok()?;
+    Some(u64::from_le_bytes(
+        data.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
+}
+
+/// A section header, its file range checked to lie inside the file.
+#[derive(Debug, Clone, Copy)]
+struct Section<'a> {
+    name: &'a [u8],
+    kind: u32,
+    flags: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// The segments and references of `data` when it is a 64-bit little-endian x86-64 ELF file;
+/// an empty image otherwise.
+pub(super) fn scan(data: &[u8]) -> Image {
+    elf(data).unwrap_or_default()
+}
+
+fn is_x86_64_elf(data: &[u8]) -> bool {
+    data.get(..4) == Some(ELF_MAGIC)
+        && data.get(4..6) == Some(&[2, 1])
+        && u16_at(data, 0x12) == Some(EM_X86_64)
+}
+
+fn elf(data: &[u8]) -> Option<Image> {
+    if !is_x86_64_elf(data) {
+        return None;
+    }
+    let mut image = Image {
+        segments: segments(data)?,
+        refs: Vec::new(),
+    };
+    let sections = sections(data).unwrap_or_default();
+    let code: Vec<(u64, u64)> = sections
+        .iter()
+        .filter(|s| {
+            s.kind == SHT_PROGBITS
+                && s.flags & (SHF_ALLOC | SHF_EXECINSTR) == SHF_ALLOC | SHF_EXECINSTR
+        })
+        .map(|s| (s.offset, s.offset + s.len))
+        .collect();
+    let code_v: Vec<(u64, u64)> = code
+        .iter()
+        .filter_map(|&(start, end)| {
+            let v = image.vaddr_of(start)?;
+            Some((v, v + (end - start)))
+        })
+        .collect();
+    let mut refs = Vec::new();
+    let mut loaded = Vec::new();
+    for &(start, end) in &code {
+        if let Some(vstart) = image.vaddr_of(start) {
+            let scan = Scan {
+                data,
+                start,
+                end,
+                vstart,
+                code: &code_v,
+                image: &image,
+            };
+            scan.run(&mut refs, &mut loaded);
+        }
+    }
+    let mut tables = Tables {
+        data,
+        image: &image,
+        refs: &mut refs,
+    };
+    tables.jump_tables(&mut loaded, &code_v);
+    for section in &sections {
+        match (section.kind, section.name) {
+            (SHT_RELA, _) => tables.relocations(section),
+            (SHT_DYNSYM | SHT_SYMTAB, _) => tables.symbols(section),
+            (SHT_DYNAMIC, _) => tables.dynamic(section),
+            (SHT_PROGBITS, b".eh_frame_hdr") => tables.eh_frame_hdr(section),
+            (SHT_PROGBITS, b".eh_frame") => tables.eh_frame(section),
+            _ => {}
+        }
+    }
+    // Sorted by site, without overlaps (the first of two overlapping references stays).
+    refs.sort_by_key(|r| r.site);
+    let mut end = 0;
+    refs.retain(|r| {
+        let keep = r.site >= end;
+        if keep {
+            end = r.site + r.width();
+        }
+        keep
+    });
+    refs.truncate(MAX_REFS);
+    image.refs = refs;
+    Some(image)
+}
+
+fn segments(data: &[u8]) -> Option<Vec<Segment>> {
+    let phoff = u64_at(data, 0x20)?;
+    let (phentsize, phnum) = (u16_at(data, 0x36)?, u16_at(data, 0x38)?);
+    let mut segments = Vec::new();
+    if phentsize < 56 || usize::from(phnum) > MAX_SEGMENTS {
+        return Some(segments);
+    }
+    for i in 0..u64::from(phnum) {
+        let at = phoff.checked_add(i * u64::from(phentsize))?;
+        if u32_at(data, at)? != PT_LOAD {
+            continue;
+        }
+        let segment = Segment {
+            offset: u64_at(data, at + 8)?,
+            vaddr: u64_at(data, at + 16)?,
+            file_len: u64_at(data, at + 32)?,
+            mem_len: u64_at(data, at + 40)?,
+        };
+        // Only what the file holds, and addresses that do not wrap.
+        let in_file = segment
+            .offset
+            .checked_add(segment.file_len)
+            .is_some_and(|end| end <= data.len() as u64);
+        let no_wrap = segment.vaddr.checked_add(segment.mem_len).is_some();
+        if in_file && no_wrap && segment.file_len <= segment.mem_len {
+            segments.push(segment);
+        }
+    }
+    Some(segments)
+}
+
+/// The sections of two x86-64 ELF files that have the same name and size, as (offset in `old`,
+/// offset in `new`, size); none unless both are such files.
+pub(super) fn same_sections(old: &[u8], new: &[u8], starts: bool) -> Vec<(u64, u64, u64)> {
+    let of = |data| -> Vec<Section<'_>> {
+        if !is_x86_64_elf(data) {
+            return Vec::new();
+        }
+        sections(data)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.len > 0 && !s.name.is_empty())
+            .collect()
+    };
+    let (old, new) = (of(old), of(new));
+    old.iter()
+        .filter_map(|o| {
+            let n = new.iter().find(|n| n.name == o.name)?;
+            let data = o.flags & SHF_EXECINSTR == 0;
+            (n.len == o.len || (starts && data)).then_some((o.offset, n.offset, o.len.min(n.len)))
+        })
+        .collect()
+}
+
+fn sections(data: &[u8]) -> Option<Vec<Section<'_>>> {
+    let shoff = u64_at(data, 0x28)?;
+    let (shentsize, shnum) = (u16_at(data, 0x3a)?, u16_at(data, 0x3c)?);
+    let shstrndx = u16_at(data, 0x3e)?;
+    if shentsize < 64 || usize::from(shnum) > MAX_SECTIONS {
+        return None;
+    }
+    let header = |i: u64| -> Option<(u32, Section<'_>)> {
+        let at = shoff.checked_add(i * u64::from(shentsize))?;
+        let (offset, len) = (u64_at(data, at + 24)?, u64_at(data, at + 32)?);
+        let kind = u32_at(data, at + 4)?;
+        // NOBITS sections (.bss) hold no file bytes.
+        let len = if kind == 8 { 0 } else { len };
+        if offset.checked_add(len)? > data.len() as u64 {
+            return None;
+        }
+        let section = Section {
+            name: &[],
+            kind,
+            flags: u64_at(data, at + 8)?,
+            offset,
+            len,
+        };
+        Some((u32_at(data, at)?, section))
+    };
+    let names = header(u64::from(shstrndx))
+        .map(|(_, s)| &data[s.offset as usize..(s.offset + s.len) as usize]);
+    let mut sections = Vec::new();
+    for i in 0..u64::from(shnum) {
+        let Some((name_at, mut section)) = header(i) else {
+            continue;
+        };
+        if let Some(name) = names.and_then(|names| names.get(name_at as usize..)) {
+            section.name = name.split(|&b| b == 0).next().unwrap_or(&[]);
+        }
+        sections.push(section);
+    }
+    Some(sections)
+}
+
+/// The reference tables of an ELF file, read into `refs`.
+struct Tables<'a, 'r> {
+    data: &'a [u8],
+    image: &'a Image,
+    refs: &'r mut Vec<Ref>,
+}
+
+impl Tables<'_, '_> {
+    /// Whether `vaddr` is an address inside the image worth predicting (not 0, which
+    /// relocations leave in the file for the loader to fill).
+    fn address(&self, vaddr: u64) -> bool {
+        vaddr != 0 && self.image.segment_at(vaddr).is_some()
+    }
+
+    fn push(&mut self, site: u64, kind: Kind, target: u64) {
+        if self.address(target) {
+            self.refs.push(Ref { site, kind, target });
+        }
+    }
+
+    /// Entries of `section` of `size` bytes each (at most what the section holds).
+    fn entries(section: &Section<'_>, size: u64) -> impl Iterator<Item = u64> {
+        let (start, count) = (section.offset, section.len / size);
+        (0..count).map(move |i| start + i * size)
+    }
+
+    fn relocations(&mut self, section: &Section<'_>) {
+        const R_X86_64_RELATIVE: u64 = 8;
+        const R_X86_64_IRELATIVE: u64 = 37;
+        for at in Self::entries(section, 24) {
+            let (Some(place), Some(info), Some(addend)) = (
+                u64_at(self.data, at),
+                u64_at(self.data, at + 8),
+                u64_at(self.data, at + 16),
+            ) else {
+                continue;
+            };
+            self.push(at, Kind::Abs64, place);
+            if matches!(info & 0xffff_ffff, R_X86_64_RELATIVE | R_X86_64_IRELATIVE) {
+                self.push(at + 16, Kind::Abs64, addend);
+            }
+            // The pointer the file holds at the patched place (the addend, or a PLT stub).
+            let Some(seg) = self.image.segment_at(place) else {
+                continue;
+            };
+            if place - seg.vaddr + 8 <= seg.file_len {
+                let site = seg.offset + (place - seg.vaddr);
+                if let Some(pointer) = u64_at(self.data, site) {
+                    self.push(site, Kind::Abs64, pointer);
+                }
+            }
+        }
+    }
+
+    /// Switch tables: 32-bit entries `case - table` after an address the code loads (`lea`)
+    /// outside the code, as long as they lead into the code, up to the next such address.
+    fn jump_tables(&mut self, loaded: &mut Vec<u64>, code: &[(u64, u64)]) {
+        const MAX_ENTRIES: u64 = 1 << 16;
+        loaded.sort_unstable();
+        loaded.dedup();
+        loaded.retain(|&v| !within(code, v));
+        for (i, &table) in loaded.iter().enumerate() {
+            let next = loaded.get(i + 1).copied().unwrap_or(u64::MAX);
+            let Some(segment) = self.image.segment_at(table) else {
+                continue;
+            };
+            let file_end = segment.vaddr + segment.file_len;
+            for entry in (0..MAX_ENTRIES).map(|k| table + 4 * k) {
+                if entry + 4 > next.min(file_end) {
+                    break;
+                }
+                let site = segment.offset + (entry - segment.vaddr);
+                let Some(case) = i32_at(self.data, site).and_then(|v| table.checked_add_signed(v))
+                else {
+                    break;
+                };
+                if !within(code, case) {
+                    break;
+                }
+                self.refs.push(Ref {
+                    site,
+                    kind: Kind::Based32 { base: table },
+                    target: case,
+                });
+            }
+        }
+    }
+
+    fn symbols(&mut self, section: &Section<'_>) {
+        const SHN_LORESERVE: u16 = 0xff00;
+        for at in Self::entries(section, 24) {
+            let (Some(index), Some(value)) = (u16_at(self.data, at + 6), u64_at(self.data, at + 8))
+            else {
+                continue;
+            };
+            if index != 0 && index < SHN_LORESERVE {
+                self.push(at + 8, Kind::Abs64, value);
+            }
+        }
+    }
+
+    fn dynamic(&mut self, section: &Section<'_>) {
+        // Tags whose value is an address.
+        const POINTERS: [u64; 17] = [
+            3,
+            4,
+            5,
+            6,
+            7,
+            12,
+            13,
+            17,
+            23,
+            25,
+            26,
+            32,
+            0x6fff_fef5,
+            0x6fff_fff0,
+            0x6fff_fffc,
+            0x6fff_fffe,
+            0x6fff_fef6,
+        ];
+        for at in Self::entries(section, 16) {
+            let (Some(tag), Some(value)) = (u64_at(self.data, at), u64_at(self.data, at + 8))
+            else {
+                continue;
+            };
+            if POINTERS.contains(&tag) {
+                self.push(at + 8, Kind::Abs64, value);
+            }
+        }
+    }
+
+    /// A 32-bit PC-relative pointer at `site` (DW_EH_PE_pcrel | DW_EH_PE_sdata4).
+    fn pcrel(&mut self, site: u64) {
+        let (Some(value), Some(vsite)) = (i32_at(self.data, site), self.image.vaddr_of(site))
+        else {
+            return;
+        };
+        if let Some(target) = vsite.checked_add_signed(value) {
+            self.push(site, Kind::Rel32 { k: 0 }, target);
+        }
+    }
+
+    fn eh_frame_hdr(&mut self, section: &Section<'_>) {
+        const PCREL_SDATA4: u8 = 0x1b;
+        const UDATA4: u8 = 0x03;
+        const DATAREL_SDATA4: u8 = 0x3b;
+        let at = section.offset;
+        let Some(head) = self.data.get(at as usize..at as usize + 4) else {
+            return;
+        };
+        let Some(base) = self.image.vaddr_of(at) else {
+            return;
+        };
+        if head[0] != 1 || head[1] != PCREL_SDATA4 || head[2] != UDATA4 {
+            return;
+        }
+        self.pcrel(at + 4);
+        if head[3] != DATAREL_SDATA4 {
+            return;
+        }
+        let Some(count) = u32_at(self.data, at + 8) else {
+            return;
+        };
+        let room = section.len.saturating_sub(12) / 4;
+        for i in 0..u64::from(count).saturating_mul(2).min(room) {
+            let site = at + 12 + 4 * i;
+            if let Some(target) = i32_at(self.data, site).and_then(|v| base.checked_add_signed(v)) {
+                self.push(site, Kind::Based32 { base }, target);
+            }
+        }
+    }
+
+    fn eh_frame(&mut self, section: &Section<'_>) {
+        let (start, end) = (section.offset, section.offset + section.len);
+        // CIE offset -> (FDE pointer encoding, LSDA encoding, augmentation has 'z').
+        let mut cies: Vec<(u64, Cie)> = Vec::new();
+        let mut at = start;
+        while let Some(len) = u32_at(self.data, at) {
+            if len == 0 || len == u32::MAX {
+                break;
+            }
+            let record_end = at + 4 + u64::from(len);
+            if record_end > end {
+                break;
+            }
+            let Some(id) = u32_at(self.data, at + 4) else {
+                break;
+            };
+            if id == 0 {
+                if let Some(cie) = self.cie(at + 8, record_end) {
+                    cies.push((at, cie));
+                }
+            } else if let Some(cie_at) = (at + 4).checked_sub(u64::from(id)) {
+                if let Some(vcie) = self.image.vaddr_of(cie_at) {
+                    self.push(at + 4, Kind::Back32, vcie);
+                }
+                if let Ok(i) = cies.binary_search_by_key(&cie_at, |c| c.0) {
+                    let cie = cies[i].1;
+                    self.fde(at + 8, record_end, cie);
+                }
+            }
+            at = record_end;
+        }
+    }
+
+    fn cie(&mut self, mut at: u64, end: u64) -> Option<Cie> {
+        let version = *self.data.get(at as usize)?;
+        at += 1;
+        let augmentation_at = at as usize;
+        let len = self
+            .data
+            .get(augmentation_at..end as usize)?
+            .iter()
+            .position(|&b| b == 0)?;
+        let augmentation = &self.data[augmentation_at..augmentation_at + len];
+        at += len as u64 + 1;
+        let mut cie = Cie {
+            fde: None,
+            lsda: None,
+            z: augmentation.first() == Some(&b'z'),
+        };
+        if !cie.z {
+            return Some(cie);
+        }
+        at = uleb_end(self.data, at)?; // code alignment
+        at = uleb_end(self.data, at)?; // data alignment (sleb: same length rule)
+        at = if version == 1 {
+            at + 1
+        } else {
+            uleb_end(self.data, at)?
+        }; // return register
+        at = uleb_end(self.data, at)?; // augmentation data length
+        for &c in &augmentation[1..] {
+            let encoding = *self.data.get(at as usize)?;
+            at += 1;
+            match c {
+                b'R' => cie.fde = Some(encoding),
+                b'L' => cie.lsda = Some(encoding),
+                b'P' => {
+                    if encoding == 0x1b || encoding == 0x9b {
+                        self.pcrel(at);
+                    }
+                    at += pointer_len(encoding)?;
+                }
+                _ => return Some(cie),
+            }
+        }
+        Some(cie)
+    }
+
+    fn fde(&mut self, at: u64, end: u64, cie: Cie) {
+        if cie.fde != Some(0x1b) || at + 8 > end {
+            return;
+        }
+        self.pcrel(at);
+        // pc_range (not a reference), then the augmentation data with the LSDA pointer.
+        if !cie.z || cie.lsda != Some(0x1b) {
+            return;
+        }
+        if let Some(lsda) = uleb_end(self.data, at + 8) {
+            if lsda + 4 <= end && self.data.get(at as usize + 8) != Some(&0) {
+                self.pcrel(lsda);
+            }
+        }
+    }
+}
+
+/// What an FDE needs of its CIE.
+#[derive(Debug, Clone, Copy)]
+struct Cie {
+    fde: Option<u8>,
+    lsda: Option<u8>,
+    z: bool,
+}
+
+/// The offset after the LEB128 number at `at`.
+fn uleb_end(data: &[u8], at: u64) -> Option<u64> {
+    let rest = data.get(at as usize..)?;
+    let len = rest.iter().take(10).position(|&b| b & 0x80 == 0)?;
+    Some(at + len as u64 + 1)
+}
+
+/// Bytes of a pointer with DWARF encoding `encoding`.
+fn pointer_len(encoding: u8) -> Option<u64> {
+    match encoding & 0x0f {
+        0x00 | 0x04 | 0x0c => Some(8),
+        0x03 | 0x0b => Some(4),
+        0x02 | 0x0a => Some(2),
+        _ => None,
+    }
+}
+
+/// One-byte opcodes taking a ModRM operand and no immediate.
+const MODRM_OPS: [u8; 30] = [
+    0x01, 0x03, 0x09, 0x0b, 0x11, 0x13, 0x19, 0x1b, 0x21, 0x23, 0x29, 0x2b, 0x31, 0x33, 0x39, 0x3b,
+    0x63, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8d, 0xff, 0xd1, 0xd3, 0xfe,
+];
+/// Two-byte opcodes (after 0x0f) taking a ModRM operand and no immediate.
+const MODRM_OPS_0F: [u8; 37] = [
+    0xb6, 0xb7, 0xbe, 0xbf, 0xaf, 0x10, 0x11, 0x28, 0x29, 0x2e, 0x2f, 0x54, 0x57, 0x58, 0x59, 0x5c,
+    0x5e, 0x6f, 0x7f, 0xd6, 0x1f, 0x12, 0x13, 0x16, 0x17, 0x51, 0x5a, 0x2a, 0x2c, 0x2d, 0xef, 0xdb,
+    0xeb, 0xfe, 0xd4, 0xfa, 0xfb,
+];
+
+/// Bytes of immediate after the ModRM operand of one-byte opcode `op` with ModRM `modrm`, or
+/// `None` when `op` is not one the scan knows.
+fn immediate_after(op: u8, modrm: u8) -> Option<u8> {
+    let reg = (modrm >> 3) & 7;
+    match op {
+        _ if MODRM_OPS.contains(&op) => Some(0),
+        0x80 | 0x83 | 0xc6 | 0x6b | 0xc0 | 0xc1 => Some(1),
+        0x81 | 0xc7 | 0x69 => Some(4),
+        0xf7 => Some(if reg <= 1 { 4 } else { 0 }),
+        0xf6 => Some(if reg <= 1 { 1 } else { 0 }),
+        _ => None,
+    }
+}
+
+fn within(ranges: &[(u64, u64)], v: u64) -> bool {
+    ranges.iter().any(|&(start, end)| start <= v && v < end)
+}
+
+/// The code bytes `start..end` of `data`, at virtual address `vstart`, to scan for references.
+struct Scan<'a> {
+    data: &'a [u8],
+    start: u64,
+    end: u64,
+    vstart: u64,
+    /// Virtual address ranges of all code.
+    code: &'a [(u64, u64)],
+    image: &'a Image,
+}
+
+impl Scan<'_> {
+    /// Push the references found to `refs`, and the addresses that `lea` instructions load
+    /// (where switch tables start) to `loaded`.
+    fn run(&self, refs: &mut Vec<Ref>, loaded: &mut Vec<u64>) {
+        let (start, end) = (self.start as usize, self.end as usize);
+        let code = &self.data[start..end];
+        let vaddr = |i: usize| self.vstart + i as u64;
+        let disp = |i: usize| -> Option<i64> {
+            Some(i64::from(i32::from_le_bytes(
+                code.get(i..i + 4)?.try_into().ok()?,
+            )))
+        };
+        let target = |end_of_insn: usize, d: i64| vaddr(end_of_insn).checked_add_signed(d);
+        let mut i = 0usize;
+        while i + 5 <= code.len() {
+            let b = code[i];
+            // call rel32, jmp rel32; jcc rel32
+            let branch = match b {
+                0xe8 | 0xe9 => Some(i + 1),
+                0x0f if code.get(i + 1).is_some_and(|c| (0x80..=0x8f).contains(c)) => Some(i + 2),
+                _ => None,
+            };
+            if let Some(at) = branch {
+                if let Some(t) = disp(at).and_then(|d| target(at + 4, d)) {
+                    if within(self.code, t) {
+                        refs.push(Ref {
+                            site: (start + at) as u64,
+                            kind: Kind::Rel32 { k: 4 },
+                            target: t,
+                        });
+                        i = at + 4;
+                        continue;
+                    }
+                }
+            }
+            // [66|f2|f3] [REX] opcode ModRM(mod 00, r/m 101) disp32 [imm]: RIP-relative.
+            let mut j = i;
+            if matches!(code[j], 0x66 | 0xf2 | 0xf3) {
+                j += 1;
+            }
+            if code.get(j).is_some_and(|b| (0x40..=0x4f).contains(b)) {
+                j += 1;
+            }
+            let operand = match code.get(j) {
+                Some(0x0f) => code
+                    .get(j + 1)
+                    .filter(|op| MODRM_OPS_0F.contains(op) || (0x40..=0x4f).contains(*op))
+                    .map(|_| (j + 2, 0u8)),
+                Some(&op) => code
+                    .get(j + 1)
+                    .and_then(|&modrm| immediate_after(op, modrm))
+                    .map(|imm| (j + 1, imm)),
+                None => None,
+            };
+            if let Some((m, tail)) = operand {
+                if code.get(m).is_some_and(|&modrm| modrm & 0xc7 == 0x05) {
+                    let end_of_insn = m + 5 + usize::from(tail);
+                    let t = disp(m + 1).and_then(|d| target(end_of_insn, d));
+                    if let Some(t) = t.filter(|&t| self.image.segment_at(t).is_some()) {
+                        if end_of_insn <= code.len() {
+                            refs.push(Ref {
+                                site: (start + m + 1) as u64,
+                                kind: Kind::Rel32 { k: 4 + tail },
+                                target: t,
+                            });
+                            if code[j] == 0x8d {
+                                loaded.push(t);
+                            }
+                            i = end_of_insn;
+                            continue;
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(crate) fn fixture(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
+    fn section<'a>(data: &'a [u8], name: &[u8]) -> Section<'a> {
+        sections(data)
+            .expect("section headers")
+            .into_iter()
+            .find(|s| s.name == name)
+            .expect("the section")
+    }
+
+    /// The value a reference's bytes hold in the file, by its rule, from its site and target.
+    fn expected(image: &Image, r: &Ref) -> u64 {
+        let site = image.vaddr_of(r.site).expect("sites lie in segments") as i64;
+        let target = r.target as i64;
+        let value = match r.kind {
+            Kind::Rel32 { k } => target - (site + i64::from(k)),
+            Kind::Back32 => site - target,
+            Kind::Based32 { base } => target - base as i64,
+            Kind::Abs64 => return r.target,
+        };
+        i64::from(i32::try_from(value).expect("32 bits")) as u64
+    }
+
+    #[test]
+    fn finds_the_references_of_a_library() {
+        let data = fixture("elf-1.old.so");
+        let image = scan(&data);
+        assert!(
+            image
+                .refs
+                .windows(2)
+                .all(|w| w[0].site + w[0].width() <= w[1].site),
+            "sorted, not overlapping"
+        );
+        for r in &image.refs {
+            let held = match r.width() {
+                8 => u64_at(&data, r.site),
+                _ => i32_at(&data, r.site).map(|v| v as u64),
+            };
+            assert_eq!(
+                held,
+                Some(expected(&image, r)),
+                "{r:?} is not what the file holds"
+            );
+        }
+        let count = |f: &dyn Fn(&Kind) -> bool| image.refs.iter().filter(|r| f(&r.kind)).count();
+        // Every FDE's CIE pointer, and the search table's two entries per FDE.
+        let hdr = section(&data, b".eh_frame_hdr");
+        let fdes = u32_at(&data, hdr.offset + 8).expect("fde count") as usize;
+        assert!(fdes >= 40, "{fdes} FDEs");
+        assert_eq!(count(&|k| *k == Kind::Back32), fdes);
+        let hdr_v = image.vaddr_of(hdr.offset).expect("in a segment");
+        let table = count(&|k| *k == Kind::Based32 { base: hdr_v });
+        assert_eq!(table, 2 * fdes);
+        // Switch tables: the other based entries (the 40 functions switch over 7 cases).
+        let cases = count(&|k| matches!(k, Kind::Based32 { .. })) - table;
+        assert!(cases >= 40 * 7, "{cases} switch table entries");
+        // Relocations: the place of each, and the pointer the file holds there.
+        let relocations = section(&data, b".rela.dyn").len as usize / 24;
+        assert!(count(&|k| *k == Kind::Abs64) >= relocations + 40);
+        // Calls, jumps and RIP-relative operands: each function calls two others and reads its
+        // state and its message.
+        let code = count(&|k| matches!(k, Kind::Rel32 { .. })) - fdes;
+        assert!(code >= 40 * 4, "{code} code references");
+    }
+
+    #[test]
+    fn other_files_have_none() {
+        assert!(scan(&[]).refs.is_empty());
+        assert!(scan(b"\x7fELF").refs.is_empty());
+        assert!(scan(&crate::test_data::noise(1, 10_000)).refs.is_empty());
+        // A 32-bit ELF file, or one for another machine.
+        let mut data = fixture("elf-1.old.so");
+        data[4] = 1;
+        assert!(scan(&data).refs.is_empty());
+        let mut data = fixture("elf-1.old.so");
+        data[0x12] = 183; // AArch64
+        assert!(scan(&data).refs.is_empty());
+        assert!(same_sections(&data, &fixture("elf-1.new.so"), true).is_empty());
+    }
+
+    #[test]
+    fn damaged_files_are_read_without_panics() {
+        let data = fixture("elf-1.old.so");
+        let shoff = u64_at(&data, 0x28).expect("shoff") as usize;
+        let phoff = u64_at(&data, 0x20).expect("phoff") as usize;
+        let hdr = section(&data, b".eh_frame_hdr");
+        let frames = section(&data, b".eh_frame");
+        // Every byte of the headers and tables, and a sample of the unwind tables, flipped.
+        let places = (0..64)
+            .chain(phoff..phoff + 10 * 56)
+            .chain(shoff..data.len())
+            .chain((hdr.offset as usize..(frames.offset + frames.len) as usize).step_by(7));
+        for at in places {
+            for flip in [0xff, 0x80, 0x01] {
+                let mut bad = data.clone();
+                bad[at] ^= flip;
+                let image = scan(&bad);
+                assert!(image.refs.windows(2).all(|w| w[0].site < w[1].site));
+            }
+        }
+        for len in (0..data.len()).step_by(61) {
+            scan(&data[..len]);
+        }
+    }
+}
