@@ -117,7 +117,7 @@ const DEBS: &[Deb] = &[
         name: "browser-major",
         package: "firefox-esr",
         old: "140.12.0esr-1~deb12u1",
-        new: "153.7.0esr-1~deb12u1",
+        new: "153.8.0esr-1~deb12u1",
         what: "browser major-version step (ESR 140 -> ESR 153)",
     },
 ];

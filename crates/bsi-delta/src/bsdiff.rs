@@ -838,6 +838,58 @@ mod tests {
         assert_eq!(round_trip(&noise, &edited)[4], Predictor::None as u8);
     }
 
+    /// Code of calls between pseudo-instructions, laid out with an insertion at `insert_at`:
+    /// every call that crosses the insertion changes its displacement, nothing else changes.
+    fn relinked_code(insert_at: usize, inserted: usize) -> Vec<u8> {
+        let filler = noise(13, 60_000);
+        let targets = noise(14, 20_000);
+        // Instruction k: a call to instruction targets[k] * 20 (one in 20), else 3 filler bytes.
+        let is_call = |k: usize| targets[k].is_multiple_of(20);
+        let mut offsets = Vec::with_capacity(20_001);
+        let mut at = 0usize;
+        for k in 0..20_000 {
+            if k == insert_at {
+                at += inserted;
+            }
+            offsets.push(at);
+            at += if is_call(k) { 5 } else { 3 };
+        }
+        let mut code = Vec::with_capacity(at);
+        for k in 0..20_000 {
+            if k == insert_at {
+                code.extend((0..inserted).map(|i| 0x90 + (i % 16) as u8));
+            }
+            if is_call(k) {
+                let target = offsets[(usize::from(targets[k]) * 78) % 20_000];
+                let disp = target as i64 - (offsets[k] + 5) as i64;
+                code.push(0xe8);
+                code.extend_from_slice(&(disp as i32).to_le_bytes());
+            } else {
+                // nop-like bytes: never an opcode the reference scan looks at
+                code.extend((0..3).map(|i| 0x90 + filler[3 * k + i] % 16));
+            }
+        }
+        code
+    }
+
+    #[test]
+    fn calls_that_only_moved_cost_nothing() {
+        let old = refs::tests::elf_with_code(&relinked_code(usize::MAX, 0));
+        let new = refs::tests::elf_with_code(&relinked_code(10_000, 64));
+        let predicted = round_trip(&old, &new);
+        let plain = Bsdiff::UNPREDICTED
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
+        assert_eq!(predicted[4], Predictor::X86Refs as u8);
+        assert!(
+            predicted.len() * 4 < plain.len(),
+            "predicted {} bytes against {} without",
+            predicted.len(),
+            plain.len()
+        );
+    }
+
     /// The encoder and decoder agree on damaged ELF files (their references found, or not, the
     /// same way on both sides).
     #[test]

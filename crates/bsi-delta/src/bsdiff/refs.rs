@@ -100,8 +100,18 @@ const SHF_EXECINSTR: u64 = 4;
 const MAX_SEGMENTS: usize = 64;
 const MAX_SECTIONS: usize = 4096;
 /// At most this many references are kept (the first ones by site): a decoder holds them beside
-/// the old file (32 bytes each while found, 24 once prepared).
+/// the old file (24 bytes each once prepared).
 pub(super) const MAX_REFS: usize = 1 << 19;
+/// At most this many are collected (32 bytes each), the first ones found: code sections in file
+/// order, then the tables in section order. A 184 MB library would otherwise collect millions.
+const MAX_FOUND: usize = 2 * MAX_REFS;
+
+/// Collect `r` unless [`MAX_FOUND`] references were collected already.
+fn collect(refs: &mut Vec<Ref>, r: Ref) {
+    if refs.len() < MAX_FOUND {
+        refs.push(r);
+    }
+}
 
 fn u16_at(data: &[u8], at: u64) -> Option<u16> {
     let at = usize::try_from(at).ok()?;
@@ -330,7 +340,7 @@ impl Tables<'_, '_> {
 
     fn push(&mut self, site: u64, kind: Kind, target: u64) {
         if self.address(target) {
-            self.refs.push(Ref { site, kind, target });
+            collect(self.refs, Ref { site, kind, target });
         }
     }
 
@@ -393,11 +403,14 @@ impl Tables<'_, '_> {
                 if !within(code, case) {
                     break;
                 }
-                self.refs.push(Ref {
-                    site,
-                    kind: Kind::Based32 { base: table },
-                    target: case,
-                });
+                collect(
+                    self.refs,
+                    Ref {
+                        site,
+                        kind: Kind::Based32 { base: table },
+                        target: case,
+                    },
+                );
             }
         }
     }
@@ -674,11 +687,16 @@ impl Scan<'_> {
             if let Some(at) = branch {
                 if let Some(t) = disp(at).and_then(|d| target(at + 4, d)) {
                     if within(self.code, t) {
-                        refs.push(Ref {
-                            site: (start + at) as u64,
-                            kind: Kind::Rel32 { k: 4 },
-                            target: t,
-                        });
+                        let site = (start + at) as u64;
+                        let kind = Kind::Rel32 { k: 4 };
+                        collect(
+                            refs,
+                            Ref {
+                                site,
+                                kind,
+                                target: t,
+                            },
+                        );
                         i = at + 4;
                         continue;
                     }
@@ -709,12 +727,17 @@ impl Scan<'_> {
                     let t = disp(m + 1).and_then(|d| target(end_of_insn, d));
                     if let Some(t) = t.filter(|&t| self.image.segment_at(t).is_some()) {
                         if end_of_insn <= code.len() {
-                            refs.push(Ref {
-                                site: (start + m + 1) as u64,
-                                kind: Kind::Rel32 { k: 4 + tail },
-                                target: t,
-                            });
-                            if code[j] == 0x8d {
+                            let site = (start + m + 1) as u64;
+                            let kind = Kind::Rel32 { k: 4 + tail };
+                            collect(
+                                refs,
+                                Ref {
+                                    site,
+                                    kind,
+                                    target: t,
+                                },
+                            );
+                            if code[j] == 0x8d && loaded.len() < MAX_FOUND {
                                 loaded.push(t);
                             }
                             i = end_of_insn;
@@ -801,6 +824,79 @@ pub(super) mod tests {
         // state and its message.
         let code = count(&|k| matches!(k, Kind::Rel32 { .. })) - fdes;
         assert!(code >= 40 * 4, "{code} code references");
+    }
+
+    /// A minimal x86-64 ELF file: one loaded segment (file offset = address) with `code` as its
+    /// `.text` at 0x1000.
+    pub(crate) fn elf_with_code(code: &[u8]) -> Vec<u8> {
+        let names = b"\0.text\0.shstrtab\0";
+        let names_at = 0x1000 + code.len();
+        let headers_at = (names_at + names.len()).next_multiple_of(8);
+        let mut data = vec![0u8; headers_at + 3 * 64];
+        let put = |data: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+            data[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        put(&mut data, 0, b"\x7fELF\x02\x01\x01");
+        put(&mut data, 0x10, &3u16.to_le_bytes()); // shared object
+        put(&mut data, 0x12, &EM_X86_64.to_le_bytes());
+        put(&mut data, 0x20, &64u64.to_le_bytes()); // program headers
+        put(&mut data, 0x28, &(headers_at as u64).to_le_bytes()); // section headers
+        for (at, v) in [
+            (0x34, 64u16),
+            (0x36, 56),
+            (0x38, 1),
+            (0x3a, 64),
+            (0x3c, 3),
+            (0x3e, 2),
+        ] {
+            put(&mut data, at, &v.to_le_bytes());
+        }
+        let len = data.len() as u64;
+        put(&mut data, 64, &PT_LOAD.to_le_bytes());
+        put(&mut data, 68, &5u32.to_le_bytes()); // r-x
+        for (at, v) in [
+            (72, 0u64),
+            (80, 0),
+            (88, 0),
+            (96, len),
+            (104, len),
+            (112, 0x1000),
+        ] {
+            put(&mut data, at, &v.to_le_bytes());
+        }
+        put(&mut data, 0x1000, code);
+        put(&mut data, names_at, names);
+        let text = headers_at + 64;
+        put(&mut data, text, &1u32.to_le_bytes());
+        put(&mut data, text + 4, &SHT_PROGBITS.to_le_bytes());
+        put(
+            &mut data,
+            text + 8,
+            &(SHF_ALLOC | SHF_EXECINSTR).to_le_bytes(),
+        );
+        for (at, v) in [(16, 0x1000u64), (24, 0x1000), (32, code.len() as u64)] {
+            put(&mut data, text + at, &v.to_le_bytes());
+        }
+        let strtab = headers_at + 128;
+        put(&mut data, strtab, &7u32.to_le_bytes());
+        put(&mut data, strtab + 4, &3u32.to_le_bytes());
+        for (at, v) in [(24, names_at as u64), (32, names.len() as u64)] {
+            put(&mut data, strtab + at, &v.to_le_bytes());
+        }
+        data
+    }
+
+    #[test]
+    fn a_huge_library_keeps_the_first_references() {
+        // `call` to the next instruction, more times than references are kept or collected.
+        let calls = MAX_FOUND + 1000;
+        let code: Vec<u8> = (0..calls).flat_map(|_| [0xe8, 0, 0, 0, 0]).collect();
+        let image = scan(&elf_with_code(&code));
+        assert_eq!(image.refs.len(), MAX_REFS);
+        for (i, r) in image.refs.iter().enumerate() {
+            let site = 0x1000 + 5 * i as u64 + 1;
+            assert_eq!((r.site, r.target), (site, site + 4));
+        }
     }
 
     #[test]

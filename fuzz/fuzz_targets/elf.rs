@@ -1,0 +1,74 @@
+//! bsdiff's reference prediction on damaged and hostile input, around a real x86-64 library
+//! (the gcc-built pair of `crates/bsi-delta/tests/data/elf-1.*`).
+//!
+//! Input: 1 byte selects the mode, the rest is its data. Modes 0 and 2 damage the old library:
+//! 2 bytes give an offset into it and the rest overwrites it from there.
+//! - 0: the damaged library is encoded against the new one, which the payload must give back
+//!   (the encoder and the decoder find the same references, or none);
+//! - 2: the stored format 2 payload (`bsdiff-2.bin`) is decoded against the damaged library;
+//! - 1, 3: the rest is a payload, decoded against the undamaged library, so that a hostile
+//!   control stream builds the alignment the predictor uses (with a length of the new file
+//!   from its first 3 bytes, as the verified manifest would give it).
+//!
+//! Encoding is slow (three suffix arrays), so it is one mode in four.
+#![no_main]
+
+use bsi_delta::{Bsdiff, DeltaEncoder};
+use libfuzzer_sys::fuzz_target;
+
+const OLD: &[u8] = include_bytes!("../../crates/bsi-delta/tests/data/elf-1.old.so");
+const NEW: &[u8] = include_bytes!("../../crates/bsi-delta/tests/data/elf-1.new.so");
+const PAYLOAD: &[u8] = include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2.bin");
+
+/// The old library with `data` (an offset, then bytes) written over it.
+fn damaged(data: &[u8]) -> Option<Vec<u8>> {
+    let [a, b, patch @ ..] = data else {
+        return None;
+    };
+    let mut old = OLD.to_vec();
+    let at = usize::from(u16::from_le_bytes([*a, *b])) % old.len();
+    let n = patch.len().min(old.len() - at);
+    old[at..at + n].copy_from_slice(&patch[..n]);
+    Some(old)
+}
+
+fn check_length(decoded: Result<Vec<u8>, bsi_delta::DecodeError>, new_len: u64) {
+    if let Ok(out) = decoded {
+        assert_eq!(out.len() as u64, new_len, "bsdiff returned a wrong length");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [mode, rest @ ..] = data else {
+        return;
+    };
+    match mode % 4 {
+        0 => {
+            let Some(old) = damaged(rest) else {
+                return;
+            };
+            let payload = Bsdiff::PLAIN
+                .encode(&old, NEW)
+                .expect("encoding in memory does not fail")
+                .expect("bsdiff applies to every pair");
+            let decoded = Bsdiff::PLAIN
+                .decode(&old, &payload, NEW.len() as u64)
+                .expect("a payload decodes against its own old file");
+            assert!(decoded == NEW, "the round trip changed the file");
+        }
+        2 => {
+            let Some(old) = damaged(rest) else {
+                return;
+            };
+            let new_len = NEW.len() as u64;
+            check_length(Bsdiff::PLAIN.decode(&old, PAYLOAD, new_len), new_len);
+        }
+        _ => {
+            let [l0, l1, l2, payload @ ..] = rest else {
+                return;
+            };
+            let new_len = u64::from(u32::from_le_bytes([*l0, *l1, *l2, 0]));
+            check_length(Bsdiff::PLAIN.decode(OLD, payload, new_len), new_len);
+        }
+    }
+});
