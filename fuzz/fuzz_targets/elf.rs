@@ -1,7 +1,8 @@
-//! bsdiff's reference prediction on damaged and hostile input, around a real x86-64 library
-//! (the gcc-built pair of `crates/bsi-delta/tests/data/elf-1.*`).
+//! bsdiff's reference prediction on damaged and hostile input, around a real library (the
+//! gcc-built pairs of `crates/bsi-delta/tests/data/elf-1.*`, for x86-64 and for AArch64).
 //!
-//! Input: 1 byte selects the mode, the rest is its data. Modes 0 and 2 damage the old library:
+//! Input: 1 byte selects the library (bit 2: AArch64) and the mode (its value mod 4), the rest
+//! is the mode's data. Modes 0 and 2 damage the old library:
 //! 2 bytes give an offset into it and the rest overwrites it from there.
 //! - 0: the damaged library is encoded against the new one, which the payload must give back
 //!   (the encoder and the decoder find the same references, or none);
@@ -16,16 +17,26 @@
 use bsi_delta::{Bsdiff, DeltaEncoder};
 use libfuzzer_sys::fuzz_target;
 
-const OLD: &[u8] = include_bytes!("../../crates/bsi-delta/tests/data/elf-1.old.so");
-const NEW: &[u8] = include_bytes!("../../crates/bsi-delta/tests/data/elf-1.new.so");
-const PAYLOAD: &[u8] = include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2.bin");
+/// (old library, new library, stored payload between them).
+const LIBRARIES: [(&[u8], &[u8], &[u8]); 2] = [
+    (
+        include_bytes!("../../crates/bsi-delta/tests/data/elf-1.old.so"),
+        include_bytes!("../../crates/bsi-delta/tests/data/elf-1.new.so"),
+        include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2.bin"),
+    ),
+    (
+        include_bytes!("../../crates/bsi-delta/tests/data/elf-1.arm64.old.so"),
+        include_bytes!("../../crates/bsi-delta/tests/data/elf-1.arm64.new.so"),
+        include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2-arm64.bin"),
+    ),
+];
 
-/// The old library with `data` (an offset, then bytes) written over it.
-fn damaged(data: &[u8]) -> Option<Vec<u8>> {
+/// The old library `old` with `data` (an offset, then bytes) written over it.
+fn damaged(old: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     let [a, b, patch @ ..] = data else {
         return None;
     };
-    let mut old = OLD.to_vec();
+    let mut old = old.to_vec();
     let at = usize::from(u16::from_le_bytes([*a, *b])) % old.len();
     let n = patch.len().min(old.len() - at);
     old[at..at + n].copy_from_slice(&patch[..n]);
@@ -42,33 +53,34 @@ fuzz_target!(|data: &[u8]| {
     let [mode, rest @ ..] = data else {
         return;
     };
+    let (library, new, stored) = LIBRARIES[usize::from(mode >> 2 & 1)];
     match mode % 4 {
         0 => {
-            let Some(old) = damaged(rest) else {
+            let Some(old) = damaged(library, rest) else {
                 return;
             };
             let payload = Bsdiff::PLAIN
-                .encode(&old, NEW)
+                .encode(&old, new)
                 .expect("encoding in memory does not fail")
                 .expect("bsdiff applies to every pair");
             let decoded = Bsdiff::PLAIN
-                .decode(&old, &payload, NEW.len() as u64)
+                .decode(&old, &payload, new.len() as u64)
                 .expect("a payload decodes against its own old file");
-            assert!(decoded == NEW, "the round trip changed the file");
+            assert!(decoded == new, "the round trip changed the file");
         }
         2 => {
-            let Some(old) = damaged(rest) else {
+            let Some(old) = damaged(library, rest) else {
                 return;
             };
-            let new_len = NEW.len() as u64;
-            check_length(Bsdiff::PLAIN.decode(&old, PAYLOAD, new_len), new_len);
+            let new_len = new.len() as u64;
+            check_length(Bsdiff::PLAIN.decode(&old, stored, new_len), new_len);
         }
         _ => {
             let [l0, l1, l2, payload @ ..] = rest else {
                 return;
             };
             let new_len = u64::from(u32::from_le_bytes([*l0, *l1, *l2, 0]));
-            check_length(Bsdiff::PLAIN.decode(OLD, payload, new_len), new_len);
+            check_length(Bsdiff::PLAIN.decode(library, payload, new_len), new_len);
         }
     }
 });

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! "BSD" 0x02                       magic and version
-//! u8                               predictor (0: none, 1: x86-64 ELF references, see `predict`)
+//! u8                               predictor (0: none, 1: ELF references, see `predict`)
 //! 3 x { varint raw_len,            control, diff and extra stream, in this order: decompressed
 //!       varint packed_len }        and compressed length (both 0 for an empty stream)
 //! control, extra                   each one zstd frame, packed_len bytes
@@ -27,6 +27,8 @@
 //! it is still decoded.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use rayon::prelude::*;
 use zstd::stream::raw::CParameter;
@@ -59,11 +61,12 @@ pub struct Bsdiff {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Predictor {
     None = 0,
-    X86Refs = 1,
+    ElfRefs = 1,
 }
 
 impl Bsdiff {
-    /// bsdiff, named "bsdiff", predicting references where the old file is an x86-64 ELF file.
+    /// bsdiff, named "bsdiff", predicting references where the old file is an x86-64 or AArch64
+    /// ELF file.
     pub const PLAIN: Bsdiff = Bsdiff { predict: true };
     /// bsdiff that never predicts: what `cargo xtask encoders` sets beside [`Bsdiff::PLAIN`]
     /// to show what prediction wins. Its payloads decode with either.
@@ -86,20 +89,25 @@ impl DeltaEncoder for Bsdiff {
     }
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        let image = match self.predict {
+            true => refs::scan(old),
+            false => refs::Image::default(),
+        };
         let index = matcher::Index::new(old)?;
-        let ops = search(&index, new, REGION);
-        // The suffix array (4 bytes per old byte) is not needed to code the streams: free it
-        // before the two level-22 encoders take their ~200 MB each.
-        drop(index);
-        let (ops, predictor) = match self.predict {
-            true => predicted_search(old, new, ops)?,
-            false => (ops, None),
+        let (streams, kind) = if image.refs.is_empty() {
+            (streams_as_found(&index, old, new, REGION), Predictor::None)
+        } else {
+            let ops = search(&index, new, REGION);
+            // The suffix array (4 bytes per old byte) is not needed any more: free it before
+            // the next one.
+            drop(index);
+            let (ops, predictor) = predicted_search(old, new, ops, &image)?;
+            let kind = match predictor {
+                Some(_) => Predictor::ElfRefs,
+                None => Predictor::None,
+            };
+            (streams(old, new, &ops, predictor.as_ref()), kind)
         };
-        let kind = match predictor {
-            Some(_) => Predictor::X86Refs,
-            None => Predictor::None,
-        };
-        let streams = streams(old, new, &ops, predictor.as_ref());
         let cap = new.len() as u64;
         let raw = [
             streams.control.len() as u64,
@@ -172,9 +180,12 @@ fn add_steps(ops: &[matcher::Op]) -> Vec<(u64, u64, u64)> {
     steps
 }
 
-/// Matcher passes against the moved old file (see [`predicted_search`]). Measured on libcrypto
-/// 3.0.17 -> 3.0.20: one pass 64,585 B, two 60,591 B, three 60,563 B.
+/// Matcher passes against the moved old file (see [`predicted_search`]): one, and a second for
+/// new files of [`SECOND_PASS_LEN`] or more. Measured on libcrypto 3.0.17 -> 3.0.20 (4.7 MB):
+/// one pass 64,585 B, two 60,591 B, three 60,563 B; the second pass won 0.15% on libxml2
+/// (1.7 MB) and nothing on libssl (0.7 MB), for a suffix array and a search each time.
 const PREDICTED_PASSES: usize = 2;
+const SECOND_PASS_LEN: usize = 4 << 20;
 
 /// The steps and the predictor for `new` where the old file has references (see `refs`), given
 /// the steps `ops` found against the old file as it is.
@@ -183,7 +194,8 @@ const PREDICTED_PASSES: usize = 2;
 /// pointed where its target went; the new file is searched again against that moved old file,
 /// whose tables of addresses (relocations, unwind tables, switch tables) now match the new
 /// file's where before every entry differed, so that the new steps line up entries the first
-/// ones could not; and again from the new steps' alignment. The last steps' own alignment is
+/// ones could not; and, for large files, again from the new steps' alignment. The last steps'
+/// own alignment is
 /// what the decoder predicts with. A pass is kept only when it leaves fewer bytes to code
 /// (differing bytes in add steps, plus extra bytes) than the best so far, which starts as the
 /// first steps without prediction.
@@ -198,17 +210,14 @@ fn predicted_search(
     old: &[u8],
     new: &[u8],
     ops: Vec<matcher::Op>,
+    image: &refs::Image,
 ) -> io::Result<(Vec<matcher::Op>, Option<predict::Predictor>)> {
-    let image = refs::scan(old);
-    if image.refs.is_empty() {
-        return Ok((ops, None));
-    }
     let same = refs::same_sections(old, new, false);
     let starts = refs::same_sections(old, new, true);
     let steps = add_steps(&ops);
     let fit = |preferred: &[(u64, u64, u64)]| {
         let alignment = predict::Alignment::preferring(&steps, preferred);
-        predict::Predictor::new(&image, alignment).map(|p| left_to_code(old, new, &ops, Some(&p)))
+        predict::Predictor::new(image, alignment).map(|p| left_to_code(old, new, &ops, Some(&p)))
     };
     let mut preferred = &same;
     if starts != same && fit(&starts) < fit(&same) {
@@ -218,8 +227,12 @@ fn predicted_search(
     drop(steps);
     let mut left = left_to_code(old, new, &ops, None);
     let mut best = (ops, None);
-    for _ in 0..PREDICTED_PASSES {
-        let Some(mover) = predict::Predictor::new(&image, alignment) else {
+    let passes = match new.len() >= SECOND_PASS_LEN {
+        true => PREDICTED_PASSES,
+        false => 1,
+    };
+    for _ in 0..passes {
+        let Some(mover) = predict::Predictor::new(image, alignment) else {
             break;
         };
         let moved = mover.transform(old);
@@ -229,7 +242,7 @@ fn predicted_search(
         drop(index);
         drop(moved);
         let steps = add_steps(&ops);
-        let Some(predictor) = predict::Predictor::new(&image, predict::Alignment::new(&steps))
+        let Some(predictor) = predict::Predictor::new(image, predict::Alignment::new(&steps))
         else {
             break;
         };
@@ -270,6 +283,46 @@ fn left_to_code(
         new_pos += add + op.copy as usize;
     }
     left
+}
+
+/// The control, diff and extra streams that rebuild `new` from the old file of `index`, without
+/// prediction.
+///
+/// The new file is cut into regions of `region` bytes, searched in parallel; their steps are
+/// coded in order as they come in, by the thread that started the encoding, which helps with the
+/// search while it waits. The steps and so the streams depend only on the inputs, never on the
+/// number of threads or the order in which regions finish.
+fn streams_as_found(index: &matcher::Index<'_>, old: &[u8], new: &[u8], region: usize) -> Streams {
+    let starts: Vec<usize> = (0..new.len()).step_by(region).collect();
+    // Each region's steps, from when a thread has found them until they are written out; taken
+    // out then, so that memory holds only the regions searched ahead of the writing.
+    let slots: Vec<Mutex<Option<Vec<matcher::Op>>>> =
+        starts.iter().map(|_| Mutex::new(None)).collect();
+    let mut builder = StreamBuilder::new(old, new, None);
+    rayon::scope_fifo(|scope| {
+        for (&start, slot) in starts.iter().zip(&slots) {
+            let end = new.len().min(start + region);
+            scope.spawn_fifo(move |_| {
+                let ops = matcher::region_ops(index, &new[..end], start);
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(ops);
+            });
+        }
+        for slot in &slots {
+            let ops = loop {
+                if let Some(ops) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    break ops;
+                }
+                // Search a pending region meanwhile, or wait for one that another thread has.
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            };
+            for op in &ops {
+                builder.push(op);
+            }
+        }
+    });
+    builder.finish()
 }
 
 /// The control, diff and extra streams of the steps `ops`, which rebuild `new` from `old`.
@@ -450,7 +503,7 @@ impl<'a> Header<'a> {
             .ok_or_else(|| corrupt("truncated header"))?;
         let predictor = match predictor {
             0 => Predictor::None,
-            1 if !format_1 => Predictor::X86Refs,
+            1 if !format_1 => Predictor::ElfRefs,
             _ => return Err(corrupt("unknown predictor")),
         };
         let mut lens = [(0u64, 0u64); 3];
@@ -630,7 +683,7 @@ fn apply(
 ) -> Result<(), DecodeError> {
     let predictor = match header.predictor {
         Predictor::None => None,
-        Predictor::X86Refs => {
+        Predictor::ElfRefs => {
             let alignment = predict::Alignment::new(&read_add_steps(header, old, new_len)?);
             predict::Predictor::new(&refs::scan(old), alignment)
         }
@@ -815,11 +868,7 @@ mod tests {
         let old = refs::tests::fixture("elf-1.old.so");
         let new = refs::tests::fixture("elf-1.new.so");
         let predicted = round_trip(&old, &new);
-        assert_eq!(
-            &predicted[..5],
-            b"BSD\x02\x01",
-            "format 2, x86-64 references"
-        );
+        assert_eq!(&predicted[..5], b"BSD\x02\x01", "format 2, ELF references");
         let plain = Bsdiff::UNPREDICTED
             .encode(&old, &new)
             .expect("encode")
@@ -831,7 +880,22 @@ mod tests {
             predicted.len(),
             plain.len()
         );
-        // Files that are not x86-64 ELF are not predicted.
+        // The same library built for AArch64.
+        let old = refs::tests::fixture("elf-1.arm64.old.so");
+        let new = refs::tests::fixture("elf-1.arm64.new.so");
+        let predicted = round_trip(&old, &new);
+        assert_eq!(predicted[4], Predictor::ElfRefs as u8);
+        let plain = Bsdiff::UNPREDICTED
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
+        assert!(
+            predicted.len() * 10 <= plain.len() * 8,
+            "arm64: predicted {} bytes against {} without",
+            predicted.len(),
+            plain.len()
+        );
+        // Files that are not ELF files of a known machine are not predicted.
         let noise = noise(12, 30_000);
         let mut edited = noise.clone();
         edited[100] ^= 1;
@@ -881,7 +945,7 @@ mod tests {
             .encode(&old, &new)
             .expect("encode")
             .expect("applies");
-        assert_eq!(predicted[4], Predictor::X86Refs as u8);
+        assert_eq!(predicted[4], Predictor::ElfRefs as u8);
         assert!(
             predicted.len() * 4 < plain.len(),
             "predicted {} bytes against {} without",

@@ -91,6 +91,20 @@ fn bsdiff_2() {
     );
 }
 
+/// The same library built for AArch64: format 2, whose decoder reads AArch64 instructions.
+#[test]
+fn bsdiff_2_arm64() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
+    let (old, new) = (read("elf-1.arm64.old.so"), read("elf-1.arm64.new.so"));
+    check("bsdiff", "bsdiff-2-arm64.bin", &old, &new);
+    let stored = std::fs::read(data("bsdiff-2-arm64.bin")).expect("read the payload");
+    assert_eq!(
+        &stored[..5],
+        b"BSD\x02\x01",
+        "format 2 with the ELF predictor"
+    );
+}
+
 /// Near-identical files: a few bytes edited, a run inserted and one moved.
 #[test]
 fn blocks_1() {

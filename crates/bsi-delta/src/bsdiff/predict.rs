@@ -120,6 +120,7 @@ enum Rule {
     Back32,
     Based32 { base: u32 },
     Abs64,
+    Arm64(refs::Arm64),
 }
 
 /// A reference ready for prediction (24 bytes).
@@ -136,6 +137,7 @@ impl Prepared {
         match self.rule {
             Rule::Abs64 => 8,
             Rule::Rel32 { .. } | Rule::Back32 | Rule::Based32 { .. } => 4,
+            Rule::Arm64(form) => form.width(),
         }
     }
 }
@@ -179,6 +181,7 @@ impl Predictor {
                 Kind::Rel32 { k } => Rule::Rel32 { k },
                 Kind::Back32 => Rule::Back32,
                 Kind::Abs64 => Rule::Abs64,
+                Kind::Arm64(form) => Rule::Arm64(form),
                 Kind::Based32 { base } => {
                     // Few distinct bases (one per table): the last one is almost always it.
                     let index = match bases.iter().rposition(|&(b, _)| b == base) {
@@ -228,9 +231,9 @@ impl Predictor {
             .checked_add(self.skews[usize::from(point.segment)])
     }
 
-    /// The bytes of reference `r` at new file offset `new_site`, or `None` when the predicted
-    /// value does not fit.
-    fn value(&self, r: &Prepared, new_site: i64) -> Option<[u8; 8]> {
+    /// The bytes of reference `r`, whose old bytes are `old`, at new file offset `new_site`, or
+    /// `None` when the predicted value does not fit.
+    fn value(&self, r: &Prepared, old: &[u8], new_site: i64) -> Option<[u8; 8]> {
         let site = new_site.checked_add(self.skews[usize::from(r.site_segment)])?;
         let target = self.moved(r.target)?;
         let rel =
@@ -242,6 +245,7 @@ impl Predictor {
                 rel(target.checked_sub(self.moved(self.bases[base as usize])?))?
             }
             Rule::Abs64 => u64::try_from(target).ok()?,
+            Rule::Arm64(form) => return refs::arm64_encode(form, old, site, target),
         };
         Some(value.to_le_bytes())
     }
@@ -251,13 +255,18 @@ impl Predictor {
     pub fn transform(&self, old: &[u8]) -> Vec<u8> {
         let mut out = old.to_vec();
         for r in &self.refs {
-            let Some(bytes) = self.alignment.map(r.site).and_then(|s| self.value(r, s)) else {
+            let (site, width) = (r.site as usize, r.width() as usize);
+            let Some(was) = old.get(site..site + width) else {
                 continue;
             };
-            let (site, width) = (r.site as usize, r.width() as usize);
-            if let Some(place) = out.get_mut(site..site + width) {
-                place.copy_from_slice(&bytes[..width]);
-            }
+            let Some(bytes) = self
+                .alignment
+                .map(r.site)
+                .and_then(|s| self.value(r, was, s))
+            else {
+                continue;
+            };
+            out[site..site + width].copy_from_slice(&bytes[..width]);
         }
         out
     }
@@ -291,7 +300,8 @@ impl Predictor {
                 continue;
             }
             let new_site = new_at as i64 + (r.site - step_start) as i64;
-            let Some(bytes) = self.value(r, new_site) else {
+            let was = &old[r.site as usize..(r.site + width) as usize];
+            let Some(bytes) = self.value(r, was, new_site) else {
                 continue;
             };
             for (k, &byte) in bytes[..width as usize].iter().enumerate() {

@@ -1,5 +1,5 @@
-//! References in an x86-64 ELF file: the places whose bytes are an address or a distance to an
-//! address, found in the old file alone so that the decoder finds the same ones.
+//! References in an x86-64 or AArch64 ELF file: the places whose bytes are an address or a
+//! distance to an address, found in the old file alone so that the decoder finds the same ones.
 //!
 //! When code moves between two builds, every reference that crosses the move changes although
 //! nothing it means has: a call's displacement grows by the bytes inserted between the call and
@@ -8,15 +8,19 @@
 //! module only finds them; it never fails: a file it cannot read has no references.
 //!
 //! Found here:
-//! - in executable sections, `call`/`jmp`/`jcc` with a 32-bit displacement and RIP-relative
-//!   memory operands of common instructions (a byte scan, like Courgette's and Zucchini's: an
-//!   instruction is taken when its target lies inside the image, and the scan resumes after it);
+//! - in executable sections, instructions that refer to an address (`x86`, `arm64`);
 //! - relocations (`SHT_RELA`): the address each one patches, its addend when that is an address
 //!   (relative and indirect relocations), and the pointer stored at the patched place;
 //! - symbol values (`.dynsym`, `.symtab`) and the address entries of `.dynamic`;
 //! - unwind tables: `.eh_frame_hdr`'s pointer and search table, and in `.eh_frame` each FDE's
 //!   CIE pointer, start address and LSDA pointer, and each CIE's personality pointer, where
-//!   they are 32-bit PC-relative (as GCC and Clang write them).
+//!   they are 32-bit PC-relative (as GCC and Clang write them);
+//! - on x86-64, switch tables: 32-bit offsets from a table that code loads with `lea`.
+
+mod arm64;
+mod x86;
+
+pub(super) use arm64::{encode as arm64_encode, Form as Arm64};
 
 /// How the bytes at a reference's site relate to its target (all addresses are virtual).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +34,8 @@ pub(super) enum Kind {
     Based32 { base: u64 },
     /// A 64-bit address: `target`.
     Abs64,
+    /// An AArch64 instruction (or ADRP pair) whose immediate is a distance from the site.
+    Arm64(Arm64),
 }
 
 /// One reference of the old file.
@@ -48,6 +54,7 @@ impl Ref {
         match self.kind {
             Kind::Abs64 => 8,
             Kind::Rel32 { .. } | Kind::Back32 | Kind::Based32 { .. } => 4,
+            Kind::Arm64(form) => form.width(),
         }
     }
 }
@@ -88,6 +95,7 @@ impl Image {
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const EM_X86_64: u16 = 62;
+const EM_AARCH64: u16 = 183;
 const PT_LOAD: u32 = 1;
 const SHT_PROGBITS: u32 = 1;
 const SHT_SYMTAB: u32 = 2;
@@ -148,22 +156,42 @@ struct Section<'a> {
     len: u64,
 }
 
-/// The segments and references of `data` when it is a 64-bit little-endian x86-64 ELF file;
-/// an empty image otherwise.
+/// The segments and references of `data` when it is a 64-bit little-endian ELF file for x86-64
+/// or AArch64; an empty image otherwise.
 pub(super) fn scan(data: &[u8]) -> Image {
     elf(data).unwrap_or_default()
 }
 
-fn is_x86_64_elf(data: &[u8]) -> bool {
-    data.get(..4) == Some(ELF_MAGIC)
-        && data.get(4..6) == Some(&[2, 1])
-        && u16_at(data, 0x12) == Some(EM_X86_64)
+/// The machines whose code is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Machine {
+    X86_64,
+    Aarch64,
+}
+
+impl Machine {
+    /// The relocation types whose addend is an address (relative and indirect relocations).
+    fn address_addend(self, kind: u64) -> bool {
+        match self {
+            Machine::X86_64 => matches!(kind, 8 | 37),
+            Machine::Aarch64 => matches!(kind, 1027 | 1032),
+        }
+    }
+}
+
+fn machine(data: &[u8]) -> Option<Machine> {
+    if data.get(..4)? != ELF_MAGIC || data.get(4..6)? != [2, 1] {
+        return None;
+    }
+    match u16_at(data, 0x12)? {
+        EM_X86_64 => Some(Machine::X86_64),
+        EM_AARCH64 => Some(Machine::Aarch64),
+        _ => None,
+    }
 }
 
 fn elf(data: &[u8]) -> Option<Image> {
-    if !is_x86_64_elf(data) {
-        return None;
-    }
+    let machine = machine(data)?;
     let mut image = Image {
         segments: segments(data)?,
         refs: Vec::new(),
@@ -187,20 +215,27 @@ fn elf(data: &[u8]) -> Option<Image> {
     let mut refs = Vec::new();
     let mut loaded = Vec::new();
     for &(start, end) in &code {
-        if let Some(vstart) = image.vaddr_of(start) {
-            let scan = Scan {
-                data,
-                start,
-                end,
-                vstart,
-                code: &code_v,
-                image: &image,
-            };
-            scan.run(&mut refs, &mut loaded);
+        let Some(vstart) = image.vaddr_of(start) else {
+            continue;
+        };
+        match machine {
+            Machine::X86_64 => {
+                let scan = x86::Scan {
+                    data,
+                    start,
+                    end,
+                    vstart,
+                    code: &code_v,
+                    image: &image,
+                };
+                scan.run(&mut refs, &mut loaded);
+            }
+            Machine::Aarch64 => arm64::scan(data, (start, end), vstart, &code_v, &image, &mut refs),
         }
     }
     let mut tables = Tables {
         data,
+        machine,
         image: &image,
         refs: &mut refs,
     };
@@ -261,11 +296,12 @@ fn segments(data: &[u8]) -> Option<Vec<Segment>> {
     Some(segments)
 }
 
-/// The sections of two x86-64 ELF files that have the same name and size, as (offset in `old`,
-/// offset in `new`, size); none unless both are such files.
+/// The sections of two ELF files (see [`scan`]) that have the same name and size, as (offset in
+/// `old`, offset in `new`, size), or with `starts`, data sections that have the same name, over
+/// the smaller size; none unless both are such files.
 pub(super) fn same_sections(old: &[u8], new: &[u8], starts: bool) -> Vec<(u64, u64, u64)> {
     let of = |data| -> Vec<Section<'_>> {
-        if !is_x86_64_elf(data) {
+        if machine(data).is_none() {
             return Vec::new();
         }
         sections(data)
@@ -327,6 +363,7 @@ fn sections(data: &[u8]) -> Option<Vec<Section<'_>>> {
 /// The reference tables of an ELF file, read into `refs`.
 struct Tables<'a, 'r> {
     data: &'a [u8],
+    machine: Machine,
     image: &'a Image,
     refs: &'r mut Vec<Ref>,
 }
@@ -351,8 +388,6 @@ impl Tables<'_, '_> {
     }
 
     fn relocations(&mut self, section: &Section<'_>) {
-        const R_X86_64_RELATIVE: u64 = 8;
-        const R_X86_64_IRELATIVE: u64 = 37;
         for at in Self::entries(section, 24) {
             let (Some(place), Some(info), Some(addend)) = (
                 u64_at(self.data, at),
@@ -362,7 +397,7 @@ impl Tables<'_, '_> {
                 continue;
             };
             self.push(at, Kind::Abs64, place);
-            if matches!(info & 0xffff_ffff, R_X86_64_RELATIVE | R_X86_64_IRELATIVE) {
+            if self.machine.address_addend(info & 0xffff_ffff) {
                 self.push(at + 16, Kind::Abs64, addend);
             }
             // The pointer the file holds at the patched place (the addend, or a PLT stub).
@@ -621,134 +656,9 @@ fn pointer_len(encoding: u8) -> Option<u64> {
     }
 }
 
-/// One-byte opcodes taking a ModRM operand and no immediate.
-const MODRM_OPS: [u8; 30] = [
-    0x01, 0x03, 0x09, 0x0b, 0x11, 0x13, 0x19, 0x1b, 0x21, 0x23, 0x29, 0x2b, 0x31, 0x33, 0x39, 0x3b,
-    0x63, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8d, 0xff, 0xd1, 0xd3, 0xfe,
-];
-/// Two-byte opcodes (after 0x0f) taking a ModRM operand and no immediate.
-const MODRM_OPS_0F: [u8; 37] = [
-    0xb6, 0xb7, 0xbe, 0xbf, 0xaf, 0x10, 0x11, 0x28, 0x29, 0x2e, 0x2f, 0x54, 0x57, 0x58, 0x59, 0x5c,
-    0x5e, 0x6f, 0x7f, 0xd6, 0x1f, 0x12, 0x13, 0x16, 0x17, 0x51, 0x5a, 0x2a, 0x2c, 0x2d, 0xef, 0xdb,
-    0xeb, 0xfe, 0xd4, 0xfa, 0xfb,
-];
-
-/// Bytes of immediate after the ModRM operand of one-byte opcode `op` with ModRM `modrm`, or
-/// `None` when `op` is not one the scan knows.
-fn immediate_after(op: u8, modrm: u8) -> Option<u8> {
-    let reg = (modrm >> 3) & 7;
-    match op {
-        _ if MODRM_OPS.contains(&op) => Some(0),
-        0x80 | 0x83 | 0xc6 | 0x6b | 0xc0 | 0xc1 => Some(1),
-        0x81 | 0xc7 | 0x69 => Some(4),
-        0xf7 => Some(if reg <= 1 { 4 } else { 0 }),
-        0xf6 => Some(if reg <= 1 { 1 } else { 0 }),
-        _ => None,
-    }
-}
-
+/// Whether `v` lies in one of `ranges`.
 fn within(ranges: &[(u64, u64)], v: u64) -> bool {
     ranges.iter().any(|&(start, end)| start <= v && v < end)
-}
-
-/// The code bytes `start..end` of `data`, at virtual address `vstart`, to scan for references.
-struct Scan<'a> {
-    data: &'a [u8],
-    start: u64,
-    end: u64,
-    vstart: u64,
-    /// Virtual address ranges of all code.
-    code: &'a [(u64, u64)],
-    image: &'a Image,
-}
-
-impl Scan<'_> {
-    /// Push the references found to `refs`, and the addresses that `lea` instructions load
-    /// (where switch tables start) to `loaded`.
-    fn run(&self, refs: &mut Vec<Ref>, loaded: &mut Vec<u64>) {
-        let (start, end) = (self.start as usize, self.end as usize);
-        let code = &self.data[start..end];
-        let vaddr = |i: usize| self.vstart + i as u64;
-        let disp = |i: usize| -> Option<i64> {
-            Some(i64::from(i32::from_le_bytes(
-                code.get(i..i + 4)?.try_into().ok()?,
-            )))
-        };
-        let target = |end_of_insn: usize, d: i64| vaddr(end_of_insn).checked_add_signed(d);
-        let mut i = 0usize;
-        while i + 5 <= code.len() {
-            let b = code[i];
-            // call rel32, jmp rel32; jcc rel32
-            let branch = match b {
-                0xe8 | 0xe9 => Some(i + 1),
-                0x0f if code.get(i + 1).is_some_and(|c| (0x80..=0x8f).contains(c)) => Some(i + 2),
-                _ => None,
-            };
-            if let Some(at) = branch {
-                if let Some(t) = disp(at).and_then(|d| target(at + 4, d)) {
-                    if within(self.code, t) {
-                        let site = (start + at) as u64;
-                        let kind = Kind::Rel32 { k: 4 };
-                        collect(
-                            refs,
-                            Ref {
-                                site,
-                                kind,
-                                target: t,
-                            },
-                        );
-                        i = at + 4;
-                        continue;
-                    }
-                }
-            }
-            // [66|f2|f3] [REX] opcode ModRM(mod 00, r/m 101) disp32 [imm]: RIP-relative.
-            let mut j = i;
-            if matches!(code[j], 0x66 | 0xf2 | 0xf3) {
-                j += 1;
-            }
-            if code.get(j).is_some_and(|b| (0x40..=0x4f).contains(b)) {
-                j += 1;
-            }
-            let operand = match code.get(j) {
-                Some(0x0f) => code
-                    .get(j + 1)
-                    .filter(|op| MODRM_OPS_0F.contains(op) || (0x40..=0x4f).contains(*op))
-                    .map(|_| (j + 2, 0u8)),
-                Some(&op) => code
-                    .get(j + 1)
-                    .and_then(|&modrm| immediate_after(op, modrm))
-                    .map(|imm| (j + 1, imm)),
-                None => None,
-            };
-            if let Some((m, tail)) = operand {
-                if code.get(m).is_some_and(|&modrm| modrm & 0xc7 == 0x05) {
-                    let end_of_insn = m + 5 + usize::from(tail);
-                    let t = disp(m + 1).and_then(|d| target(end_of_insn, d));
-                    if let Some(t) = t.filter(|&t| self.image.segment_at(t).is_some()) {
-                        if end_of_insn <= code.len() {
-                            let site = (start + m + 1) as u64;
-                            let kind = Kind::Rel32 { k: 4 + tail };
-                            collect(
-                                refs,
-                                Ref {
-                                    site,
-                                    kind,
-                                    target: t,
-                                },
-                            );
-                            if code[j] == 0x8d && loaded.len() < MAX_FOUND {
-                                loaded.push(t);
-                            }
-                            i = end_of_insn;
-                            continue;
-                        }
-                    }
-                }
-            }
-            i += 1;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -770,17 +680,26 @@ pub(super) mod tests {
             .expect("the section")
     }
 
-    /// The value a reference's bytes hold in the file, by its rule, from its site and target.
-    fn expected(image: &Image, r: &Ref) -> u64 {
-        let site = image.vaddr_of(r.site).expect("sites lie in segments") as i64;
-        let target = r.target as i64;
-        let value = match r.kind {
-            Kind::Rel32 { k } => target - (site + i64::from(k)),
-            Kind::Back32 => site - target,
-            Kind::Based32 { base } => target - base as i64,
-            Kind::Abs64 => return r.target,
-        };
-        i64::from(i32::try_from(value).expect("32 bits")) as u64
+    /// Check that each reference's bytes in `data` are what its rule makes of its site and
+    /// target.
+    pub(crate) fn check_values(data: &[u8], image: &Image) {
+        for r in &image.refs {
+            let site = image.vaddr_of(r.site).expect("sites lie in segments");
+            let (s, t) = (site as i64, r.target as i64);
+            let rel = |v: i64| i64::from(i32::try_from(v).expect("32 bits")) as u64;
+            let (held, expected) = match r.kind {
+                Kind::Rel32 { k } => (i32_at(data, r.site), rel(t - (s + i64::from(k)))),
+                Kind::Back32 => (i32_at(data, r.site), rel(s - t)),
+                Kind::Based32 { base } => (i32_at(data, r.site), rel(t - base as i64)),
+                Kind::Abs64 => (u64_at(data, r.site).map(|v| v as i64), r.target),
+                Kind::Arm64(form) => {
+                    let bytes = &data[r.site as usize..];
+                    assert_eq!(arm64::decode(bytes, site), Some((form, r.target)));
+                    continue;
+                }
+            };
+            assert_eq!(held.map(|v| v as u64), Some(expected), "{r:?}");
+        }
     }
 
     #[test]
@@ -794,17 +713,7 @@ pub(super) mod tests {
                 .all(|w| w[0].site + w[0].width() <= w[1].site),
             "sorted, not overlapping"
         );
-        for r in &image.refs {
-            let held = match r.width() {
-                8 => u64_at(&data, r.site),
-                _ => i32_at(&data, r.site).map(|v| v as u64),
-            };
-            assert_eq!(
-                held,
-                Some(expected(&image, r)),
-                "{r:?} is not what the file holds"
-            );
-        }
+        check_values(&data, &image);
         let count = |f: &dyn Fn(&Kind) -> bool| image.refs.iter().filter(|r| f(&r.kind)).count();
         // Every FDE's CIE pointer, and the search table's two entries per FDE.
         let hdr = section(&data, b".eh_frame_hdr");
@@ -900,6 +809,36 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn finds_the_references_of_an_arm64_library() {
+        let data = fixture("elf-1.arm64.old.so");
+        let image = scan(&data);
+        check_values(&data, &image);
+        let count = |form: Arm64| {
+            image
+                .refs
+                .iter()
+                .filter(|r| r.kind == Kind::Arm64(form))
+                .count()
+        };
+        // Each function calls two others (BL), branches (B.cond, CBZ) and reaches its state and
+        // its message through ADRP pairs.
+        assert!(
+            count(Arm64::Branch26) >= 80,
+            "{} B/BL",
+            count(Arm64::Branch26)
+        );
+        assert!(
+            count(Arm64::Imm19) >= 40,
+            "{} B.cond/CBZ",
+            count(Arm64::Imm19)
+        );
+        let pairs: usize = (0..=4).map(|scale| count(Arm64::Adrp { scale })).sum();
+        assert!(pairs >= 40, "{pairs} ADRP pairs");
+        let fdes = image.refs.iter().filter(|r| r.kind == Kind::Back32).count();
+        assert!(fdes >= 40, "{fdes} FDEs");
+    }
+
+    #[test]
     fn other_files_have_none() {
         assert!(scan(&[]).refs.is_empty());
         assert!(scan(b"\x7fELF").refs.is_empty());
@@ -909,7 +848,7 @@ pub(super) mod tests {
         data[4] = 1;
         assert!(scan(&data).refs.is_empty());
         let mut data = fixture("elf-1.old.so");
-        data[0x12] = 183; // AArch64
+        data[0x12] = 40; // 32-bit Arm
         assert!(scan(&data).refs.is_empty());
         assert!(same_sections(&data, &fixture("elf-1.new.so"), true).is_empty());
     }
