@@ -3,10 +3,10 @@
 //! zstd frames; the diff stream, which dominates, is coded by a context-mixing model that also
 //! sees the old bytes (see `cm`), about 20% smaller than zstd or xz on real libraries.
 //!
-//! Payload, format 2:
+//! Payload, format 3:
 //!
 //! ```text
-//! "BSD" 0x02                       magic and version
+//! "BSD" 0x03                       magic and version
 //! u8                               predictor (0: none, 1: ELF references, see `predict`)
 //! 3 x { varint raw_len,            control, diff and extra stream, in this order: decompressed
 //!       varint packed_len }        and compressed length (both 0 for an empty stream)
@@ -23,8 +23,10 @@
 //! predictor the predicted bytes are the old bytes; with one, the old bytes with every reference
 //! of the old file inside the step pointed where its target went (see `predict`).
 //!
-//! Format 1 (`"BSD" 0x01`, then a filter byte that must be 0) is format 2 without a predictor;
-//! it is still decoded.
+//! The diff stream codes its zero flags near changes only and the gaps between them as numbers
+//! (see `cm`). Format 2 (`"BSD" 0x02`) is format 3 with every zero flag coded, and format 1
+//! (`"BSD" 0x01`, then a filter byte that must be 0) is format 2 without a predictor; both are
+//! still decoded.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::Mutex;
@@ -40,7 +42,9 @@ mod matcher;
 mod predict;
 mod refs;
 
-const MAGIC: &[u8; 4] = b"BSD\x02";
+const MAGIC: &[u8; 4] = b"BSD\x03";
+/// Format 2: format 3 whose diff stream codes every zero flag (see `cm`).
+const MAGIC_2: &[u8; 4] = b"BSD\x02";
 /// Format 1: format 2 with no predictor, whose header byte was a filter that had to be 0.
 const MAGIC_1: &[u8; 4] = b"BSD\x01";
 /// zstd level of the streams (zstd's maximum: a payload is built once, downloaded many times).
@@ -372,7 +376,7 @@ impl<'a> StreamBuilder<'a> {
             predictor,
             predicted: Vec::new(),
             control: Vec::new(),
-            diff: cm::DiffEncoder::new(),
+            diff: cm::DiffEncoder::new(cm::Flags::Near),
             diff_len: 0,
             extra: Vec::new(),
             new_pos: 0,
@@ -488,6 +492,7 @@ struct StreamSpec<'a> {
 
 #[derive(Debug)]
 struct Header<'a> {
+    flags: cm::Flags,
     predictor: Predictor,
     control: StreamSpec<'a>,
     diff: StreamSpec<'a>,
@@ -497,21 +502,16 @@ struct Header<'a> {
 impl<'a> Header<'a> {
     /// Parse and check the header against the new file's length.
     fn parse(payload: &'a [u8], new_len: u64) -> Result<Self, DecodeError> {
-        let (rest, format_1) = match payload.strip_prefix(MAGIC) {
-            Some(rest) => (rest, false),
-            None => (
-                payload
-                    .strip_prefix(MAGIC_1)
-                    .ok_or_else(|| corrupt("not a bsdiff payload of format 1 or 2"))?,
-                true,
-            ),
-        };
+        let (rest, format) = [(MAGIC, 3), (MAGIC_2, 2), (MAGIC_1, 1)]
+            .into_iter()
+            .find_map(|(magic, format)| Some((payload.strip_prefix(magic)?, format)))
+            .ok_or_else(|| corrupt("not a bsdiff payload of format 1, 2 or 3"))?;
         let (&predictor, mut rest) = rest
             .split_first()
             .ok_or_else(|| corrupt("truncated header"))?;
         let predictor = match predictor {
             0 => Predictor::None,
-            1 if !format_1 => Predictor::ElfRefs,
+            1 if format > 1 => Predictor::ElfRefs,
             _ => return Err(corrupt("unknown predictor")),
         };
         let mut lens = [(0u64, 0u64); 3];
@@ -548,6 +548,10 @@ impl<'a> Header<'a> {
             return Err(corrupt("control stream longer than the new file justifies"));
         }
         Ok(Header {
+            flags: match format {
+                3 => cm::Flags::Near,
+                _ => cm::Flags::Every,
+            },
             predictor,
             control,
             diff,
@@ -698,7 +702,8 @@ fn apply(
     };
     let mut predicted = Vec::new();
     let mut control = Stream::open(header.control, new_len)?;
-    let mut diff = (header.diff.raw > 0).then(|| cm::DiffDecoder::new(header.diff.packed));
+    let mut diff = (header.diff.raw > 0)
+        .then(|| cm::DiffDecoder::new(header.diff.packed, header.diff.raw, header.flags));
     let mut diff_left = header.diff.raw;
     let mut extra = Stream::open(header.extra, new_len)?;
     let mut out = Vec::with_capacity(usize::try_from(new_len).unwrap_or(0).min(OUT_CHUNK * 2));
@@ -748,9 +753,9 @@ fn apply(
                             done..ahead,
                             &mut predicted,
                         );
-                        diff.step(&predicted, 0..end - done, at, &mut out);
+                        diff.step(&predicted, 0..end - done, at, &mut out)?;
                     }
-                    None => diff.step(step, done..end, at, &mut out),
+                    None => diff.step(step, done..end, at, &mut out)?,
                 }
                 done = end;
                 if out.len() >= OUT_CHUNK {
@@ -876,7 +881,7 @@ mod tests {
         let old = refs::tests::fixture("elf-1.old.so");
         let new = refs::tests::fixture("elf-1.new.so");
         let predicted = round_trip(&old, &new);
-        assert_eq!(&predicted[..5], b"BSD\x02\x01", "format 2, ELF references");
+        assert_eq!(&predicted[..5], b"BSD\x03\x01", "format 3, ELF references");
         let plain = Bsdiff::UNPREDICTED
             .encode(&old, &new)
             .expect("encode")
@@ -1048,8 +1053,22 @@ mod tests {
         let mut unknown = payload.clone();
         unknown[4] = 2;
         assert!(Bsdiff::PLAIN.decode(&old, &unknown, 1000).is_err());
-        let mut format_1 = payload.clone();
-        format_1[..4].copy_from_slice(MAGIC_1);
+        // Format 1: one step that adds the old file, every zero flag coded.
+        let mut control = Vec::new();
+        for v in [1000, 0, 0] {
+            varint::put(&mut control, v);
+        }
+        let packed = pack(&control, 1000).expect("pack");
+        let mut diff = cm::DiffEncoder::new(cm::Flags::Every);
+        diff.push_step(0, &old, &old);
+        let diff = diff.finish();
+        let mut format_1 = MAGIC_1.to_vec();
+        format_1.push(0);
+        for v in [control.len(), packed.len(), 1000, diff.len(), 0, 0] {
+            varint::put(&mut format_1, v as u64);
+        }
+        format_1.extend_from_slice(&packed);
+        format_1.extend_from_slice(&diff);
         assert_eq!(
             Bsdiff::PLAIN
                 .decode(&old, &format_1, 1000)

@@ -700,18 +700,30 @@ mod tests {
         }
         assert!(!is_text(&new) && new.len() > ZSTD_PREFIX.max_new_len());
         assert_eq!(tries(&old, &new), (1, 0));
-        // 60 KB of it, edited every 50 bytes so that bsdiff's payload is not good enough to stop
-        // at: under 64 KiB, zstd-prefix is tried however good bsdiff's delta is.
+        // 60 KB of it, edited about every 50 bytes (at irregular places, by irregular values) so
+        // that bsdiff's payload is not good enough to stop at: under 64 KiB, zstd-prefix is tried
+        // however good bsdiff's delta is.
         let mut small = old[..60_000].to_vec();
-        for i in (0..small.len()).step_by(50) {
-            small[i] ^= 0x5a;
+        let edits = noise(8, 2_000);
+        let mut at = 0;
+        for pair in edits.chunks_exact(2) {
+            at += 1 + usize::from(pair[0] % 100);
+            if at >= small.len() {
+                break;
+            }
+            small[at] ^= pair[1] | 1;
         }
         assert_eq!(tries(&old[..60_000], &small), (1, 1));
-        // Text of about the same size and edits: zstd-prefix is tried.
+        // Text of about the same size, edited about every 300 bytes: zstd-prefix is tried.
         let old_text: Vec<u8> = lines(3, 4_000).concat();
         let mut new_text = old_text.clone();
-        for i in (0..new_text.len()).step_by(1000) {
-            new_text[i] = b'#';
+        let mut at = 0;
+        for step in noise(9, 1_000) {
+            at += 50 + 2 * usize::from(step);
+            if at >= new_text.len() {
+                break;
+            }
+            new_text[at] = b'#';
         }
         assert!(is_text(&new_text) && new_text.len() > ZSTD_PREFIX.max_new_len());
         assert_eq!(tries(&old_text, &new_text), (1, 1));

@@ -48,10 +48,9 @@ fn check(encoder: &str, name: &str, old: &[u8], new: &[u8]) {
 }
 
 /// A program whose pointers moved in its first third, with 2 KB inserted in the middle and a few
-/// bytes edited in a long unchanged tail: the diff coder's value bits, its zero flags and its
-/// long-run counts all take part.
-#[test]
-fn bsdiff_1() {
+/// bytes edited in a long unchanged tail: the diff coder's value bits, its zero flags, its
+/// long-run counts (format 1 and 2) and its gaps (format 3) all take part.
+fn moved_program() -> (Vec<u8>, Vec<u8>) {
     let mut old = bytes(0x2545_f491_4f6c_dd1d, 122_000);
     let inserted = old.split_off(120_000);
     for (i, chunk) in old.chunks_exact_mut(64).enumerate() {
@@ -66,12 +65,39 @@ fn bsdiff_1() {
     for at in [90_001, 100_003, 110_007] {
         new[at] = new[at].wrapping_add(0x21);
     }
+    (old, new)
+}
+
+/// Check that the stored payload `name` starts with `magic`.
+fn stored_format(name: &str, magic: &[u8], what: &str) {
+    let stored = std::fs::read(data(name)).expect("read the payload");
+    assert_eq!(&stored[..magic.len()], magic, "{name}: {what}");
+}
+
+#[test]
+fn bsdiff_1() {
+    let (old, new) = moved_program();
     check("bsdiff", "bsdiff-1.bin", &old, &new);
-    let stored = std::fs::read(data("bsdiff-1.bin")).expect("read the payload");
-    assert_eq!(
-        &stored[..5],
-        b"BSD\x01\x00",
-        "the stored payload is format 1"
+    stored_format("bsdiff-1.bin", b"BSD\x01\x00", "format 1");
+}
+
+/// Format 3: format 2 whose diff stream codes the zero flags near changes only, and gaps.
+#[test]
+fn bsdiff_3() {
+    let (old, new) = moved_program();
+    check("bsdiff", "bsdiff-3.bin", &old, &new);
+    stored_format(
+        "bsdiff-3.bin",
+        b"BSD\x03\x00",
+        "format 3 without a predictor",
+    );
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
+    let (old, new) = (read("elf-1.old.so"), read("elf-1.new.so"));
+    check("bsdiff", "bsdiff-3-elf.bin", &old, &new);
+    stored_format(
+        "bsdiff-3-elf.bin",
+        b"BSD\x03\x01",
+        "format 3 with the ELF predictor",
     );
 }
 
@@ -83,12 +109,7 @@ fn bsdiff_2() {
     let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
     let (old, new) = (read("elf-1.old.so"), read("elf-1.new.so"));
     check("bsdiff", "bsdiff-2.bin", &old, &new);
-    let stored = std::fs::read(data("bsdiff-2.bin")).expect("read the payload");
-    assert_eq!(
-        &stored[..5],
-        b"BSD\x02\x01",
-        "format 2 with the x86-64 predictor"
-    );
+    stored_format("bsdiff-2.bin", b"BSD\x02\x01", "format 2, x86-64 predictor");
 }
 
 /// The same library built for AArch64: format 2, whose decoder reads AArch64 instructions.
@@ -97,11 +118,10 @@ fn bsdiff_2_arm64() {
     let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
     let (old, new) = (read("elf-1.arm64.old.so"), read("elf-1.arm64.new.so"));
     check("bsdiff", "bsdiff-2-arm64.bin", &old, &new);
-    let stored = std::fs::read(data("bsdiff-2-arm64.bin")).expect("read the payload");
-    assert_eq!(
-        &stored[..5],
+    stored_format(
+        "bsdiff-2-arm64.bin",
         b"BSD\x02\x01",
-        "format 2 with the ELF predictor"
+        "format 2, ELF predictor",
     );
 }
 

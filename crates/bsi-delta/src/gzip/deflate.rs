@@ -590,8 +590,11 @@ impl<'a> Deflater<'a> {
         usize::from(head)
     }
 
+    /// GNU gzip's `longest_match`: the longest match among the first `chain` candidates of the
+    /// hash chain (the nearest of them on a tie), if longer than `prev_length`. Bytes are
+    /// compared two and eight at a time; the window has room past its end for that.
     fn longest_match(&mut self, mut cur_match: usize) -> usize {
-        let w = &self.window;
+        let w = &self.window[..];
         let scan = self.strstart;
         let mut chain = self.config.chain;
         let mut best_len = self.prev_length;
@@ -599,24 +602,31 @@ impl<'a> Deflater<'a> {
         if self.prev_length >= self.config.good {
             chain >>= 2;
         }
+        let pair = |at: usize| u16::from_le_bytes([w[at], w[at + 1]]);
+        let word = |at: usize| u64::from_le_bytes(w[at..at + 8].try_into().expect("8 bytes"));
+        let scan_start = pair(scan);
+        let mut scan_end = pair(scan + best_len - 1);
         loop {
             let m = cur_match;
             // The third byte is not compared: equal hashes and equal first two bytes imply it.
-            if w[m + best_len] == w[scan + best_len]
-                && w[m + best_len - 1] == w[scan + best_len - 1]
-                && w[m] == w[scan]
-                && w[m + 1] == w[scan + 1]
-            {
+            if pair(m + best_len - 1) == scan_end && pair(m) == scan_start {
                 let mut len = MIN_MATCH;
-                while len < MAX_MATCH && w[scan + len] == w[m + len] {
-                    len += 1;
+                while len < MAX_MATCH {
+                    let differ = word(scan + len) ^ word(m + len);
+                    if differ != 0 {
+                        len += (differ.trailing_zeros() / 8) as usize;
+                        break;
+                    }
+                    len += 8;
                 }
+                let len = len.min(MAX_MATCH);
                 if len > best_len {
                     self.match_start = cur_match;
                     best_len = len;
                     if len >= self.config.nice {
                         break;
                     }
+                    scan_end = pair(scan + best_len - 1);
                 }
             }
             cur_match = usize::from(self.prev[cur_match & WMASK]);
