@@ -1,12 +1,13 @@
 //! bsdiff's reference prediction on damaged and hostile input, around a real library (the
 //! gcc-built pairs of `crates/bsi-delta/tests/data/elf-1.*`, for x86-64 and for AArch64).
 //!
-//! Input: 1 byte selects the library (bit 2: AArch64) and the mode (its value mod 4), the rest
-//! is the mode's data. Modes 0 and 2 damage the old library:
+//! Input: 1 byte selects the library (bit 2: AArch64), the stored payload (bit 3: format 3, else
+//! format 2) and the mode (its value mod 4), the rest is the mode's data. Modes 0 and 2 damage the old library:
 //! 2 bytes give an offset into it and the rest overwrites it from there.
 //! - 0: the damaged library is encoded against the new one, which the payload must give back
 //!   (the encoder and the decoder find the same references, or none);
-//! - 2: the stored format 2 payload (`bsdiff-2.bin`) is decoded against the damaged library;
+//! - 2: a stored payload (`bsdiff-2.bin`, `bsdiff-3-elf.bin`, or those of AArch64) is decoded
+//!   against the damaged library;
 //! - 1, 3: the rest is a payload, decoded against the undamaged library, so that a hostile
 //!   control stream builds the alignment the predictor uses (with a length of the new file
 //!   from its first 3 bytes, as the verified manifest would give it).
@@ -17,17 +18,23 @@
 use bsi_delta::{Bsdiff, DeltaEncoder};
 use libfuzzer_sys::fuzz_target;
 
-/// (old library, new library, stored payload between them).
-const LIBRARIES: [(&[u8], &[u8], &[u8]); 2] = [
+/// (old library, new library, stored payloads between them: format 2, format 3).
+const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 2] = [
     (
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.old.so"),
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.new.so"),
-        include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2.bin"),
+        [
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2.bin"),
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-elf.bin"),
+        ],
     ),
     (
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.arm64.old.so"),
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.arm64.new.so"),
-        include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2-arm64.bin"),
+        [
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2-arm64.bin"),
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-arm64.bin"),
+        ],
     ),
 ];
 
@@ -54,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (library, new, stored) = LIBRARIES[usize::from(mode >> 2 & 1)];
+    let stored = stored[usize::from(mode >> 3 & 1)];
     match mode % 4 {
         0 => {
             let Some(old) = damaged(library, rest) else {

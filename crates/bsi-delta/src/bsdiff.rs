@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! "BSD" 0x03                       magic and version
-//! u8                               predictor (0: none, 1: ELF references, see `predict`)
+//! u8                               predictor (0: none, 1: references of an ELF or Mach-O
+//!                                  file, see `predict`)
 //! 3 x { varint raw_len,            control, diff and extra stream, in this order: decompressed
 //!       varint packed_len }        and compressed length (both 0 for an empty stream)
 //! control, extra                   each one zstd frame, packed_len bytes
@@ -61,16 +62,16 @@ pub struct Bsdiff {
     predict: bool,
 }
 
-/// The predictor byte of a format 2 payload.
+/// The predictor byte of a format 2 or 3 payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Predictor {
     None = 0,
-    ElfRefs = 1,
+    Refs = 1,
 }
 
 impl Bsdiff {
     /// bsdiff, named "bsdiff", predicting references where the old file is an x86-64 or AArch64
-    /// ELF file.
+    /// ELF or Mach-O file.
     pub const PLAIN: Bsdiff = Bsdiff { predict: true };
     /// bsdiff that never predicts: what `cargo xtask encoders` sets beside [`Bsdiff::PLAIN`]
     /// to show what prediction wins. Its payloads decode with either.
@@ -102,12 +103,9 @@ impl DeltaEncoder for Bsdiff {
             (streams_as_found(&index, old, new, REGION), Predictor::None)
         } else {
             let ops = search(&index, new, REGION);
-            // The suffix array (4 bytes per old byte) is not needed any more: free it before
-            // the next one.
-            drop(index);
-            let (ops, predictor) = predicted_search(old, new, ops, &image)?;
+            let (ops, predictor) = predicted_search(&index, old, new, ops, &image);
             let kind = match predictor {
-                Some(_) => Predictor::ElfRefs,
+                Some(_) => Predictor::Refs,
                 None => Predictor::None,
             };
             (streams(old, new, &ops, predictor.as_ref()), kind)
@@ -184,46 +182,64 @@ fn add_steps(ops: &[matcher::Op]) -> Vec<(u64, u64, u64)> {
     steps
 }
 
-/// Matcher passes against the moved old file (see [`predicted_search`]): one, and a second for
-/// new files of [`SECOND_PASS_LEN`] or more. Measured on libcrypto 3.0.17 -> 3.0.20 (4.7 MB):
-/// one pass 64,585 B, two 60,591 B, three 60,563 B; the second pass won 0.15% on libxml2
-/// (1.7 MB) and nothing on libssl (0.7 MB), for a suffix array and a search each time.
+/// Matcher passes after the first (see [`predicted_search`]): one, and a second for new files
+/// of [`SECOND_PASS_LEN`] or more. Measured on libcrypto 3.0.17 -> 3.0.20 (4.7 MB): one pass
+/// 64,585 B, two 60,591 B, three 60,563 B (format 2); a second pass wins 0.09% on libxml2
+/// (1.7 MB, 14,380 -> 14,367 B for 0.03 s more) and nothing on libssl (0.7 MB).
 const PREDICTED_PASSES: usize = 2;
 const SECOND_PASS_LEN: usize = 4 << 20;
 /// Prediction is not tried when the first steps leave more than 1/`FAR` of the new file to code.
 const FAR: u64 = 4;
 
 /// The steps and the predictor for `new` where the old file has references (see `refs`), given
-/// the steps `ops` found against the old file as it is.
+/// the old file's `index` and the steps `ops` found with it against the new file as it is.
 ///
-/// Those steps give a first alignment, through which every reference of the old file is
-/// pointed where its target went; the new file is searched again against that moved old file,
-/// whose tables of addresses (relocations, unwind tables, switch tables) now match the new
-/// file's where before every entry differed, so that the new steps line up entries the first
-/// ones could not; and, for large files, again from the new steps' alignment. The last steps'
-/// own alignment is
-/// what the decoder predicts with. A pass is kept only when it leaves fewer bytes to code
-/// (differing bytes in add steps, plus extra bytes) than the best so far, which starts as the
-/// first steps without prediction.
+/// Those steps give a first alignment, through which every reference of the new file (found
+/// as in the old one) is pointed back where its target was in the old file, and that moved-back
+/// new file is searched again against the old file's own index: its tables of addresses
+/// (relocations, unwind tables, switch tables) now match the old file's where before every
+/// entry differed, so that the new steps line up entries the first ones could not; and, for
+/// large files, again from the new steps' alignment. The steps apply to the new file as it is
+/// (moving back keeps every length); the last steps' own alignment is what the decoder predicts
+/// with, moving the old file's references forward. A pass is kept only when it leaves fewer
+/// bytes to code (add bytes that differ from their prediction, plus extra bytes) than the best
+/// so far, which starts as the first steps without prediction.
 ///
-/// The alignments that move the old file also know the new one, since only the encoder uses
-/// them: sections with the same name and size moved whole. The first one is tried also with
-/// the start of every data section that kept its name anchored where that section now starts
-/// (a small library's page-aligned `.rodata` stays put while the code before it grows, and
-/// steps that ran over the padding before it or over its tables of offsets, all of which
-/// changed, would move it), and the one whose prediction fits the first steps better is taken.
+/// The way back is the inverse of the alignment the old file's references would move forward
+/// with, or, on the first pass, the steps read from the new file's side, whichever search
+/// leaves less to code: the inverse lines up look-alike pieces (an AArch64 procedure linkage
+/// table's stubs) as moving forward does, the steps keep their sense where the old file holds
+/// two copies of one piece (a universal file of two slices of one architecture).
+///
+/// Moving the new file back instead of the old file forward spares a suffix array of the moved
+/// old file per pass (libsais: about 175 ms for libcrypto's 4.7 MB, 650 ms for a 17 MB
+/// library). Measured against moving the old file forward (format 3): libcrypto 64,720 ->
+/// 64,583 B, libssl 4,583 -> 4,595 B, libxml2 14,434 -> 14,435 B, a universal Mach-O library
+/// 219,585 -> 219,170 B; on AArch64 libssl 8,091 B either way, libxml2 23,462 -> 23,521 B,
+/// but libcrypto 62,592 -> 66,855 B (+6.8%: both moved files match their counterpart equally,
+/// reference for reference, but the matcher, which scans one side and looks up the other,
+/// lines up pieces differently, and more calls are mispredicted).
+///
+/// The alignments that move the new file also know the new file's layout, since only the
+/// encoder uses them: sections with the same name and size moved whole. The first one is tried
+/// also with the start of every data section that kept its name anchored where that section
+/// now starts (a small library's page-aligned `.rodata` stays put while the code before it
+/// grows, and steps that ran over the padding before it or over its tables of offsets, all of
+/// which changed, would move it), and the one whose prediction fits the first steps better is
+/// taken.
 fn predicted_search(
+    index: &matcher::Index<'_>,
     old: &[u8],
     new: &[u8],
     ops: Vec<matcher::Op>,
     image: &refs::Image,
-) -> io::Result<(Vec<matcher::Op>, Option<predict::Predictor>)> {
+) -> (Vec<matcher::Op>, Option<predict::Predictor>) {
     // Files that differ in substance gain nothing: Firefox ESR 140 -> 153's libgkcodecs.so left
     // 4,820,874 of its 7,361,688 bytes to code, 4,805,424 after two passes (libcrypto 3.0.17 ->
     // 3.0.20 left 7.7% of its bytes, 1.5% after).
     let mut left = left_to_code(old, new, &ops, None);
     if left > new.len() as u64 / FAR {
-        return Ok((ops, None));
+        return (ops, None);
     }
     let same = refs::same_sections(old, new, false);
     let starts = refs::same_sections(old, new, true);
@@ -236,37 +252,81 @@ fn predicted_search(
     if starts != same && fit(&starts) < fit(&same) {
         preferred = &starts;
     }
-    let mut alignment = predict::Alignment::preferring(&steps, preferred);
-    drop(steps);
+    let mut pieces = (steps, preferred.clone());
+    let new_image = refs::scan(new);
     let mut best = (ops, None);
     let passes = match new.len() >= SECOND_PASS_LEN {
         true => PREDICTED_PASSES,
         false => 1,
     };
-    for _ in 0..passes {
-        let Some(mover) = predict::Predictor::new(image, alignment) else {
-            break;
-        };
-        let moved = mover.transform(old);
-        drop(mover);
-        let index = matcher::Index::new(&moved)?;
-        let ops = search(&index, new, REGION);
-        drop(index);
-        drop(moved);
-        let steps = add_steps(&ops);
-        let Some(predictor) = predict::Predictor::new(image, predict::Alignment::new(&steps))
+    for pass in 0..passes {
+        let (steps, preferred) = &pieces;
+        // Two ways back for the first pass, the better one kept (see the function's
+        // documentation): the steps themselves, read from the new file's side, and the
+        // inverse of the alignment the old file's references would move forward with.
+        let forward = predict::Alignment::preferring(steps, preferred);
+        let mut ways = vec![forward.inverse()];
+        if pass == 0 {
+            let back = |v: &[(u64, u64, u64)]| -> Vec<(u64, u64, u64)> {
+                v.iter().map(|&(old, new, len)| (new, old, len)).collect()
+            };
+            ways.push(predict::Alignment::preferring(
+                &back(steps),
+                &back(preferred),
+            ));
+        }
+        let mut found: Option<Pass> = None;
+        for way in ways {
+            // The new file moved back through `way`, each of its references pointed where its
+            // target was in the old file, searched against the old file's own index.
+            let Some(mover) = predict::Predictor::new(&new_image, way) else {
+                continue;
+            };
+            let moved = mover.transform(new);
+            drop(mover);
+            let ops = search(index, &moved, REGION);
+            drop(moved);
+            let steps = add_steps(&ops);
+            let Some(predictor) = predict::Predictor::new(image, predict::Alignment::new(&steps))
+            else {
+                continue;
+            };
+            let now = left_to_code(old, new, &ops, Some(&predictor));
+            if found.as_ref().is_none_or(|best| now < best.left) {
+                found = Some(Pass {
+                    left: now,
+                    ops,
+                    steps,
+                    predictor,
+                });
+            }
+        }
+        let Some(Pass {
+            left: now,
+            ops,
+            steps,
+            predictor,
+        }) = found
         else {
             break;
         };
-        let now = left_to_code(old, new, &ops, Some(&predictor));
         if now >= left {
             break;
         }
         left = now;
         best = (ops, Some(predictor));
-        alignment = predict::Alignment::preferring(&steps, &same);
+        pieces = (steps, same.clone());
     }
-    Ok(best)
+    best
+}
+
+/// A search of [`predicted_search`]: the bytes it leaves to code, its steps (and their add
+/// steps), and the predictor of their alignment.
+struct Pass {
+    left: u64,
+    ops: Vec<matcher::Op>,
+    steps: Vec<(u64, u64, u64)>,
+    predictor: predict::Predictor,
 }
 
 /// Bytes the steps `ops` leave to code: add bytes that differ from their prediction, and extra
@@ -511,7 +571,7 @@ impl<'a> Header<'a> {
             .ok_or_else(|| corrupt("truncated header"))?;
         let predictor = match predictor {
             0 => Predictor::None,
-            1 if format > 1 => Predictor::ElfRefs,
+            1 if format > 1 => Predictor::Refs,
             _ => return Err(corrupt("unknown predictor")),
         };
         let mut lens = [(0u64, 0u64); 3];
@@ -695,7 +755,7 @@ fn apply(
 ) -> Result<(), DecodeError> {
     let predictor = match header.predictor {
         Predictor::None => None,
-        Predictor::ElfRefs => {
+        Predictor::Refs => {
             let alignment = predict::Alignment::new(&read_add_steps(header, old, new_len)?);
             predict::Predictor::new(&refs::scan(old), alignment)
         }
@@ -897,7 +957,7 @@ mod tests {
         let old = refs::tests::fixture("elf-1.arm64.old.so");
         let new = refs::tests::fixture("elf-1.arm64.new.so");
         let predicted = round_trip(&old, &new);
-        assert_eq!(predicted[4], Predictor::ElfRefs as u8);
+        assert_eq!(predicted[4], Predictor::Refs as u8);
         let plain = Bsdiff::UNPREDICTED
             .encode(&old, &new)
             .expect("encode")
@@ -958,7 +1018,26 @@ mod tests {
             .encode(&old, &new)
             .expect("encode")
             .expect("applies");
-        assert_eq!(predicted[4], Predictor::ElfRefs as u8);
+        assert_eq!(predicted[4], Predictor::Refs as u8);
+        assert!(
+            predicted.len() * 4 < plain.len(),
+            "predicted {} bytes against {} without",
+            predicted.len(),
+            plain.len()
+        );
+    }
+
+    /// The same in a universal Mach-O file, whose two slices moved alike.
+    #[test]
+    fn calls_that_only_moved_cost_nothing_in_a_universal_file() {
+        let old = refs::tests::universal_x86(&relinked_code(usize::MAX, 0));
+        let new = refs::tests::universal_x86(&relinked_code(10_000, 64));
+        let predicted = round_trip(&old, &new);
+        let plain = Bsdiff::UNPREDICTED
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
+        assert_eq!(predicted[4], Predictor::Refs as u8);
         assert!(
             predicted.len() * 4 < plain.len(),
             "predicted {} bytes against {} without",
@@ -975,6 +1054,20 @@ mod tests {
         let new = refs::tests::fixture("elf-1.new.so");
         let shoff = u64::from_le_bytes(old[0x28..0x30].try_into().expect("8 bytes")) as usize;
         for (i, at) in (0..64).chain((shoff..old.len()).step_by(13)).enumerate() {
+            let mut bad = old.clone();
+            bad[at] ^= [0xff, 0x80, 0x01][i % 3];
+            round_trip(&bad, &new);
+        }
+        // A universal Mach-O file damaged in its fat header and each slice's load commands.
+        let old = refs::tests::universal_x86(&relinked_code(usize::MAX, 0));
+        let new = refs::tests::universal_x86(&relinked_code(10_000, 64));
+        let offset = |k: usize| {
+            let at = 8 + 20 * k + 8;
+            u32::from_be_bytes(old[at..at + 4].try_into().expect("4 bytes")) as usize
+        };
+        let slices = [offset(0), offset(1)];
+        let headers = (0..48).chain(slices.iter().flat_map(|&s| (s..s + 400).step_by(7)));
+        for (i, at) in headers.enumerate() {
             let mut bad = old.clone();
             bad[at] ^= [0xff, 0x80, 0x01][i % 3];
             round_trip(&bad, &new);

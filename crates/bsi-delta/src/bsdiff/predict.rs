@@ -93,6 +93,31 @@ impl Alignment {
         alignment
     }
 
+    /// The alignment that takes each new offset back to the old offset this one takes there:
+    /// the same pieces, each moved by its delta and taken back by it (where two pieces land on
+    /// the same new offsets, the longer one decides).
+    pub fn inverse(&self) -> Alignment {
+        /// Where the last piece ends: it runs on to the end of any file.
+        const END: i64 = 1 << 61;
+        let pieces: Vec<(u64, u64, u64)> = (0..self.starts.len())
+            .filter_map(|i| {
+                let delta = self.deltas[i];
+                // The first piece runs from offset 0 (see `map`), or from where it lands at 0.
+                let from = match i {
+                    0 => 0i64.max(-delta),
+                    _ => i64::try_from(self.starts[i]).ok()?,
+                };
+                let to = self
+                    .starts
+                    .get(i + 1)
+                    .map_or(Some(END), |&e| i64::try_from(e).ok())?;
+                let new = u64::try_from(from.checked_add(delta)?).ok()?;
+                (to > from).then(|| (new, from as u64, (to - from) as u64))
+            })
+            .collect();
+        Alignment::new(&pieces)
+    }
+
     /// Where old offset `offset` went.
     pub fn map(&self, offset: u64) -> Option<i64> {
         let i = self.starts.partition_point(|&s| s <= offset);
@@ -120,6 +145,7 @@ enum Rule {
     Back32,
     Based32 { base: u32 },
     Abs64,
+    Shifted64 { slice: u8 },
     Arm64(refs::Arm64),
 }
 
@@ -135,7 +161,7 @@ struct Prepared {
 impl Prepared {
     fn width(&self) -> u64 {
         match self.rule {
-            Rule::Abs64 => 8,
+            Rule::Abs64 | Rule::Shifted64 { .. } => 8,
             Rule::Rel32 { .. } | Rule::Back32 | Rule::Based32 { .. } => 4,
             Rule::Arm64(form) => form.width(),
         }
@@ -181,6 +207,7 @@ impl Predictor {
                 Kind::Rel32 { k } => Rule::Rel32 { k },
                 Kind::Back32 => Rule::Back32,
                 Kind::Abs64 => Rule::Abs64,
+                Kind::Shifted64 { slice } => Rule::Shifted64 { slice },
                 Kind::Arm64(form) => Rule::Arm64(form),
                 Kind::Based32 { base } => {
                     // Few distinct bases (one per table): the last one is almost always it.
@@ -245,6 +272,9 @@ impl Predictor {
                 rel(target.checked_sub(self.moved(self.bases[base as usize])?))?
             }
             Rule::Abs64 => u64::try_from(target).ok()?,
+            Rule::Shifted64 { slice } => u64::try_from(target)
+                .ok()?
+                .checked_sub(u64::from(slice) << refs::SLICE_SHIFT)?,
             Rule::Arm64(form) => return refs::arm64_encode(form, old, site, target),
         };
         Some(value.to_le_bytes())
@@ -337,6 +367,27 @@ mod tests {
         // Short steps take no part; no steps at all move nothing.
         assert_eq!(Alignment::new(&[(0, 7, MIN_ALIGN - 1)]).map(5), Some(5));
         assert_eq!(Alignment::new(&[]).map(5), Some(5));
+    }
+
+    /// The inverse takes every new offset a piece lands on back to where it came from; where
+    /// two pieces land on the same offsets, the longer one decides.
+    #[test]
+    fn the_inverse_takes_offsets_back() {
+        // 0..100 by +10, 100..200 by +300 (it lands on 400..500), 200.. by -50 (on 150..).
+        let alignment = Alignment::new(&[(0, 10, 100), (100, 400, 100), (200, 150, 1000)]);
+        let inverse = alignment.inverse();
+        for old in [0u64, 1, 50, 99, 200, 250, 1199] {
+            let new = alignment.map(old).expect("maps");
+            assert_eq!(inverse.map(new as u64), Some(old as i64), "{old} -> {new}");
+        }
+        // 400..500 is landed on by both 100..200 and the longer 200..: the longer decides.
+        for old in [100u64, 150, 199] {
+            let new = alignment.map(old).expect("maps");
+            assert_eq!(inverse.map(new as u64), Some(new + 50), "{old} -> {new}");
+        }
+        // Before the first piece's landing: like it.
+        assert_eq!(inverse.map(0), Some(-10));
+        assert_eq!(Alignment::new(&[]).inverse().map(7), Some(7));
     }
 
     #[test]

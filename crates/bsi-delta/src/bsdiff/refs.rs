@@ -1,5 +1,6 @@
-//! References in an x86-64 or AArch64 ELF file: the places whose bytes are an address or a
-//! distance to an address, found in the old file alone so that the decoder finds the same ones.
+//! References in an x86-64 or AArch64 ELF or Mach-O file: the places whose bytes are an address
+//! or a distance to an address, found in the old file alone so that the decoder finds the same
+//! ones.
 //!
 //! When code moves between two builds, every reference that crosses the move changes although
 //! nothing it means has: a call's displacement grows by the bytes inserted between the call and
@@ -16,11 +17,16 @@
 //!   CIE pointer, start address and LSDA pointer, and each CIE's personality pointer, where
 //!   they are 32-bit PC-relative (as GCC and Clang write them);
 //! - on x86-64, switch tables: 32-bit offsets from a table that code loads with `lea`.
+//!
+//! In a Mach-O file (thin or universal, see `macho`), the code of each slice and its switch
+//! tables.
 
 mod arm64;
+mod macho;
 mod x86;
 
 pub(super) use arm64::{encode as arm64_encode, Form as Arm64};
+pub(super) use macho::SLICE_SHIFT;
 
 /// How the bytes at a reference's site relate to its target (all addresses are virtual).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +40,9 @@ pub(super) enum Kind {
     Based32 { base: u64 },
     /// A 64-bit address: `target`.
     Abs64,
+    /// A 64-bit address in the address space of slice `slice` of a universal Mach-O file,
+    /// whose addresses the image moves up (see `macho`): `target - (slice << 40)`.
+    Shifted64 { slice: u8 },
     /// An AArch64 instruction (or ADRP pair) whose immediate is a distance from the site.
     Arm64(Arm64),
 }
@@ -52,7 +61,7 @@ impl Ref {
     /// Bytes the reference occupies.
     pub fn width(&self) -> u64 {
         match self.kind {
-            Kind::Abs64 => 8,
+            Kind::Abs64 | Kind::Shifted64 { .. } => 8,
             Kind::Rel32 { .. } | Kind::Back32 | Kind::Based32 { .. } => 4,
             Kind::Arm64(form) => form.width(),
         }
@@ -157,9 +166,102 @@ struct Section<'a> {
 }
 
 /// The segments and references of `data` when it is a 64-bit little-endian ELF file for x86-64
-/// or AArch64; an empty image otherwise.
+/// or AArch64, or a Mach-O file of such slices; an empty image otherwise.
 pub(super) fn scan(data: &[u8]) -> Image {
-    elf(data).unwrap_or_default()
+    elf(data).or_else(|| mach_o(data)).unwrap_or_default()
+}
+
+fn mach_o(data: &[u8]) -> Option<Image> {
+    let layout = macho::layout(data)?;
+    let mut image = Image {
+        segments: layout.segments,
+        refs: Vec::new(),
+    };
+    let code: Vec<(u64, u64, Machine)> = layout
+        .sections
+        .iter()
+        .filter(|s| s.code && s.len > 0)
+        .map(|s| (s.offset, s.offset + s.len, layout.machines[s.slice]))
+        .collect();
+    let (mut refs, _) = code_refs(data, &image, &code);
+    for &(site, slice) in &layout.pointers {
+        let (Some(value), Ok(slice)) = (u64_at(data, site), u8::try_from(slice)) else {
+            continue;
+        };
+        let Some(target) = value.checked_add(u64::from(slice) << macho::SLICE_SHIFT) else {
+            continue;
+        };
+        if value != 0 && image.segment_at(target).is_some() {
+            let kind = match slice {
+                0 => Kind::Abs64,
+                _ => Kind::Shifted64 { slice },
+            };
+            collect(&mut refs, Ref { site, kind, target });
+        }
+    }
+    image.refs = finish(refs);
+    Some(image)
+}
+
+/// The references found in the code `code` (file ranges, each with its machine) of `data`, and
+/// the code's virtual ranges; with the x86-64 switch tables the code loads.
+fn code_refs(
+    data: &[u8],
+    image: &Image,
+    code: &[(u64, u64, Machine)],
+) -> (Vec<Ref>, Vec<(u64, u64)>) {
+    let code_v: Vec<(u64, u64)> = code
+        .iter()
+        .filter_map(|&(start, end, _)| {
+            let v = image.vaddr_of(start)?;
+            Some((v, v + (end - start)))
+        })
+        .collect();
+    let mut refs = Vec::new();
+    let mut loaded = Vec::new();
+    for &(start, end, machine) in code {
+        let Some(vstart) = image.vaddr_of(start) else {
+            continue;
+        };
+        match machine {
+            Machine::X86_64 => {
+                let scan = x86::Scan {
+                    data,
+                    start,
+                    end,
+                    vstart,
+                    code: &code_v,
+                    image,
+                };
+                scan.run(&mut refs, &mut loaded);
+            }
+            Machine::Aarch64 => arm64::scan(data, (start, end), vstart, &code_v, image, &mut refs),
+        }
+    }
+    let mut tables = Tables {
+        data,
+        machine: Machine::X86_64,
+        image,
+        refs: &mut refs,
+    };
+    tables.jump_tables(&mut loaded, &code_v);
+    (refs, code_v)
+}
+
+/// `refs` sorted by site, without overlaps (the first of two overlapping references stays),
+/// at most [`MAX_REFS`].
+fn finish(mut refs: Vec<Ref>) -> Vec<Ref> {
+    refs.sort_by_key(|r| r.site);
+    let mut end = 0;
+    refs.retain(|r| {
+        let keep = r.site >= end;
+        if keep {
+            end = r.site + r.width();
+        }
+        keep
+    });
+    refs.truncate(MAX_REFS);
+    refs
 }
 
 /// The machines whose code is read.
@@ -197,49 +299,21 @@ fn elf(data: &[u8]) -> Option<Image> {
         refs: Vec::new(),
     };
     let sections = sections(data).unwrap_or_default();
-    let code: Vec<(u64, u64)> = sections
+    let code: Vec<(u64, u64, Machine)> = sections
         .iter()
         .filter(|s| {
             s.kind == SHT_PROGBITS
                 && s.flags & (SHF_ALLOC | SHF_EXECINSTR) == SHF_ALLOC | SHF_EXECINSTR
         })
-        .map(|s| (s.offset, s.offset + s.len))
+        .map(|s| (s.offset, s.offset + s.len, machine))
         .collect();
-    let code_v: Vec<(u64, u64)> = code
-        .iter()
-        .filter_map(|&(start, end)| {
-            let v = image.vaddr_of(start)?;
-            Some((v, v + (end - start)))
-        })
-        .collect();
-    let mut refs = Vec::new();
-    let mut loaded = Vec::new();
-    for &(start, end) in &code {
-        let Some(vstart) = image.vaddr_of(start) else {
-            continue;
-        };
-        match machine {
-            Machine::X86_64 => {
-                let scan = x86::Scan {
-                    data,
-                    start,
-                    end,
-                    vstart,
-                    code: &code_v,
-                    image: &image,
-                };
-                scan.run(&mut refs, &mut loaded);
-            }
-            Machine::Aarch64 => arm64::scan(data, (start, end), vstart, &code_v, &image, &mut refs),
-        }
-    }
+    let (mut refs, _) = code_refs(data, &image, &code);
     let mut tables = Tables {
         data,
         machine,
         image: &image,
         refs: &mut refs,
     };
-    tables.jump_tables(&mut loaded, &code_v);
     for section in &sections {
         match (section.kind, section.name) {
             (SHT_RELA, _) => tables.relocations(section),
@@ -250,18 +324,7 @@ fn elf(data: &[u8]) -> Option<Image> {
             _ => {}
         }
     }
-    // Sorted by site, without overlaps (the first of two overlapping references stays).
-    refs.sort_by_key(|r| r.site);
-    let mut end = 0;
-    refs.retain(|r| {
-        let keep = r.site >= end;
-        if keep {
-            end = r.site + r.width();
-        }
-        keep
-    });
-    refs.truncate(MAX_REFS);
-    image.refs = refs;
+    image.refs = finish(refs);
     Some(image)
 }
 
@@ -298,8 +361,12 @@ fn segments(data: &[u8]) -> Option<Vec<Segment>> {
 
 /// The sections of two ELF files (see [`scan`]) that have the same name and size, as (offset in
 /// `old`, offset in `new`, size), or with `starts`, data sections that have the same name, over
-/// the smaller size; none unless both are such files.
+/// the smaller size; none unless both are such files. Likewise for two Mach-O files, whose
+/// sections are named by slice, segment and section.
 pub(super) fn same_sections(old: &[u8], new: &[u8], starts: bool) -> Vec<(u64, u64, u64)> {
+    if let (Some(old), Some(new)) = (macho::layout(old), macho::layout(new)) {
+        return macho::same_sections(&old, &new, starts);
+    }
     let of = |data| -> Vec<Section<'_>> {
         if machine(data).is_none() {
             return Vec::new();
@@ -692,6 +759,10 @@ pub(super) mod tests {
                 Kind::Back32 => (i32_at(data, r.site), rel(s - t)),
                 Kind::Based32 { base } => (i32_at(data, r.site), rel(t - base as i64)),
                 Kind::Abs64 => (u64_at(data, r.site).map(|v| v as i64), r.target),
+                Kind::Shifted64 { slice } => (
+                    u64_at(data, r.site).map(|v| v as i64),
+                    r.target - (u64::from(slice) << macho::SLICE_SHIFT),
+                ),
                 Kind::Arm64(form) => {
                     let bytes = &data[r.site as usize..];
                     assert_eq!(arm64::decode(bytes, site), Some((form, r.target)));
@@ -734,6 +805,8 @@ pub(super) mod tests {
         let code = count(&|k| matches!(k, Kind::Rel32 { .. })) - fdes;
         assert!(code >= 40 * 4, "{code} code references");
     }
+
+    pub(crate) use super::macho::tests::universal_x86;
 
     /// A minimal x86-64 ELF file: one loaded segment (file offset = address) with `code` as its
     /// `.text` at 0x1000.
