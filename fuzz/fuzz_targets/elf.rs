@@ -1,12 +1,14 @@
 //! bsdiff's reference prediction on damaged and hostile input, around a real library (the
-//! gcc-built pairs of `crates/bsi-delta/tests/data/elf-1.*`, for x86-64 and for AArch64).
+//! gcc-built pairs of `crates/bsi-delta/tests/data/elf-1.*`, for x86-64 and for AArch64) and a
+//! universal Mach-O file (`macho-1.*`, built by bsi-delta's tests).
 //!
-//! Input: 1 byte selects the library (bit 2: AArch64), the stored payload (bit 3: format 3, else
-//! format 2) and the mode (its value mod 4), the rest is the mode's data. Modes 0 and 2 damage the old library:
+//! Input: 1 byte selects the mode (its value mod 4), the library (bits 2 and 3, mod 3: x86-64,
+//! AArch64, or the universal Mach-O pair `macho-1.*`) and the stored payload (bit 4: format 3,
+//! else format 2, which the Mach-O pair has not), the rest is the mode's data. Modes 0 and 2 damage the old library:
 //! 2 bytes give an offset into it and the rest overwrites it from there.
 //! - 0: the damaged library is encoded against the new one, which the payload must give back
 //!   (the encoder and the decoder find the same references, or none);
-//! - 2: a stored payload (`bsdiff-2.bin`, `bsdiff-3-elf.bin`, or those of AArch64) is decoded
+//! - 2: a stored payload (`bsdiff-2.bin`, `bsdiff-3-elf.bin`, those of AArch64 or Mach-O) is decoded
 //!   against the damaged library;
 //! - 1, 3: the rest is a payload, decoded against the undamaged library, so that a hostile
 //!   control stream builds the alignment the predictor uses (with a length of the new file
@@ -19,7 +21,7 @@ use bsi_delta::{Bsdiff, DeltaEncoder};
 use libfuzzer_sys::fuzz_target;
 
 /// (old library, new library, stored payloads between them: format 2, format 3).
-const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 2] = [
+const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 3] = [
     (
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.old.so"),
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.new.so"),
@@ -34,6 +36,14 @@ const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 2] = [
         [
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2-arm64.bin"),
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-arm64.bin"),
+        ],
+    ),
+    (
+        include_bytes!("../../crates/bsi-delta/tests/data/macho-1.old"),
+        include_bytes!("../../crates/bsi-delta/tests/data/macho-1.new"),
+        [
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-macho.bin"),
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-macho.bin"),
         ],
     ),
 ];
@@ -60,8 +70,8 @@ fuzz_target!(|data: &[u8]| {
     let [mode, rest @ ..] = data else {
         return;
     };
-    let (library, new, stored) = LIBRARIES[usize::from(mode >> 2 & 1)];
-    let stored = stored[usize::from(mode >> 3 & 1)];
+    let (library, new, stored) = LIBRARIES[usize::from(mode >> 2 & 3) % LIBRARIES.len()];
+    let stored = stored[usize::from(mode >> 4 & 1)];
     match mode % 4 {
         0 => {
             let Some(old) = damaged(library, rest) else {

@@ -1046,6 +1046,33 @@ mod tests {
         );
     }
 
+    /// `tests/data/macho-1.{old,new}`, the universal pair of the test above, used by the format
+    /// tests and the `elf` fuzz target; `BSI_BLESS=1` writes them again.
+    #[test]
+    fn the_stored_mach_o_pair_is_the_relinked_universal_file() {
+        for (name, file) in [
+            (
+                "macho-1.old",
+                refs::tests::universal_x86(&relinked_code(usize::MAX, 0)),
+            ),
+            (
+                "macho-1.new",
+                refs::tests::universal_x86(&relinked_code(10_000, 64)),
+            ),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data")
+                .join(name);
+            if std::env::var_os("BSI_BLESS").is_some() {
+                std::fs::write(&path, &file).expect("write the fixture");
+            }
+            assert!(
+                refs::tests::fixture(name) == file,
+                "{name} differs from its builder"
+            );
+        }
+    }
+
     /// The encoder and decoder agree on damaged ELF files (their references found, or not, the
     /// same way on both sides).
     #[test]

@@ -99,6 +99,13 @@ fn bsdiff_3() {
         b"BSD\x03\x01",
         "format 3 with the ELF predictor",
     );
+    let (old, new) = (read("macho-1.old"), read("macho-1.new"));
+    check("bsdiff", "bsdiff-3-macho.bin", &old, &new);
+    stored_format(
+        "bsdiff-3-macho.bin",
+        b"BSD\x03\x01",
+        "format 3 with the Mach-O predictor",
+    );
     let (old, new) = (read("elf-1.arm64.old.so"), read("elf-1.arm64.new.so"));
     check("bsdiff", "bsdiff-3-arm64.bin", &old, &new);
     stored_format(
