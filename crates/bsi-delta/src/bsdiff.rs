@@ -1009,41 +1009,27 @@ mod tests {
         code
     }
 
+    /// In an ELF file, and in a universal Mach-O file whose two slices moved alike.
     #[test]
     fn calls_that_only_moved_cost_nothing() {
-        let old = refs::tests::elf_with_code(&relinked_code(usize::MAX, 0));
-        let new = refs::tests::elf_with_code(&relinked_code(10_000, 64));
-        let predicted = round_trip(&old, &new);
-        let plain = Bsdiff::UNPREDICTED
-            .encode(&old, &new)
-            .expect("encode")
-            .expect("applies");
-        assert_eq!(predicted[4], Predictor::Refs as u8);
-        assert!(
-            predicted.len() * 4 < plain.len(),
-            "predicted {} bytes against {} without",
-            predicted.len(),
-            plain.len()
-        );
-    }
-
-    /// The same in a universal Mach-O file, whose two slices moved alike.
-    #[test]
-    fn calls_that_only_moved_cost_nothing_in_a_universal_file() {
-        let old = refs::tests::universal_x86(&relinked_code(usize::MAX, 0));
-        let new = refs::tests::universal_x86(&relinked_code(10_000, 64));
-        let predicted = round_trip(&old, &new);
-        let plain = Bsdiff::UNPREDICTED
-            .encode(&old, &new)
-            .expect("encode")
-            .expect("applies");
-        assert_eq!(predicted[4], Predictor::Refs as u8);
-        assert!(
-            predicted.len() * 4 < plain.len(),
-            "predicted {} bytes against {} without",
-            predicted.len(),
-            plain.len()
-        );
+        let files: [fn(&[u8]) -> Vec<u8>; 2] =
+            [refs::tests::elf_with_code, refs::tests::universal_x86];
+        for file in files {
+            let old = file(&relinked_code(usize::MAX, 0));
+            let new = file(&relinked_code(10_000, 64));
+            let predicted = round_trip(&old, &new);
+            let plain = Bsdiff::UNPREDICTED
+                .encode(&old, &new)
+                .expect("encode")
+                .expect("applies");
+            assert_eq!(predicted[4], Predictor::Refs as u8);
+            assert!(
+                predicted.len() * 4 < plain.len(),
+                "predicted {} bytes against {} without",
+                predicted.len(),
+                plain.len()
+            );
+        }
     }
 
     /// `tests/data/macho-1.{old,new}`, the universal pair of the test above, used by the format
