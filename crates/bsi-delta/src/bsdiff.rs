@@ -94,16 +94,28 @@ impl DeltaEncoder for Bsdiff {
     }
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let image = match self.predict {
-            true => refs::scan(old),
-            false => refs::Image::default(),
-        };
-        let index = matcher::Index::new(old)?;
+        // Both files' references are found while the suffix array is built, on another core.
+        let ((image, new_image), index) = rayon::join(
+            || {
+                let image = match self.predict {
+                    true => refs::scan(old),
+                    false => refs::Image::default(),
+                };
+                let new_image = match image.refs.is_empty() {
+                    true => refs::Image::default(),
+                    false => refs::scan(new),
+                };
+                (image, new_image)
+            },
+            || matcher::Index::new(old),
+        );
+        let index = index?;
         let (streams, kind) = if image.refs.is_empty() {
             (streams_as_found(&index, old, new, REGION), Predictor::None)
         } else {
             let ops = search(&index, new, REGION);
-            let (ops, predictor) = predicted_search(&index, old, new, ops, &image);
+            let images = (&image, &new_image);
+            let (ops, predictor) = predicted_search(&index, old, new, ops, images);
             let kind = match predictor {
                 Some(_) => Predictor::Refs,
                 None => Predictor::None,
@@ -192,7 +204,8 @@ const SECOND_PASS_LEN: usize = 4 << 20;
 const FAR: u64 = 4;
 
 /// The steps and the predictor for `new` where the old file has references (see `refs`), given
-/// the old file's `index` and the steps `ops` found with it against the new file as it is.
+/// the old file's `index`, the steps `ops` found with it against the new file as it is, and the
+/// images of the old file and of the new one.
 ///
 /// Those steps give a first alignment, through which every reference of the new file (found
 /// as in the old one) is pointed back where its target was in the old file, and that moved-back
@@ -232,7 +245,7 @@ fn predicted_search(
     old: &[u8],
     new: &[u8],
     ops: Vec<matcher::Op>,
-    image: &refs::Image,
+    (image, new_image): (&refs::Image, &refs::Image),
 ) -> (Vec<matcher::Op>, Option<predict::Predictor>) {
     // Files that differ in substance gain nothing: Firefox ESR 140 -> 153's libgkcodecs.so left
     // 4,820,874 of its 7,361,688 bytes to code, 4,805,424 after two passes (libcrypto 3.0.17 ->
@@ -253,7 +266,6 @@ fn predicted_search(
         preferred = &starts;
     }
     let mut pieces = (steps, preferred.clone());
-    let new_image = refs::scan(new);
     let mut best = (ops, None);
     let passes = match new.len() >= SECOND_PASS_LEN {
         true => PREDICTED_PASSES,
@@ -279,7 +291,7 @@ fn predicted_search(
         for way in ways {
             // The new file moved back through `way`, each of its references pointed where its
             // target was in the old file, searched against the old file's own index.
-            let Some(mover) = predict::Predictor::new(&new_image, way) else {
+            let Some(mover) = predict::Predictor::new(new_image, way) else {
                 continue;
             };
             let moved = mover.transform(new);
