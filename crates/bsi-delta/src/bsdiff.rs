@@ -1024,8 +1024,8 @@ mod tests {
     /// In an ELF file, and in a universal Mach-O file whose two slices moved alike.
     #[test]
     fn calls_that_only_moved_cost_nothing() {
-        let files: [fn(&[u8]) -> Vec<u8>; 2] =
-            [refs::tests::elf_with_code, refs::tests::universal_x86];
+        type File = fn(&[u8]) -> Vec<u8>;
+        let files: [File; 2] = [refs::tests::elf_with_code, refs::tests::universal_x86];
         for file in files {
             let old = file(&relinked_code(usize::MAX, 0));
             let new = file(&relinked_code(10_000, 64));
