@@ -86,33 +86,21 @@ fn bsdiff_1() {
 fn bsdiff_3() {
     let (old, new) = moved_program();
     check("bsdiff", "bsdiff-3.bin", &old, &new);
-    stored_format(
-        "bsdiff-3.bin",
-        b"BSD\x03\x00",
-        "format 3 without a predictor",
-    );
+    stored_format("bsdiff-3.bin", b"BSD\x03\x00", "format 3, no predictor");
     let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
-    let (old, new) = (read("elf-1.old.so"), read("elf-1.new.so"));
-    check("bsdiff", "bsdiff-3-elf.bin", &old, &new);
-    stored_format(
-        "bsdiff-3-elf.bin",
-        b"BSD\x03\x01",
-        "format 3 with the ELF predictor",
-    );
-    let (old, new) = (read("macho-1.old"), read("macho-1.new"));
-    check("bsdiff", "bsdiff-3-macho.bin", &old, &new);
-    stored_format(
-        "bsdiff-3-macho.bin",
-        b"BSD\x03\x01",
-        "format 3 with the Mach-O predictor",
-    );
-    let (old, new) = (read("elf-1.arm64.old.so"), read("elf-1.arm64.new.so"));
-    check("bsdiff", "bsdiff-3-arm64.bin", &old, &new);
-    stored_format(
-        "bsdiff-3-arm64.bin",
-        b"BSD\x03\x01",
-        "format 3 with the ELF predictor",
-    );
+    for (old, new, payload) in [
+        ("elf-1.old.so", "elf-1.new.so", "bsdiff-3-elf.bin"),
+        (
+            "elf-1.arm64.old.so",
+            "elf-1.arm64.new.so",
+            "bsdiff-3-arm64.bin",
+        ),
+        ("macho-1.old", "macho-1.new", "bsdiff-3-macho.bin"),
+    ] {
+        let (old, new) = (read(old), read(new));
+        check("bsdiff", payload, &old, &new);
+        stored_format(payload, b"BSD\x03\x01", "format 3, reference predictor");
+    }
 }
 
 /// A library relinked with a function inserted in the middle (two builds by gcc of the program
