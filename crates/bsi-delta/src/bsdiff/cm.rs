@@ -8,7 +8,7 @@
 //! byte, the number of zeros up to the next nonzero byte is coded as one number (a gap), and the
 //! decoder copies that many predicted bytes as they are. Coding and decoding then cost about the
 //! changed bytes rather than the file: libcrypto 3.0.17 -> 3.0.20 codes 4.7 million flags in
-//! format 2 and about half a million in format 3.
+//! format 2 and 1.07 million in format 3, for 58 thousand changed bytes.
 
 use crate::{corrupt, DecodeError};
 
