@@ -267,29 +267,28 @@ fn predicted_search(
         let alignment = predict::Alignment::preferring(&steps, preferred);
         predict::Predictor::new(image, alignment).map(|p| left_to_code(old, new, &ops, Some(&p)))
     };
-    let mut preferred = &same;
-    if starts != same && fit(&starts) < fit(&same) {
-        preferred = &starts;
-    }
-    let mut pieces = (steps, preferred.clone());
+    let preferred = match starts != same && fit(&starts) < fit(&same) {
+        true => &starts,
+        false => &same,
+    };
+    let (mut steps, mut preferred) = (steps, &preferred[..]);
     let mut best = (ops, None);
     let passes = match new.len() >= SECOND_PASS_LEN {
         true => PREDICTED_PASSES,
         false => 1,
     };
     for pass in 0..passes {
-        let (steps, preferred) = &pieces;
         // Two ways back for the first pass, the better one kept (see the function's
         // documentation): the steps themselves, read from the new file's side, and the
         // inverse of the alignment the old file's references would move forward with.
-        let forward = predict::Alignment::preferring(steps, preferred);
+        let forward = predict::Alignment::preferring(&steps, preferred);
         let mut ways = vec![forward.inverse()];
         if pass == 0 {
             let back = |v: &[(u64, u64, u64)]| -> Vec<(u64, u64, u64)> {
                 v.iter().map(|&(old, new, len)| (new, old, len)).collect()
             };
             ways.push(predict::Alignment::preferring(
-                &back(steps),
+                &back(&steps),
                 &back(preferred),
             ));
         }
@@ -309,31 +308,22 @@ fn predicted_search(
             else {
                 continue;
             };
-            let now = left_to_code(old, new, &ops, Some(&predictor));
-            if found.as_ref().is_none_or(|best| now < best.left) {
+            let left = left_to_code(old, new, &ops, Some(&predictor));
+            if found.as_ref().is_none_or(|best| left < best.left) {
                 found = Some(Pass {
-                    left: now,
+                    left,
                     ops,
                     steps,
                     predictor,
                 });
             }
         }
-        let Some(Pass {
-            left: now,
-            ops,
-            steps,
-            predictor,
-        }) = found
-        else {
+        let Some(pass) = found.filter(|pass| pass.left < left) else {
             break;
         };
-        if now >= left {
-            break;
-        }
-        left = now;
-        best = (ops, Some(predictor));
-        pieces = (steps, same.clone());
+        left = pass.left;
+        best = (pass.ops, Some(pass.predictor));
+        (steps, preferred) = (pass.steps, &same);
     }
     best
 }
@@ -895,6 +885,14 @@ mod tests {
     use super::*;
     use crate::test_data::noise;
 
+    /// The payload without prediction.
+    fn unpredicted(old: &[u8], new: &[u8]) -> Vec<u8> {
+        Bsdiff::UNPREDICTED
+            .encode(old, new)
+            .expect("encode")
+            .expect("applies")
+    }
+
     pub(super) fn round_trip(old: &[u8], new: &[u8]) -> Vec<u8> {
         let payload = Bsdiff::PLAIN
             .encode(old, new)
@@ -979,10 +977,7 @@ mod tests {
         let new = refs::tests::fixture("elf-1.new.so");
         let predicted = round_trip(&old, &new);
         assert_eq!(&predicted[..5], b"BSD\x03\x01", "format 3, ELF references");
-        let plain = Bsdiff::UNPREDICTED
-            .encode(&old, &new)
-            .expect("encode")
-            .expect("applies");
+        let plain = unpredicted(&old, &new);
         assert_eq!(plain[4], Predictor::None as u8);
         assert!(
             predicted.len() * 10 <= plain.len() * 7,
@@ -995,10 +990,7 @@ mod tests {
         let new = refs::tests::fixture("elf-1.arm64.new.so");
         let predicted = round_trip(&old, &new);
         assert_eq!(predicted[4], Predictor::Refs as u8);
-        let plain = Bsdiff::UNPREDICTED
-            .encode(&old, &new)
-            .expect("encode")
-            .expect("applies");
+        let plain = unpredicted(&old, &new);
         assert!(
             predicted.len() * 10 <= plain.len() * 8,
             "arm64: predicted {} bytes against {} without",
@@ -1055,10 +1047,7 @@ mod tests {
             let old = file(&relinked_code(usize::MAX, 0));
             let new = file(&relinked_code(10_000, 64));
             let predicted = round_trip(&old, &new);
-            let plain = Bsdiff::UNPREDICTED
-                .encode(&old, &new)
-                .expect("encode")
-                .expect("applies");
+            let plain = unpredicted(&old, &new);
             assert_eq!(predicted[4], Predictor::Refs as u8);
             assert!(
                 predicted.len() * 4 < plain.len(),

@@ -183,7 +183,7 @@ fn mach_o(data: &[u8]) -> Option<Image> {
         .filter(|s| s.code && s.len > 0)
         .map(|s| (s.offset, s.offset + s.len, layout.machines[s.slice]))
         .collect();
-    let (mut refs, _) = code_refs(data, &image, &code);
+    let mut refs = code_refs(data, &image, &code);
     for &(site, slice) in &layout.pointers {
         let (Some(value), Ok(slice)) = (u64_at(data, site), u8::try_from(slice)) else {
             continue;
@@ -203,13 +203,9 @@ fn mach_o(data: &[u8]) -> Option<Image> {
     Some(image)
 }
 
-/// The references found in the code `code` (file ranges, each with its machine) of `data`, and
-/// the code's virtual ranges; with the x86-64 switch tables the code loads.
-fn code_refs(
-    data: &[u8],
-    image: &Image,
-    code: &[(u64, u64, Machine)],
-) -> (Vec<Ref>, Vec<(u64, u64)>) {
+/// The references found in the code `code` (file ranges, each with its machine) of `data`, with
+/// the x86-64 switch tables the code loads.
+fn code_refs(data: &[u8], image: &Image, code: &[(u64, u64, Machine)]) -> Vec<Ref> {
     let code_v: Vec<(u64, u64)> = code
         .iter()
         .filter_map(|&(start, end, _)| {
@@ -240,12 +236,13 @@ fn code_refs(
     }
     let mut tables = Tables {
         data,
+        // Switch tables do not depend on the machine (only the x86-64 scan finds any).
         machine: Machine::X86_64,
         image,
         refs: &mut refs,
     };
     tables.jump_tables(&mut loaded, &code_v);
-    (refs, code_v)
+    refs
 }
 
 /// `refs` sorted by site, without overlaps (the first of two overlapping references stays),
@@ -307,7 +304,7 @@ fn elf(data: &[u8]) -> Option<Image> {
         })
         .map(|s| (s.offset, s.offset + s.len, machine))
         .collect();
-    let (mut refs, _) = code_refs(data, &image, &code);
+    let mut refs = code_refs(data, &image, &code);
     let mut tables = Tables {
         data,
         machine,
