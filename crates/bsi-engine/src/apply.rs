@@ -364,6 +364,20 @@ impl<'a> BaseView<'a> {
         }
     }
 
+    /// Where revert data of the base file at `path` can come from without being made: the
+    /// root's file, which holds the base bytes (kept as it was), or the installed patch's revert
+    /// data of it when that is a copy or the base file itself (linked).
+    fn keep(&self, path: &PkgPath) -> Keep {
+        let revert = self.touched.get(path).and_then(|e| e.revert.as_ref());
+        match revert {
+            None => Keep::Root,
+            Some(name) if name.ends_with(".zst") || name.ends_with(".orig") => {
+                Keep::Link(self.revert_dir.join(name))
+            }
+            Some(_) => Keep::Make,
+        }
+    }
+
     /// Names of the entries of directory `dir` in the base release.
     fn children(&self, dir: &PkgPath) -> Result<BTreeSet<String>, FsError> {
         let full = self.root.join(dir.as_str());
@@ -458,47 +472,105 @@ fn is_own_blocks(entry: &Entry) -> bool {
     matches!(&entry.op, bsi_format::Operation::Delta { encoder, source: None } if encoder == "blocks")
 }
 
+/// Where a changed base file's revert data comes from (see [`BaseView::keep`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Keep {
+    /// The root's file holds the base bytes: the transaction moves it to `undo/` as it places
+    /// the new file, and the commit links it from there into the revert data (`{i}.orig`).
+    Root,
+    /// The installed patch's revert data holds them in a form that does not depend on the
+    /// post-image: linked into the new revert data.
+    Link(PathBuf),
+    /// Only as bytes (decoded from a reverse delta): a reverse delta or a copy is made.
+    Make,
+}
+
+/// The revert data of one entry: written while preparing, or the root's base file, which the
+/// commit links from `undo/` (see [`Keep::Root`]).
+enum Revert {
+    Written(String),
+    Kept(String),
+}
+
 /// Revert data this small is kept without trying a compressed copy (1/64 of the file).
 const SURELY_SMALLER: u64 = 64;
 /// A reverse delta needs the new file in memory; up to this size, any file gets one.
 const REVERSE_IN_MEMORY: u64 = 16 << 20;
 
-/// Keep the base bytes `old` of entry `i` in `dir`: as a reverse delta from its post-image
-/// (`{i}.rev`, a `blocks` payload) when that is smaller than a compressed copy (`{i}.zst`).
-/// The reverse comes from the forward `blocks` payload when there is one (no need for the new
-/// bytes, whatever the size), else from the staged new file when it is small enough to read.
+/// Keep the base file of entry `i`, whose bytes are `old` when they were read, in `dir`: as
+/// a reverse delta from its post-image (`{i}.rev`, a `blocks` payload) derived from the forward
+/// `blocks` payload when that is surely smaller, else as `keep` says; what must be made is the
+/// smaller of a reverse delta (encoded from the staged new file when it is small enough to
+/// read) and a compressed copy (`{i}.zst`).
+#[allow(clippy::too_many_arguments)]
 fn keep_revert(
     dir: &Path,
     i: usize,
-    old: &Base,
+    old: Option<&Base>,
+    keep: Keep,
     pkg: &VerifiedPackage,
     entry: &Entry,
     staged: Option<&Path>,
-) -> Result<String, ApplyError> {
+) -> Result<Revert, ApplyError> {
     let post_size = match &entry.post {
         Some(Image::File { size, .. }) => Some(*size),
         _ => None,
     };
     // The forward payload was read and checked when the file was decoded; should reading it
-    // again fail, the revert data is a copy.
+    // again fail, there is no reverse delta from it.
     let forward = match is_own_blocks(entry) {
         true => pkg.payload(entry).ok().flatten(),
         false => None,
     };
+    let from_forward = match (post_size, forward, old) {
+        (Some(size), Some(payload), Some(Base::Bytes(old))) => {
+            bsi_delta::reverse_blocks(old, &payload, size, REVERT_LEVEL).ok()
+        }
+        (Some(size), Some(payload), Some(Base::OnDisk { file, len, .. })) => {
+            bsi_delta::reverse_blocks_file(file, *len, &payload, size, REVERT_LEVEL).ok()
+        }
+        _ => None,
+    };
+    let write = |name: &str, bytes: &[u8]| -> Result<(), ApplyError> {
+        let file = dir.join(name);
+        fsx::write_file(&file, 0o644, None, |out| -> Result<(), ApplyError> {
+            out.write_all(bytes).fs("write", &file)?;
+            Ok(())
+        })
+    };
+    let (rev_name, copy_name) = (format!("{i}.rev"), format!("{i}.zst"));
+    if let (Some(rev), Some(old)) = (&from_forward, old) {
+        if rev.len() as u64 <= old.len() / SURELY_SMALLER {
+            write(&rev_name, rev)?;
+            return Ok(Revert::Written(rev_name));
+        }
+    }
+    match keep {
+        Keep::Root => return Ok(Revert::Kept(format!("{i}.orig"))),
+        Keep::Link(file) => {
+            let ext = file
+                .extension()
+                .map_or("zst".into(), |e| e.to_string_lossy());
+            let name = format!("{i}.{ext}");
+            fsx::hard_link(&file, &dir.join(&name))?;
+            return Ok(Revert::Written(name));
+        }
+        Keep::Make => {}
+    }
+    let Some(old) = old else {
+        return Err(ApplyError::PreImage {
+            root: dir.to_owned(),
+            path: entry.path.clone(),
+            reason: "its base bytes are not available".to_owned(),
+        });
+    };
     // A compressed copy made beside the reverse delta, if any.
-    let (reverse, copied) = match (post_size, forward, staged, old) {
-        (Some(size), Some(payload), _, Base::Bytes(old)) => (
-            bsi_delta::reverse_blocks(old, &payload, size, REVERT_LEVEL).ok(),
-            None,
-        ),
-        (Some(size), Some(payload), _, Base::OnDisk { file, len, .. }) => (
-            bsi_delta::reverse_blocks_file(file, *len, &payload, size, REVERT_LEVEL).ok(),
-            None,
-        ),
+    let (reverse, copied) = match (post_size, from_forward, staged, old) {
+        (_, Some(reverse), _, _) => (Some(reverse), None),
         // Encoding the reverse delta reads both files; the copy it must beat reads only the
         // old one, so it is made at the same time, on another core (libcrypto: 34 ms and
         // 16 ms).
-        (Some(size), _, Some(staged), Base::Bytes(old)) if size <= REVERSE_IN_MEMORY => {
+        (Some(size), None, Some(staged), Base::Bytes(old)) if size <= REVERSE_IN_MEMORY => {
             let (reverse, copied) = rayon::join(
                 || -> Result<_, ApplyError> {
                     let new = fs::read(staged).fs("read", staged)?;
@@ -513,30 +585,22 @@ fn keep_revert(
         }
         _ => (None, None),
     };
-    let write = |name: &str, bytes: &[u8]| -> Result<(), ApplyError> {
-        let file = dir.join(name);
-        fsx::write_file(&file, 0o644, None, |out| -> Result<(), ApplyError> {
-            out.write_all(bytes).fs("write", &file)?;
-            Ok(())
-        })
-    };
-    let (rev_name, copy_name) = (format!("{i}.rev"), format!("{i}.zst"));
     if let Some(rev) = reverse
         .as_deref()
         .filter(|r| r.len() as u64 <= old.len() / SURELY_SMALLER)
     {
         write(&rev_name, rev)?;
-        return Ok(rev_name);
+        return Ok(Revert::Written(rev_name));
     }
     if let Some(copied) = copied {
         return match reverse {
             Some(rev) if rev.len() < copied.len() => {
                 write(&rev_name, &rev)?;
-                Ok(rev_name)
+                Ok(Revert::Written(rev_name))
             }
             _ => {
                 write(&copy_name, &copied)?;
-                Ok(copy_name)
+                Ok(Revert::Written(copy_name))
             }
         };
     }
@@ -558,9 +622,9 @@ fn keep_revert(
         Some(rev) if (rev.len() as u64) < copy_len => {
             write(&rev_name, &rev)?;
             fsx::remove_file(&copy)?;
-            Ok(rev_name)
+            Ok(Revert::Written(rev_name))
         }
-        _ => Ok(copy_name),
+        _ => Ok(Revert::Written(copy_name)),
     }
 }
 
@@ -582,7 +646,17 @@ fn read_revert_into(
         return Err(damaged());
     };
     let mut hashing = HashingWriter::new(out);
-    let decoded = if file.extension().is_some_and(|e| e == "rev") {
+    let kind = file.extension().and_then(|e| e.to_str());
+    let decoded = if kind == Some("orig") {
+        // The base file itself: its bytes as they are.
+        let mut input = fs::File::open(file).fs("read", file)?;
+        if input.metadata().fs("read", file)?.len() != *size {
+            return Err(damaged());
+        }
+        std::io::copy(&mut input, &mut hashing)
+            .map(drop)
+            .map_err(bsi_delta::DecodeError::Output)
+    } else if kind == Some("rev") {
         let payload = fs::read(file).fs("read", file)?;
         let new = fs::read(post).fs("read", post)?;
         bsi_delta::Blocks.decode_into(&new, &payload, *size, &mut hashing)
@@ -895,7 +969,9 @@ fn apply_locked(
         .filter_map(|e| {
             let base = before.get(&e.path).cloned().flatten();
             let changes = !matches!((&base, &e.post), (Some(b), Some(p)) if b.same_content(p));
-            changes.then(|| file_size(base.as_ref()))
+            // A base file kept as it is, or linked, takes no room.
+            let made = view.keep(&e.path) == Keep::Make;
+            (changes && made).then(|| file_size(base.as_ref()))
         })
         .sum();
     Space::check(staging_bytes, revert_bytes, &state.dir).map_err(|space| ApplyError::NoSpace {
@@ -912,7 +988,7 @@ fn apply_locked(
         })
         .sum();
     progress.start("decoding", total);
-    let prepare = |j: usize| -> Result<Option<String>, ApplyError> {
+    let prepare = |j: usize| -> Result<Option<Revert>, ApplyError> {
         let step = &steps[j];
         let entry = entry_of[j].map(|i| &m.entries[i]);
         let base = match entry {
@@ -927,8 +1003,14 @@ fn apply_locked(
         let own_is_reference = entry.is_some_and(|e| matches!(reference(e), Some((_, None))));
         let needs_base = step.needs_content() && entry.is_none_or(|e| e.payload.is_none());
         let in_place = entry.is_some_and(|e| e.payload.is_some() && is_own_blocks(e));
+        // How the revert data keeps a base file whose bytes change.
+        let keep = match (&base, keeps_bytes) {
+            (Some(Image::File { .. }), false) => Some(view.keep(&step.path)),
+            _ => None,
+        };
+        let made = keep == Some(Keep::Make);
         let old = match &base {
-            Some(img @ Image::File { .. }) if own_is_reference || !keeps_bytes || needs_base => {
+            Some(img @ Image::File { .. }) if own_is_reference || made || needs_base => {
                 Some(view.base(&step.path, img, in_place)?)
             }
             _ => None,
@@ -990,11 +1072,12 @@ fn apply_locked(
             progress.advance(*size);
         }
         let staged = txn.stage(j);
-        let revert = match (&old, keeps_bytes, entry) {
-            (Some(old), false, Some(entry)) => Some(keep_revert(
+        let revert = match (keep, entry) {
+            (Some(keep), Some(entry)) => Some(keep_revert(
                 &txn.revert_dir(),
                 entry_of[j].unwrap_or(j),
-                old,
+                old.as_ref(),
+                keep,
                 pkg,
                 entry,
                 staged.exists().then_some(staged.as_path()),
@@ -1017,7 +1100,7 @@ fn apply_locked(
     let (mut large, small): (Vec<usize>, Vec<usize>) =
         (0..steps.len()).partition(|&j| weight(j) >= LARGE_FILE);
     large.sort_by_key(|&j| std::cmp::Reverse(weight(j)));
-    let prepared: Result<Vec<(usize, Option<String>)>, ApplyError> = large
+    let prepared: Result<Vec<(usize, Option<Revert>)>, ApplyError> = large
         .into_iter()
         .map(|j| prepare(j).map(|r| (j, r)))
         .collect::<Result<Vec<_>, _>>()
@@ -1033,10 +1116,19 @@ fn apply_locked(
     progress.finish();
     let prepared = prepared.inspect_err(|_| txn.abandon())?;
     let mut reverts: BTreeMap<usize, String> = BTreeMap::new();
+    let mut kept = Vec::new();
     for (j, revert) in prepared {
-        if let (Some(i), Some(name)) = (entry_of[j], revert) {
-            reverts.insert(i, name);
-        }
+        let (Some(i), Some(revert)) = (entry_of[j], revert) else {
+            continue;
+        };
+        let name = match revert {
+            Revert::Written(name) => name,
+            Revert::Kept(name) => {
+                kept.push((j, name.clone()));
+                name
+            }
+        };
+        reverts.insert(i, name);
     }
 
     // 4. The transaction: journal, write, check, record.
@@ -1075,6 +1167,7 @@ fn apply_locked(
         steps,
         before: installed.clone(),
         after: Some(record),
+        kept,
     };
     txn::run(root, state, &txn, &journal, &seen).map_err(|source| ApplyError::Txn {
         root: root.to_owned(),
@@ -1203,6 +1296,7 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
         steps,
         before: Some(inst.clone()),
         after: None,
+        kept: Vec::new(),
     };
     txn::run(root, state, &txn, &journal, &seen).map_err(|source| RevertError::Txn {
         root: root.to_owned(),

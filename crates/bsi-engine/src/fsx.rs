@@ -58,6 +58,10 @@ pub(crate) fn rename(from: &Path, to: &Path) -> Result<(), FsError> {
     hooked("move into place", to, || fs::rename(from, to))
 }
 
+pub(crate) fn hard_link(from: &Path, to: &Path) -> Result<(), FsError> {
+    hooked("link", to, || fs::hard_link(from, to))
+}
+
 pub(crate) fn symlink(target: &str, path: &Path) -> Result<(), FsError> {
     hooked("create symlink", path, || {
         std::os::unix::fs::symlink(target, path)

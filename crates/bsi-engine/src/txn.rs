@@ -13,8 +13,9 @@
 //!    `undo/` before the staged file is renamed over it, so that the path always holds a whole
 //!    file), then permission bits and times; every directory that changed is synced; then
 //!    every path is checked against its image.
-//! 4. Commit: mark `committed`, write the installed record, swap in the new revert data, remove
-//!    the journal, then the rest of `STATE/txn/`.
+//! 4. Commit: link the base files the new revert data keeps as they were from `undo/`, mark
+//!    `committed`, write the installed record, swap in the new revert data, remove the journal,
+//!    then the rest of `STATE/txn/`.
 //!
 //! A failure before the commit writes the `rollback` mark and runs the same steps backwards with
 //! `undo/` as the source. Recovery after a crash reads the journal: rolls back when marked so,
@@ -91,6 +92,10 @@ pub(crate) struct Journal {
     /// The installed record before and after (`None`: no patch installed).
     pub before: Option<Installed>,
     pub after: Option<Installed>,
+    /// Base files the new revert data keeps as they were: the step whose old file `undo/`
+    /// holds once the root holds the new tree, and its name in the revert data.
+    #[serde(default)]
+    pub kept: Vec<(usize, String)>,
 }
 
 /// An interrupted transaction, as `status` reports it.
@@ -483,6 +488,7 @@ fn set_meta(
 
 /// After the root holds the new tree: record it, swap in its revert data, end the transaction.
 fn commit(state: &StateDir, txn: &TxnDir, journal: &Journal) -> Result<(), FsError> {
+    keep_bases(txn, journal)?;
     if !exists(&txn.committed_mark()) {
         fsx::write_atomically(&txn.committed_mark(), b"")?;
     }
@@ -501,6 +507,27 @@ fn commit(state: &StateDir, txn: &TxnDir, journal: &Journal) -> Result<(), FsErr
     }
     fsx::sync_dir(&state.dir)?;
     finish(state, txn)
+}
+
+/// Link every base file the new revert data keeps (`journal.kept`) from `undo/`, where the roll
+/// forward left the root's old file, into the revert data; those a crash left linked already
+/// stay. Nothing to do once the revert data was swapped in.
+fn keep_bases(txn: &TxnDir, journal: &Journal) -> Result<(), FsError> {
+    let dir = txn.revert_dir();
+    if journal.kept.is_empty() || !exists(&dir) {
+        return Ok(());
+    }
+    for (step, name) in &journal.kept {
+        let to = dir.join(name);
+        if Path::new(name).file_name() != Some(name.as_ref()) {
+            let reason = std::io::Error::other("not a file name");
+            return Err(FsError::new("link", &to, reason));
+        }
+        if !exists(&to) {
+            fsx::hard_link(&txn.undo(*step), &to)?;
+        }
+    }
+    fsx::sync_dir(&dir)
 }
 
 /// Remove the journal (the transaction is over), then the rest of `txn/`.

@@ -1,4 +1,5 @@
-//! Revert data: reverse deltas where they are smaller than compressed copies, checked on use.
+//! Revert data: base files kept as they were, reverse deltas where they are smaller than
+//! compressed copies, checked on use.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ struct Applied {
     target_dir: PathBuf,
     root: PathBuf,
     state: PathBuf,
+    /// The inodes of the root's files before the apply (see [`inodes`]).
+    inodes_before: Vec<(String, u64)>,
 }
 
 fn applied(base: &Model, target: &Model) -> Applied {
@@ -29,6 +32,7 @@ fn applied(base: &Model, target: &Model) -> Applied {
     let pkg = package(&base_dir, &target_dir, 'a');
     let root = dir("root", base);
     let state = tmp.path().join("state");
+    let inodes_before = inodes(&root);
     apply(&pkg, &root, &state, &NoProgress).expect("apply");
     Applied {
         _tmp: tmp,
@@ -36,6 +40,7 @@ fn applied(base: &Model, target: &Model) -> Applied {
         target_dir,
         root,
         state,
+        inodes_before,
     }
 }
 
@@ -55,33 +60,109 @@ fn kept(state: &Path) -> Vec<(String, u64)> {
     kept
 }
 
-/// Files whose forward delta is not a `blocks` one: the reverse delta is encoded from the
-/// staged new file while a compressed copy is made beside it, and the smaller one is kept.
-#[test]
-fn a_reverse_delta_or_a_copy_whichever_is_smaller() {
-    // A one-byte edit every 64 bytes: bsdiff's forward delta wins, and the reverse (blocks)
-    // delta of incompressible bytes is smaller than a copy, but not so small that the copy
-    // is not made.
-    let scattered = noise(7, 1 << 20);
-    let mut edited = scattered.clone();
-    for at in (0..edited.len()).step_by(64) {
-        edited[at] ^= 0x42;
-    }
-    // A file replaced by unrelated bytes: the reverse delta can only hold the old bytes, as
-    // the copy does, with its own framing around them, so the copy is smaller.
-    let node = |bytes: Vec<u8>| Node::File {
+/// The inode of each file in `dir`, by name.
+fn inodes(dir: &Path) -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut inodes: Vec<(String, u64)> = fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| {
+            let e = e.expect("entry");
+            let ino = e.metadata().expect("meta").ino();
+            (e.file_name().to_string_lossy().into_owned(), ino)
+        })
+        .collect();
+    inodes.sort();
+    inodes
+}
+
+fn file(bytes: Vec<u8>) -> Node {
+    Node::File {
         bytes,
         mode: 0o644,
         mtime: (1_600_000_000, 0),
-    };
+    }
+}
+
+/// A one-byte edit every 64 bytes: a forward delta that is not a `blocks` one.
+fn scattered_edit(bytes: &[u8]) -> Vec<u8> {
+    let mut edited = bytes.to_vec();
+    for at in (0..edited.len()).step_by(64) {
+        edited[at] ^= 0x42;
+    }
+    edited
+}
+
+/// A base file the root holds is kept as it was: the revert data is the very file (its inode)
+/// that left the root, nothing is compressed or written for it, and a later letter links the
+/// same file into its own revert data.
+#[test]
+fn base_files_are_kept_as_they_were_and_shared_by_the_next_letter() {
+    let old = noise(7, 1 << 20);
     let base: Model = [
-        ("a.dylib".to_owned(), node(scattered)),
-        ("b.bin".to_owned(), node(noise(10, 300_000))),
+        ("a.dylib".to_owned(), file(old.clone())),
+        ("gone.bin".to_owned(), file(noise(10, 300_000))),
     ]
     .into();
-    let target: Model = [
-        ("a.dylib".to_owned(), node(edited)),
-        ("b.bin".to_owned(), node(noise(13, 300_000))),
+    let target_a: Model = [("a.dylib".to_owned(), file(scattered_edit(&old)))].into();
+    let Applied {
+        _tmp,
+        base_dir,
+        root,
+        state,
+        inodes_before,
+        ..
+    } = applied(&base, &target_a);
+    // Entries are numbered in path order: a.dylib, then gone.bin; each is the root's file.
+    let kept_a = inodes(&state.join("revert"));
+    let expected: Vec<(String, u64)> = inodes_before
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ino))| (format!("{i}.orig"), *ino))
+        .collect();
+    assert_eq!(kept_a, expected);
+
+    // Letter (b) edits a.dylib again: its revert data is the same base file, linked.
+    let mut edited_b = scattered_edit(&old);
+    edited_b[5] ^= 0x11;
+    let tmp_b = tempfile::tempdir().expect("tempdir");
+    let target_b_dir = tmp_b.path().join("b");
+    fs::create_dir(&target_b_dir).expect("mkdir");
+    materialize(
+        &[("a.dylib".to_owned(), file(edited_b))].into(),
+        &target_b_dir,
+    );
+    let pkg_b = package(&base_dir, &target_b_dir, 'b');
+    apply(&pkg_b, &root, &state, &NoProgress).expect("apply (b)");
+    assert_eq!(inodes(&state.join("revert")), kept_a);
+
+    revert(&root, &state).expect("revert");
+    assert_eq!(
+        scan(&root, &[]).expect("scan").entries,
+        scan(&base_dir, &[]).expect("scan").entries
+    );
+}
+
+/// A base file the root no longer holds (an installed letter changed it, and its revert data
+/// is a reverse delta from that letter's post-image) gets new revert data: a reverse delta from
+/// the staged new file or a compressed copy, whichever is smaller.
+#[test]
+fn a_reverse_delta_or_a_copy_whichever_is_smaller() {
+    let scattered = noise(7, 1 << 20);
+    let other = noise(10, 300_000);
+    let base: Model = [
+        ("a.dylib".to_owned(), file(scattered.clone())),
+        ("b.bin".to_owned(), file(other.clone())),
+    ]
+    .into();
+    // (a): one byte of each, a `blocks` delta whose reverse is tiny.
+    let tiny = |bytes: &[u8]| {
+        let mut edited = bytes.to_vec();
+        edited[1000] ^= 0x42;
+        edited
+    };
+    let target_a: Model = [
+        ("a.dylib".to_owned(), file(tiny(&scattered))),
+        ("b.bin".to_owned(), file(tiny(&other))),
     ]
     .into();
     let Applied {
@@ -90,7 +171,28 @@ fn a_reverse_delta_or_a_copy_whichever_is_smaller() {
         root,
         state,
         ..
-    } = applied(&base, &target);
+    } = applied(&base, &target_a);
+    let kept_a = kept(&state);
+    assert!(
+        kept_a.iter().all(|(n, _)| n.ends_with(".rev")),
+        "{kept_a:?}"
+    );
+
+    // (b): bsdiff's forward delta wins for a.dylib, and its reverse (blocks) delta of
+    // incompressible bytes is smaller than a copy, but not so small that the copy is not made;
+    // b.bin is replaced by unrelated bytes, whose reverse delta can only hold the old bytes,
+    // as the copy does, with its own framing around them, so the copy is smaller.
+    let tmp_b = tempfile::tempdir().expect("tempdir");
+    let target_b_dir = tmp_b.path().join("b");
+    fs::create_dir(&target_b_dir).expect("mkdir");
+    let target_b: Model = [
+        ("a.dylib".to_owned(), file(scattered_edit(&scattered))),
+        ("b.bin".to_owned(), file(noise(13, 300_000))),
+    ]
+    .into();
+    materialize(&target_b, &target_b_dir);
+    let pkg_b = package(&base_dir, &target_b_dir, 'b');
+    apply(&pkg_b, &root, &state, &NoProgress).expect("apply (b)");
     let kept = kept(&state);
     assert_eq!(kept.len(), 2, "{kept:?}");
     // Entries are numbered in path order: a.dylib, then b.bin.
@@ -128,6 +230,7 @@ fn a_near_identical_file_keeps_a_tiny_reverse_delta_and_reverts_exactly() {
         target_dir,
         root,
         state,
+        ..
     } = applied(&base, &target);
     let kept = kept(&state);
     assert_eq!(kept.len(), 1, "{kept:?}");
