@@ -784,7 +784,7 @@ fn apply(
         Predictor::None => None,
         Predictor::Refs => {
             let alignment = predict::Alignment::new(&read_add_steps(header, old, new_len)?);
-            predict::Predictor::new(&refs::scan(old), alignment)
+            predict::Predictor::owning(refs::scan(old), alignment)
         }
     };
     let mut predicted = Vec::new();

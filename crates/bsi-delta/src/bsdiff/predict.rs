@@ -130,15 +130,31 @@ impl Alignment {
 }
 
 /// A virtual address as the file offset that holds it (or would, past the file bytes of its
-/// segment) and the index of its segment.
+/// segment) and the index of its segment, in one word: the offset below bit 56, the segment
+/// above.
 #[derive(Debug, Clone, Copy)]
-struct Point {
-    offset: u64,
-    segment: u8,
+struct Point(u64);
+
+impl Point {
+    const SEGMENT_SHIFT: u32 = 56;
+
+    fn new(offset: u64, segment: usize) -> Option<Point> {
+        let segment = u64::try_from(segment).ok().filter(|&s| s < 256)?;
+        (offset < 1 << Self::SEGMENT_SHIFT)
+            .then_some(Point(offset | segment << Self::SEGMENT_SHIFT))
+    }
+
+    fn offset(self) -> u64 {
+        self.0 & ((1 << Self::SEGMENT_SHIFT) - 1)
+    }
+
+    fn segment(self) -> usize {
+        (self.0 >> Self::SEGMENT_SHIFT) as usize
+    }
 }
 
 /// How a prepared reference's value is made (see [`Kind`]); a base is an index into
-/// [`Predictor::bases`].
+/// [`Predictor::bases`], as into the image's.
 #[derive(Debug, Clone, Copy)]
 enum Rule {
     Rel32 { k: u8 },
@@ -149,11 +165,12 @@ enum Rule {
     Arm64(refs::Arm64),
 }
 
-/// A reference ready for prediction (24 bytes).
+/// A reference ready for prediction (24 bytes, as a [`refs::Ref`], whose memory it takes over
+/// in [`Predictor::owning`]).
 #[derive(Debug, Clone, Copy)]
 struct Prepared {
-    site: u64,
-    site_segment: u8,
+    /// The file offset of its bytes, with the segment holding them.
+    site: Point,
     rule: Rule,
     target: Point,
 }
@@ -174,7 +191,8 @@ pub(super) struct Predictor {
     refs: Vec<Prepared>,
     /// `vaddr - offset` of each segment of the old file.
     skews: Vec<i64>,
-    bases: Vec<Point>,
+    /// The image's bases, where they lie (`None`: outside every segment).
+    bases: Vec<Option<Point>>,
     alignment: Alignment,
 }
 
@@ -182,61 +200,55 @@ impl Predictor {
     /// The predictor of an old file whose image is `image` (see [`refs::scan`]) through
     /// `alignment`, or `None` when it has no references.
     pub fn new(image: &refs::Image, alignment: Alignment) -> Option<Self> {
+        Self::prepare(image, image.refs.iter().copied(), alignment)
+    }
+
+    /// [`Predictor::new`], turning the image's references into prepared ones in their own
+    /// memory: a decoder then holds them once.
+    pub fn owning(mut image: refs::Image, alignment: Alignment) -> Option<Self> {
+        let refs = std::mem::take(&mut image.refs);
+        Self::prepare(&image, refs.into_iter(), alignment)
+    }
+
+    fn prepare(
+        image: &refs::Image,
+        refs: impl Iterator<Item = refs::Ref>,
+        alignment: Alignment,
+    ) -> Option<Self> {
         let segments = &image.segments;
         let point = |vaddr: u64| -> Option<Point> {
             let i = segments
                 .iter()
                 .position(|s| s.vaddr <= vaddr && vaddr - s.vaddr < s.mem_len)?;
-            let offset = segments[i].offset.checked_add(vaddr - segments[i].vaddr)?;
-            (offset < 1 << 62).then_some(Point {
-                offset,
-                segment: u8::try_from(i).ok()?,
-            })
+            Point::new(
+                segments[i].offset.checked_add(vaddr - segments[i].vaddr)?,
+                i,
+            )
         };
-        let mut bases: Vec<(u64, Point)> = Vec::new();
-        let mut refs = Vec::with_capacity(image.refs.len());
-        for r in &image.refs {
-            let Some(site_segment) = segments
-                .iter()
-                .position(|s| s.offset <= r.site && r.site - s.offset < s.file_len)
-                .and_then(|i| u8::try_from(i).ok())
-            else {
-                continue;
-            };
-            let rule = match r.kind {
-                Kind::Rel32 { k } => Rule::Rel32 { k },
-                Kind::Back32 => Rule::Back32,
-                Kind::Abs64 => Rule::Abs64,
-                Kind::Shifted64 { slice } => Rule::Shifted64 { slice },
-                Kind::Arm64(form) => Rule::Arm64(form),
-                Kind::Based32 { base } => {
-                    // Few distinct bases (one per table): the last one is almost always it.
-                    let index = match bases.iter().rposition(|&(b, _)| b == base) {
-                        Some(index) => index,
-                        None => {
-                            let Some(p) = point(base) else {
-                                continue;
-                            };
-                            bases.push((base, p));
-                            bases.len() - 1
-                        }
-                    };
-                    let Ok(base) = u32::try_from(index) else {
-                        continue;
-                    };
-                    Rule::Based32 { base }
-                }
-            };
-            let Some(target) = point(r.target) else {
-                continue;
-            };
-            refs.push(Prepared {
-                site: r.site,
-                site_segment,
-                rule,
-                target,
-            });
-        }
+        let bases: Vec<Option<Point>> = image.bases.iter().map(|&b| point(b)).collect();
+        let refs: Vec<Prepared> = refs
+            .filter_map(|r| {
+                let site_segment = segments
+                    .iter()
+                    .position(|s| s.offset <= r.site && r.site - s.offset < s.file_len)?;
+                let rule = match r.kind {
+                    Kind::Rel32 { k } => Rule::Rel32 { k },
+                    Kind::Back32 => Rule::Back32,
+                    Kind::Abs64 => Rule::Abs64,
+                    Kind::Shifted64 { slice } => Rule::Shifted64 { slice },
+                    Kind::Arm64(form) => Rule::Arm64(form),
+                    Kind::Based32 { base } => {
+                        bases.get(base as usize).copied().flatten()?;
+                        Rule::Based32 { base }
+                    }
+                };
+                Some(Prepared {
+                    site: Point::new(r.site, site_segment)?,
+                    rule,
+                    target: point(r.target)?,
+                })
+            })
+            .collect();
         if refs.is_empty() {
             return None;
         }
@@ -246,7 +258,7 @@ impl Predictor {
                 .iter()
                 .map(|s| s.vaddr.wrapping_sub(s.offset) as i64)
                 .collect(),
-            bases: bases.into_iter().map(|(_, p)| p).collect(),
+            bases,
             alignment,
         })
     }
@@ -254,14 +266,14 @@ impl Predictor {
     /// Where `point` went in the new file, as a virtual address.
     fn moved(&self, point: Point) -> Option<i64> {
         self.alignment
-            .map(point.offset)?
-            .checked_add(self.skews[usize::from(point.segment)])
+            .map(point.offset())?
+            .checked_add(self.skews[point.segment()])
     }
 
     /// The bytes of reference `r`, whose old bytes are `old`, at new file offset `new_site`, or
     /// `None` when the predicted value does not fit.
     fn value(&self, r: &Prepared, old: &[u8], new_site: i64) -> Option<[u8; 8]> {
-        let site = new_site.checked_add(self.skews[usize::from(r.site_segment)])?;
+        let site = new_site.checked_add(self.skews[r.site.segment()])?;
         let target = self.moved(r.target)?;
         let rel =
             |v: Option<i64>| -> Option<u64> { Some(i64::from(i32::try_from(v?).ok()?) as u64) };
@@ -269,7 +281,7 @@ impl Predictor {
             Rule::Rel32 { k } => rel(target.checked_sub(site.checked_add(i64::from(k))?))?,
             Rule::Back32 => rel(site.checked_sub(target))?,
             Rule::Based32 { base } => {
-                rel(target.checked_sub(self.moved(self.bases[base as usize])?))?
+                rel(target.checked_sub(self.moved(self.bases[base as usize]?)?))?
             }
             Rule::Abs64 => u64::try_from(target).ok()?,
             Rule::Shifted64 { slice } => u64::try_from(target)
@@ -285,13 +297,13 @@ impl Predictor {
     pub fn transform(&self, old: &[u8]) -> Vec<u8> {
         let mut out = old.to_vec();
         for r in &self.refs {
-            let (site, width) = (r.site as usize, r.width() as usize);
+            let (site, width) = (r.site.offset() as usize, r.width() as usize);
             let Some(was) = old.get(site..site + width) else {
                 continue;
             };
             let Some(bytes) = self
                 .alignment
-                .map(r.site)
+                .map(r.site.offset())
                 .and_then(|s| self.value(r, was, s))
             else {
                 continue;
@@ -320,22 +332,22 @@ impl Predictor {
         // Sites are sorted and do not overlap, so their ends are sorted too.
         let first = self
             .refs
-            .partition_point(|r| r.site + r.width() <= chunk_start.max(step_start));
+            .partition_point(|r| r.site.offset() + r.width() <= chunk_start.max(step_start));
         for r in &self.refs[first..] {
-            if r.site >= chunk_end {
+            if r.site.offset() >= chunk_end {
                 break;
             }
             let width = r.width();
-            if r.site < step_start || r.site + width > step_end {
+            if r.site.offset() < step_start || r.site.offset() + width > step_end {
                 continue;
             }
-            let new_site = new_at as i64 + (r.site - step_start) as i64;
-            let was = &old[r.site as usize..(r.site + width) as usize];
+            let new_site = new_at as i64 + (r.site.offset() - step_start) as i64;
+            let was = &old[r.site.offset() as usize..(r.site.offset() + width) as usize];
             let Some(bytes) = self.value(r, was, new_site) else {
                 continue;
             };
             for (k, &byte) in bytes[..width as usize].iter().enumerate() {
-                let at = r.site + k as u64;
+                let at = r.site.offset() + k as u64;
                 if (chunk_start..chunk_end).contains(&at) {
                     out[base + (at - chunk_start) as usize] = byte;
                 }
@@ -414,7 +426,7 @@ mod tests {
         let kinds = [
             Kind::Rel32 { k: 5 },
             Kind::Back32,
-            Kind::Based32 { base: 0x1010 },
+            Kind::Based32 { base: 0 },
             Kind::Abs64,
         ];
         let refs = (0..len / 13 - 1)
@@ -424,7 +436,11 @@ mod tests {
                 target: 0x1000 + (i * 7919) % len,
             })
             .collect();
-        let image = refs::Image { segments, refs };
+        let image = refs::Image {
+            segments,
+            refs,
+            bases: vec![0x1010],
+        };
         let steps = [(0, 40, 300), (300, 200, 500), (600, 1000, len - 600)];
         Predictor::new(&image, Alignment::new(&steps)).expect("references")
     }

@@ -36,8 +36,9 @@ pub(super) enum Kind {
     Rel32 { k: u8 },
     /// A signed 32-bit distance back from the site: `site - target` (an FDE's CIE pointer).
     Back32,
-    /// A signed 32-bit distance from a fixed address: `target - base`.
-    Based32 { base: u64 },
+    /// A signed 32-bit distance from a fixed address: `target - base`, `base` being the
+    /// image's [`bases`](Image::bases)`[base]` (an index, so that a reference takes 24 bytes).
+    Based32 { base: u32 },
     /// A 64-bit address: `target`.
     Abs64,
     /// A 64-bit address in the address space of slice `slice` of a universal Mach-O file,
@@ -83,6 +84,8 @@ pub(super) struct Image {
     pub segments: Vec<Segment>,
     /// Sorted by site; sites do not overlap.
     pub refs: Vec<Ref>,
+    /// The addresses [`Kind::Based32`] references count from.
+    pub bases: Vec<u64>,
 }
 
 impl Image {
@@ -119,7 +122,7 @@ const MAX_SECTIONS: usize = 4096;
 /// At most this many references are kept (the first ones by site): a decoder holds them beside
 /// the old file (24 bytes each once prepared).
 pub(super) const MAX_REFS: usize = 1 << 19;
-/// At most this many are collected (32 bytes each), the first ones found: code sections in file
+/// At most this many are collected (24 bytes each), the first ones found: code sections in file
 /// order, then the tables in section order. A 184 MB library would otherwise collect millions.
 const MAX_FOUND: usize = 2 * MAX_REFS;
 
@@ -175,7 +178,7 @@ fn mach_o(data: &[u8]) -> Option<Image> {
     let layout = macho::layout(data)?;
     let mut image = Image {
         segments: layout.segments,
-        refs: Vec::new(),
+        ..Image::default()
     };
     let code: Vec<(u64, u64, Machine)> = layout
         .sections
@@ -183,7 +186,8 @@ fn mach_o(data: &[u8]) -> Option<Image> {
         .filter(|s| s.code && s.len > 0)
         .map(|s| (s.offset, s.offset + s.len, layout.machines[s.slice]))
         .collect();
-    let mut refs = code_refs(data, &image, &code);
+    let mut bases = Vec::new();
+    let mut refs = code_refs(data, &image, &code, &mut bases);
     for &(site, slice) in &layout.pointers {
         let (Some(value), Ok(slice)) = (u64_at(data, site), u8::try_from(slice)) else {
             continue;
@@ -200,12 +204,18 @@ fn mach_o(data: &[u8]) -> Option<Image> {
         }
     }
     image.refs = finish(refs);
+    image.bases = bases;
     Some(image)
 }
 
 /// The references found in the code `code` (file ranges, each with its machine) of `data`, with
 /// the x86-64 switch tables the code loads.
-fn code_refs(data: &[u8], image: &Image, code: &[(u64, u64, Machine)]) -> Vec<Ref> {
+fn code_refs(
+    data: &[u8],
+    image: &Image,
+    code: &[(u64, u64, Machine)],
+    bases: &mut Vec<u64>,
+) -> Vec<Ref> {
     let code_v: Vec<(u64, u64)> = code
         .iter()
         .filter_map(|&(start, end, _)| {
@@ -240,6 +250,7 @@ fn code_refs(data: &[u8], image: &Image, code: &[(u64, u64, Machine)]) -> Vec<Re
         machine: Machine::X86_64,
         image,
         refs: &mut refs,
+        bases,
     };
     tables.jump_tables(&mut loaded, &code_v);
     refs
@@ -293,7 +304,7 @@ fn elf(data: &[u8]) -> Option<Image> {
     let machine = machine(data)?;
     let mut image = Image {
         segments: segments(data)?,
-        refs: Vec::new(),
+        ..Image::default()
     };
     let sections = sections(data).unwrap_or_default();
     let code: Vec<(u64, u64, Machine)> = sections
@@ -304,12 +315,14 @@ fn elf(data: &[u8]) -> Option<Image> {
         })
         .map(|s| (s.offset, s.offset + s.len, machine))
         .collect();
-    let mut refs = code_refs(data, &image, &code);
+    let mut bases = Vec::new();
+    let mut refs = code_refs(data, &image, &code, &mut bases);
     let mut tables = Tables {
         data,
         machine,
         image: &image,
         refs: &mut refs,
+        bases: &mut bases,
     };
     for section in &sections {
         match (section.kind, section.name) {
@@ -322,6 +335,7 @@ fn elf(data: &[u8]) -> Option<Image> {
         }
     }
     image.refs = finish(refs);
+    image.bases = bases;
     Some(image)
 }
 
@@ -430,9 +444,23 @@ struct Tables<'a, 'r> {
     machine: Machine,
     image: &'a Image,
     refs: &'r mut Vec<Ref>,
+    bases: &'r mut Vec<u64>,
 }
 
 impl Tables<'_, '_> {
+    /// The index of `base` in the image's bases, added if new (tables come one after the
+    /// other, so it is nearly always the last one).
+    fn base(&mut self, base: u64) -> Option<u32> {
+        let index = match self.bases.iter().rposition(|&b| b == base) {
+            Some(index) => index,
+            None => {
+                self.bases.push(base);
+                self.bases.len() - 1
+            }
+        };
+        u32::try_from(index).ok()
+    }
+
     /// Whether `vaddr` is an address inside the image worth predicting (not 0, which
     /// relocations leave in the file for the loader to fill).
     fn address(&self, vaddr: u64) -> bool {
@@ -502,11 +530,14 @@ impl Tables<'_, '_> {
                 if !within(code, case) {
                     break;
                 }
+                let Some(base) = self.base(table) else {
+                    break;
+                };
                 collect(
                     self.refs,
                     Ref {
                         site,
-                        kind: Kind::Based32 { base: table },
+                        kind: Kind::Based32 { base },
                         target: case,
                     },
                 );
@@ -592,10 +623,13 @@ impl Tables<'_, '_> {
             return;
         };
         let room = section.len.saturating_sub(12) / 4;
+        let Some(index) = self.base(base) else {
+            return;
+        };
         for i in 0..u64::from(count).saturating_mul(2).min(room) {
             let site = at + 12 + 4 * i;
             if let Some(target) = i32_at(self.data, site).and_then(|v| base.checked_add_signed(v)) {
-                self.push(site, Kind::Based32 { base }, target);
+                self.push(site, Kind::Based32 { base: index }, target);
             }
         }
     }
@@ -754,7 +788,10 @@ pub(super) mod tests {
             let (held, expected) = match r.kind {
                 Kind::Rel32 { k } => (i32_at(data, r.site), rel(t - (s + i64::from(k)))),
                 Kind::Back32 => (i32_at(data, r.site), rel(s - t)),
-                Kind::Based32 { base } => (i32_at(data, r.site), rel(t - base as i64)),
+                Kind::Based32 { base } => (
+                    i32_at(data, r.site),
+                    rel(t - image.bases[base as usize] as i64),
+                ),
                 Kind::Abs64 => (u64_at(data, r.site).map(|v| v as i64), r.target),
                 Kind::Shifted64 { slice } => (
                     u64_at(data, r.site).map(|v| v as i64),
@@ -789,7 +826,8 @@ pub(super) mod tests {
         assert!(fdes >= 40, "{fdes} FDEs");
         assert_eq!(count(&|k| *k == Kind::Back32), fdes);
         let hdr_v = image.vaddr_of(hdr.offset).expect("in a segment");
-        let table = count(&|k| *k == Kind::Based32 { base: hdr_v });
+        let table =
+            count(&|k| matches!(k, Kind::Based32 { base } if image.bases[*base as usize] == hdr_v));
         assert_eq!(table, 2 * fdes);
         // Switch tables: the other based entries (the 40 functions switch over 7 cases).
         let cases = count(&|k| matches!(k, Kind::Based32 { .. })) - table;
