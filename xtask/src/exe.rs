@@ -1,5 +1,8 @@
-//! Synthetic "executable-like" files: a header, a code region of pseudo-instructions with relative
-//! branch displacements, a string table and a data region of absolute pointers.
+//! Synthetic "executable-like" files: a code region of pseudo-instructions with relative branch
+//! displacements, a string table and a data region of absolute pointers, laid out as a minimal
+//! x86-64 Mach-O executable (as macOS ships them): `__TEXT` with its `__text` and `__cstring`
+//! sections, `__DATA_CONST,__const`, and `__LINKEDIT` holding the rebase opcodes
+//! (`LC_DYLD_INFO_ONLY`) that name the data region's pointers.
 //!
 //! The file is kept as a model (instructions refer to their targets by index, not by offset) and
 //! serialized on demand, so an edit behaves like a relink: inserting bytes shifts every later
@@ -9,8 +12,13 @@ use crate::rng::SplitMix64;
 
 /// Virtual address of file offset 0, used for the absolute pointers of the data region.
 const IMAGE_BASE: u64 = 0x1_0000_0000;
-/// Length of the header (magic, region table, load-command-like names, zero padding).
-const HEADER_LEN: usize = 256;
+/// Length of the header (Mach-O header, load commands, zero padding): where the code starts.
+const HEADER_LEN: usize = 1024;
+const LC_SEGMENT_64: u32 = 0x19;
+const LC_DYLD_INFO_ONLY: u32 = 0x8000_0022;
+/// `S_ATTR_PURE_INSTRUCTIONS | S_ATTR_SOME_INSTRUCTIONS`, and `S_CSTRING_LITERALS`.
+const CODE_SECTION: u32 = 0x8000_0400;
+const CSTRING_SECTION: u32 = 0x2;
 
 /// A small x86-64-like opcode alphabet; early entries are drawn more often, like real code.
 const OPS: &[&[u8]] = &[
@@ -349,30 +357,14 @@ impl Exe {
         let data_start = (off + 7) & !7;
         let total = data_start + self.data.len() * 8;
 
-        let mut out = Vec::with_capacity(total);
-        out.extend_from_slice(&[0xCF, 0xFA, 0xED, 0xFE, 0x07, 0x00, 0x00, 0x01]);
-        for v in [
-            HEADER_LEN,
-            code_end - HEADER_LEN,
-            code_end,
-            str_end - code_end,
-            data_start,
-            total - data_start,
-        ] {
-            out.extend_from_slice(&(v as u64).to_le_bytes());
-        }
-        for name in [
-            "__PAGEZERO",
-            "__TEXT",
-            "__text",
-            "__cstring",
-            "__DATA_CONST",
-            "__LINKEDIT",
-        ] {
-            let mut field = [0u8; 16];
-            field[..name.len()].copy_from_slice(name.as_bytes());
-            out.extend_from_slice(&field);
-        }
+        let rebase = rebase_opcodes(&self.data);
+        let linkedit = (total + 7) & !7;
+        let mut out = Vec::with_capacity(linkedit + rebase.len());
+        macho_header(
+            &mut out,
+            [code_end, str_end, data_start, total, linkedit],
+            &rebase,
+        );
         out.resize(HEADER_LEN, 0);
 
         let rel = |from_end: u64, to: u64| -> [u8; 4] {
@@ -410,8 +402,131 @@ impl Exe {
             };
             out.extend_from_slice(&v.to_le_bytes());
         }
+        out.resize(linkedit, 0);
+        out.extend_from_slice(&rebase);
         out
     }
+}
+
+/// The Mach-O header and load commands, for a file whose code ends at `code_end`, strings
+/// at `str_end`, whose data region spans `data_start..data_end`, followed at `linkedit` by
+/// the rebase opcodes `rebase`.
+fn macho_header(out: &mut Vec<u8>, offsets: [usize; 5], rebase: &[u8]) {
+    let [code_end, str_end, data_start, data_end, linkedit] = offsets.map(|o| o as u64);
+    let u32s = |out: &mut Vec<u8>, values: &[u32]| {
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    let u64s = |out: &mut Vec<u8>, values: &[u64]| {
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    let name = |out: &mut Vec<u8>, name: &str| {
+        let mut field = [0u8; 16];
+        field[..name.len()].copy_from_slice(name.as_bytes());
+        out.extend_from_slice(&field);
+    };
+    // Sections: (name, file offset, size, alignment, flags); segments after `__PAGEZERO`: (name,
+    // file offset, size, protection, sections), each at `IMAGE_BASE` plus its file offset.
+    type SectionSpec = (&'static str, u64, u64, u32, u32);
+    let text: [SectionSpec; 2] = [
+        (
+            "__text",
+            HEADER_LEN as u64,
+            code_end - HEADER_LEN as u64,
+            4,
+            CODE_SECTION,
+        ),
+        (
+            "__cstring",
+            code_end,
+            str_end - code_end,
+            0,
+            CSTRING_SECTION,
+        ),
+    ];
+    let data: [SectionSpec; 1] = [("__const", data_start, data_end - data_start, 3, 0)];
+    let rebase_len = rebase.len() as u64;
+    let segments: [(&str, u64, u64, u32, &[SectionSpec]); 3] = [
+        ("__TEXT", 0, str_end, 5, &text),
+        ("__DATA_CONST", data_start, data_end - data_start, 3, &data),
+        ("__LINKEDIT", linkedit, rebase_len, 1, &[]),
+    ];
+    let command_len = |sections: usize| 72 + 80 * sections as u32;
+    let commands: u32 = segments.iter().map(|s| command_len(s.4.len())).sum::<u32>() + 72 + 48;
+    // magic, x86-64, all subtypes, MH_EXECUTE, command count and bytes, MH_PIE, reserved
+    u32s(
+        out,
+        &[0xfeed_facf, 0x0100_0007, 3, 2, 5, commands, 0x0020_0000, 0],
+    );
+    // __PAGEZERO: the first 4 GiB, no file bytes, no access.
+    u32s(out, &[LC_SEGMENT_64, command_len(0)]);
+    name(out, "__PAGEZERO");
+    u64s(out, &[0, IMAGE_BASE, 0, 0]);
+    u32s(out, &[0; 4]);
+    for (segment, fileoff, filesize, prot, sections) in segments {
+        u32s(out, &[LC_SEGMENT_64, command_len(sections.len())]);
+        name(out, segment);
+        u64s(out, &[IMAGE_BASE + fileoff, filesize, fileoff, filesize]);
+        u32s(out, &[prot, prot, sections.len() as u32, 0]);
+        for &(section, offset, size, align, flags) in sections {
+            name(out, section);
+            name(out, segment);
+            u64s(out, &[IMAGE_BASE + offset, size]);
+            u32s(out, &[offset as u32, align, 0, 0, flags, 0, 0, 0]);
+        }
+    }
+    u32s(
+        out,
+        &[LC_DYLD_INFO_ONLY, 48, linkedit as u32, rebase.len() as u32],
+    );
+    u32s(out, &[0; 8]);
+}
+
+/// The rebase opcodes naming every pointer of the data region `data` (segment 2, from its start):
+/// runs of pointers, with the constants between them skipped.
+fn rebase_opcodes(data: &[Data]) -> Vec<u8> {
+    fn uleb(out: &mut Vec<u8>, mut n: u64) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n == 0 { byte } else { byte | 0x80 });
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    // REBASE_OPCODE_SET_TYPE_IMM (pointer), SET_SEGMENT_AND_OFFSET_ULEB (segment 2, offset 0)
+    let mut out = vec![0x11, 0x22, 0x00];
+    let is_pointer = |d: &Data| !matches!(d, Data::Word(_));
+    let mut k = 0;
+    while k < data.len() {
+        let run = data[k..]
+            .iter()
+            .take_while(|d| is_pointer(d) == is_pointer(&data[k]))
+            .count();
+        if is_pointer(&data[k]) {
+            // DO_REBASE_ULEB_TIMES
+            out.push(0x60);
+        } else {
+            // ADD_ADDR_ULEB, in bytes
+            out.push(0x30);
+        }
+        uleb(
+            &mut out,
+            if is_pointer(&data[k]) {
+                run as u64
+            } else {
+                8 * run as u64
+            },
+        );
+        k += run;
+    }
+    // REBASE_OPCODE_DONE
+    out.push(0x00);
+    out
 }
 
 #[cfg(test)]
@@ -452,5 +567,37 @@ mod tests {
         assert!(calls > 100);
         // the generation itself is deterministic
         assert_eq!(a, Exe::generate(7, 64 * 1024, "T", "T-1.0").to_bytes());
+    }
+
+    /// The files are Mach-O as bsi reads it: its bsdiff encoder predicts their references (the
+    /// relinked calls, jumps, string operands and rebased pointers), so that an edit costs about
+    /// what it inserts, not every displacement it moves; and the payload decodes exactly.
+    #[test]
+    fn relinks_are_predicted_as_in_a_mach_o_file() {
+        use bsi_delta::{Bsdiff, DeltaEncoder};
+        let base = Exe::generate(11, 256 * 1024, "M", "M-1.0");
+        let mut edited = base.clone();
+        let mut rng = SplitMix64::new(2);
+        let s = edited.add_string(&mut rng, "_MNewCheck");
+        edited.insert_run(&mut rng, 40, Some(s));
+        let (old, new) = (base.to_bytes(), edited.to_bytes());
+        let encode = |encoder: &Bsdiff| {
+            encoder
+                .encode(&old, &new)
+                .expect("encode")
+                .expect("a payload")
+        };
+        let (predicted, unpredicted) = (encode(&Bsdiff::PLAIN), encode(&Bsdiff::UNPREDICTED));
+        assert!(
+            predicted.len() * 4 < unpredicted.len(),
+            "predicted {} B, unpredicted {} B",
+            predicted.len(),
+            unpredicted.len()
+        );
+        let mut decoded = Vec::new();
+        Bsdiff::PLAIN
+            .decode_into(&old, &predicted, new.len() as u64, &mut decoded)
+            .expect("decodes");
+        assert_eq!(decoded, new);
     }
 }
