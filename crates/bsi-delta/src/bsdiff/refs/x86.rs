@@ -188,9 +188,15 @@ impl Candidates {
         let (mut starts, mut modrms) = (vec![0u64; words], vec![0u64; words]);
         for (w, chunk) in code.chunks(64).enumerate() {
             let (mut s, mut m) = (0u64, 0u64);
-            for (k, &b) in chunk.iter().enumerate() {
-                s |= u64::from(matches!(b, 0xe8 | 0xe9 | 0x0f)) << k;
-                m |= u64::from(b & 0xc7 == 0x05) << k;
+            // Eight bytes at a time (a short last chunk padded with 0x00, which is neither).
+            for (k, eight) in chunk.chunks(8).enumerate() {
+                let mut bytes = [0u8; 8];
+                bytes[..eight.len()].copy_from_slice(eight);
+                let v = u64::from_le_bytes(bytes);
+                let branch =
+                    zero_bytes((v & splat(0xfe)) ^ splat(0xe8)) | zero_bytes(v ^ splat(0x0f));
+                s |= bits_of(branch) << (8 * k);
+                m |= bits_of(zero_bytes((v & splat(0xc7)) ^ splat(0x05))) << (8 * k);
             }
             starts[w] = s;
             modrms[w] = m;
@@ -204,7 +210,29 @@ impl Candidates {
         }
         Candidates(bits)
     }
+}
 
+/// `b` in every byte of a word.
+const fn splat(b: u8) -> u64 {
+    u64::from_le_bytes([b; 8])
+}
+
+/// The top bit of each byte of `v` that is zero, and no other bit.
+fn zero_bytes(v: u64) -> u64 {
+    let low = splat(0x7f);
+    // Below the top bit, adding 0x7f carries into it exactly when a low bit is set; no carry
+    // crosses into the next byte.
+    !(((v & low) + low) | v | low)
+}
+
+/// The top bits of the bytes of `v` (all other bits clear) as eight bits, byte 0 lowest.
+fn bits_of(v: u64) -> u64 {
+    // Bit 7 of byte k, moved to bit 8k, lands on bit 56 + k (and nothing else reaches bits
+    // 56..64 or carries there).
+    ((v >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
+}
+
+impl Candidates {
     /// The first candidate at or after `i`, or a position past the code.
     fn next(&self, i: usize) -> usize {
         let mut w = i / 64;
@@ -239,11 +267,17 @@ mod tests {
             (5, 65),
             (6, 1000),
             (7, 4099),
+            (8, 70_000),
+            (9, 70_001),
         ] {
-            // Few bytes, so that both kinds of candidates are frequent and adjacent.
+            // Few bytes, so that both kinds of candidates are frequent and adjacent, or every
+            // byte value (seeds from 8).
             let code: Vec<u8> = noise(seed, len)
                 .iter()
-                .map(|b| [0x05, 0x0f, 0x15, 0x48, 0x8b, 0xe8, 0xe9, 0x00][usize::from(b & 7)])
+                .map(|&b| match seed {
+                    8.. => b,
+                    _ => [0x05, 0x0f, 0x15, 0x48, 0x8b, 0xe8, 0xe9, 0x00][usize::from(b & 7)],
+                })
                 .map(|b| if seed % 2 == 0 { b } else { b ^ 0x10 })
                 .collect();
             let candidates = Candidates::new(&code);
