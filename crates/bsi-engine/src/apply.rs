@@ -290,16 +290,48 @@ impl<'a> BaseView<'a> {
         }
     }
 
-    /// Whether `entry`'s base is read on disk by its decoding (a `blocks` delta against its own
-    /// base, which the disk holds), so that it can be hashed then, beside the decoding, rather
-    /// than first: for a 92 MB library that is the time of one hash.
+    /// Whether `entry`'s base is read from the root by its decoding (a delta against its own
+    /// base, which the disk holds), so that it is hashed then rather than first: a `blocks`
+    /// delta's base on disk, beside the decoding (for a 92 MB library that is the time of one
+    /// hash), any other's as it is read into memory for the decoder (one read instead of two,
+    /// and no hashing before the decoding starts).
     fn hashed_with_decoding(&self, entry: &Entry) -> bool {
         let changes = matches!((&entry.pre, &entry.post),
             (Some(pre @ Image::File { .. }), Some(post)) if !pre.same_content(post));
         changes
             && entry.payload.is_some()
-            && is_own_blocks(entry)
+            && matches!(reference(entry), Some((_, None)))
             && !self.touched.contains_key(&entry.path)
+    }
+
+    /// The bytes of the base file at `path`, read once and checked against `pre`, the
+    /// pre-image promised for it (see [`hashed_with_decoding`](Self::hashed_with_decoding)).
+    fn read_checked(&self, path: &PkgPath, pre: &Image) -> Result<Vec<u8>, ApplyError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let full = self.root.join(path.as_str());
+        let mismatch = |reason: String| ApplyError::PreImage {
+            root: self.root.to_owned(),
+            path: path.clone(),
+            reason,
+        };
+        let Image::File { size, .. } = pre else {
+            return Err(mismatch("it is not a file".to_owned()));
+        };
+        let Some((bytes, sha256, meta)) = self.seen.read(&full, *size)? else {
+            return Err(mismatch(format!(
+                "it holds more than the {size} bytes expected"
+            )));
+        };
+        let actual = Image::File {
+            sha256,
+            size: bytes.len() as u64,
+            mode: meta.mode() & 0o7777,
+            mtime: mtime_of(&meta),
+        };
+        match image_mismatch(Some(pre), Some(&actual)) {
+            None => Ok(bytes),
+            Some(reason) => Err(mismatch(reason)),
+        }
     }
 
     /// [`image`](Self::image) of a path [`hashed_with_decoding`](Self::hashed_with_decoding):
@@ -1009,8 +1041,15 @@ fn apply_locked(
             _ => None,
         };
         let made = keep == Some(Keep::Make);
-        let old = match &base {
-            Some(img @ Image::File { .. }) if own_is_reference || made || needs_base => {
+        // A base the decoding reads whole is checked against its pre-image as it is read.
+        let read_checked = entry
+            .filter(|e| !in_place && view.hashed_with_decoding(e))
+            .and_then(|e| e.pre.as_ref());
+        let old = match (&base, read_checked) {
+            (Some(Image::File { .. }), Some(pre)) => {
+                Some(Base::Bytes(view.read_checked(&step.path, pre)?))
+            }
+            (Some(img @ Image::File { .. }), None) if own_is_reference || made || needs_base => {
                 Some(view.base(&step.path, img, in_place)?)
             }
             _ => None,
@@ -1038,8 +1077,9 @@ fn apply_locked(
                         })
                     };
                     match &entry.pre {
-                        // Its base was not read yet: hashed beside the decoding, on another core.
-                        Some(pre) if view.hashed_with_decoding(entry) => {
+                        // Its base is read on disk as it is decoded: hashed beside the
+                        // decoding, on another core.
+                        Some(pre) if in_place && view.hashed_with_decoding(entry) => {
                             let (checked, staged) =
                                 rayon::join(|| view.check_base(&step.path, pre), stage);
                             checked.and(staged)?;

@@ -108,6 +108,44 @@ impl Seen {
         Ok((digest, size))
     }
 
+    /// The bytes of the file at `full`, at most `limit` of them, with their digest and the
+    /// file's metadata: read once, hashed in memory, and recorded as [`digest`](Self::digest)
+    /// records. `None` when the file holds more than `limit` bytes (nothing is read then).
+    pub fn read(
+        &self,
+        full: &Path,
+        limit: u64,
+    ) -> Result<Option<(Vec<u8>, Digest, fs::Metadata)>, FsError> {
+        use sha2::Digest as _;
+        use std::io::Read as _;
+        let mut file = fs::File::open(full).fs("open", full)?;
+        let meta = file.metadata().fs("read", full)?;
+        if meta.len() > limit {
+            return Ok(None);
+        }
+        let before = Stamp::of(&meta);
+        let started = SystemTime::now();
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        (&mut file)
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .fs("read", full)?;
+        if bytes.len() as u64 > limit {
+            return Ok(None);
+        }
+        let digest = Digest(sha2::Sha256::digest(&bytes).into());
+        let after_meta = file.metadata().fs("read", full)?;
+        let after = Stamp::of(&after_meta);
+        self.hashed.fetch_add(1, Ordering::Relaxed);
+        let mut files = self.files();
+        if before == after && settled(after.ctime, started) && after.size == bytes.len() as u64 {
+            files.insert(full.to_owned(), (after, digest));
+        } else {
+            files.remove(full);
+        }
+        Ok(Some((bytes, digest, after_meta)))
+    }
+
     /// `full` was just written by this process with bytes whose digest, checked as they were
     /// written, is `digest`.
     pub fn wrote(&self, full: &Path, digest: Digest) {

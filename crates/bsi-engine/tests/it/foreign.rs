@@ -244,3 +244,37 @@ fn a_base_hashed_beside_its_decoding_that_differs_is_refused_as_a_pre_image() {
         "the staging area was left behind"
     );
 }
+
+/// A base the decoder reads whole is hashed as it is read, not before: one changed in place
+/// with its size and time kept passes the first look, and is refused by name as it is read.
+#[test]
+fn a_base_hashed_as_it_is_read_that_differs_is_refused_as_a_pre_image() {
+    let (base, target) = one_library(|bytes| {
+        for at in (0..bytes.len()).step_by(40) {
+            bytes[at] ^= 0x42;
+        }
+    });
+    let trees_dir = tempfile::tempdir().expect("tempdir");
+    let pkg = package(
+        &materialized(trees_dir.path(), "base", &base),
+        &materialized(trees_dir.path(), "target", &target),
+        'a',
+    );
+    assert!(
+        matches!(&pkg.manifest.entries[0].op, Operation::Delta { encoder, .. } if encoder == "bsdiff"),
+        "{:?}",
+        pkg.manifest.entries[0].op
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = materialized(tmp.path(), "root", &base);
+    let bytes = rewrite_in_place(&root.join("lib.dylib"));
+    let state = tmp.path().join("state");
+    let err = apply(&pkg, &root, &state, &NoProgress).expect_err("a base that differs is refused");
+    assert!(matches!(err, ApplyError::PreImage { .. }), "{err}");
+    assert!(err.to_string().contains("content differs"), "{err}");
+    assert_eq!(fs::read(root.join("lib.dylib")).expect("read"), bytes);
+    assert!(
+        !state.join("txn").exists(),
+        "the staging area was left behind"
+    );
+}
