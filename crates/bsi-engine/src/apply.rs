@@ -13,7 +13,7 @@ use crate::fsx;
 use crate::package::{
     reference, source_matches, DecodeFailure, HashingWriter, InPlaceFailure, VerifiedPackage,
 };
-use crate::seen::Seen;
+use crate::seen::{ReadWhole, Seen};
 use crate::state::{Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT};
 use crate::tree::{image_mismatch, mtime_of, observe, observe_with, Content, ScanError};
 use crate::txn::{self, Failed, Interrupted, Journal, Recovered, Step, TxnDir, TxnError, TxnKind};
@@ -304,33 +304,50 @@ impl<'a> BaseView<'a> {
             && !self.touched.contains_key(&entry.path)
     }
 
-    /// The bytes of the base file at `path`, read once and checked against `pre`, the
-    /// pre-image promised for it (see [`hashed_with_decoding`](Self::hashed_with_decoding)).
-    fn read_checked(&self, path: &PkgPath, pre: &Image) -> Result<Vec<u8>, ApplyError> {
-        use std::os::unix::fs::MetadataExt as _;
+    /// The base file at `path`, read once for its decoder, whose pre-image `pre` is checked by
+    /// [`check_read`](Self::check_read) (see [`hashed_with_decoding`](Self::hashed_with_decoding)).
+    fn read_base(&self, path: &PkgPath, pre: &Image) -> Result<ReadWhole, ApplyError> {
         let full = self.root.join(path.as_str());
-        let mismatch = |reason: String| ApplyError::PreImage {
-            root: self.root.to_owned(),
-            path: path.clone(),
-            reason,
+        let size = match pre {
+            Image::File { size, .. } => *size,
+            _ => 0,
         };
-        let Image::File { size, .. } = pre else {
-            return Err(mismatch("it is not a file".to_owned()));
-        };
-        let Some((bytes, sha256, meta)) = self.seen.read(&full, *size)? else {
-            return Err(mismatch(format!(
-                "it holds more than the {size} bytes expected"
-            )));
-        };
+        self.seen
+            .read(&full, size)?
+            .ok_or_else(|| ApplyError::PreImage {
+                root: self.root.to_owned(),
+                path: path.clone(),
+                reason: format!("it holds more than the {size} bytes expected"),
+            })
+    }
+
+    /// Check the bytes `bytes` of the base file at `path`, as [`read_base`](Self::read_base)
+    /// read them (`read`), against `pre`.
+    fn check_read(
+        &self,
+        path: &PkgPath,
+        pre: &Image,
+        read: &ReadWhole,
+        bytes: &[u8],
+    ) -> Result<(), ApplyError> {
+        use sha2::Digest as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let sha256 = Digest(sha2::Sha256::digest(bytes).into());
+        self.seen
+            .record(&self.root.join(path.as_str()), read, sha256);
         let actual = Image::File {
             sha256,
             size: bytes.len() as u64,
-            mode: meta.mode() & 0o7777,
-            mtime: mtime_of(&meta),
+            mode: read.meta.mode() & 0o7777,
+            mtime: mtime_of(&read.meta),
         };
         match image_mismatch(Some(pre), Some(&actual)) {
-            None => Ok(bytes),
-            Some(reason) => Err(mismatch(reason)),
+            None => Ok(()),
+            Some(reason) => Err(ApplyError::PreImage {
+                root: self.root.to_owned(),
+                path: path.clone(),
+                reason,
+            }),
         }
     }
 
@@ -1041,13 +1058,18 @@ fn apply_locked(
             _ => None,
         };
         let made = keep == Some(Keep::Make);
-        // A base the decoding reads whole is checked against its pre-image as it is read.
-        let read_checked = entry
+        // A base the decoding reads whole is read once, and hashed and checked against its
+        // pre-image beside the decoding.
+        let read_whole = entry
             .filter(|e| !in_place && view.hashed_with_decoding(e))
             .and_then(|e| e.pre.as_ref());
-        let old = match (&base, read_checked) {
+        let mut unchecked = None;
+        let old = match (&base, read_whole) {
             (Some(Image::File { .. }), Some(pre)) => {
-                Some(Base::Bytes(view.read_checked(&step.path, pre)?))
+                let mut read = view.read_base(&step.path, pre)?;
+                let bytes = std::mem::take(&mut read.bytes);
+                unchecked = Some((pre, read));
+                Some(Base::Bytes(bytes))
             }
             (Some(img @ Image::File { .. }), None) if own_is_reference || made || needs_base => {
                 Some(view.base(&step.path, img, in_place)?)
@@ -1084,7 +1106,15 @@ fn apply_locked(
                                 rayon::join(|| view.check_base(&step.path, pre), stage);
                             checked.and(staged)?;
                         }
-                        _ => stage()?,
+                        // Its base was read whole: hashed beside the decoding, on another core.
+                        _ => match (unchecked.take(), old.as_ref().and_then(Base::bytes)) {
+                            (Some((pre, read)), Some(bytes)) => {
+                                let check = || view.check_read(&step.path, pre, &read, bytes);
+                                let (checked, staged) = rayon::join(check, stage);
+                                checked.and(staged)?;
+                            }
+                            _ => stage()?,
+                        },
                     }
                     // The decoded bytes were checked against the post-image as written.
                     seen.wrote(&file, *sha256);
@@ -1110,6 +1140,10 @@ fn apply_locked(
                 }
             }
             progress.advance(*size);
+        }
+        // A base read whole whose file needed no decoding is checked all the same.
+        if let (Some((pre, read)), Some(bytes)) = (unchecked, old.as_ref().and_then(Base::bytes)) {
+            view.check_read(&step.path, pre, &read, bytes)?;
         }
         let staged = txn.stage(j);
         let revert = match (keep, entry) {

@@ -65,6 +65,15 @@ pub(crate) fn settled(ctime: (i64, i64), started: SystemTime) -> bool {
         .is_some_and(|t| t < started)
 }
 
+/// A file read whole by [`Seen::read`].
+pub(crate) struct ReadWhole {
+    pub bytes: Vec<u8>,
+    /// Its metadata after the read.
+    pub meta: fs::Metadata,
+    /// Its stamp, when it stood still during the read and was settled.
+    still: Option<Stamp>,
+}
+
 /// A file's record moved along with it by a rename, see [`Seen::take`].
 pub(crate) struct Carried {
     stamp: Stamp,
@@ -108,15 +117,11 @@ impl Seen {
         Ok((digest, size))
     }
 
-    /// The bytes of the file at `full`, at most `limit` of them, with their digest and the
-    /// file's metadata: read once, hashed in memory, and recorded as [`digest`](Self::digest)
-    /// records. `None` when the file holds more than `limit` bytes (nothing is read then).
-    pub fn read(
-        &self,
-        full: &Path,
-        limit: u64,
-    ) -> Result<Option<(Vec<u8>, Digest, fs::Metadata)>, FsError> {
-        use sha2::Digest as _;
+    /// The bytes of the file at `full`, at most `limit` of them, with the file's metadata and
+    /// what [`record`](Self::record) needs to record their digest, once it is taken, as
+    /// [`digest`](Self::digest) records one. `None` when the file holds more than `limit` bytes
+    /// (nothing is read then).
+    pub fn read(&self, full: &Path, limit: u64) -> Result<Option<ReadWhole>, FsError> {
         use std::io::Read as _;
         let mut file = fs::File::open(full).fs("open", full)?;
         let meta = file.metadata().fs("read", full)?;
@@ -133,17 +138,26 @@ impl Seen {
         if bytes.len() as u64 > limit {
             return Ok(None);
         }
-        let digest = Digest(sha2::Sha256::digest(&bytes).into());
-        let after_meta = file.metadata().fs("read", full)?;
-        let after = Stamp::of(&after_meta);
+        let meta = file.metadata().fs("read", full)?;
+        let after = Stamp::of(&meta);
+        let still =
+            before == after && settled(after.ctime, started) && after.size == bytes.len() as u64;
+        Ok(Some(ReadWhole {
+            bytes,
+            meta,
+            still: still.then_some(after),
+        }))
+    }
+
+    /// `digest` is that of the bytes of `read`, read from `full`: recorded when the file stood
+    /// still while it was read.
+    pub fn record(&self, full: &Path, read: &ReadWhole, digest: Digest) {
         self.hashed.fetch_add(1, Ordering::Relaxed);
         let mut files = self.files();
-        if before == after && settled(after.ctime, started) && after.size == bytes.len() as u64 {
-            files.insert(full.to_owned(), (after, digest));
-        } else {
-            files.remove(full);
-        }
-        Ok(Some((bytes, digest, after_meta)))
+        match read.still {
+            Some(stamp) => files.insert(full.to_owned(), (stamp, digest)),
+            None => files.remove(full),
+        };
     }
 
     /// `full` was just written by this process with bytes whose digest, checked as they were
