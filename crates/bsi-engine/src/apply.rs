@@ -414,12 +414,20 @@ impl<'a> BaseView<'a> {
     }
 
     /// Where revert data of the base file at `path` can come from without being made: the
-    /// root's file, which holds the base bytes (kept as it was), or the installed patch's revert
-    /// data of it when that is a copy or the base file itself (linked).
+    /// root's file, which holds the base bytes (kept as it was), unless another name in the
+    /// tree shares it (a write through that name would change the revert data); or the
+    /// installed patch's revert data of it when that is a copy or the base file itself (linked).
     fn keep(&self, path: &PkgPath) -> Keep {
+        use std::os::unix::fs::MetadataExt as _;
         let revert = self.touched.get(path).and_then(|e| e.revert.as_ref());
         match revert {
-            None => Keep::Root,
+            None => {
+                let full = self.root.join(path.as_str());
+                match fs::symlink_metadata(full).is_ok_and(|m| m.nlink() == 1) {
+                    true => Keep::Root,
+                    false => Keep::Make,
+                }
+            }
             Some(name) if name.ends_with(".zst") || name.ends_with(".orig") => {
                 Keep::Link(self.revert_dir.join(name))
             }
@@ -1018,9 +1026,11 @@ fn apply_locked(
         .filter_map(|e| {
             let base = before.get(&e.path).cloned().flatten();
             let changes = !matches!((&base, &e.post), (Some(b), Some(p)) if b.same_content(p));
-            // A base file kept as it is, or linked, takes no room.
+            // A base file kept as it is, or linked, takes no room, but a reverse delta from a
+            // blocks payload may be kept instead (up to 1/64 of it).
+            let size = file_size(base.as_ref());
             let made = view.keep(&e.path) == Keep::Make;
-            (changes && made).then(|| file_size(base.as_ref()))
+            changes.then_some(if made { size } else { size / SURELY_SMALLER })
         })
         .sum();
     Space::check(staging_bytes, revert_bytes, &state.dir).map_err(|space| ApplyError::NoSpace {
@@ -1222,7 +1232,7 @@ fn apply_locked(
     };
     let base_title = format!("{} {}", m.product, m.base.version);
     let journal = Journal {
-        format: 1,
+        format: txn::JOURNAL_FORMAT,
         kind: if installed.is_some() {
             TxnKind::Switch
         } else {
@@ -1397,7 +1407,7 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
         });
     staged.inspect_err(|_| txn.abandon())?;
     let journal = Journal {
-        format: 1,
+        format: txn::JOURNAL_FORMAT,
         kind: TxnKind::Revert,
         from_title: release_title(&inst.product, &inst.base.version, inst.letter),
         to_title: format!("{} {}", inst.product, inst.base.version),

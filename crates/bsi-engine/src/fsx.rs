@@ -28,6 +28,14 @@ pub(crate) fn create_dir(path: &Path) -> Result<(), FsError> {
     hooked("create directory", path, || fs::create_dir(path))
 }
 
+/// Create `path` with mode 0700: only its owner may look inside or run what it holds.
+pub(crate) fn create_private_dir(path: &Path) -> Result<(), FsError> {
+    use std::os::unix::fs::DirBuilderExt;
+    hooked("create directory", path, || {
+        fs::DirBuilder::new().mode(0o700).create(path)
+    })
+}
+
 /// Create `path` and its missing parents.
 pub(crate) fn create_dir_all(path: &Path) -> Result<(), FsError> {
     if path.is_dir() {

@@ -13,7 +13,9 @@ pub fn default_state_dir(root: &Path) -> PathBuf {
     root.join(crate::STATE_DIR_NAME)
 }
 
-pub(crate) const STATE_FORMAT: u32 = 1;
+/// State format written: 2 has revert data kept as base files (`N.orig`), which an earlier bsi
+/// would take for damaged copies; 1 is still read.
+pub(crate) const STATE_FORMAT: u32 = 2;
 
 /// The installed patch, as recorded after a successful apply.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,10 +81,13 @@ impl StateDir {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-        if installed.format != STATE_FORMAT {
+        if !(1..=STATE_FORMAT).contains(&installed.format) {
             return Err(StateError::Damaged {
                 path,
-                reason: format!("state format {} is not {STATE_FORMAT}", installed.format),
+                reason: format!(
+                    "state format {} is not 1 to {STATE_FORMAT}",
+                    installed.format
+                ),
             });
         }
         Ok(Some(installed))

@@ -38,7 +38,8 @@ use crate::state::{Installed, StateDir};
 use crate::tree::{describe_mismatch, matches_image, mtime_of, observe_with, Content, ScanError};
 use crate::FsError;
 
-const JOURNAL_FORMAT: u32 = 1;
+/// Journal format written: 2 adds `kept`; 1, which an earlier bsi wrote, is still read.
+pub(crate) const JOURNAL_FORMAT: u32 = 2;
 
 /// What a transaction does, as a person would say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,8 +203,11 @@ impl TxnDir {
         fsx::create_dir_all(&state.dir)?;
         fsx::remove_all(&txn.dir)?;
         fsx::create_dir(&txn.dir)?;
-        for d in [txn.stage_dir(), txn.undo_dir(), txn.revert_dir()] {
-            fsx::create_dir(&d)?;
+        fsx::create_dir(&txn.stage_dir())?;
+        // What left the root and the revert data are base files as they were, setuid bits and
+        // all: only the owner may reach them.
+        for d in [txn.undo_dir(), txn.revert_dir()] {
+            fsx::create_private_dir(&d)?;
         }
         Ok(txn)
     }
@@ -227,9 +231,9 @@ impl TxnDir {
         };
         let journal: Journal =
             serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
-        if journal.format != JOURNAL_FORMAT {
+        if !(1..=JOURNAL_FORMAT).contains(&journal.format) {
             return Err(damaged(format!(
-                "journal format {} is not {JOURNAL_FORMAT}",
+                "journal format {} is not 1 to {JOURNAL_FORMAT}",
                 journal.format
             )));
         }

@@ -131,7 +131,10 @@ impl Alignment {
 
 /// A virtual address as the file offset that holds it (or would, past the file bytes of its
 /// segment) and the index of its segment, in one word: the offset below bit 56, the segment
-/// above.
+/// above. An address 2^56 bytes or more into the file (possible only in a segment whose memory
+/// size says so, which no real file has) is not predicted; until the references took 24 bytes
+/// the bound was 2^62, so a payload made then for such a file no longer decodes (its digest
+/// check fails).
 #[derive(Debug, Clone, Copy)]
 struct Point(u64);
 

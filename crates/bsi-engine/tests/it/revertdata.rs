@@ -120,6 +120,13 @@ fn base_files_are_kept_as_they_were_and_shared_by_the_next_letter() {
         .map(|(i, (_, ino))| (format!("{i}.orig"), *ino))
         .collect();
     assert_eq!(kept_a, expected);
+    // Setuid bits and all, the old files are reachable by the owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(state.join("revert"))
+        .expect("revert dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
 
     // Letter (b) edits a.dylib again: its revert data is the same base file, linked.
     let mut edited_b = scattered_edit(&old);
@@ -256,6 +263,68 @@ fn a_near_identical_file_keeps_a_tiny_reverse_delta_and_reverts_exactly() {
     fs::write(&rev, &good).expect("repair");
 
     revert(&root, &state).expect("revert");
+    assert_eq!(
+        scan(&root, &[]).expect("scan").entries,
+        scan(&base_dir, &[]).expect("scan").entries
+    );
+}
+
+/// A base file that another name in the tree shares (a hard link) is not kept as it is: a write
+/// through that name would change the revert data. A copy or a reverse delta is made instead,
+/// and a later write through the other name leaves the revert exact.
+#[test]
+fn a_base_file_with_another_name_gets_its_own_revert_data() {
+    let old = noise(7, 1 << 20);
+    let base: Model = [("a.dylib".to_owned(), file(old.clone()))].into();
+    let target: Model = [("a.dylib".to_owned(), file(scattered_edit(&old)))].into();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = |name: &str, model: &Model| {
+        let d = tmp.path().join(name);
+        fs::create_dir(&d).expect("mkdir");
+        materialize(model, &d);
+        d
+    };
+    let (base_dir, target_dir) = (dir("base", &base), dir("target", &target));
+    let pkg = package(&base_dir, &target_dir, 'a');
+    let root = dir("root", &base);
+    fs::hard_link(root.join("a.dylib"), tmp.path().join("alias")).expect("link");
+    let state = tmp.path().join("state");
+    apply(&pkg, &root, &state, &NoProgress).expect("apply");
+    let kept = kept(&state);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(!kept[0].0.ends_with(".orig"), "{kept:?}");
+    // The other name still holds the old file; writing through it touches no revert data.
+    fs::write(tmp.path().join("alias"), b"rewritten").expect("write");
+    revert(&root, &state).expect("revert");
+    assert_eq!(
+        scan(&root, &[]).expect("scan").entries,
+        scan(&base_dir, &[]).expect("scan").entries
+    );
+}
+
+/// The installed record says which revert data it may hold: format 1 (copies and reverse
+/// deltas, from an earlier bsi) still reads, and a format this bsi does not know is refused by
+/// name rather than misread.
+#[test]
+fn installed_records_of_earlier_formats_read_and_later_ones_are_refused() {
+    let old = noise(3, 200_000);
+    let base: Model = [("a.dylib".to_owned(), file(old.clone()))].into();
+    let target: Model = [("a.dylib".to_owned(), file(scattered_edit(&old)))].into();
+    let Applied {
+        _tmp,
+        base_dir,
+        root,
+        state,
+        ..
+    } = applied(&base, &target);
+    let record = state.join("installed.json");
+    let written = fs::read_to_string(&record).expect("record");
+    assert!(written.contains("\"format\": 2"), "{written}");
+    fs::write(&record, written.replace("\"format\": 2", "\"format\": 3")).expect("write");
+    let err = revert(&root, &state).expect_err("a later format is refused");
+    assert!(err.to_string().contains("state format 3"), "{err}");
+    fs::write(&record, written.replace("\"format\": 2", "\"format\": 1")).expect("write");
+    revert(&root, &state).expect("revert from a format 1 record");
     assert_eq!(
         scan(&root, &[]).expect("scan").entries,
         scan(&base_dir, &[]).expect("scan").entries
