@@ -389,6 +389,16 @@ fn classify(old: &Path, new: &Path) -> Result<Files> {
     Ok(f)
 }
 
+/// Read every regular file under `dir` (into the page cache; the bytes are dropped).
+fn warm(dir: &Path) -> Result<()> {
+    for rel in regular_files(dir)? {
+        let path = dir.join(&rel);
+        std::io::copy(&mut fs::File::open(&path)?, &mut std::io::sink())
+            .with_context(|| format!("read {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// One input pair, ready to run.
 #[derive(Debug)]
 struct Pair {
@@ -777,6 +787,10 @@ fn summarize(cells: &[Cell]) -> Cell {
 /// Runs every tool on a pair, `max_runs` times (once if bsdiff is slow), round-robin.
 fn bench_pair(r: &Runner, pair: Pair, tools: &[Tool], max_runs: usize) -> Result<PairResult> {
     let files = classify(&pair.old, &pair.new)?;
+    // Every file any tool reads, read once first: whichever tool runs first would otherwise
+    // read the pair from disk and the others from the page cache.
+    warm(&pair.old)?;
+    warm(&pair.new)?;
     let mut outcomes: Vec<(Tool, Outcome)> = tools.iter().map(|t| (*t, Ok(Vec::new()))).collect();
     let mut runs = max_runs;
     let mut slow_secs = 0.0;
@@ -1149,7 +1163,8 @@ fn header(ws: &Path, tools: &[Tool]) -> String {
 const METHOD: &str = "\
 How to read this: every tool runs on the same pairs in the same run, as a child process of
 `cargo xtask bench` under `/usr/bin/time -f %M` (peak resident set size); times are wall clock
-around the child. bsi builds one signed package from the two trees (`bsi build ... --quiet`, using
+around the child. Every file of a pair is read once before the first tool runs, so that none
+pays alone for reading it from disk. bsi builds one signed package from the two trees (`bsi build ... --quiet`, using
 every core) and applies it with `bsi apply` to a fresh copy of the old tree (the copy and a `sync`
 after it are not timed);
 the result is checked to equal the new tree (bytes, modes, symlinks, mtimes). The peers are
