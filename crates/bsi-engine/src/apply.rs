@@ -331,15 +331,28 @@ impl<'a> BaseView<'a> {
         bytes: &[u8],
     ) -> Result<(), ApplyError> {
         use sha2::Digest as _;
-        use std::os::unix::fs::MetadataExt as _;
         let sha256 = Digest(sha2::Sha256::digest(bytes).into());
         self.seen
             .record(&self.root.join(path.as_str()), read, sha256);
+        self.check_file(path, pre, sha256, bytes.len() as u64, &read.meta)
+    }
+
+    /// Check a base file at `path` whose bytes have digest `sha256` and length `size`, and
+    /// whose metadata is `meta`, against `pre`, the pre-image promised for it.
+    fn check_file(
+        &self,
+        path: &PkgPath,
+        pre: &Image,
+        sha256: Digest,
+        size: u64,
+        meta: &fs::Metadata,
+    ) -> Result<(), ApplyError> {
+        use std::os::unix::fs::MetadataExt as _;
         let actual = Image::File {
             sha256,
-            size: bytes.len() as u64,
-            mode: read.meta.mode() & 0o7777,
-            mtime: mtime_of(&read.meta),
+            size,
+            mode: meta.mode() & 0o7777,
+            mtime: mtime_of(meta),
         };
         match image_mismatch(Some(pre), Some(&actual)) {
             None => Ok(()),
@@ -360,24 +373,10 @@ impl<'a> BaseView<'a> {
     /// Hash the base file at `path` on disk and check it against `pre`, the pre-image promised
     /// for it (see [`hashed_with_decoding`](Self::hashed_with_decoding)).
     fn check_base(&self, path: &PkgPath, pre: &Image) -> Result<(), ApplyError> {
-        use std::os::unix::fs::MetadataExt as _;
         let full = self.root.join(path.as_str());
         let meta = fs::symlink_metadata(&full).fs("read", &full)?;
         let (sha256, size) = self.seen.digest(&full, &meta)?;
-        let actual = Image::File {
-            sha256,
-            size,
-            mode: meta.mode() & 0o7777,
-            mtime: mtime_of(&meta),
-        };
-        match image_mismatch(Some(pre), Some(&actual)) {
-            None => Ok(()),
-            Some(reason) => Err(ApplyError::PreImage {
-                root: self.root.to_owned(),
-                path: path.clone(),
-                reason,
-            }),
-        }
+        self.check_file(path, pre, sha256, size, &meta)
     }
 
     /// The base file at `path`, whose base image is `image`: left on disk when `in_place` and the

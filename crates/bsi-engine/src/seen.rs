@@ -107,13 +107,8 @@ impl Seen {
         let started = SystemTime::now();
         let (digest, size) = hash_open(&mut file, full)?;
         let after = Stamp::of(&file.metadata().fs("read", full)?);
-        self.hashed.fetch_add(1, Ordering::Relaxed);
-        let mut files = self.files();
-        if before == after && settled(after.ctime, started) {
-            files.insert(full.to_owned(), (after, digest));
-        } else {
-            files.remove(full);
-        }
+        let still = (before == after && settled(after.ctime, started)).then_some(after);
+        self.note(full, still, digest);
         Ok((digest, size))
     }
 
@@ -152,9 +147,15 @@ impl Seen {
     /// `digest` is that of the bytes of `read`, read from `full`: recorded when the file stood
     /// still while it was read.
     pub fn record(&self, full: &Path, read: &ReadWhole, digest: Digest) {
+        self.note(full, read.still, digest);
+    }
+
+    /// The file at `full` was just hashed to `digest`: recorded with its stamp `still` when it
+    /// stood still during the read, forgotten otherwise.
+    fn note(&self, full: &Path, still: Option<Stamp>, digest: Digest) {
         self.hashed.fetch_add(1, Ordering::Relaxed);
         let mut files = self.files();
-        match read.still {
+        match still {
             Some(stamp) => files.insert(full.to_owned(), (stamp, digest)),
             None => files.remove(full),
         };

@@ -21,6 +21,11 @@ struct Applied {
 }
 
 fn applied(base: &Model, target: &Model) -> Applied {
+    applied_after(base, target, |_, _| {})
+}
+
+/// [`applied`], running `before` on the temporary directory and the root just before the apply.
+fn applied_after(base: &Model, target: &Model, before: impl FnOnce(&Path, &Path)) -> Applied {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = |name: &str, model: &Model| {
         let d = tmp.path().join(name);
@@ -32,6 +37,7 @@ fn applied(base: &Model, target: &Model) -> Applied {
     let pkg = package(&base_dir, &target_dir, 'a');
     let root = dir("root", base);
     let state = tmp.path().join("state");
+    before(tmp.path(), &root);
     let inodes_before = inodes(&root);
     apply(&pkg, &root, &state, &NoProgress).expect("apply");
     Applied {
@@ -277,24 +283,20 @@ fn a_base_file_with_another_name_gets_its_own_revert_data() {
     let old = noise(7, 1 << 20);
     let base: Model = [("a.dylib".to_owned(), file(old.clone()))].into();
     let target: Model = [("a.dylib".to_owned(), file(scattered_edit(&old)))].into();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = |name: &str, model: &Model| {
-        let d = tmp.path().join(name);
-        fs::create_dir(&d).expect("mkdir");
-        materialize(model, &d);
-        d
-    };
-    let (base_dir, target_dir) = (dir("base", &base), dir("target", &target));
-    let pkg = package(&base_dir, &target_dir, 'a');
-    let root = dir("root", &base);
-    fs::hard_link(root.join("a.dylib"), tmp.path().join("alias")).expect("link");
-    let state = tmp.path().join("state");
-    apply(&pkg, &root, &state, &NoProgress).expect("apply");
+    let Applied {
+        _tmp,
+        base_dir,
+        root,
+        state,
+        ..
+    } = applied_after(&base, &target, |tmp, root| {
+        fs::hard_link(root.join("a.dylib"), tmp.join("alias")).expect("link");
+    });
     let kept = kept(&state);
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(!kept[0].0.ends_with(".orig"), "{kept:?}");
     // The other name still holds the old file; writing through it touches no revert data.
-    fs::write(tmp.path().join("alias"), b"rewritten").expect("write");
+    fs::write(_tmp.path().join("alias"), b"rewritten").expect("write");
     revert(&root, &state).expect("revert");
     assert_eq!(
         scan(&root, &[]).expect("scan").entries,
