@@ -114,14 +114,16 @@ impl DeltaEncoder for Bsdiff {
         let (streams, kind) = if image.refs.is_empty() {
             (streams_as_found(&index, old, new, REGION), Predictor::None)
         } else {
-            let ops = search(&index, new, REGION);
+            // A first alignment for the prediction; where prediction does not pay, the steps
+            // of a full search are coded instead.
+            let ops = search(&index, new, REGION, matcher::Search::Quick);
             let images = (&image, &new_image);
-            let (ops, predictor) = predicted_search(&index, old, new, ops, images);
-            let kind = match predictor {
-                Some(_) => Predictor::Refs,
-                None => Predictor::None,
-            };
-            (streams(old, new, &ops, predictor.as_ref()), kind)
+            match predicted_search(&index, old, new, ops, images) {
+                (ops, Some(predictor)) => {
+                    (streams(old, new, &ops, Some(&predictor)), Predictor::Refs)
+                }
+                (_, None) => (streams_as_found(&index, old, new, REGION), Predictor::None),
+            }
         };
         let cap = new.len() as u64;
         let raw = [
@@ -178,11 +180,19 @@ struct Streams {
 ///
 /// The new file is cut into regions of `region` bytes, searched in parallel; the steps depend
 /// only on the inputs, never on the number of threads or the order in which regions finish.
-fn search(index: &matcher::Index<'_>, new: &[u8], region: usize) -> Vec<matcher::Op> {
+fn search(
+    index: &matcher::Index<'_>,
+    new: &[u8],
+    region: usize,
+    search: matcher::Search,
+) -> Vec<matcher::Op> {
     let starts: Vec<usize> = (0..new.len()).step_by(region).collect();
     let regions: Vec<Vec<matcher::Op>> = starts
         .par_iter()
-        .map(|&start| matcher::region_ops(index, &new[..new.len().min(start + region)], start))
+        .map(|&start| {
+            let end = new.len().min(start + region);
+            matcher::region_ops(index, &new[..end], start, search)
+        })
         .collect();
     regions.concat()
 }
@@ -306,7 +316,7 @@ fn predicted_search(
             };
             let moved = mover.transform(new);
             drop(mover);
-            let ops = search(index, &moved, REGION);
+            let ops = search(index, &moved, REGION, matcher::Search::Full);
             drop(moved);
             let steps = add_steps(&ops);
             let Some(predictor) = predict::Predictor::new(image, predict::Alignment::new(&steps))
@@ -391,7 +401,7 @@ fn streams_as_found(index: &matcher::Index<'_>, old: &[u8], new: &[u8], region: 
         for (&start, slot) in starts.iter().zip(&slots) {
             let end = new.len().min(start + region);
             scope.spawn_fifo(move |_| {
-                let ops = matcher::region_ops(index, &new[..end], start);
+                let ops = matcher::region_ops(index, &new[..end], start, matcher::Search::Full);
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(ops);
             });
         }
@@ -1046,6 +1056,18 @@ mod tests {
         code
     }
 
+    /// The quick search lines a relinked program up as the full one does: one alignment on
+    /// each side of the insertion, the changed calls differences within it.
+    #[test]
+    fn a_quick_search_lines_up_a_relinked_program_as_the_full_one() {
+        let old = refs::tests::elf_with_code(&relinked_code(usize::MAX, 0));
+        let new = refs::tests::elf_with_code(&relinked_code(10_000, 64));
+        let index = matcher::Index::new(&old).expect("index");
+        let full = search(&index, &new, REGION, matcher::Search::Full);
+        let quick = search(&index, &new, REGION, matcher::Search::Quick);
+        assert_eq!(add_steps(&quick), add_steps(&full));
+    }
+
     /// In an ELF file, and in a universal Mach-O file whose two slices moved alike.
     #[test]
     fn calls_that_only_moved_cost_nothing() {
@@ -1236,7 +1258,7 @@ mod tests {
     /// Encoded streams of `new`: (control, diff, extra) sizes after packing, searched in regions.
     fn packed_size(old: &[u8], new: &[u8], region: usize) -> usize {
         let index = matcher::Index::new(old).expect("index");
-        let ops = search(&index, new, region);
+        let ops = search(&index, new, region, matcher::Search::Full);
         let streams = streams(old, new, &ops, None);
         let cap = new.len() as u64;
         pack(&streams.control, cap).expect("pack").len()
