@@ -89,6 +89,14 @@ impl Scan<'_> {
     /// Push the references found to `refs`, and the addresses that `lea` instructions load
     /// (where switch tables start) to `loaded`.
     pub fn run(&self, refs: &mut Vec<Ref>, loaded: &mut Vec<u64>) {
+        let code = &self.data[self.start as usize..self.end as usize];
+        let candidates = Candidates::new(code);
+        self.run_over(refs, loaded, |i| candidates.next(i));
+    }
+
+    /// [`Scan::run`], looking at the positions `next` gives (the first at or after its
+    /// argument).
+    fn run_over(&self, refs: &mut Vec<Ref>, loaded: &mut Vec<u64>, next: impl Fn(usize) -> usize) {
         let (start, end) = (self.start as usize, self.end as usize);
         let code = &self.data[start..end];
         let vaddr = |i: usize| self.vstart + i as u64;
@@ -98,8 +106,7 @@ impl Scan<'_> {
             )))
         };
         let target = |end_of_insn: usize, d: i64| vaddr(end_of_insn).checked_add_signed(d);
-        let candidates = Candidates::new(code);
-        let mut i = candidates.next(0);
+        let mut i = next(0);
         while i + 5 <= code.len() {
             let b = code[i];
             // call rel32, jmp rel32; jcc rel32
@@ -170,7 +177,7 @@ impl Scan<'_> {
                     }
                 }
             }
-            i = candidates.next(i + 1);
+            i = next(i + 1);
         }
     }
 }
@@ -255,6 +262,56 @@ impl Candidates {
 mod tests {
     use super::*;
     use crate::test_data::noise;
+
+    /// The scan finds what it finds looking at every position: references, and the addresses
+    /// loaded, in code of every byte value and of the bytes instructions start with.
+    #[test]
+    fn skipping_to_candidates_finds_what_every_position_finds() {
+        use super::super::Segment;
+        let len = 200_000u64;
+        let image = Image {
+            segments: vec![Segment {
+                offset: 0,
+                vaddr: 0x1000,
+                file_len: len,
+                mem_len: len,
+            }],
+            ..Image::default()
+        };
+        // Every byte value (seed 1) or the bytes instructions start with, in runs of five (a
+        // prefix, a REX byte, an opcode, a ModRM byte and more), and two bytes in seven 0x00
+        // or 0xff, so that many displacements are small and land in the image.
+        let bytes = [
+            0x05, 0x0f, 0x15, 0x48, 0x8b, 0xe8, 0x8d, 0x00, 0xff, 0x66, 0x80, 0x10,
+        ];
+        for seed in [1u64, 2, 3] {
+            let data: Vec<u8> = noise(seed, len as usize)
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| match (seed, i % 7) {
+                    (_, 5 | 6) => [0x00, 0xff][usize::from(b & 1)],
+                    (1, _) => b,
+                    _ => bytes[usize::from(b) % bytes.len()],
+                })
+                .collect();
+            let code = [(0x1000, 0x1000 + len)];
+            let scan = Scan {
+                data: &data,
+                start: 0,
+                end: len,
+                vstart: 0x1000,
+                code: &code,
+                image: &image,
+            };
+            let (mut refs, mut loaded) = (Vec::new(), Vec::new());
+            scan.run(&mut refs, &mut loaded);
+            let (mut every, mut every_loaded) = (Vec::new(), Vec::new());
+            scan.run_over(&mut every, &mut every_loaded, |i| i);
+            assert!(refs.len() > 100, "seed {seed}: {} references", refs.len());
+            assert_eq!(refs, every, "seed {seed}");
+            assert_eq!(loaded, every_loaded, "seed {seed}");
+        }
+    }
 
     /// The candidates are exactly the positions where an instruction the scan knows may start.
     #[test]
