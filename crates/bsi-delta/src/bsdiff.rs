@@ -282,7 +282,11 @@ fn predicted_search(
         let alignment = predict::Alignment::preferring(&steps, preferred);
         predict::Predictor::new(image, alignment).map(|p| left_to_code(old, new, &ops, Some(&p)))
     };
-    let preferred = match starts != same && fit(&starts) < fit(&same) {
+    // Both fits at once, on two cores (libxml2: 14 ms one after the other).
+    let preferred = match starts != same && {
+        let (with_starts, with_same) = rayon::join(|| fit(&starts), || fit(&same));
+        with_starts < with_same
+    } {
         true => &starts,
         false => &same,
     };
@@ -307,30 +311,34 @@ fn predicted_search(
                 &back(preferred),
             ));
         }
-        let mut found: Option<Pass> = None;
-        for way in ways {
-            // The new file moved back through `way`, each of its references pointed where its
-            // target was in the old file, searched against the old file's own index.
-            let Some(mover) = predict::Predictor::new(new_image, way) else {
-                continue;
-            };
-            let moved = mover.transform(new);
-            drop(mover);
-            let ops = search(index, &moved, REGION, matcher::Search::Full);
-            drop(moved);
-            let steps = add_steps(&ops);
-            let Some(predictor) = predict::Predictor::new(image, predict::Alignment::new(&steps))
-            else {
-                continue;
-            };
-            let left = left_to_code(old, new, &ops, Some(&predictor));
-            if found.as_ref().is_none_or(|best| left < best.left) {
-                found = Some(Pass {
+        // The ways at once, each on its own core as far as there are cores (each search also
+        // runs its regions in parallel); the first of the best is kept, whatever the order in
+        // which they finish.
+        let passes: Vec<Option<Pass>> = ways
+            .into_par_iter()
+            .map(|way| {
+                // The new file moved back through `way`, each of its references pointed where
+                // its target was in the old file, searched against the old file's own index.
+                let mover = predict::Predictor::new(new_image, way)?;
+                let moved = mover.transform(new);
+                drop(mover);
+                let ops = search(index, &moved, REGION, matcher::Search::Full);
+                drop(moved);
+                let steps = add_steps(&ops);
+                let predictor = predict::Predictor::new(image, predict::Alignment::new(&steps))?;
+                let left = left_to_code(old, new, &ops, Some(&predictor));
+                Some(Pass {
                     left,
                     ops,
                     steps,
                     predictor,
-                });
+                })
+            })
+            .collect();
+        let mut found: Option<Pass> = None;
+        for pass in passes.into_iter().flatten() {
+            if found.as_ref().is_none_or(|best| pass.left < best.left) {
+                found = Some(pass);
             }
         }
         let Some(pass) = found.filter(|pass| pass.left < left) else {
