@@ -7,8 +7,12 @@ use crate::{copy_exact_len, corrupt, window_log, DecodeError, DeltaEncoder, LEVE
 
 /// Smallest old file encoded through zstd's multithreaded path, exclusive (see [`encode_in`]).
 const MULTITHREADED_MIN_OLD: usize = 8 << 20;
-/// New files longer than this are cut into frames of this length (see [`encode_framed`]).
-const FRAME_LEN: usize = 32 << 20;
+/// Room one frame's decoding may take beside the larger of the two files (see [`frame_len`]):
+/// an apply stays within its largest file + 64 MiB, with 16 MiB to spare.
+const FRAME_ROOM: usize = 48 << 20;
+/// Longest new file encoded as one frame when it is not cut for memory: one job of zstd's
+/// multithreaded path (64 MiB at level 19 with long distance matching), on one core.
+const ONE_FRAME_MAX: usize = 64 << 20;
 /// At most this many frames are encoded at once, whatever the number of cores: each adds about
 /// 260 MB at level 19 against a 177 MB old file (libxul.so: 881 MB with 2), and the build stays
 /// within 6 times the largest file + 256 MB with 2.
@@ -23,8 +27,8 @@ const FRAMED_MAGIC: &[u8; 4] = b"ZPF\x01";
 const PAYLOAD_BUFFER: usize = 128 << 10;
 
 /// zstd with the old file as reference prefix (what `zstd --patch-from` does), in long mode with
-/// a window that covers the old file and the new one, or for a new file over 32 MiB, each
-/// 32 MiB frame of it (see [`encode_framed`]).
+/// a window that covers the old file and the new one, or for a large new file, each 48 MiB
+/// frame of it (see [`frame_len`] and [`encode_framed`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ZstdPrefix;
 
@@ -53,9 +57,9 @@ impl DeltaEncoder for ZstdPrefix {
     }
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let payload = match new.len() > FRAME_LEN {
-            true => encode_framed(old, new, LEVEL, FRAME_LEN, FRAMES_AT_ONCE)?,
-            false => encode_in(old, new, LEVEL)?,
+        let payload = match frame_len(old.len(), new.len()) {
+            Some(len) => encode_framed(old, new, LEVEL, len, FRAMES_AT_ONCE)?,
+            None => encode_in(old, new, LEVEL)?,
         };
         Ok(Some(payload))
     }
@@ -92,14 +96,30 @@ impl DeltaEncoder for ZstdPrefix {
     }
 }
 
+/// The length of the frames a new file of `new_len` bytes is cut into against an old one of
+/// `old_len`, or `None` for one frame.
+///
+/// Decoding holds the old file and one frame (the whole new file when it is one frame). The old
+/// file and the whole new one fit in [`FRAME_ROOM`] beside the larger of the two when the
+/// smaller is at most that long, and such a file is one frame up to [`ONE_FRAME_MAX`]; else
+/// frames of [`FRAME_ROOM`] do, two of them encoded at once. Each frame's encoding indexes the
+/// whole old file first, so fewer frames cost less: Firefox ESR 140 -> 153's libxul.so
+/// (184 MB) is 4 frames instead of 6 of 32 MiB, its omni.ja (43 MB) and browser/omni.ja
+/// (54 MB) one frame instead of two.
+fn frame_len(old_len: usize, new_len: usize) -> Option<usize> {
+    let fits = old_len.min(new_len) <= FRAME_ROOM;
+    let one = new_len <= FRAME_ROOM || (fits && new_len <= ONE_FRAME_MAX);
+    (!one).then_some(FRAME_ROOM)
+}
+
 /// The payload of `new` against `old` at zstd `level`: one zstd frame.
 ///
 /// For old files over 8 MiB it comes from zstd's multithreaded path, with one worker: that path
 /// (as the zstd program uses) lets long distance matching see the prefix, which the
 /// single-threaded path does not. Firefox's omni.ja (43 MB) costs 1,848,351 B instead of
 /// 3,384,901 B. On the security updates' smaller files it saved 26 bytes in all and cost 25%
-/// more build time. A frame of up to 32 MiB is one job on that path, so the payload does not
-/// depend on the machine.
+/// more build time. With one worker the payload does not depend on the machine; a frame of up
+/// to 64 MiB is one job on that path.
 fn encode_in(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
     let window = window_log(old.len() as u64 + new.len() as u64);
     let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old)?;
@@ -121,11 +141,12 @@ fn encode_in(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
 /// Layout: [`FRAMED_MAGIC`], the frame length (u32, little-endian), then for each frame the
 /// length of its zstd frame (u32) and the frame. The last frame is what remains of the file.
 ///
-/// Firefox ESR 140 -> 153: libxul.so (184 MB) costs 47,942,073 B in 84 s on 2 cores, against
-/// 47,529,799 B in 73 s as one frame (+0.87%), and decodes in 32 MiB beside the old file
-/// instead of 175 MiB; omni.ja (43 MB) costs 1,851,816 B instead of 1,848,020 B (+0.21%) and
-/// browser/omni.ja (54 MB) 4,357,832 B instead of 4,341,044 B (+0.39%), both faster, their two
-/// frames side by side.
+/// Firefox ESR 140 -> 153: libxul.so (184 MB) costs 47,797,619 B in 4 frames of 48 MiB
+/// (47,942,073 B in 6 of 32 MiB, 47,529,799 B as one frame, which took 73 s against 84 s for
+/// the 6 on 2 cores), and decodes in 48 MiB beside the old file instead of 175 MiB. The whole
+/// Firefox build took 184 s and 330 s of CPU with frames of 48 MiB and both omni.ja files one
+/// frame each, against 232 s and 431 s with frames of 32 MiB: each frame indexes the whole
+/// old file before it encodes anything.
 fn encode_framed(
     old: &[u8],
     new: &[u8],
@@ -277,34 +298,39 @@ mod tests {
         assert!(decoded == new, "round trip of one frame");
     }
 
+    /// Decoding one frame beside the old file stays within [`FRAME_ROOM`] of the larger of the
+    /// two files, and a file is cut only when it must be or is longer than one job.
     #[test]
-    fn files_over_32_mib_are_framed() {
-        // 33 MiB: the old file's 1 MiB, then 32 copies of it with one byte changed in each.
-        let old = crate::test_data::noise(5, 1 << 20);
-        let mut new = old.clone();
-        for k in 0..32usize {
-            let at = new.len() + k * 4099;
-            new.extend_from_slice(&old);
-            new[at] ^= 0x5a;
+    fn frames_keep_decoding_within_room_of_the_larger_file() {
+        const MIB: usize = 1 << 20;
+        let sizes = [
+            0,
+            1,
+            MIB,
+            32 * MIB,
+            48 * MIB,
+            48 * MIB + 1,
+            64 * MIB,
+            64 * MIB + 1,
+            400 * MIB,
+        ];
+        for old in sizes {
+            for new in sizes {
+                let held = old + frame_len(old, new).unwrap_or(new).min(new);
+                assert!(held <= old.max(new) + FRAME_ROOM, "{old} and {new}: {held}");
+                match frame_len(old, new) {
+                    Some(_) => assert!(
+                        old.min(new) > FRAME_ROOM || new > ONE_FRAME_MAX,
+                        "{old} and {new}: cut when one frame fits and is one job"
+                    ),
+                    None => assert!(new <= ONE_FRAME_MAX, "{old} and {new}: one long frame"),
+                }
+            }
         }
-        assert!(new.len() > FRAME_LEN);
-        let payload = ZstdPrefix
-            .encode(&old, &new)
-            .expect("encode")
-            .expect("applies");
-        assert_eq!(&payload[..4], FRAMED_MAGIC);
-        let frame_len = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
-        assert_eq!(frame_len as usize, FRAME_LEN);
-        let decoded = ZstdPrefix
-            .decode(&old, &payload, new.len() as u64)
-            .expect("decode");
-        assert!(decoded == new, "round trip");
-        let small = &new[..FRAME_LEN];
-        let payload = ZstdPrefix
-            .encode(&old, small)
-            .expect("encode")
-            .expect("applies");
-        assert_ne!(&payload[..4], FRAMED_MAGIC, "32 MiB is one frame");
+        // Firefox ESR 140 -> 153: libxul.so in 4 frames, both omni.ja files in one.
+        assert_eq!(frame_len(177_080_976, 183_747_312), Some(FRAME_ROOM));
+        assert_eq!(frame_len(37_689_560, 43_277_929), None);
+        assert_eq!(frame_len(45_703_959, 54_251_429), None);
     }
 
     #[test]
