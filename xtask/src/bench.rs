@@ -792,8 +792,11 @@ fn bench_pair(r: &Runner, pair: Pair, tools: &[Tool], max_runs: usize) -> Result
     let mut slow_secs = 0.0;
     let mut round = 0;
     while round < runs {
-        // what the peers pay for new files, measured once per round
+        // what the peers pay for new files, measured once per round, the pair just read (see
+        // below)
         let added = if tools.len() > 1 {
+            warm(&pair.old)?;
+            warm(&pair.new)?;
             Some(added_files(r, &pair, &files).map_err(|e| format!("{e:#}")))
         } else {
             None

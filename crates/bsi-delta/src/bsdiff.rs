@@ -115,7 +115,12 @@ impl DeltaEncoder for Bsdiff {
             (streams_as_found(&index, old, new, REGION), Predictor::None)
         } else {
             // A first alignment for the prediction; where prediction does not pay, the steps
-            // of a full search are coded instead.
+            // of a full search are coded instead. Whether it pays is judged against what the
+            // quick steps leave to code, which can be more than the full search's (on the
+            // library pairs and the testdata, no file changed sides). A file whose quick steps
+            // leave over 1/4 of it is searched twice, quickly and then in full, which costs no
+            // time: Firefox's libgkcodecs.so encodes in 4.7 to 5.0 s, against 5.2 to 5.4 s with
+            // one full search (the full search's steps are coded as its regions come in).
             let ops = search(&index, new, REGION, matcher::Search::Quick);
             let images = (&image, &new_image);
             match predicted_search(&index, old, new, ops, images) {

@@ -14,8 +14,9 @@ const FRAME_ROOM: usize = 48 << 20;
 /// multithreaded path (64 MiB at level 19 with long distance matching), on one core.
 const ONE_FRAME_MAX: usize = 64 << 20;
 /// At most this many frames are encoded at once, whatever the number of cores: each adds about
-/// 260 MB at level 19 against a 177 MB old file (libxul.so: 881 MB with 2), and the build stays
-/// within 6 times the largest file + 256 MB with 2.
+/// 260 MB at level 19 against a 177 MB old file (libxul.so: 881 MB with 2 frames of 32 MiB; the
+/// Firefox build peaks at 1,029 MiB with frames of 48 MiB), and the build stays within 6 times
+/// the largest file + 256 MB with 2.
 const FRAMES_AT_ONCE: usize = 2;
 /// Shortest frame a framed payload may declare: it bounds the frames (and zstd contexts) per
 /// byte of output.
@@ -76,7 +77,7 @@ impl DeltaEncoder for ZstdPrefix {
     }
 
     /// Streams: Firefox's libxul.so has a 45 MiB payload, read [`PAYLOAD_BUFFER`] at a time, and
-    /// decodes into a window of one 32 MiB frame beside the old file.
+    /// decodes into a window of one 48 MiB frame beside the old file.
     fn decode_stream_into(
         &self,
         old: &[u8],

@@ -548,8 +548,11 @@ mod tests {
     }
 
     proptest! {
+        /// The quick search's bookkeeping (skipped bytes, matches taken from the alignment)
+        /// never panics and gives valid steps, on inputs of three letters, where the alignment
+        /// picks up again by chance all the time.
         #[test]
-        fn quick_steps_cover_the_new_file_on_any_input(
+        fn quick_steps_are_valid_on_any_input(
             old in proptest::collection::vec(0u8..3, 1..400),
             new in proptest::collection::vec(0u8..3, 1..400),
         ) {
