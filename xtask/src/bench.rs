@@ -399,6 +399,12 @@ fn warm(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// [`warm`] both trees of `pair`.
+fn warm_pair(pair: &Pair) -> Result<()> {
+    warm(&pair.old)?;
+    warm(&pair.new)
+}
+
 /// One input pair, ready to run.
 #[derive(Debug)]
 struct Pair {
@@ -795,8 +801,7 @@ fn bench_pair(r: &Runner, pair: Pair, tools: &[Tool], max_runs: usize) -> Result
         // what the peers pay for new files, measured once per round, the pair just read (see
         // below)
         let added = if tools.len() > 1 {
-            warm(&pair.old)?;
-            warm(&pair.new)?;
+            warm_pair(&pair)?;
             Some(added_files(r, &pair, &files).map_err(|e| format!("{e:#}")))
         } else {
             None
@@ -807,8 +812,7 @@ fn bench_pair(r: &Runner, pair: Pair, tools: &[Tool], max_runs: usize) -> Result
             // run would otherwise read the pair from disk and the others from the page cache,
             // and this VM's page cache does not keep what it read for long (1.3 GB held with
             // 22 GB free; the testdata's build once took 9.3 s instead of 0.8, reading it).
-            warm(&pair.old)?;
-            warm(&pair.new)?;
+            warm_pair(&pair)?;
             let cell = match tool {
                 Tool::Bsi => bsi_run(r, &pair).map_err(|e| format!("{e:#}")),
                 _ => match added.as_ref().expect("peers present") {

@@ -288,13 +288,11 @@ fn predicted_search(
         predict::Predictor::new(image, alignment).map(|p| left_to_code(old, new, &ops, Some(&p)))
     };
     // Both fits at once, on two cores (libxml2: 14 ms one after the other).
-    let preferred = match starts != same && {
+    let starts_fit_better = starts != same && {
         let (with_starts, with_same) = rayon::join(|| fit(&starts), || fit(&same));
         with_starts < with_same
-    } {
-        true => &starts,
-        false => &same,
     };
+    let preferred = if starts_fit_better { &starts } else { &same };
     let (mut steps, mut preferred) = (steps, &preferred[..]);
     let mut best = (ops, None);
     let passes = match new.len() >= SECOND_PASS_LEN {
@@ -340,12 +338,11 @@ fn predicted_search(
                 })
             })
             .collect();
-        let mut found: Option<Pass> = None;
-        for pass in passes.into_iter().flatten() {
-            if found.as_ref().is_none_or(|best| pass.left < best.left) {
-                found = Some(pass);
-            }
-        }
+        let found =
+            passes
+                .into_iter()
+                .flatten()
+                .reduce(|best, pass| if pass.left < best.left { pass } else { best });
         let Some(pass) = found.filter(|pass| pass.left < left) else {
             break;
         };

@@ -343,14 +343,9 @@ pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize, search: Se
             (pos, len) = match (resumed, near) {
                 (Some((skip, run)), _) => {
                     // The bytes skipped count as the full search counts them when each
-                    // position's match falls short.
+                    // position's match falls short (the count below adds those `scsc` has not
+                    // passed yet).
                     let to = scan + skip;
-                    while scsc < to {
-                        if old_at(scsc as i64 + last_offset) == Some(&new[scsc]) {
-                            old_score += 1;
-                        }
-                        scsc += 1;
-                    }
                     while scan < to {
                         if old_at(scan as i64 + last_offset) == Some(&new[scan]) {
                             old_score -= 1;
