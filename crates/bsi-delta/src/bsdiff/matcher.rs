@@ -62,6 +62,62 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
         .count()
 }
 
+/// Length of the common suffix of `a` and `b`.
+fn common_suffix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[a.len() - n..], &b[b.len() - n..]);
+    let mut done = 0;
+    for (ca, cb) in a.rchunks_exact(8).zip(b.rchunks_exact(8)) {
+        let wa = u64::from_le_bytes(ca.try_into().expect("chunks of 8"));
+        let wb = u64::from_le_bytes(cb.try_into().expect("chunks of 8"));
+        if wa != wb {
+            return done + ((wa ^ wb).leading_zeros() / 8) as usize;
+        }
+        done += 8;
+    }
+    done + a[..n - done]
+        .iter()
+        .rev()
+        .zip(b[..n - done].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// How many positions `a` and `b` hold the same byte at, up to the shorter one's length.
+fn agreeing(a: &[u8], b: &[u8]) -> usize {
+    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut count = 0;
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .filter(|(x, y)| x == y)
+        .count();
+    for (ca, cb) in ca.zip(cb) {
+        let x = u64::from_le_bytes(ca.try_into().expect("chunks of 8"))
+            ^ u64::from_le_bytes(cb.try_into().expect("chunks of 8"));
+        // The top bit of each byte of `x` that is zero, and no other bit.
+        count += (!(((x & LOW) + LOW) | x | LOW)).count_ones() as usize;
+    }
+    count + tail
+}
+
+/// Bytes of `new[from..to]` equal to the old byte `offset` further on, where there is one.
+fn agreeing_at(old: &[u8], new: &[u8], from: usize, to: usize, offset: i64) -> i64 {
+    // The new positions whose old byte is inside the old file.
+    let lo = (from as i64).max(-offset);
+    let hi = (to as i64).min(old.len() as i64 - offset);
+    if lo >= hi {
+        return 0;
+    }
+    let (lo, hi) = (lo as usize, hi as usize);
+    let old_lo = (lo as i64 + offset) as usize;
+    agreeing(&old[old_lo..old_lo + (hi - lo)], &new[lo..hi]) as i64
+}
+
 /// The old file, its suffix array, and where each two-byte prefix's suffixes start in it.
 pub(super) struct Index<'a> {
     old: &'a [u8],
@@ -73,6 +129,53 @@ pub(super) struct Index<'a> {
     /// at least `k` (a one-byte suffix `x` counts as `x 0`: it sorts first among those starting
     /// with `x`); `buckets[65536]` is the number of suffixes.
     buckets: Vec<u32>,
+    /// Which [`GRAM`]-byte strings the old file holds, see [`Grams`].
+    grams: Grams,
+}
+
+/// Length of the strings [`Grams`] records: a match shorter than this never starts a step
+/// unless the current alignment explains it as well (see [`MIN_GAIN`]).
+const GRAM: usize = 8;
+
+/// A one-hash Bloom filter of the [`GRAM`]-byte strings of the old file, 16 bits per old
+/// byte (about 6% false positives): where the new file's next [`GRAM`] bytes are nowhere in
+/// the old file, a lookup in the suffix array can only find a match too short to start a step,
+/// and is skipped. Most lookups are such: new code, where bsdiff looks up every position.
+const BITS: usize = 4;
+struct Grams {
+    bits: Vec<u64>,
+    shift: u32,
+}
+
+impl Grams {
+    fn new(old: &[u8]) -> Self {
+        let len = (old.len() * BITS).next_power_of_two().clamp(64, 1 << 29);
+        let mut grams = Grams {
+            bits: vec![0; len / 64],
+            shift: 64 - len.trailing_zeros(),
+        };
+        for window in old.windows(GRAM) {
+            let bit = grams.bit(window);
+            grams.bits[bit / 64] |= 1 << (bit % 64);
+        }
+        grams
+    }
+
+    /// The bit of the first [`GRAM`] bytes of `window`.
+    fn bit(&self, window: &[u8]) -> usize {
+        let word = u64::from_le_bytes(window[..GRAM].try_into().expect("a gram"));
+        (word.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// False when the first [`GRAM`] bytes of `target` are certainly not in the old file (true
+    /// for a shorter `target`).
+    fn may_hold(&self, target: &[u8]) -> bool {
+        if target.len() < GRAM {
+            return true;
+        }
+        let bit = self.bit(target);
+        self.bits[bit / 64] >> (bit % 64) & 1 == 1
+    }
 }
 
 /// Old files up to this size also keep the rank of each position, 4 more bytes per old byte
@@ -90,18 +193,26 @@ fn key(first: u8, second: Option<u8>) -> usize {
     usize::from(first) << 8 | usize::from(second.unwrap_or(0))
 }
 
+/// See [`Index::buckets`]: a counting sort by key, in one pass over `old`. Suffixes sort by
+/// their first two bytes first, so each key's suffixes are one run of ranks.
+fn buckets(old: &[u8]) -> Vec<u32> {
+    let mut buckets = vec![0u32; (1 << 16) + 1];
+    for (i, &b) in old.iter().enumerate() {
+        buckets[key(b, old.get(i + 1).copied()) + 1] += 1;
+    }
+    for k in 1..buckets.len() {
+        buckets[k] += buckets[k - 1];
+    }
+    buckets
+}
+
 impl<'a> Index<'a> {
     pub fn new(old: &'a [u8]) -> io::Result<Self> {
-        let sa = suffix_array(old)?;
-        // Counting sort by key, in one pass over `old`: suffixes sort by their first two bytes
-        // first, so each key's suffixes are one run of ranks.
-        let mut buckets = vec![0u32; (1 << 16) + 1];
-        for (i, &b) in old.iter().enumerate() {
-            buckets[key(b, old.get(i + 1).copied()) + 1] += 1;
-        }
-        for k in 1..buckets.len() {
-            buckets[k] += buckets[k - 1];
-        }
+        // The filter and the buckets are built while the suffix array is, on another core
+        // where there is one.
+        let (sa, (grams, buckets)) =
+            rayon::join(|| suffix_array(old), || (Grams::new(old), buckets(old)));
+        let sa = sa?;
         let ranks = (old.len() <= RANKS_MAX).then(|| {
             let mut ranks = vec![0u32; old.len()];
             for (rank, &pos) in sa.iter().enumerate() {
@@ -115,7 +226,16 @@ impl<'a> Index<'a> {
             sa,
             ranks,
             buckets,
+            grams,
         })
+    }
+
+    /// The same index with a filter that holds every gram: every lookup goes to the suffix
+    /// array, as bsdiff's.
+    #[cfg(test)]
+    fn unfiltered(mut self) -> Self {
+        self.grams.bits.fill(u64::MAX);
+        self
     }
 
     /// The ranks (inclusive) of the suffixes that share the longest possible prefix of up to
@@ -334,14 +454,14 @@ pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize, search: Se
         scan += len;
         let mut scsc = scan;
         // The old position known to share some bytes with `new[scan..]`, and how many.
-        let mut near = None;
+        let mut near: Option<(usize, usize)> = None;
         while scan < new_len {
             let resumed = match search {
                 Search::Quick => resumes(old, new, scan, last_offset),
                 _ => None,
             };
-            (pos, len) = match (resumed, near) {
-                (Some((skip, run)), _) => {
+            (pos, len) = match resumed {
+                Some((skip, run)) => {
                     // The bytes skipped count as the full search counts them when each
                     // position's match falls short (the count below adds those `scsc` has not
                     // passed yet).
@@ -355,16 +475,35 @@ pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize, search: Se
                     // `resumes` found old bytes at `scan + last_offset`.
                     ((scan as i64 + last_offset) as usize, run)
                 }
-                (None, Some((near, shared))) => {
-                    index.longest_match_near(&new[scan..], near, shared)
+                None => {
+                    let target = &new[scan..];
+                    // Of the old position the alignment reads here and the one after the last
+                    // match, the one that shares more with the target.
+                    let aligned = usize::try_from(scan as i64 + last_offset)
+                        .ok()
+                        .filter(|&from| from < old.len())
+                        .map(|from| (from, common_prefix(&old[from..], target)));
+                    let known = match (aligned, near) {
+                        (Some(a), Some(n)) if n.1 > a.1 => Some(n),
+                        (Some(a), _) => Some(a),
+                        (None, n) => n,
+                    };
+                    // Where a known position shares a whole gram, the filter would hold it.
+                    if known.is_none_or(|(_, shared)| shared < GRAM)
+                        && !index.grams.may_hold(target)
+                    {
+                        known.unwrap_or((0, 0))
+                    } else {
+                        match known.filter(|&(_, shared)| shared >= NEAR_MIN) {
+                            Some((near, shared)) => index.longest_match_near(target, near, shared),
+                            None => index.longest_match(target),
+                        }
+                    }
                 }
-                (None, None) => index.longest_match(&new[scan..]),
             };
-            while scsc < scan + len {
-                if old_at(scsc as i64 + last_offset) == Some(&new[scsc]) {
-                    old_score += 1;
-                }
-                scsc += 1;
+            if scsc < scan + len {
+                old_score += agreeing_at(old, new, scsc, scan + len, last_offset);
+                scsc = scan + len;
             }
             let len_i = len as i64;
             if (len_i == old_score && len != 0) || len_i > old_score + MIN_GAIN {
@@ -381,32 +520,40 @@ pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize, search: Se
             continue;
         }
 
-        // Extend the previous match forwards while at least half of the bytes agree.
+        // Extend the previous match forwards while at least half of the bytes agree: to the
+        // length where agreeing bytes less the others are the most, the first such. That score
+        // grows along a run of agreeing bytes and drops at each other byte, so only the ends of
+        // runs are looked at, each run found a word at a time.
         let (mut s, mut best, mut len_f) = (0i64, 0i64, 0usize);
+        let reach = (scan - last_scan).min(old.len().saturating_sub(last_pos));
         let mut i = 0;
-        while last_scan + i < scan && last_pos + i < old.len() {
-            if old[last_pos + i] == new[last_scan + i] {
-                s += 1;
+        while i < reach {
+            let run = common_prefix(&old[last_pos + i..last_pos + reach], &new[last_scan + i..]);
+            if run > 0 {
+                (s, i) = (s + run as i64, i + run);
+                if s * 2 - i as i64 > best * 2 - len_f as i64 {
+                    best = s;
+                    len_f = i;
+                }
             }
+            // A byte that differs (or the end).
             i += 1;
-            if s * 2 - i as i64 > best * 2 - len_f as i64 {
-                best = s;
-                len_f = i;
-            }
         }
 
         // Extend the new match backwards likewise.
         let mut len_b = 0usize;
         if scan < new_len {
             let (mut s, mut best) = (0i64, 0i64);
-            let mut i = 1;
-            while scan >= last_scan + i && pos >= i {
-                if old[pos - i] == new[scan - i] {
-                    s += 1;
-                }
-                if s * 2 - i as i64 > best * 2 - len_b as i64 {
-                    best = s;
-                    len_b = i;
+            let reach = (scan - last_scan).min(pos);
+            let mut i = 0;
+            while i < reach {
+                let run = common_suffix(&old[pos - reach..pos - i], &new[scan - reach..scan - i]);
+                if run > 0 {
+                    (s, i) = (s + run as i64, i + run);
+                    if s * 2 - i as i64 > best * 2 - len_b as i64 {
+                        best = s;
+                        len_b = i;
+                    }
                 }
                 i += 1;
             }
@@ -542,7 +689,87 @@ mod tests {
         assert_eq!(starts, [2000, 0]);
     }
 
+    /// A program-like old file (random bytes) and a new one with a piece moved, random bytes
+    /// inserted and bytes changed here and there.
+    fn moved_and_changed(seed: u64) -> (Vec<u8>, Vec<u8>) {
+        let old = crate::test_data::noise(seed, 60_000);
+        let mut new = old[30_000..45_000].to_vec();
+        new.extend_from_slice(&old[..30_000]);
+        new.extend(crate::test_data::noise(seed + 1, 5_000));
+        new.extend_from_slice(&old[45_000..]);
+        for at in (100..new.len()).step_by(997) {
+            new[at] ^= 0x40;
+        }
+        (old, new)
+    }
+
+    /// Lookups the filter skips could only find matches too short to start a step: the full
+    /// search gives bsdiff's steps with it and without it.
+    #[test]
+    fn the_filter_leaves_the_steps_as_they_were() {
+        for seed in [1, 2, 3] {
+            let (old, new) = moved_and_changed(seed);
+            let filtered = Index::new(&old).expect("index");
+            let unfiltered = Index::new(&old).expect("index").unfiltered();
+            let with = checked_ops(&filtered, &new, Search::Full);
+            assert_eq!(
+                with,
+                checked_ops(&unfiltered, &new, Search::Full),
+                "seed {seed}"
+            );
+            // The inserted random bytes and each changed byte start a step of their own.
+            assert!(with.len() >= 3, "{} steps", with.len());
+        }
+    }
+
+    /// The filter holds every gram of the old file, and few others (4 bits per old byte).
+    #[test]
+    fn the_filter_holds_every_gram_of_the_old_file_and_few_others() {
+        let old = crate::test_data::noise(7, 100_000);
+        let grams = Grams::new(&old);
+        assert!((0..old.len()).all(|at| grams.may_hold(&old[at..])));
+        let other = crate::test_data::noise(8, 100_000);
+        let held = (0..other.len() - GRAM)
+            .filter(|&at| grams.may_hold(&other[at..]))
+            .count();
+        assert!(
+            held < other.len() / 3,
+            "{held} of {} absent grams held",
+            other.len()
+        );
+    }
+
     proptest! {
+        #[test]
+        fn word_at_a_time_comparisons_count_as_byte_at_a_time_ones(
+            a in proptest::collection::vec(0u8..4, 0..80),
+            b in proptest::collection::vec(0u8..4, 0..80),
+        ) {
+            let n = a.len().min(b.len());
+            let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            prop_assert_eq!(agreeing(&a, &b), agree);
+            let suffix = a.iter().rev().zip(b.iter().rev()).take_while(|(x, y)| x == y).count();
+            prop_assert_eq!(common_suffix(&a, &b), suffix);
+            let prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            prop_assert_eq!(common_prefix(&a, &b), prefix.min(n));
+        }
+
+        /// Full and quick steps are valid on any bytes, where the filter skips lookups.
+        #[test]
+        fn steps_are_valid_on_any_bytes(
+            old in proptest::collection::vec(any::<u8>(), 1..600),
+            new in proptest::collection::vec(any::<u8>(), 1..600),
+            keep in 0usize..600,
+        ) {
+            // Part of the old file in the new one, so that there are matches to find.
+            let mut new = new;
+            let keep = keep.min(old.len());
+            new.splice(new.len() / 2..new.len() / 2, old[..keep].iter().copied());
+            let index = Index::new(&old).expect("index");
+            checked_ops(&index, &new, Search::Quick);
+            checked_ops(&index, &new, Search::Full);
+        }
+
         /// The quick search's bookkeeping (skipped bytes, matches taken from the alignment)
         /// never panics and gives valid steps, on inputs of three letters, where the alignment
         /// picks up again by chance all the time.
