@@ -49,6 +49,14 @@ pub trait DeltaEncoder: Send + Sync {
     /// The payload that rebuilds `new` from `old`, or `None` when this encoder does not apply
     /// to the pair (a gzip encoder given files that are not gzip, say).
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>>;
+    /// [`encode`](Self::encode) for a caller that has a use for the payload only if it is
+    /// near (a few places changed): the encoder may give up (`None`) as soon as it is clear that
+    /// the files differ in more than that. [`encode_best`] asks this whenever no encoder after
+    /// this one needs to know how far the payload is (see [`max_far_len`](Self::max_far_len)).
+    fn encode_if_near(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        self.encode(old, new)
+    }
+
     /// Rebuild the new file, which the manifest says is `new_len` bytes long, writing it to `out`
     /// as it is produced where the encoder can. On success `out` received exactly `new_len`
     /// bytes; on error it must be discarded.
@@ -331,8 +339,9 @@ pub(crate) fn encode_best_with<'e>(
     let weak = |best: &Option<Best>| best.as_ref().is_none_or(|b| is_weak(b.len, new.len()));
     let mut best: Option<Best> = None;
     let mut plain_covered = false;
+    let encoders: Vec<&dyn DeltaEncoder> = encoders.collect();
     if let Some(old) = old {
-        for encoder in encoders {
+        for (k, &encoder) in encoders.iter().enumerate() {
             if best.as_ref().is_some_and(|b| b.len <= enough) {
                 break;
             }
@@ -344,7 +353,14 @@ pub(crate) fn encode_best_with<'e>(
             {
                 continue;
             }
-            let Some(payload) = encoder.encode(old, new)? else {
+            let far_decides = encoders[k + 1..]
+                .iter()
+                .any(|later| new.len() > later.max_far_len());
+            let payload = match far_decides {
+                true => encoder.encode(old, new)?,
+                false => encoder.encode_if_near(old, new)?,
+            };
+            let Some(payload) = payload else {
                 continue;
             };
             plain_covered |= encoder.covers_plain();
@@ -619,7 +635,9 @@ mod tests {
     /// An encoder that counts its `encode` calls, with its own `max_far_len` if given.
     struct Spy<'e> {
         inner: &'e dyn DeltaEncoder,
+        /// Calls of `encode` and of `encode_if_near`.
         calls: std::sync::atomic::AtomicUsize,
+        near_calls: std::sync::atomic::AtomicUsize,
         far_len: Option<usize>,
     }
 
@@ -628,6 +646,7 @@ mod tests {
             Spy {
                 inner,
                 calls: 0.into(),
+                near_calls: 0.into(),
                 far_len,
             }
         }
@@ -645,6 +664,13 @@ mod tests {
             self.calls
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.inner.encode(old, new)
+        }
+        fn encode_if_near(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.near_calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.encode_if_near(old, new)
         }
         fn decode_into(
             &self,
@@ -754,6 +780,56 @@ mod tests {
         assert_eq!(run(&unrelated), 0);
         assert_eq!(run(&touched), 1);
         assert_eq!(run(&unrelated[..9_000]), 1, "under the limit it is tried");
+    }
+
+    /// Blocks gives up on files changed every few bytes where its payload is of use only if
+    /// near, and runs to the end where a later encoder's turn depends on how far it is.
+    #[test]
+    fn blocks_gives_up_where_only_a_near_payload_is_of_use() {
+        let old = noise(11, 300_000);
+        let changed_every = |step: usize| {
+            let mut new = old.clone();
+            for i in (0..new.len()).step_by(step) {
+                new[i] ^= 0xff;
+            }
+            new
+        };
+        let (touched, scattered) = (changed_every(200), changed_every(20));
+        let near = |new: &[u8]| BLOCKS.encode_if_near(&old, new).expect("encode");
+        assert!(near(&touched).is_some_and(|p| !is_poor(p.len(), touched.len())));
+        assert!(near(&scattered).is_none());
+        let small = &scattered[..blocks::GIVES_UP_MIN - 1];
+        assert!(
+            BLOCKS
+                .encode_if_near(&old, small)
+                .expect("encode")
+                .is_some(),
+            "a small file is encoded whole"
+        );
+        let whole = BLOCKS.encode(&old, &scattered).expect("encode");
+        assert!(whole.is_some_and(|p| is_poor(p.len(), scattered.len())));
+        // Once blocks' payload is far, bsdiff limited to 10 KB is not tried: plain compression
+        // is all that is left.
+        let bsdiff_alone = BSDIFF.encode(&old, &scattered).expect("encode");
+        let bsdiff_alone = (Some("bsdiff"), bsdiff_alone.map(|p| p.len()));
+        let plain = (None, Some(compress(&scattered).expect("compress").len()));
+        for (far_len, near_calls, chosen) in [(None, 1, bsdiff_alone), (Some(10_000), 0, plain)] {
+            let blocks = Spy::new(&BLOCKS, None);
+            let bsdiff = Spy::new(&BSDIFF, far_len);
+            let encoders: [&dyn DeltaEncoder; 2] = [&blocks, &bsdiff];
+            let best =
+                encode_best_with(encoders.into_iter(), Some(&old), &scattered, HOLD_IN_MEMORY)
+                    .expect("encode");
+            let count =
+                |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(
+                count(&blocks.near_calls),
+                near_calls,
+                "bsdiff far at {far_len:?}"
+            );
+            assert_eq!(blocks.calls(), 1, "bsdiff far at {far_len:?}");
+            assert_eq!((best.encoder, Some(best.payload.len())), chosen);
+        }
     }
 
     #[test]

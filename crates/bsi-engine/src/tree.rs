@@ -274,17 +274,23 @@ pub(crate) fn describe_mismatch(expected: Option<&Image>, actual: Option<&Image>
         (
             Some(Image::File {
                 sha256: e,
+                size: se,
                 mode: me,
                 ..
             }),
             Some(Image::File {
                 sha256: a,
+                size: sa,
                 mode: ma,
                 ..
             }),
         ) => {
             if e != a {
                 format!("content differs (sha256 {a}, expected {e})")
+            } else if se != sa {
+                // A file whose digest is taken when it is decoded from is checked for its
+                // size first, its digest assumed.
+                format!("content differs ({sa} bytes, expected {se})")
             } else {
                 format!("permission bits are {ma:o}, expected {me:o}")
             }
@@ -296,5 +302,38 @@ pub(crate) fn describe_mismatch(expected: Option<&Image>, actual: Option<&Image>
             format!("permission bits are {ma:o}, expected {me:o}")
         }
         _ => "it differs".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each way a file can differ is named, including a size that differs under a digest not
+    /// taken yet (assumed to be the promised one).
+    #[test]
+    fn mismatches_name_what_differs() {
+        let file = |sha: u8, size: u64, mode: u32| Image::File {
+            sha256: Digest([sha; 32]),
+            size,
+            mode,
+            mtime: Mtime { secs: 0, nanos: 0 },
+        };
+        let expected = file(1, 10, 0o644);
+        for (actual, reason) in [
+            (file(2, 10, 0o644), "content differs (sha256"),
+            (
+                file(1, 11, 0o644),
+                "content differs (11 bytes, expected 10)",
+            ),
+            (file(1, 10, 0o600), "permission bits are 600, expected 644"),
+        ] {
+            let said = image_mismatch(Some(&expected), Some(&actual)).expect("differs");
+            assert!(said.starts_with(reason), "{said}");
+        }
+        assert_eq!(
+            image_mismatch(Some(&expected), Some(&file(1, 10, 0o644))),
+            None
+        );
     }
 }
