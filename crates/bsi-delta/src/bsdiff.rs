@@ -103,10 +103,21 @@ impl DeltaEncoder for Bsdiff {
     }
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        // Both files' references are found while the suffix array is built, on another core.
-        let ((image, new_image), index) = rayon::join(
+        // The suffix array is the longest step of the chain that ends with the payload, and
+        // starts at once on this core; both files' references are found on another core as
+        // soon as one is free, else after it. Where the old file is an executable, prediction's
+        // first alignment (see `predicted_search`) is searched for as soon as the index is
+        // there. On libssl3 3.0.20 -> 3.0.22, whose other files keep the other core busy while
+        // libcrypto's suffix array is built, the references (35 ms) came first and delayed it.
+        let predicting = self.predict && refs::may_hold_refs(old);
+        let (indexed, (image, new_image)) = rayon::join(
+            || -> io::Result<_> {
+                let index = matcher::Index::new(old)?;
+                let quick = predicting.then(|| search(&index, new, REGION, matcher::Search::Quick));
+                Ok((index, quick))
+            },
             || {
-                let image = match self.predict {
+                let image = match predicting {
                     true => refs::scan(old),
                     false => refs::Image::default(),
                 };
@@ -116,27 +127,27 @@ impl DeltaEncoder for Bsdiff {
                 };
                 (image, new_image)
             },
-            || matcher::Index::new(old),
         );
-        let index = index?;
-        let (streams, kind) = if image.refs.is_empty() {
-            (streams_as_found(&index, old, new, REGION), Predictor::None)
-        } else {
-            // A first alignment for the prediction; where prediction does not pay, the steps
-            // of a full search are coded instead. Whether it pays is judged against what the
-            // quick steps leave to code, which can be more than the full search's (on the
-            // library pairs and the testdata, no file changed sides). A file whose quick steps
-            // leave over 1/4 of it is searched twice, quickly and then in full, which costs no
-            // time: Firefox's libgkcodecs.so encodes in 4.7 to 5.0 s, against 5.2 to 5.4 s with
-            // one full search (the full search's steps are coded as its regions come in).
-            let ops = search(&index, new, REGION, matcher::Search::Quick);
-            let images = (&image, &new_image);
-            match predicted_search(&index, old, new, ops, images) {
-                (ops, Some(predictor)) => {
-                    (streams(old, new, &ops, Some(&predictor)), Predictor::Refs)
+        let (index, quick) = indexed?;
+        let (streams, kind) = match quick {
+            Some(ops) if !image.refs.is_empty() => {
+                // A first alignment for the prediction; where prediction does not pay, the
+                // steps of a full search are coded instead. Whether it pays is judged against
+                // what the quick steps leave to code, which can be more than the full search's
+                // (on the library pairs and the testdata, no file changed sides). A file whose
+                // quick steps leave over 1/4 of it is searched twice, quickly and then in full,
+                // which costs no time: Firefox's libgkcodecs.so encodes in 4.7 to 5.0 s, against
+                // 5.2 to 5.4 s with one full search (the full search's steps are coded as its
+                // regions come in).
+                let images = (&image, &new_image);
+                match predicted_search(&index, old, new, ops, images) {
+                    (ops, Some(predictor)) => {
+                        (streams(old, new, &ops, Some(&predictor)), Predictor::Refs)
+                    }
+                    (_, None) => (streams_as_found(&index, old, new, REGION), Predictor::None),
                 }
-                (_, None) => (streams_as_found(&index, old, new, REGION), Predictor::None),
             }
+            _ => (streams_as_found(&index, old, new, REGION), Predictor::None),
         };
         let cap = new.len() as u64;
         let raw = [

@@ -170,6 +170,17 @@ struct Section<'a> {
 
 /// The segments and references of `data` when it is a 64-bit little-endian ELF file for x86-64
 /// or AArch64, or a Mach-O file of such slices; an empty image otherwise.
+/// Whether `data` starts as a file [`scan`] reads does (a 64-bit little-endian ELF file of a
+/// machine it knows, or a thin or universal Mach-O file): a cheap look at its first bytes.
+pub(super) fn may_hold_refs(data: &[u8]) -> bool {
+    machine(data).is_some()
+        || data.get(..4).is_some_and(|magic| {
+            let le = u32::from_le_bytes(magic.try_into().expect("4 bytes"));
+            let be = u32::from_be_bytes(magic.try_into().expect("4 bytes"));
+            le == macho::MH_MAGIC_64 || be == macho::FAT_MAGIC || be == macho::FAT_MAGIC_64
+        })
+}
+
 pub(super) fn scan(data: &[u8]) -> Image {
     elf(data).or_else(|| mach_o(data)).unwrap_or_default()
 }
@@ -979,6 +990,7 @@ pub(super) mod tests {
                 bad[at] ^= flip;
                 let image = scan(&bad);
                 assert!(image.refs.windows(2).all(|w| w[0].site < w[1].site));
+                assert!(image.refs.is_empty() || may_hold_refs(&bad), "flip at {at}");
             }
         }
         for len in (0..data.len()).step_by(61) {

@@ -12,9 +12,9 @@
 
 use super::{u32_at, u64_at, Machine, Segment};
 
-const MH_MAGIC_64: u32 = 0xfeed_facf;
-const FAT_MAGIC: u32 = 0xcafe_babe;
-const FAT_MAGIC_64: u32 = 0xcafe_babf;
+pub(super) const MH_MAGIC_64: u32 = 0xfeed_facf;
+pub(super) const FAT_MAGIC: u32 = 0xcafe_babe;
+pub(super) const FAT_MAGIC_64: u32 = 0xcafe_babf;
 const CPU_TYPE_X86_64: u32 = 0x0100_0007;
 const CPU_TYPE_ARM64: u32 = 0x0100_000c;
 const LC_SEGMENT_64: u32 = 0x19;
@@ -490,6 +490,7 @@ pub(crate) mod tests {
         let data = macho(CPU_TYPE_X86_64, &x86_calls(200), &pointers);
         let image = scan(&data);
         check_values(&data, &image);
+        assert!(super::super::may_hold_refs(&data));
         let count = |f: &dyn Fn(&Kind) -> bool| image.refs.iter().filter(|r| f(&r.kind)).count();
         assert_eq!(count(&|k| matches!(k, Kind::Rel32 { .. })), 200);
         assert_eq!(count(&|k| *k == Kind::Abs64), 100);
@@ -510,6 +511,7 @@ pub(crate) mod tests {
         ]);
         let image = scan(&data);
         check_values(&data, &image);
+        assert!(super::super::may_hold_refs(&data));
         let count = |f: &dyn Fn(&Kind) -> bool| image.refs.iter().filter(|r| f(&r.kind)).count();
         assert_eq!(count(&|k| matches!(k, Kind::Rel32 { .. })), 100);
         assert_eq!(count(&|k| matches!(k, Kind::Arm64(_))), 300);
@@ -541,6 +543,7 @@ pub(crate) mod tests {
                     .refs
                     .iter()
                     .all(|r| r.site + r.width() <= bad.len() as u64));
+                assert!(image.refs.is_empty() || super::super::may_hold_refs(&bad));
             }
         }
     }
