@@ -358,7 +358,10 @@ fn segments(data: &[u8]) -> Option<Vec<Segment>> {
         return Some(segments);
     }
     for i in 0..u64::from(phnum) {
-        let at = phoff.checked_add(i * u64::from(phentsize))?;
+        // Inside the file, so that the fields' offsets below cannot overflow.
+        let at = phoff
+            .checked_add(i * u64::from(phentsize))
+            .filter(|&at| at <= data.len() as u64)?;
         if u32_at(data, at)? != PT_LOAD {
             continue;
         }
@@ -417,7 +420,10 @@ fn sections(data: &[u8]) -> Option<Vec<Section<'_>>> {
         return None;
     }
     let header = |i: u64| -> Option<(u32, Section<'_>)> {
-        let at = shoff.checked_add(i * u64::from(shentsize))?;
+        // Inside the file, so that the fields' offsets below cannot overflow.
+        let at = shoff
+            .checked_add(i * u64::from(shentsize))
+            .filter(|&at| at <= data.len() as u64)?;
         let (offset, len) = (u64_at(data, at + 24)?, u64_at(data, at + 32)?);
         let kind = u32_at(data, at + 4)?;
         // NOBITS sections (.bss) hold no file bytes.
@@ -995,6 +1001,20 @@ pub(super) mod tests {
         }
         for len in (0..data.len()).step_by(61) {
             scan(&data[..len]);
+        }
+        // Header tables said to start near the end of the address space (found by fuzzing:
+        // the offsets of their fields overflowed).
+        for field in [0x20, 0x28] {
+            for far in [
+                u64::MAX,
+                u64::MAX - 10,
+                u64::MAX - 64,
+                data.len() as u64 + 1,
+            ] {
+                let mut bad = data.clone();
+                bad[field..field + 8].copy_from_slice(&far.to_le_bytes());
+                scan(&bad);
+            }
         }
     }
 }
