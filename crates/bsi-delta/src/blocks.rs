@@ -348,7 +348,7 @@ impl DeltaEncoder for Blocks {
         pack(&body, body_level(body.len(), new.len())).map(Some)
     }
 
-    /// Gives up on a new file of [`GIVES_UP_MIN`] or more once its literals pass 1/[`GIVE_UP`]
+    /// Gives up on a new file of `GIVES_UP_MIN` or more once its literals pass 1/`GIVE_UP`
     /// of it.
     fn encode_if_near(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
         if new.len() < GIVES_UP_MIN {

@@ -86,7 +86,7 @@ impl DeltaEncoder for Gzip {
         let pieces = same_pieces(&old_member.raw, &new_member.raw);
         let tokens = match pieces.is_empty() {
             true => None,
-            false => old_tokens(old, old_member.raw.len() as u64),
+            false => old_tokens(old, &old_member.raw),
         };
         let replay = tokens.as_deref().map(|tokens| deflate::Replay {
             pieces: &pieces,
@@ -282,12 +282,14 @@ impl<'a> Member<'a> {
     }
 }
 
-/// The tokens of `file`'s deflate stream, whose content is `raw_len` bytes, where they are few
-/// enough to replay (see [`MAX_TOKENS`]).
-fn old_tokens(file: &[u8], raw_len: u64) -> Option<Vec<inflate::Token>> {
+/// The tokens of `file`'s deflate stream, whose content is `raw`, where they are few enough to
+/// replay (see [`MAX_TOKENS`]). The content the tokens give must be `raw` itself: the inner
+/// delta is made from `raw`, and format 2 decoding rebuilds the old content from the tokens.
+fn old_tokens(file: &[u8], raw: &[u8]) -> Option<Vec<inflate::Token>> {
     let stream = file.get(header_len(file)?..)?;
-    let (raw, tokens, _) = inflate::inflate_tokens_at_most(stream, raw_len, MAX_TOKENS)?;
-    (raw.len() as u64 == raw_len).then_some(tokens)
+    let (rebuilt, tokens, _) =
+        inflate::inflate_tokens_at_most(stream, raw.len() as u64, MAX_TOKENS)?;
+    (rebuilt == raw).then_some(tokens)
 }
 
 /// The pieces of `new` that are pieces of `old`, at least [`MIN_PIECE`] long, in order and

@@ -85,11 +85,10 @@ const fn config(good: usize, lazy: usize, nice: usize, chain: usize) -> Config {
     }
 }
 
-/// Levels [`deflate`] supports.
+/// Levels [`deflate_replaying`] supports.
 pub const LEVELS: std::ops::RangeInclusive<u8> = 4..=9;
 
-/// The raw deflate stream GNU gzip writes for `data` at `level` (4 to 9), or `None` for
-/// another level.
+/// [`deflate_replaying`] without replay: GNU gzip's stream, searched in full.
 #[cfg(test)]
 pub fn deflate(data: &[u8], level: u8) -> Option<Vec<u8>> {
     deflate_replaying(data, level, None)
@@ -119,14 +118,17 @@ const REPLAY_FROM: u64 = WSIZE as u64;
 /// a token replayed ends this far before its piece does.
 const REPLAY_UNTIL: u64 = (2 * MAX_MATCH + MIN_LOOKAHEAD) as u64;
 
-/// [`deflate`], taking the old stream's tokens over the pieces of `replay` instead of searching
-/// for matches there: at a position right after a match (where gzip's lazy matcher holds no
-/// pending match), inside a piece far enough from both its ends, where the old stream has a
-/// token starting just after one of its matches, gzip makes the choices it made on the old
-/// content, up to the last of those tokens that is a match and ends far enough from the piece's
-/// end. The hash chains take every position as they would, so that the search resumes as it
-/// would have after. This is most of the cost of gzip -9 saved on a changelog that gained a few
-/// entries.
+/// The raw deflate stream GNU gzip writes for `data` at `level` (4 to 9; `None` for another
+/// level), taking the old stream's tokens over the pieces of `replay` instead of searching for
+/// matches there. Tokens are taken from a position
+/// - right after a match, where gzip's lazy matcher holds no pending match,
+/// - at least [`REPLAY_FROM`] bytes into a piece,
+/// - where the old stream has a token starting right after one of its own matches,
+///
+/// up to the last of the old tokens that is a match and ends at least [`REPLAY_UNTIL`] bytes
+/// before the piece does. The hash chains take every position as they would, so that the
+/// search resumes after as it would have. This is most of the cost of gzip -9 saved on a
+/// changelog that gained a few entries.
 ///
 /// What it writes is gzip's stream as long as the old stream was gzip's at the same level and
 /// its choices did not depend on where its window started (a hash chain that met the window's
@@ -790,7 +792,9 @@ impl<'a> Deflater<'a> {
     /// The steps gzip takes from a position where it holds no pending match, given the tokens
     /// they end in (see [`deflate_replaying`]): each position is inserted in the hash chains,
     /// each token tallied and the window filled at the same points, without the searches.
-    /// `None` when a token does not start where the previous one ended, or runs past the input.
+    /// `None` when a token does not start where the previous one ended or runs past the input,
+    /// when a literal's length is not 1 or a match's not 3 to 258, when a distance is over
+    /// 32 KiB, or when the tokens do not end with a match.
     fn replay(&mut self, tokens: &[Token], offset: i64) -> Option<()> {
         let mut fresh = true;
         for t in tokens {

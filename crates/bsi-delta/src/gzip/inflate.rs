@@ -20,19 +20,19 @@ pub(super) struct Token {
     pub dist: u16,
 }
 
-/// The decompressed content of the deflate stream at the start of `input` and its tokens, and
-/// how many bytes of `input` the stream took (up to and including the byte holding its last
-/// bit). `None` when the stream is invalid (any error: bad block type, bad code lengths,
-/// incomplete or over-subscribed Huffman codes as zlib rejects them, a distance beyond the
-/// output so far, truncated input, a stored block whose LEN and NLEN disagree), or when its
-/// content is longer than `limit` bytes (or than `u32::MAX`, so that positions fit a `u32`).
+/// [`inflate_tokens_at_most`] with no bound on the tokens.
 #[cfg(test)]
 pub(super) fn inflate_tokens(input: &[u8], limit: u64) -> Option<(Vec<u8>, Vec<Token>, usize)> {
     inflate_tokens_at_most(input, limit, usize::MAX)
 }
 
-/// [`inflate_tokens`], `None` also when the stream has more than `max_tokens` tokens (each
-/// takes 8 bytes).
+/// The decompressed content of the deflate stream at the start of `input` and its tokens, and
+/// how many bytes of `input` the stream took (up to and including the byte holding its last
+/// bit). `None` when the stream is invalid (any error: bad block type, bad code lengths,
+/// incomplete or over-subscribed Huffman codes as zlib rejects them, a distance beyond the
+/// output so far, truncated input, a stored block whose LEN and NLEN disagree), when its
+/// content is longer than `limit` bytes (or than `u32::MAX`, so that positions fit a `u32`), or
+/// when it has more than `max_tokens` tokens (each takes 8 bytes).
 pub(super) fn inflate_tokens_at_most(
     input: &[u8],
     limit: u64,
