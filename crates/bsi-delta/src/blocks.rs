@@ -96,7 +96,7 @@ fn hash(window: &[u8]) -> u64 {
     })
 }
 
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+pub(crate) fn common_prefix(a: &[u8], b: &[u8]) -> usize {
     let n = a.len().min(b.len());
     let mut i = 0;
     while i + 8 <= n && a[i..i + 8] == b[i..i + 8] {

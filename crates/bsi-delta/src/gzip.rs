@@ -319,11 +319,7 @@ fn same_pieces(old: &[u8], new: &[u8]) -> Vec<deflate::Piece> {
                 at -= 1;
                 from -= 1;
             }
-            let len = new[at..]
-                .iter()
-                .zip(&old[from..])
-                .take_while(|(a, b)| a == b)
-                .count();
+            let len = crate::blocks::common_prefix(&new[at..], &old[from..]);
             if len >= MIN_PIECE {
                 pieces.push(deflate::Piece {
                     new_from: at as u64,
