@@ -299,8 +299,11 @@ fn predicted_search(
     if left > new.len() as u64 / FAR {
         return (ops, None);
     }
-    let same = refs::same_sections(old, new, false);
-    let starts = refs::same_sections(old, new, true);
+    let stubs = refs::plt_pieces(old, new);
+    let mut same = refs::same_sections(old, new, false);
+    let mut starts = refs::same_sections(old, new, true);
+    same.extend_from_slice(&stubs);
+    starts.extend_from_slice(&stubs);
     let steps = add_steps(&ops);
     let fit = |preferred: &[(u64, u64, u64)]| {
         let alignment = predict::Alignment::preferring(&steps, preferred);
@@ -389,7 +392,82 @@ fn predicted_search(
         }
         (steps, preferred) = (pass.steps, &same);
     }
+    if !stubs.is_empty() {
+        let pass = Pass::of(old, new, image, pinned(&best.0, &stubs, new.len() as u64));
+        if let Some(pass) = pass.filter(|pass| pass.left < left) {
+            best = (pass.ops, Some(pass.predictor));
+        }
+    }
     best
+}
+
+/// `ops` with the new bytes of each piece `(old, new, len)` of `pieces` made by one add step
+/// from the piece's old bytes, the steps around it cut where it starts and ends. Pieces that
+/// overlap one before them in the new file, or run past its end (`new_len`), are left out.
+fn pinned(ops: &[matcher::Op], pieces: &[(u64, u64, u64)], new_len: u64) -> Vec<matcher::Op> {
+    let mut pieces: Vec<(u64, u64, u64)> = pieces
+        .iter()
+        .copied()
+        .filter(|&(_, new, len)| len > 0 && new.checked_add(len).is_some_and(|e| e <= new_len))
+        .collect();
+    pieces.sort_unstable_by_key(|&(_, new, _)| new);
+    let mut end = 0;
+    pieces.retain(|&(_, new, len)| {
+        let keep = new >= end;
+        if keep {
+            end = new + len;
+        }
+        keep
+    });
+    // Spans of the new file: (start, length, old offset of an add or `None` for extra bytes),
+    // first those of the steps outside every piece, then the pieces.
+    let mut spans: Vec<(u64, u64, Option<u64>)> = Vec::with_capacity(ops.len() * 2 + pieces.len());
+    let mut at = 0u64;
+    let mut next = 0;
+    let mut cut =
+        |spans: &mut Vec<(u64, u64, Option<u64>)>, start: u64, len: u64, old: Option<u64>| {
+            let end = start + len;
+            let mut pos = start;
+            while pos < end {
+                while pieces.get(next).is_some_and(|p| p.1 + p.2 <= pos) {
+                    next += 1;
+                }
+                let stop = match pieces.get(next) {
+                    Some(p) if p.1 <= pos => {
+                        pos = end.min(p.1 + p.2);
+                        continue;
+                    }
+                    Some(p) => end.min(p.1),
+                    None => end,
+                };
+                spans.push((pos, stop - pos, old.map(|o| o + (pos - start))));
+                pos = stop;
+            }
+        };
+    for op in ops {
+        cut(&mut spans, at, op.add, Some(op.from as u64));
+        cut(&mut spans, at + op.add, op.copy, None);
+        at += op.add + op.copy;
+    }
+    spans.extend(pieces.iter().map(|&(old, new, len)| (new, len, Some(old))));
+    spans.sort_unstable_by_key(|s| s.0);
+    let mut pinned: Vec<matcher::Op> = Vec::with_capacity(spans.len());
+    for (_, len, old) in spans {
+        match (old, pinned.last_mut()) {
+            (Some(old), _) => pinned.push(matcher::Op {
+                add: len,
+                copy: 0,
+                from: old as usize,
+            }),
+            (None, Some(last)) => last.copy += len,
+            (None, None) => pinned.push(matcher::Op {
+                add: 0,
+                copy: len,
+                from: 0,
+            }),
+        }
+    }
+    pinned
 }
 
 /// A search of [`predicted_search`]: the bytes it leaves to code, its steps (and their add
@@ -1189,6 +1267,81 @@ mod tests {
         let old = refs::tests::elf_with_code(&relinked_code(usize::MAX, 0));
         let new = refs::tests::elf_with_code(&relinked_code(10_000, 64));
         assert_eq!(&round_trip(&old, &new)[..4], MAGIC);
+    }
+
+    /// The steps the encoder ends with take every stub of the procedure linkage table and every
+    /// `.rela.plt` entry of `elf-2.gen.py`'s library to the new one for the same function, in the
+    /// alignment the decoder predicts with, although the new import shifts those after it.
+    #[test]
+    fn stubs_are_pinned_to_their_function() {
+        let old = refs::tests::fixture("elf-2.old.so");
+        let new = refs::tests::fixture("elf-2.new.so");
+        let index = matcher::Index::new(&old).expect("an index");
+        let images = (refs::scan(&old), refs::scan(&new));
+        let ops = search(&index, &new, REGION, matcher::Search::Quick);
+        let (ops, predictor) = predicted_search(&index, &old, &new, ops, (&images.0, &images.1));
+        assert!(predictor.is_some());
+        let alignment = predict::Alignment::new(&add_steps(&ops));
+        let pieces = refs::plt_pieces(&old, &new);
+        assert!(pieces.len() >= 4, "{pieces:?}");
+        for (o, n, len) in pieces {
+            for k in 0..len {
+                assert_eq!(alignment.map(o + k), Some((n + k) as i64), "{o:#x}+{k}");
+            }
+        }
+        round_trip(&old, &new);
+    }
+
+    proptest::proptest! {
+        /// [`pinned`] keeps the new file's length and makes each byte from where a kept piece
+        /// says, or else from where the steps did (the same old offset, or the extra bytes).
+        #[test]
+        fn pinned_steps_follow_the_pieces(
+            ops in proptest::collection::vec((0u64..40, 0u64..20, 0usize..500), 0..30),
+            pieces in proptest::collection::vec((0u64..500, 0u64..800, 0u64..60), 0..8),
+        ) {
+            let ops: Vec<matcher::Op> = ops
+                .into_iter()
+                .map(|(add, copy, from)| matcher::Op { add, copy, from })
+                .collect();
+            let new_len: u64 = ops.iter().map(|op| op.add + op.copy).sum();
+            // Where each new byte comes from: Some(old offset) or None (extra).
+            let sources = |ops: &[matcher::Op]| -> Vec<Option<u64>> {
+                ops.iter()
+                    .flat_map(|op| {
+                        (0..op.add)
+                            .map(move |k| Some(op.from as u64 + k))
+                            .chain((0..op.copy).map(|_| None))
+                    })
+                    .collect()
+            };
+            let before = sources(&ops);
+            let after = sources(&pinned(&ops, &pieces, new_len));
+            proptest::prop_assert_eq!(after.len() as u64, new_len);
+            // The pieces kept: those inside the file that overlap no earlier one (by new offset).
+            let mut sorted: Vec<(u64, u64, u64)> = pieces
+                .iter()
+                .copied()
+                .filter(|&(_, n, len)| len > 0 && n + len <= new_len)
+                .collect();
+            sorted.sort_by_key(|p| p.1);
+            let mut end = 0;
+            sorted.retain(|&(_, n, len)| {
+                let keep = n >= end;
+                if keep {
+                    end = n + len;
+                }
+                keep
+            });
+            for (pos, source) in after.iter().enumerate() {
+                let pos = pos as u64;
+                let expected = match sorted.iter().find(|p| (p.1..p.1 + p.2).contains(&pos)) {
+                    Some(&(o, n, _)) => Some(o + (pos - n)),
+                    None => before[pos as usize],
+                };
+                proptest::prop_assert_eq!(*source, expected, "at {}", pos);
+            }
+        }
     }
 
     /// The encoder and decoder agree on damaged ELF files (their references found, or not, the

@@ -23,10 +23,12 @@
 
 mod arm64;
 mod macho;
+mod plt;
 mod x86;
 
 pub(super) use arm64::{encode as arm64_encode, Form as Arm64};
 pub(super) use macho::SLICE_SHIFT;
+pub(super) use plt::pieces as plt_pieces;
 
 /// How the bytes at a reference's site relate to its target (all addresses are virtual).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +168,11 @@ struct Section<'a> {
     flags: u64,
     offset: u64,
     len: u64,
+    /// The index of a related section (a symbol table's strings, a relocation table's
+    /// symbols).
+    link: u32,
+    /// The size of each entry, for a section of entries.
+    entsize: u64,
 }
 
 /// The segments and references of `data` when it is a 64-bit little-endian ELF file for x86-64
@@ -437,6 +444,8 @@ fn sections(data: &[u8]) -> Option<Vec<Section<'_>>> {
             flags: u64_at(data, at + 8)?,
             offset,
             len,
+            link: u32_at(data, at + 40)?,
+            entsize: u64_at(data, at + 56)?,
         };
         Some((u32_at(data, at)?, section))
     };
