@@ -1107,19 +1107,23 @@ fn apply_locked(
                             decode_entry(pkg, entry, source_bytes.as_deref(), old.as_ref(), out)
                         })
                     };
+                    // The decoding starts at once on this core; the hashing of the base is
+                    // what another core takes once it is free, else this one after the decoding
+                    // (the other way round, libcrypto's 4.7 MB were hashed before its decoding
+                    // while the other core was busy: libssl3's apply took 91 ms, now 74 ms).
                     match &entry.pre {
                         // Its base is read on disk as it is decoded: hashed beside the
                         // decoding, on another core.
                         Some(pre) if in_place && view.hashed_with_decoding(entry) => {
-                            let (checked, staged) =
-                                rayon::join(|| view.check_base(&step.path, pre), stage);
+                            let (staged, checked) =
+                                rayon::join(stage, || view.check_base(&step.path, pre));
                             checked.and(staged)?;
                         }
                         // Its base was read whole: hashed beside the decoding, on another core.
                         _ => match (unchecked.take(), old.as_ref().and_then(Base::bytes)) {
                             (Some((pre, read)), Some(bytes)) => {
                                 let check = || view.check_read(&step.path, pre, &read, bytes);
-                                let (checked, staged) = rayon::join(check, stage);
+                                let (staged, checked) = rayon::join(stage, check);
                                 checked.and(staged)?;
                             }
                             _ => stage()?,
