@@ -7,7 +7,9 @@
 //! else format 2, which the Mach-O pair has not), the rest is the mode's data. Modes 0 and 2 damage the old library:
 //! 2 bytes give an offset into it and the rest overwrites it from there.
 //! - 0: the damaged library is encoded against the new one, which the payload must give back
-//!   (the encoder and the decoder find the same references, or none);
+//!   (the encoder and the decoder find the same references, or none); with bit 5 set, one of
+//!   the pairs `elf-2.*` instead (bit 2: x86-64 or AArch64), whose linkage stubs the encoder
+//!   matches by symbol, its old library damaged, or its new one with bit 6 set;
 //! - 2: a stored payload (`bsdiff-2.bin`, `bsdiff-3-elf.bin`, those of AArch64 or Mach-O) is decoded
 //!   against the damaged library;
 //! - 1, 3: the rest is a payload, decoded against the undamaged library, so that a hostile
@@ -48,6 +50,18 @@ const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 3] = [
     ),
 ];
 
+/// (old library, new library) whose procedure linkage tables differ by one stub.
+const STUBS: [(&[u8], &[u8]); 2] = [
+    (
+        include_bytes!("../../crates/bsi-delta/tests/data/elf-2.old.so"),
+        include_bytes!("../../crates/bsi-delta/tests/data/elf-2.new.so"),
+    ),
+    (
+        include_bytes!("../../crates/bsi-delta/tests/data/elf-2.arm64.old.so"),
+        include_bytes!("../../crates/bsi-delta/tests/data/elf-2.arm64.new.so"),
+    ),
+];
+
 /// The old library `old` with `data` (an offset, then bytes) written over it.
 fn damaged(old: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     let [a, b, patch @ ..] = data else {
@@ -74,11 +88,21 @@ fuzz_target!(|data: &[u8]| {
     let stored = stored[usize::from(mode >> 4 & 1)];
     match mode % 4 {
         0 => {
-            let Some(old) = damaged(library, rest) else {
+            let (old, new) = match (mode >> 5 & 1, mode >> 6 & 1) {
+                (0, _) => (damaged(library, rest), Some(new.to_vec())),
+                (_, side) => {
+                    let (old, new) = STUBS[usize::from(mode >> 2 & 1)];
+                    match side {
+                        0 => (damaged(old, rest), Some(new.to_vec())),
+                        _ => (Some(old.to_vec()), damaged(new, rest)),
+                    }
+                }
+            };
+            let (Some(old), Some(new)) = (old, new) else {
                 return;
             };
             let payload = Bsdiff::PLAIN
-                .encode(&old, new)
+                .encode(&old, &new)
                 .expect("encoding in memory does not fail")
                 .expect("bsdiff applies to every pair");
             let decoded = Bsdiff::PLAIN

@@ -1270,26 +1270,31 @@ mod tests {
     }
 
     /// The steps the encoder ends with take every stub of the procedure linkage table and every
-    /// `.rela.plt` entry of `elf-2.gen.py`'s library to the new one for the same function, in the
-    /// alignment the decoder predicts with, although the new import shifts those after it.
+    /// `.rela.plt` entry of `elf-2.gen.py`'s library (x86-64 and AArch64) to the new one for the
+    /// same function, in the alignment the decoder predicts with, although the new import
+    /// shifts those after it.
     #[test]
     fn stubs_are_pinned_to_their_function() {
-        let old = refs::tests::fixture("elf-2.old.so");
-        let new = refs::tests::fixture("elf-2.new.so");
-        let index = matcher::Index::new(&old).expect("an index");
-        let images = (refs::scan(&old), refs::scan(&new));
-        let ops = search(&index, &new, REGION, matcher::Search::Quick);
-        let (ops, predictor) = predicted_search(&index, &old, &new, ops, (&images.0, &images.1));
-        assert!(predictor.is_some());
-        let alignment = predict::Alignment::new(&add_steps(&ops));
-        let pieces = refs::plt_pieces(&old, &new);
-        assert!(pieces.len() >= 4, "{pieces:?}");
-        for (o, n, len) in pieces {
-            for k in 0..len {
-                assert_eq!(alignment.map(o + k), Some((n + k) as i64), "{o:#x}+{k}");
+        for machine in ["", ".arm64"] {
+            let old = refs::tests::fixture(&format!("elf-2{machine}.old.so"));
+            let new = refs::tests::fixture(&format!("elf-2{machine}.new.so"));
+            let index = matcher::Index::new(&old).expect("an index");
+            let images = (refs::scan(&old), refs::scan(&new));
+            let ops = search(&index, &new, REGION, matcher::Search::Quick);
+            let (ops, predictor) =
+                predicted_search(&index, &old, &new, ops, (&images.0, &images.1));
+            assert!(predictor.is_some());
+            let alignment = predict::Alignment::new(&add_steps(&ops));
+            let pieces = refs::plt_pieces(&old, &new);
+            assert!(pieces.len() >= 4, "{machine}: {pieces:?}");
+            for (o, n, len) in pieces {
+                for k in 0..len {
+                    let at = alignment.map(o + k);
+                    assert_eq!(at, Some((n + k) as i64), "{machine}: {o:#x}+{k}");
+                }
             }
+            round_trip(&old, &new);
         }
-        round_trip(&old, &new);
     }
 
     proptest::proptest! {

@@ -6,6 +6,11 @@ shifts the stubs after it. Built with gcc 12.2 (Debian 12.2.0-14):
     python3 elf-2.gen.py
     gcc -O2 -shared -fPIC -s -Wl,--build-id=none -o elf-2.old.so v1.c
     gcc -O2 -shared -fPIC -s -Wl,--build-id=none -o elf-2.new.so v2.c
+
+and for AArch64 with Debian's cross compiler (gcc-aarch64-linux-gnu, 12.2.0-14):
+
+    aarch64-linux-gnu-gcc -O2 -shared -fPIC -s -Wl,--build-id=none -o elf-2.arm64.old.so v1.c
+    aarch64-linux-gnu-gcc -O2 -shared -fPIC -s -Wl,--build-id=none -o elf-2.arm64.new.so v2.c
 """
 import random
 

@@ -1,5 +1,5 @@
-//! The procedure linkage table of an x86-64 ELF file, matched by symbol between two versions of
-//! a library.
+//! The procedure linkage table of an x86-64 or AArch64 ELF file, matched by symbol between two
+//! versions of a library.
 //!
 //! Every call to an imported function goes through its stub, so a call's target is predicted
 //! right only if the alignment moves the old stub to the new stub of the same function. The
@@ -11,7 +11,9 @@
 //! each stub and each of those relocations is for, and makes the steps over them move each old
 //! one to its function's new one (see `pinned` in `bsdiff`); the decoder only follows the steps.
 
-use super::{machine, sections, segments, u32_at, u64_at, Image, Machine, Section, SHT_RELA};
+use super::{
+    arm64, machine, sections, segments, u32_at, u64_at, Image, Machine, Section, SHT_RELA,
+};
 
 /// A stub or a relocation: its file bytes and the name of the symbol it is for.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +42,7 @@ struct Relocation<'a> {
 /// Pieces (offset in `old`, offset in `new`, length) that take each stub of `old`'s procedure
 /// linkage table (`.plt`, `.plt.sec`, `.plt.got`), and each entry of its `.rela.plt`, to the
 /// stub or entry of `new` for the same symbol, joined where consecutive ones stay consecutive;
-/// none unless both are x86-64 ELF files with such stubs.
+/// none unless both are x86-64 or AArch64 ELF files with such stubs.
 pub(in crate::bsdiff) fn pieces(old: &[u8], new: &[u8]) -> Vec<(u64, u64, u64)> {
     let Some((old_stubs, old_relocations)) = named(old) else {
         return Vec::new();
@@ -53,13 +55,11 @@ pub(in crate::bsdiff) fn pieces(old: &[u8], new: &[u8]) -> Vec<(u64, u64, u64)> 
     pieces
 }
 
-/// The stubs of `data` (an x86-64 ELF file) that jump through a slot that one relocation names
-/// a symbol for, with the first stub of `.plt` (which jumps to the dynamic linker) under an
-/// empty name, and the entries of `.rela.plt`; `None` when it has no such stub.
+/// The stubs of `data` (an x86-64 or AArch64 ELF file) that jump through a slot that one
+/// relocation names a symbol for, with the first stub of `.plt` (which jumps to the dynamic
+/// linker) under an empty name, and the entries of `.rela.plt`; `None` when it has no such stub.
 fn named(data: &[u8]) -> Option<(Vec<Named<'_>>, Vec<Named<'_>>)> {
-    if machine(data) != Some(Machine::X86_64) {
-        return None;
-    }
+    let machine = machine(data)?;
     let image = Image {
         segments: segments(data)?,
         ..Image::default()
@@ -78,23 +78,30 @@ fn named(data: &[u8]) -> Option<(Vec<Named<'_>>, Vec<Named<'_>>)> {
             unique.push(*slot);
         }
     }
+    let name_of = |slot: u64| -> Option<&[u8]> {
+        let at = unique.binary_search_by_key(&slot, |s| s.0).ok()?;
+        Some(unique[at].1)
+    };
     let mut stubs = Vec::new();
     for section in &sections {
-        if !matches!(section.name, b".plt" | b".plt.sec" | b".plt.got")
-            || !matches!(section.entsize, 8 | 16)
-        {
+        let Some((header, len)) = stub_layout(machine, section) else {
             continue;
+        };
+        let end = section.offset + section.len;
+        let mut start = section.offset;
+        if section.name == b".plt" && header <= section.len {
+            stubs.push(Named {
+                offset: start,
+                len: header,
+                name: b"",
+            });
+            start += header;
         }
-        let len = section.entsize;
-        for k in 0..section.len / len {
-            let offset = section.offset + k * len;
-            let name = slot_of(data, &image, offset, len)
-                .and_then(|slot| {
-                    let at = unique.binary_search_by_key(&slot, |s| s.0).ok()?;
-                    Some(unique[at].1)
-                })
-                .or_else(|| (k == 0 && section.name == b".plt").then_some(&b""[..]));
-            if let Some(name) = name {
+        for offset in (start..end).step_by(len as usize) {
+            if offset + len > end {
+                break;
+            }
+            if let Some(name) = slot_of(machine, data, &image, offset, len).and_then(name_of) {
                 stubs.push(Named { offset, len, name });
             }
         }
@@ -111,19 +118,42 @@ fn named(data: &[u8]) -> Option<(Vec<Named<'_>>, Vec<Named<'_>>)> {
     Some((stubs, plt))
 }
 
-/// The slot the stub at file offset `offset` (`len` bytes) jumps through: the address its
-/// first `jmp *disp(%rip)` (`ff 25` disp32) reads.
-fn slot_of(data: &[u8], image: &Image, offset: u64, len: u64) -> Option<u64> {
-    let bytes = data.get(offset as usize..(offset + len) as usize)?;
-    let at = bytes.windows(2).position(|w| w == [0xff, 0x25])? as u64;
-    if at + 6 > len {
-        return None;
+/// Where a machine's linker puts stubs: in `section` (when it holds them), the length of the
+/// first stub of `.plt`, which jumps to the dynamic linker, and of the others.
+fn stub_layout(machine: Machine, section: &Section<'_>) -> Option<(u64, u64)> {
+    match machine {
+        // Stubs of the sections' entry size: 16 bytes (`.plt`, `.plt.sec`) or 8 (`.plt.got`).
+        Machine::X86_64 if matches!(section.name, b".plt" | b".plt.sec" | b".plt.got") => {
+            matches!(section.entsize, 8 | 16).then_some((section.entsize, section.entsize))
+        }
+        // A header of 32 bytes, then stubs of 16 (GNU ld leaves the entry size 0).
+        Machine::Aarch64 if section.name == b".plt" => Some((32, 16)),
+        _ => None,
     }
-    let disp = i64::from(u32_at(data, offset + at + 2)? as i32);
-    image
-        .vaddr_of(offset + at)?
-        .checked_add(at + 6)?
-        .checked_add_signed(disp)
+}
+
+/// The slot the stub at file offset `offset` (`len` bytes) jumps through: on x86-64 the
+/// address its first `jmp *disp(%rip)` (`ff 25` disp32) reads; on AArch64 the address its
+/// first ADRP and the 64-bit LDR after it read.
+fn slot_of(machine: Machine, data: &[u8], image: &Image, offset: u64, len: u64) -> Option<u64> {
+    let bytes = data.get(offset as usize..(offset + len) as usize)?;
+    let vaddr = image.vaddr_of(offset)?;
+    match machine {
+        Machine::X86_64 => {
+            let at = bytes.windows(2).position(|w| w == [0xff, 0x25])? as u64;
+            if at + 6 > len {
+                return None;
+            }
+            let disp = i64::from(u32_at(data, offset + at + 2)? as i32);
+            vaddr.checked_add(at + 6)?.checked_add_signed(disp)
+        }
+        Machine::Aarch64 => (0..bytes.len()).step_by(4).find_map(|at| {
+            match arm64::decode(&bytes[at..], vaddr + at as u64)? {
+                (arm64::Form::Adrp { scale: 3 }, slot) => Some(slot),
+                _ => None,
+            }
+        }),
+    }
 }
 
 /// Every relocation, of every relocation table, that names a symbol of a dynamic symbol table.
@@ -225,44 +255,49 @@ mod tests {
     use super::*;
 
     /// The library of `elf-2.gen.py` calls one more import in its new version: every old stub
-    /// and `.rela.plt` entry is matched, those before the new import's keep their place and
-    /// those after move by one more stub (entry).
+    /// and `.rela.plt` entry is matched, those before the new import's move with their section
+    /// and those after by one more stub (entry); for x86-64 and AArch64.
     #[test]
     fn stubs_and_their_relocations_are_matched_by_symbol() {
-        let old = fixture("elf-2.old.so");
-        let new = fixture("elf-2.new.so");
-        let section = |data: &[u8], name: &[u8]| {
-            let sections = sections(data).expect("an ELF file");
-            let found = sections
-                .iter()
-                .find(|s| s.name == name)
-                .expect("the section");
-            (found.offset, found.len)
-        };
-        let pieces = pieces(&old, &new);
-        for (name, size) in [(&b".plt"[..], 16), (b".rela.plt", 24)] {
-            let ((old_at, old_len), (new_at, new_len)) = (section(&old, name), section(&new, name));
-            assert_eq!(new_len, old_len + size, "one more stub (entry)");
-            let inside: Vec<(u64, u64, u64)> = pieces
-                .iter()
-                .copied()
-                .filter(|p| (old_at..old_at + old_len).contains(&p.0))
-                .collect();
-            // A run may go on into the next section (`.plt.got` after `.plt`).
-            let covered = |p: &(u64, u64, u64)| (p.0 + p.2).min(old_at + old_len) - p.0;
-            assert_eq!(
-                inside.iter().map(covered).sum::<u64>(),
-                old_len,
-                "{inside:?}"
-            );
-            let [before, after] = inside[..] else {
-                panic!("two runs expected: {inside:?}");
-            };
-            let delta = |p: (u64, u64, u64)| p.1 as i64 - p.0 as i64;
-            assert_eq!(delta(before), new_at as i64 - old_at as i64);
-            assert_eq!(delta(after), delta(before) + size as i64);
-            assert!(after.1 + after.2 >= new_at + new_len);
+        for machine in ["", ".arm64"] {
+            let old = fixture(&format!("elf-2{machine}.old.so"));
+            let new = fixture(&format!("elf-2{machine}.new.so"));
+            let pieces = pieces(&old, &new);
+            for (name, size) in [(&b".plt"[..], 16), (b".rela.plt", 24)] {
+                let (old_at, old_len) = section(&old, name);
+                let (new_at, new_len) = section(&new, name);
+                assert_eq!(new_len, old_len + size, "one more stub (entry)");
+                let inside: Vec<(u64, u64, u64)> = pieces
+                    .iter()
+                    .copied()
+                    .filter(|p| (old_at..old_at + old_len).contains(&p.0))
+                    .collect();
+                // A run may go on into the next section (`.plt.got` after `.plt`).
+                let covered = |p: &(u64, u64, u64)| (p.0 + p.2).min(old_at + old_len) - p.0;
+                assert_eq!(
+                    inside.iter().map(covered).sum::<u64>(),
+                    old_len,
+                    "{inside:?}"
+                );
+                let [before, after] = inside[..] else {
+                    panic!("{machine}: two runs expected: {inside:?}");
+                };
+                let delta = |p: (u64, u64, u64)| p.1 as i64 - p.0 as i64;
+                assert_eq!(delta(before), new_at as i64 - old_at as i64);
+                assert_eq!(delta(after), delta(before) + size as i64);
+                assert!(after.1 + after.2 >= new_at + new_len);
+            }
         }
+    }
+
+    /// The file range of the section `name` of the ELF file `data`.
+    fn section(data: &[u8], name: &[u8]) -> (u64, u64) {
+        let sections = sections(data).expect("an ELF file");
+        let found = sections
+            .iter()
+            .find(|s| s.name == name)
+            .expect("the section");
+        (found.offset, found.len)
     }
 
     #[test]
@@ -277,19 +312,23 @@ mod tests {
         header[0x3a] = 64;
         header[0x3c] = 3;
         assert!(pieces(&header, &header).is_empty());
-        // Every byte of the section headers and of the tables read, damaged in turn.
-        let old = fixture("elf-2.old.so");
-        let new = fixture("elf-2.new.so");
-        let shoff = u64::from_le_bytes(old[0x28..0x30].try_into().expect("8 bytes")) as usize;
-        // .dynsym to .rela.plt, then .plt and .plt.got.
-        let tables = (0x2d8..0x1448)
-            .step_by(5)
-            .chain((0x2020..0x2408).step_by(3));
-        for (i, at) in (shoff..old.len()).chain(tables).enumerate() {
-            let mut bad = old.clone();
-            bad[at] ^= [0xff, 0x80, 0x01, 0x10][i % 4];
-            pieces(&bad, &new);
-            pieces(&new, &bad);
+        // Every byte of the section headers, and of the tables and stubs read, damaged in turn.
+        for machine in ["", ".arm64"] {
+            let old = fixture(&format!("elf-2{machine}.old.so"));
+            let new = fixture(&format!("elf-2{machine}.new.so"));
+            let shoff = u64::from_le_bytes(old[0x28..0x30].try_into().expect("8 bytes")) as usize;
+            let (symbols, _) = section(&old, b".dynsym");
+            let (relocations, len) = section(&old, b".rela.plt");
+            let (plt, plt_len) = section(&old, b".plt");
+            let tables = (symbols..relocations + len).step_by(5);
+            let stubs = (plt..plt + plt_len + 8).step_by(3);
+            let damaged = (shoff..old.len()).chain(tables.chain(stubs).map(|at| at as usize));
+            for (i, at) in damaged.enumerate() {
+                let mut bad = old.clone();
+                bad[at] ^= [0xff, 0x80, 0x01, 0x10][i % 4];
+                pieces(&bad, &new);
+                pieces(&new, &bad);
+            }
         }
     }
 }
