@@ -8,7 +8,8 @@
 //! ```text
 //! "BSD" 0x03                       magic and version
 //! u8                               predictor (0: none, 1: references of an ELF or Mach-O
-//!                                  file, see `predict`)
+//!                                  file, see `predict`; 2: the same with AArch64 ADRPs
+//!                                  completed further on, see `refs::Version`)
 //! 3 x { varint raw_len,            control, diff and extra stream, in this order: decompressed
 //!       varint packed_len }        and compressed length (both 0 for an empty stream)
 //! control, extra                   each one zstd frame, packed_len bytes
@@ -67,7 +68,21 @@ pub struct Bsdiff {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Predictor {
     None = 0,
+    /// The references [`refs::Version::First`] finds.
     Refs = 1,
+    /// The references [`refs::Version::SplitPairs`] finds (format 3 only), written where they
+    /// differ from the first ones: where the old file has AArch64 code.
+    SplitPairs = 2,
+}
+
+impl Predictor {
+    /// The scan of the old file this predictor predicts with.
+    fn version(self) -> refs::Version {
+        match self {
+            Predictor::SplitPairs => refs::Version::SplitPairs,
+            _ => refs::Version::First,
+        }
+    }
 }
 
 impl Bsdiff {
@@ -118,12 +133,12 @@ impl DeltaEncoder for Bsdiff {
             },
             || {
                 let image = match predicting {
-                    true => refs::scan(old),
+                    true => refs::scan(old, refs::Version::SplitPairs),
                     false => refs::Image::default(),
                 };
                 let new_image = match image.refs.is_empty() {
                     true => refs::Image::default(),
-                    false => refs::scan(new),
+                    false => refs::scan(new, refs::Version::SplitPairs),
                 };
                 (image, new_image)
             },
@@ -142,7 +157,11 @@ impl DeltaEncoder for Bsdiff {
                 let images = (&image, &new_image);
                 match predicted_search(&index, old, new, ops, images) {
                     (ops, Some(predictor)) => {
-                        (streams(old, new, &ops, Some(&predictor)), Predictor::Refs)
+                        let kind = match image.has_split_pairs() {
+                            true => Predictor::SplitPairs,
+                            false => Predictor::Refs,
+                        };
+                        (streams(old, new, &ops, Some(&predictor)), kind)
                     }
                     (_, None) => (streams_as_found(&index, old, new, REGION), Predictor::None),
                 }
@@ -285,6 +304,11 @@ const FAR: u64 = 4;
 /// grows, and steps that ran over the padding before it or over its tables of offsets, all of
 /// which changed, would move it), and the one whose prediction fits the first steps better is
 /// taken.
+///
+/// On ELF files, every pass's steps are cut to take each linkage stub and `.rela.plt` entry to
+/// the new one for the same function (see `refs/plt.rs`), which the look-alike stubs keep the
+/// matcher from doing, and those pieces are preferred in the alignments that move the new file
+/// back.
 fn predicted_search(
     index: &matcher::Index<'_>,
     old: &[u8],
@@ -350,7 +374,13 @@ fn predicted_search(
             let mover = predict::Predictor::new(new_image, way)?;
             let moved = mover.transform(new);
             drop(mover);
-            let pass = Pass::of(old, new, image, search(index, &moved, REGION, search_kind))?;
+            let pass = Pass::of(
+                old,
+                new,
+                image,
+                search(index, &moved, REGION, search_kind),
+                &stubs,
+            )?;
             Some((pass, moved))
         };
         let found = match ways.len() {
@@ -372,12 +402,10 @@ fn predicted_search(
                 });
                 match better {
                     Some((pass, _)) if pass.left <= new.len() as u64 / SETTLED => Some(pass),
-                    Some((_, moved)) => Pass::of(
-                        old,
-                        new,
-                        image,
-                        search(index, &moved, REGION, matcher::Search::Full),
-                    ),
+                    Some((_, moved)) => {
+                        let ops = search(index, &moved, REGION, matcher::Search::Full);
+                        Pass::of(old, new, image, ops, &stubs)
+                    }
                     None => None,
                 }
             }
@@ -391,12 +419,6 @@ fn predicted_search(
             break;
         }
         (steps, preferred) = (pass.steps, &same);
-    }
-    if !stubs.is_empty() {
-        let pass = Pass::of(old, new, image, pinned(&best.0, &stubs, new.len() as u64));
-        if let Some(pass) = pass.filter(|pass| pass.left < left) {
-            best = (pass.ops, Some(pass.predictor));
-        }
     }
     best
 }
@@ -480,9 +502,19 @@ struct Pass {
 }
 
 impl Pass {
-    /// The pass of the steps `ops` found for `new` (moved back), predicting with the old
-    /// file's `image`.
-    fn of(old: &[u8], new: &[u8], image: &refs::Image, ops: Vec<matcher::Op>) -> Option<Pass> {
+    /// The pass of the steps `ops` found for `new` (moved back), cut to take the pieces
+    /// `stubs` (see [`refs::plt_pieces`]) where they go, predicting with the old file's `image`.
+    fn of(
+        old: &[u8],
+        new: &[u8],
+        image: &refs::Image,
+        ops: Vec<matcher::Op>,
+        stubs: &[(u64, u64, u64)],
+    ) -> Option<Pass> {
+        let ops = match stubs {
+            [] => ops,
+            _ => pinned(&ops, stubs, new.len() as u64),
+        };
         let steps = add_steps(&ops);
         let predictor = predict::Predictor::new(image, predict::Alignment::new(&steps))?;
         let left = left_to_code(old, new, &ops, Some(&predictor));
@@ -757,6 +789,7 @@ impl<'a> Header<'a> {
         let predictor = match predictor {
             0 => Predictor::None,
             1 if format > 1 => Predictor::Refs,
+            2 if format > 2 => Predictor::SplitPairs,
             _ => return Err(corrupt("unknown predictor")),
         };
         let mut lens = [(0u64, 0u64); 3];
@@ -940,9 +973,9 @@ fn apply(
 ) -> Result<(), DecodeError> {
     let predictor = match header.predictor {
         Predictor::None => None,
-        Predictor::Refs => {
+        kind @ (Predictor::Refs | Predictor::SplitPairs) => {
             let alignment = predict::Alignment::new(&read_add_steps(header, old, new_len)?);
-            predict::Predictor::owning(refs::scan(old), alignment)
+            predict::Predictor::owning(refs::scan(old, kind.version()), alignment)
         }
     };
     let mut predicted = Vec::new();
@@ -1143,11 +1176,11 @@ mod tests {
             predicted.len(),
             plain.len()
         );
-        // The same library built for AArch64.
+        // The same library built for AArch64, whose ADRPs gcc often completes further on.
         let old = refs::tests::fixture("elf-1.arm64.old.so");
         let new = refs::tests::fixture("elf-1.arm64.new.so");
         let predicted = round_trip(&old, &new);
-        assert_eq!(predicted[4], Predictor::Refs as u8);
+        assert_eq!(predicted[4], Predictor::SplitPairs as u8);
         let plain = unpredicted(&old, &new);
         assert!(
             predicted.len() * 10 <= plain.len() * 8,
@@ -1279,7 +1312,8 @@ mod tests {
             let old = refs::tests::fixture(&format!("elf-2{machine}.old.so"));
             let new = refs::tests::fixture(&format!("elf-2{machine}.new.so"));
             let index = matcher::Index::new(&old).expect("an index");
-            let images = (refs::scan(&old), refs::scan(&new));
+            let version = refs::Version::SplitPairs;
+            let images = (refs::scan(&old, version), refs::scan(&new, version));
             let ops = search(&index, &new, REGION, matcher::Search::Quick);
             let (ops, predictor) =
                 predicted_search(&index, &old, &new, ops, (&images.0, &images.1));

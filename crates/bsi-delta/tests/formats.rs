@@ -103,6 +103,20 @@ fn bsdiff_3() {
     }
 }
 
+/// Format 3 with predictor 2: the AArch64 library's references include ADRPs that an ADD or a
+/// load or store completes further on.
+#[test]
+fn bsdiff_3_split_pairs() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
+    let (old, new) = (read("elf-1.arm64.old.so"), read("elf-1.arm64.new.so"));
+    check("bsdiff", "bsdiff-3-arm64-split.bin", &old, &new);
+    stored_format(
+        "bsdiff-3-arm64-split.bin",
+        b"BSD\x03\x02",
+        "format 3, ADRPs completed further on",
+    );
+}
+
 /// A library relinked with a function inserted in the middle (two builds by gcc of the program
 /// `elf-1.gen.py` writes): format 2, whose decoder finds the old file's references and predicts
 /// where they point now.

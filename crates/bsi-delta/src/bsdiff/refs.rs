@@ -99,6 +99,17 @@ impl Image {
             .map(|s| s.vaddr + (offset - s.offset))
     }
 
+    /// Whether some of its references are AArch64 ADRPs or the instructions that complete
+    /// them further on, which only [`Version::SplitPairs`] finds.
+    pub fn has_split_pairs(&self) -> bool {
+        self.refs.iter().any(|r| {
+            matches!(
+                r.kind,
+                Kind::Arm64(arm64::Form::Page | arm64::Form::Low12 { .. })
+            )
+        })
+    }
+
     /// The segment whose memory holds `vaddr`.
     pub fn segment_at(&self, vaddr: u64) -> Option<&Segment> {
         self.segments
@@ -188,11 +199,23 @@ pub(super) fn may_hold_refs(data: &[u8]) -> bool {
         })
 }
 
-pub(super) fn scan(data: &[u8]) -> Image {
-    elf(data).or_else(|| mach_o(data)).unwrap_or_default()
+/// Which references a scan finds: those of the first predictor (`Refs` in `bsdiff`), or also
+/// AArch64 ADRP instructions and the instructions that complete their address further on
+/// (`SplitPairs`), which the predictor byte 2 names. A payload is decoded with the scan it was
+/// made with, so that a change of what is found never changes an old payload's predictions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Version {
+    First,
+    SplitPairs,
 }
 
-fn mach_o(data: &[u8]) -> Option<Image> {
+pub(super) fn scan(data: &[u8], version: Version) -> Image {
+    elf(data, version)
+        .or_else(|| mach_o(data, version))
+        .unwrap_or_default()
+}
+
+fn mach_o(data: &[u8], version: Version) -> Option<Image> {
     let layout = macho::layout(data)?;
     let mut image = Image {
         segments: layout.segments,
@@ -205,7 +228,7 @@ fn mach_o(data: &[u8]) -> Option<Image> {
         .map(|s| (s.offset, s.offset + s.len, layout.machines[s.slice]))
         .collect();
     let mut bases = Vec::new();
-    let mut refs = code_refs(data, &image, &code, &mut bases);
+    let mut refs = code_refs(data, &image, &code, &mut bases, version);
     for &(site, slice) in &layout.pointers {
         let (Some(value), Ok(slice)) = (u64_at(data, site), u8::try_from(slice)) else {
             continue;
@@ -233,6 +256,7 @@ fn code_refs(
     image: &Image,
     code: &[(u64, u64, Machine)],
     bases: &mut Vec<u64>,
+    version: Version,
 ) -> Vec<Ref> {
     let code_v: Vec<(u64, u64)> = code
         .iter()
@@ -259,7 +283,11 @@ fn code_refs(
                 };
                 scan.run(&mut refs, &mut loaded);
             }
-            Machine::Aarch64 => arm64::scan(data, (start, end), vstart, &code_v, image, &mut refs),
+            Machine::Aarch64 => {
+                let split = version == Version::SplitPairs;
+                let range = (start, end);
+                arm64::scan(data, range, vstart, &code_v, image, &mut refs, split);
+            }
         }
     }
     let mut tables = Tables {
@@ -318,7 +346,7 @@ fn machine(data: &[u8]) -> Option<Machine> {
     }
 }
 
-fn elf(data: &[u8]) -> Option<Image> {
+fn elf(data: &[u8], version: Version) -> Option<Image> {
     let machine = machine(data)?;
     let mut image = Image {
         segments: segments(data)?,
@@ -334,7 +362,7 @@ fn elf(data: &[u8]) -> Option<Image> {
         .map(|s| (s.offset, s.offset + s.len, machine))
         .collect();
     let mut bases = Vec::new();
-    let mut refs = code_refs(data, &image, &code, &mut bases);
+    let mut refs = code_refs(data, &image, &code, &mut bases, version);
     let mut tables = Tables {
         data,
         machine,
@@ -823,6 +851,14 @@ pub(super) mod tests {
                     u64_at(data, r.site).map(|v| v as i64),
                     r.target - (u64::from(slice) << macho::SLICE_SHIFT),
                 ),
+                // An ADRP or the instruction completing it further on is checked by encoding its
+                // own address, which must give its bytes back.
+                Kind::Arm64(form @ (arm64::Form::Page | arm64::Form::Low12 { .. })) => {
+                    let bytes = &data[r.site as usize..r.site as usize + 4];
+                    let same = arm64::encode(form, bytes, s, t).expect("its own address fits");
+                    assert_eq!(&same[..4], bytes, "{r:?}");
+                    continue;
+                }
                 Kind::Arm64(form) => {
                     let bytes = &data[r.site as usize..];
                     assert_eq!(arm64::decode(bytes, site), Some((form, r.target)));
@@ -836,7 +872,7 @@ pub(super) mod tests {
     #[test]
     fn finds_the_references_of_a_library() {
         let data = fixture("elf-1.old.so");
-        let image = scan(&data);
+        let image = scan(&data, Version::SplitPairs);
         assert!(
             image
                 .refs
@@ -934,7 +970,7 @@ pub(super) mod tests {
         // `call` to the next instruction, more times than references are kept or collected.
         let calls = MAX_FOUND + 1000;
         let code: Vec<u8> = (0..calls).flat_map(|_| [0xe8, 0, 0, 0, 0]).collect();
-        let image = scan(&elf_with_code(&code));
+        let image = scan(&elf_with_code(&code), Version::SplitPairs);
         assert_eq!(image.refs.len(), MAX_REFS);
         for (i, r) in image.refs.iter().enumerate() {
             let site = 0x1000 + 5 * i as u64 + 1;
@@ -945,7 +981,7 @@ pub(super) mod tests {
     #[test]
     fn finds_the_references_of_an_arm64_library() {
         let data = fixture("elf-1.arm64.old.so");
-        let image = scan(&data);
+        let image = scan(&data, Version::SplitPairs);
         check_values(&data, &image);
         let count = |form: Arm64| {
             image
@@ -974,16 +1010,20 @@ pub(super) mod tests {
 
     #[test]
     fn other_files_have_none() {
-        assert!(scan(&[]).refs.is_empty());
-        assert!(scan(b"\x7fELF").refs.is_empty());
-        assert!(scan(&crate::test_data::noise(1, 10_000)).refs.is_empty());
+        assert!(scan(&[], Version::SplitPairs).refs.is_empty());
+        assert!(scan(b"\x7fELF", Version::SplitPairs).refs.is_empty());
+        assert!(
+            scan(&crate::test_data::noise(1, 10_000), Version::SplitPairs)
+                .refs
+                .is_empty()
+        );
         // A 32-bit ELF file, or one for another machine.
         let mut data = fixture("elf-1.old.so");
         data[4] = 1;
-        assert!(scan(&data).refs.is_empty());
+        assert!(scan(&data, Version::SplitPairs).refs.is_empty());
         let mut data = fixture("elf-1.old.so");
         data[0x12] = 40; // 32-bit Arm
-        assert!(scan(&data).refs.is_empty());
+        assert!(scan(&data, Version::SplitPairs).refs.is_empty());
         assert!(same_sections(&data, &fixture("elf-1.new.so"), true).is_empty());
     }
 
@@ -1003,13 +1043,13 @@ pub(super) mod tests {
             for flip in [0xff, 0x80, 0x01] {
                 let mut bad = data.clone();
                 bad[at] ^= flip;
-                let image = scan(&bad);
+                let image = scan(&bad, Version::SplitPairs);
                 assert!(image.refs.windows(2).all(|w| w[0].site < w[1].site));
                 assert!(image.refs.is_empty() || may_hold_refs(&bad), "flip at {at}");
             }
         }
         for len in (0..data.len()).step_by(61) {
-            scan(&data[..len]);
+            scan(&data[..len], Version::SplitPairs);
         }
         // Header tables said to start near the end of the address space (found by fuzzing:
         // the offsets of their fields overflowed).
@@ -1022,7 +1062,7 @@ pub(super) mod tests {
             ] {
                 let mut bad = data.clone();
                 bad[field..field + 8].copy_from_slice(&far.to_le_bytes());
-                scan(&bad);
+                scan(&bad, Version::SplitPairs);
             }
         }
     }

@@ -358,7 +358,7 @@ pub(super) fn same_sections(
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::super::{scan, tests::check_values, Kind};
+    use super::super::{scan, tests::check_values, Kind, Version};
     use super::*;
 
     fn put(data: &mut Vec<u8>, at: usize, bytes: &[u8]) {
@@ -488,7 +488,7 @@ pub(crate) mod tests {
     fn finds_the_code_and_pointers_of_a_thin_file() {
         let pointers: Vec<u64> = (0..100).map(|k| 0x1000 + 16 * k).collect();
         let data = macho(CPU_TYPE_X86_64, &x86_calls(200), &pointers);
-        let image = scan(&data);
+        let image = scan(&data, Version::SplitPairs);
         check_values(&data, &image);
         assert!(super::super::may_hold_refs(&data));
         let count = |f: &dyn Fn(&Kind) -> bool| image.refs.iter().filter(|r| f(&r.kind)).count();
@@ -509,7 +509,7 @@ pub(crate) mod tests {
                 macho(CPU_TYPE_ARM64, &arm64_calls(300), &pointers),
             ),
         ]);
-        let image = scan(&data);
+        let image = scan(&data, Version::SplitPairs);
         check_values(&data, &image);
         assert!(super::super::may_hold_refs(&data));
         let count = |f: &dyn Fn(&Kind) -> bool| image.refs.iter().filter(|r| f(&r.kind)).count();
@@ -538,7 +538,7 @@ pub(crate) mod tests {
             for byte in [0x00, 0x7f, 0x80, 0xff] {
                 let mut bad = good.clone();
                 bad[at] = byte;
-                let image = scan(&bad);
+                let image = scan(&bad, Version::SplitPairs);
                 assert!(image
                     .refs
                     .iter()
