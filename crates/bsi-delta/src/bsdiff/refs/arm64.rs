@@ -201,20 +201,18 @@ pub(super) fn scan(
             }
         };
         if valid {
-            let site = start + i as u64;
-            collect(
-                refs,
-                Ref {
-                    site,
-                    kind: Kind::Arm64(form),
-                    target,
-                },
-            );
+            push(refs, start + i as u64, form, target);
             i += form.width() as usize;
         } else {
             i += 4;
         }
     }
+}
+
+/// Collect the reference of form `form` at file offset `site` to `target`.
+fn push(refs: &mut Vec<Ref>, site: u64, form: Form, target: u64) {
+    let kind = Kind::Arm64(form);
+    collect(refs, Ref { site, kind, target });
 }
 
 /// The references of an ADRP at `i` in `code` (at address `vaddr`, the code starting at file
@@ -241,22 +239,16 @@ fn split_pair(
         if let Some(scale) = low12_scale(next).filter(|_| (next >> 5) & 31 == register) {
             let target = page.checked_add(u64::from((next >> 10) & 0xfff) << scale);
             if let Some(target) = target.filter(|&t| image.segment_at(t).is_some()) {
-                let mut push = |at: usize, form: Form| {
-                    let site = start + at as u64;
-                    collect(
-                        refs,
-                        Ref {
-                            site,
-                            kind: Kind::Arm64(form),
-                            target,
-                        },
-                    );
-                };
                 if first {
-                    push(i, Form::Page);
+                    push(refs, start + i as u64, Form::Page, target);
                     first = false;
                 }
-                push(i + 4 * k, Form::Low12 { scale });
+                push(
+                    refs,
+                    start + (i + 4 * k) as u64,
+                    Form::Low12 { scale },
+                    target,
+                );
             }
         }
         if branches(next) || next & 31 == register {

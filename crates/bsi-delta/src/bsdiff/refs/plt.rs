@@ -12,7 +12,8 @@
 //! one to its function's new one (see `pinned` in `bsdiff`); the decoder only follows the steps.
 
 use super::{
-    arm64, machine, sections, segments, u32_at, u64_at, Image, Machine, Section, SHT_RELA,
+    arm64, machine, sections, segments, u32_at, u64_at, Image, Machine, Section, Tables,
+    SHT_DYNSYM, SHT_RELA,
 };
 
 /// A stub or a relocation: its file bytes and the name of the symbol it is for.
@@ -25,7 +26,6 @@ struct Named<'a> {
 
 /// Longest symbol name read; a longer one is not matched.
 const MAX_NAME: usize = 4096;
-const SHT_DYNSYM: u32 = 11;
 const SHT_STRTAB: u32 = 3;
 const SYMBOL_SIZE: u64 = 24;
 const RELA_SIZE: u64 = 24;
@@ -174,8 +174,7 @@ fn relocations<'a>(data: &'a [u8], sections: &[Section<'a>]) -> Vec<Relocation<'
         };
         // Sections lie inside the file (see `sections`).
         let names = &data[strings.offset as usize..(strings.offset + strings.len) as usize];
-        for k in 0..rela.len / RELA_SIZE {
-            let at = rela.offset + k * RELA_SIZE;
+        for at in Tables::entries(rela, RELA_SIZE) {
             let (Some(place), Some(info)) = (u64_at(data, at), u64_at(data, at + 8)) else {
                 continue;
             };
