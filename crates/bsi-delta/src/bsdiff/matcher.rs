@@ -188,6 +188,35 @@ const RANKS_MAX: usize = 32 << 20;
 /// the search down (libssl3: most previous matches are 2 to 7 bytes long).
 const NEAR_MIN: usize = 5;
 
+/// The rank of each position of the suffix array `sa`, its inverse. Each thread fills the
+/// ranks of its own range of positions, reading the whole suffix array in order; the ranks of
+/// other positions go to a spare slot, which costs no branch. libcrypto (4.7 MB): 21 ms on two
+/// cores instead of 28 ms on one.
+fn inverse(sa: &[i32]) -> Vec<u32> {
+    use rayon::prelude::*;
+    let part = sa
+        .len()
+        .div_ceil(rayon::current_num_threads().max(1))
+        .max(1 << 20);
+    let mut ranks = vec![0u32; sa.len()];
+    ranks
+        .par_chunks_mut(part)
+        .enumerate()
+        .for_each(|(k, ranks)| {
+            let base = k * part;
+            let mut spare = 0u32;
+            for (rank, &pos) in sa.iter().enumerate() {
+                // Positions are below sa.len(), which fits in an i32, and so do ranks.
+                let slot = match ranks.get_mut((pos as usize).wrapping_sub(base)) {
+                    Some(slot) => slot,
+                    None => &mut spare,
+                };
+                *slot = rank as u32;
+            }
+        });
+    ranks
+}
+
 /// The two-byte key of a suffix, see [`Index::buckets`].
 fn key(first: u8, second: Option<u8>) -> usize {
     usize::from(first) << 8 | usize::from(second.unwrap_or(0))
@@ -213,14 +242,7 @@ impl<'a> Index<'a> {
         let (sa, (grams, buckets)) =
             rayon::join(|| suffix_array(old), || (Grams::new(old), buckets(old)));
         let sa = sa?;
-        let ranks = (old.len() <= RANKS_MAX).then(|| {
-            let mut ranks = vec![0u32; old.len()];
-            for (rank, &pos) in sa.iter().enumerate() {
-                // Ranks and positions are below old.len(), which fits in an i32.
-                ranks[pos as usize] = rank as u32;
-            }
-            ranks
-        });
+        let ranks = (old.len() <= RANKS_MAX).then(|| inverse(&sa));
         Ok(Index {
             old,
             sa,
@@ -631,6 +653,24 @@ mod tests {
                     assert_eq!(len, want, "at {at} from {near} ({shared} shared)");
                     assert_eq!(lcp(&index, pos, target), len, "at {at} from {near}");
                 }
+            }
+        }
+    }
+
+    /// The ranks are the suffix array's inverse, for arrays cut into parts by thread (over
+    /// 2^20 positions) or not.
+    #[test]
+    fn ranks_invert_the_suffix_array() {
+        for len in [1usize, 5, 1000, (1 << 20) + 3, 3 << 20] {
+            let old = letters(len as u64, len, 4);
+            let sa = suffix_array(&old).expect("suffix array");
+            let ranks = inverse(&sa);
+            assert_eq!(ranks.len(), len);
+            for (rank, &pos) in sa.iter().enumerate() {
+                assert_eq!(
+                    ranks[pos as usize] as usize, rank,
+                    "{len} bytes, position {pos}"
+                );
             }
         }
     }
