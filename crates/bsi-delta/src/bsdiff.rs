@@ -119,33 +119,25 @@ impl DeltaEncoder for Bsdiff {
 
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
         // The suffix array is the longest step of the chain that ends with the payload, and
-        // starts at once on this core; both files' references are found on another core as
-        // soon as one is free, else after it. Where the old file is an executable, prediction's
-        // first alignment (see `predicted_search`) is searched for as soon as the index is
-        // there. On libssl3 3.0.20 -> 3.0.22, whose other files keep the other core busy while
-        // libcrypto's suffix array is built, the references (35 ms) came first and delayed it.
+        // starts at once on this core; what prediction needs of both files besides (their
+        // references, prepared, and the pieces the steps are to follow) is found on another
+        // core as soon as one is free, else after it. Where the old file is an executable,
+        // prediction's first alignment (see `predicted_search`) is searched for as soon as the
+        // index is there. On libssl3 3.0.20 -> 3.0.22, whose other files keep the other core
+        // busy while libcrypto's suffix array is built, the references (35 ms) came first and
+        // delayed it.
         let predicting = self.predict && refs::may_hold_refs(old);
-        let (indexed, (image, new_image)) = rayon::join(
+        let (indexed, known) = rayon::join(
             || -> io::Result<_> {
                 let index = matcher::Index::new(old)?;
                 let quick = predicting.then(|| search(&index, new, REGION, matcher::Search::Quick));
                 Ok((index, quick))
             },
-            || {
-                let image = match predicting {
-                    true => refs::scan(old, refs::Version::SplitPairs),
-                    false => refs::Image::default(),
-                };
-                let new_image = match image.refs.is_empty() {
-                    true => refs::Image::default(),
-                    false => refs::scan(new, refs::Version::SplitPairs),
-                };
-                (image, new_image)
-            },
+            || predicting.then(|| Known::of(old, new)).flatten(),
         );
         let (index, quick) = indexed?;
-        let (streams, kind) = match quick {
-            Some(ops) if !image.refs.is_empty() => {
+        let (streams, kind) = match (quick, known) {
+            (Some(ops), Some(known)) => {
                 // A first alignment for the prediction; where prediction does not pay, the
                 // steps of a full search are coded instead. Whether it pays is judged against
                 // what the quick steps leave to code, which can be more than the full search's
@@ -154,10 +146,9 @@ impl DeltaEncoder for Bsdiff {
                 // which costs no time: Firefox's libgkcodecs.so encodes in 4.7 to 5.0 s, against
                 // 5.2 to 5.4 s with one full search (the full search's steps are coded as its
                 // regions come in).
-                let images = (&image, &new_image);
-                match predicted_search(&index, old, new, ops, images) {
+                match predicted_search(&index, old, new, ops, &known) {
                     (ops, Some(predictor)) => {
-                        let kind = match image.has_split_pairs() {
+                        let kind = match known.split_pairs {
                             true => Predictor::SplitPairs,
                             false => Predictor::Refs,
                         };
@@ -253,6 +244,50 @@ fn add_steps(ops: &[matcher::Op]) -> Vec<(u64, u64, u64)> {
     steps
 }
 
+/// What [`predicted_search`] needs of the old and new files besides the old file's index: their
+/// references, prepared (see [`predict::Prepared`]), and the pieces its alignments prefer.
+struct Known {
+    /// Whether the old file's scan found AArch64 split pairs (see [`Predictor::SplitPairs`]).
+    split_pairs: bool,
+    prepared: Arc<predict::Prepared>,
+    new_prepared: Arc<predict::Prepared>,
+    /// The linkage stubs and their relocations, matched by symbol (see [`refs::plt_pieces`]).
+    stubs: Vec<(u64, u64, u64)>,
+    /// Sections that kept their name and size, with the stubs (see [`refs::same_sections`]).
+    same: Vec<(u64, u64, u64)>,
+    /// As `same`, with the start of every data section that kept its name.
+    starts: Vec<(u64, u64, u64)>,
+}
+
+impl Known {
+    /// What is known of `old` and `new`, or `None` where the old file or the new one has no
+    /// references to predict with.
+    fn of(old: &[u8], new: &[u8]) -> Option<Known> {
+        let image = refs::scan(old, refs::Version::SplitPairs);
+        if image.refs.is_empty() {
+            return None;
+        }
+        let new_image = refs::scan(new, refs::Version::SplitPairs);
+        let (prepared, new_prepared) = rayon::join(
+            || predict::Prepared::new(&image),
+            || predict::Prepared::new(&new_image),
+        );
+        let stubs = refs::plt_pieces(old, new);
+        let mut same = refs::same_sections(old, new, false);
+        let mut starts = refs::same_sections(old, new, true);
+        same.extend_from_slice(&stubs);
+        starts.extend_from_slice(&stubs);
+        Some(Known {
+            split_pairs: image.has_split_pairs(),
+            prepared: prepared?,
+            new_prepared: new_prepared?,
+            stubs,
+            same,
+            starts,
+        })
+    }
+}
+
 /// Matcher passes after the first (see [`predicted_search`]): one, and a second for new files
 /// of [`SECOND_PASS_LEN`] or more. Measured on libcrypto 3.0.17 -> 3.0.20 (4.7 MB): one pass
 /// 64,585 B, two 60,591 B, three 60,563 B (format 2); a second pass wins 0.09% on libxml2
@@ -268,8 +303,8 @@ const SETTLED: u64 = 1024;
 const FAR: u64 = 4;
 
 /// The steps and the predictor for `new` where the old file has references (see `refs`), given
-/// the old file's `index`, the steps `ops` found with it against the new file as it is, and the
-/// images of the old file and of the new one.
+/// the old file's `index`, the steps `ops` found with it against the new file as it is, and
+/// what is `known` of both files (their references, and the pieces alignments prefer).
 ///
 /// Those steps give a first alignment, through which every reference of the new file (found
 /// as in the old one) is pointed back where its target was in the old file, and that moved-back
@@ -314,7 +349,7 @@ fn predicted_search(
     old: &[u8],
     new: &[u8],
     ops: Vec<matcher::Op>,
-    (image, new_image): (&refs::Image, &refs::Image),
+    known: &Known,
 ) -> (Vec<matcher::Op>, Option<predict::Predictor>) {
     // Files that differ in substance gain nothing: Firefox ESR 140 -> 153's libgkcodecs.so left
     // 4,820,874 of its 7,361,688 bytes to code, 4,805,424 after two passes (libcrypto 3.0.17 ->
@@ -323,29 +358,26 @@ fn predicted_search(
     if left > new.len() as u64 / FAR {
         return (ops, None);
     }
-    let (Some(prepared), Some(new_prepared)) = rayon::join(
-        || predict::Prepared::new(image),
-        || predict::Prepared::new(new_image),
-    ) else {
-        return (ops, None);
-    };
-    let stubs = refs::plt_pieces(old, new);
-    let mut same = refs::same_sections(old, new, false);
-    let mut starts = refs::same_sections(old, new, true);
-    same.extend_from_slice(&stubs);
-    starts.extend_from_slice(&stubs);
+    let Known {
+        prepared,
+        new_prepared,
+        stubs,
+        same,
+        starts,
+        ..
+    } = known;
     let steps = add_steps(&ops);
     let fit = |preferred: &[(u64, u64, u64)]| {
         let alignment = predict::Alignment::preferring(&steps, preferred);
-        let predictor = predict::Predictor::with(&prepared, alignment);
+        let predictor = predict::Predictor::with(prepared, alignment);
         left_to_code(old, new, &ops, Some(&predictor))
     };
     // Both fits at once, on two cores (libxml2: 14 ms one after the other).
     let starts_fit_better = starts != same && {
-        let (with_starts, with_same) = rayon::join(|| fit(&starts), || fit(&same));
+        let (with_starts, with_same) = rayon::join(|| fit(starts), || fit(same));
         with_starts < with_same
     };
-    let preferred = if starts_fit_better { &starts } else { &same };
+    let preferred = if starts_fit_better { starts } else { same };
     let (mut steps, mut preferred) = (steps, &preferred[..]);
     let mut best = (ops, None);
     let passes = match new.len() >= SECOND_PASS_LEN {
@@ -378,11 +410,11 @@ fn predicted_search(
         let search_way = |way: predict::Alignment, search_kind: matcher::Search| {
             // The new file moved back through `way`, each of its references pointed where its
             // target was in the old file, searched against the old file's own index.
-            let mover = predict::Predictor::with(&new_prepared, way);
+            let mover = predict::Predictor::with(new_prepared, way);
             let moved = mover.transform(new);
             drop(mover);
             let ops = search(index, &moved, REGION, search_kind);
-            (Pass::of(old, new, &prepared, ops, &stubs), moved)
+            (Pass::of(old, new, prepared, ops, stubs), moved)
         };
         let found = match ways.len() {
             1 => ways
@@ -407,7 +439,7 @@ fn predicted_search(
                     Some((pass, _)) if pass.left <= new.len() as u64 / SETTLED => Some(pass),
                     Some((_, moved)) => {
                         let ops = search(index, &moved, REGION, matcher::Search::Full);
-                        Some(Pass::of(old, new, &prepared, ops, &stubs))
+                        Some(Pass::of(old, new, prepared, ops, stubs))
                     }
                     None => None,
                 }
@@ -421,7 +453,7 @@ fn predicted_search(
         if left <= new.len() as u64 / SETTLED {
             break;
         }
-        (steps, preferred) = (pass.steps, &same);
+        (steps, preferred) = (pass.steps, same);
     }
     best
 }
@@ -1376,11 +1408,9 @@ mod tests {
             let old = refs::tests::fixture(&format!("elf-2{machine}.old.so"));
             let new = refs::tests::fixture(&format!("elf-2{machine}.new.so"));
             let index = matcher::Index::new(&old).expect("an index");
-            let version = refs::Version::SplitPairs;
-            let images = (refs::scan(&old, version), refs::scan(&new, version));
+            let known = Known::of(&old, &new).expect("references");
             let ops = search(&index, &new, REGION, matcher::Search::Quick);
-            let (ops, predictor) =
-                predicted_search(&index, &old, &new, ops, (&images.0, &images.1));
+            let (ops, predictor) = predicted_search(&index, &old, &new, ops, &known);
             assert!(predictor.is_some());
             let alignment = predict::Alignment::new(&add_steps(&ops));
             let pieces = refs::plt_pieces(&old, &new);
