@@ -9,6 +9,8 @@
 
 use std::io;
 
+use rayon::prelude::*;
+
 /// One step of the reconstruction: `add` bytes of old (from old position `from`) + diff, then
 /// `copy` bytes from the extra stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,7 +195,6 @@ const NEAR_MIN: usize = 5;
 /// other positions go to a spare slot, which costs no branch. libcrypto (4.7 MB): 19 ms on two
 /// cores instead of 28 ms on one.
 fn inverse(sa: &[i32]) -> Vec<u32> {
-    use rayon::prelude::*;
     let part = sa
         .len()
         .div_ceil(rayon::current_num_threads().max(1))
