@@ -533,30 +533,55 @@ impl Tables<'_, '_> {
         (0..count).map(move |i| start + i * size)
     }
 
+    /// The references of a relocation table: each entry's place and address addend, and the
+    /// pointer the file holds at the place.
+    ///
+    /// The pointers are pushed after all the entries' fields: each kind is then one sorted run,
+    /// where the three of each entry pushed together interleave two runs, and [`finish`]'s
+    /// stable sort took 5.7 ms over libcrypto's 20,000 runs of three instead of 4.0 ms over its
+    /// 4 runs. What it keeps is the same: only references with one same site keep their order,
+    /// and a pointer that shares its site with an entry's field is that field, read as the same
+    /// address. Unless [`MAX_FOUND`] could be reached in the middle, which the order decides.
     fn relocations(&mut self, section: &Section<'_>) {
+        self.relocations_with(section, true);
+    }
+
+    /// [`Tables::relocations`], with the pointers pushed after the entries' fields only when
+    /// `apart` allows it (tests compare both ways).
+    fn relocations_with(&mut self, section: &Section<'_>, apart: bool) {
+        let most = (section.len / 24).saturating_mul(3);
+        let apart = apart && (self.refs.len() as u64).saturating_add(most) <= MAX_FOUND as u64;
+        let mut pointers = Vec::new();
         for at in Self::entries(section, 24) {
-            let (Some(place), Some(info), Some(addend)) = (
-                u64_at(self.data, at),
-                u64_at(self.data, at + 8),
-                u64_at(self.data, at + 16),
-            ) else {
-                continue;
-            };
-            self.push(at, Kind::Abs64, place);
-            if self.machine.address_addend(info & 0xffff_ffff) {
-                self.push(at + 16, Kind::Abs64, addend);
-            }
-            // The pointer the file holds at the patched place (the addend, or a PLT stub).
-            let Some(seg) = self.image.segment_at(place) else {
-                continue;
-            };
-            if place - seg.vaddr + 8 <= seg.file_len {
-                let site = seg.offset + (place - seg.vaddr);
-                if let Some(pointer) = u64_at(self.data, site) {
-                    self.push(site, Kind::Abs64, pointer);
-                }
+            match self.relocation(at) {
+                Some(pointer) if apart => pointers.push(pointer),
+                Some((site, pointer)) => self.push(site, Kind::Abs64, pointer),
+                None => {}
             }
         }
+        for (site, pointer) in pointers {
+            self.push(site, Kind::Abs64, pointer);
+        }
+    }
+
+    /// Push the place and address addend of the relocation entry at `at`, and return the site
+    /// and value of the pointer the file holds at the place (the addend, or a PLT stub), if any.
+    fn relocation(&mut self, at: u64) -> Option<(u64, u64)> {
+        let (place, info, addend) = (
+            u64_at(self.data, at)?,
+            u64_at(self.data, at + 8)?,
+            u64_at(self.data, at + 16)?,
+        );
+        self.push(at, Kind::Abs64, place);
+        if self.machine.address_addend(info & 0xffff_ffff) {
+            self.push(at + 16, Kind::Abs64, addend);
+        }
+        let seg = self.image.segment_at(place)?;
+        if place - seg.vaddr + 8 > seg.file_len {
+            return None;
+        }
+        let site = seg.offset + (place - seg.vaddr);
+        Some((site, u64_at(self.data, site)?))
     }
 
     /// Switch tables: 32-bit entries `case - table` after an address the code loads (`lea`)
@@ -901,6 +926,60 @@ pub(super) mod tests {
         // state and its message.
         let code = count(&|k| matches!(k, Kind::Rel32 { .. })) - fdes;
         assert!(code >= 40 * 4, "{code} code references");
+    }
+
+    /// The references of `data`'s relocation tables, sorted and kept as [`finish`] does, with
+    /// the pointers at the patched places pushed after the entries' fields where allowed, or
+    /// with each entry's.
+    fn relocation_refs(data: &[u8], apart: bool) -> Vec<Ref> {
+        let image = Image {
+            segments: segments(data).expect("program headers"),
+            ..Image::default()
+        };
+        let (mut refs, mut bases) = (Vec::new(), Vec::new());
+        let mut tables = Tables {
+            data,
+            machine: machine(data).expect("a machine"),
+            image: &image,
+            refs: &mut refs,
+            bases: &mut bases,
+        };
+        for section in sections(data).expect("section headers") {
+            if section.kind == SHT_RELA {
+                tables.relocations_with(&section, apart);
+            }
+        }
+        finish(refs)
+    }
+
+    /// Pushing the pointers at the patched places after the entries' fields keeps what
+    /// `finish` keeps: on a library, on this test's own executable (when it is an ELF file),
+    /// and on a library one of whose relocations patches its own table (a pointer there shares
+    /// its site with an entry's field).
+    #[test]
+    fn relocation_pointers_apart_keep_what_finish_keeps() {
+        let mut cases = vec![("elf-1", fixture("elf-1.old.so"))];
+        let own = std::fs::read(std::env::current_exe().expect("test executable"))
+            .expect("reading the test executable");
+        if machine(&own).is_some() {
+            cases.push(("own executable", own));
+        }
+        // Relocation 3 of elf-1 patches relocation 5's place field.
+        let mut inside = fixture("elf-1.old.so");
+        let rela = section(&inside, b".rela.dyn");
+        let image = Image {
+            segments: segments(&inside).expect("program headers"),
+            ..Image::default()
+        };
+        let field = image.vaddr_of(rela.offset + 5 * 24).expect("in a segment");
+        let at = (rela.offset + 3 * 24) as usize;
+        inside[at..at + 8].copy_from_slice(&field.to_le_bytes());
+        cases.push(("relocation patching its own table", inside));
+        for (name, data) in cases {
+            let apart = relocation_refs(&data, true);
+            assert!(apart.len() > 40, "{name}: {} references", apart.len());
+            assert_eq!(apart, relocation_refs(&data, false), "{name}");
+        }
     }
 
     pub(crate) use super::macho::tests::universal_x86;

@@ -190,33 +190,56 @@ impl Scan<'_> {
 struct Candidates(Vec<u64>);
 
 impl Candidates {
+    /// One pass over the code, a word of 64 positions at a time; each word's candidates are
+    /// known once the next word's ModRM bytes are (libcrypto's 2.6 MB of code: 1.4 ms, against
+    /// 2.9 ms when the words were cut into padded eight-byte pieces and kept in two arrays).
     fn new(code: &[u8]) -> Self {
-        let words = code.len().div_ceil(64) + 1;
-        let (mut starts, mut modrms) = (vec![0u64; words], vec![0u64; words]);
-        for (w, chunk) in code.chunks(64).enumerate() {
-            let (mut s, mut m) = (0u64, 0u64);
-            // Eight bytes at a time (a short last chunk padded with 0x00, which is neither).
-            for (k, eight) in chunk.chunks(8).enumerate() {
-                let mut bytes = [0u8; 8];
-                bytes[..eight.len()].copy_from_slice(eight);
-                let v = u64::from_le_bytes(bytes);
-                let branch =
-                    zero_bytes((v & splat(0xfe)) ^ splat(0xe8)) | zero_bytes(v ^ splat(0x0f));
-                s |= bits_of(branch) << (8 * k);
-                m |= bits_of(zero_bytes((v & splat(0xc7)) ^ splat(0x05))) << (8 * k);
+        let mut bits = Vec::with_capacity(code.len().div_ceil(64) + 1);
+        let mut words = code.chunks_exact(64);
+        // A short last word padded with 0x00, which is neither a branch nor a ModRM byte.
+        let mut last = [0u8; 64];
+        last[..words.remainder().len()].copy_from_slice(words.remainder());
+        let mut pending: Option<(u64, u64)> = None;
+        let mut add = |word: (u64, u64), bits: &mut Vec<u64>| {
+            if let Some((starts, modrms)) = pending {
+                bits.push(candidates(starts, modrms, word.1));
             }
-            starts[w] = s;
-            modrms[w] = m;
+            pending = Some(word);
+        };
+        for word in &mut words {
+            add(marks(word.try_into().expect("chunks of 64")), &mut bits);
         }
-        let mut bits = starts;
-        for w in 0..words - 1 {
-            let (m, next) = (modrms[w], modrms[w + 1]);
-            for shift in 1..=4 {
-                bits[w] |= (m >> shift) | (next << (64 - shift));
-            }
+        if !words.remainder().is_empty() {
+            add(marks(&last), &mut bits);
         }
+        // A last word of no candidates, after the code.
+        add((0, 0), &mut bits);
+        bits.push(0);
         Candidates(bits)
     }
+}
+
+/// The bytes of a word of code that start a branch, and those that are a RIP-relative ModRM
+/// byte (mod 00, r/m 101), each as a bit set.
+#[inline(always)]
+fn marks(word: &[u8; 64]) -> (u64, u64) {
+    let (mut starts, mut modrms) = (0u64, 0u64);
+    for (k, eight) in word.chunks_exact(8).enumerate() {
+        let v = u64::from_le_bytes(eight.try_into().expect("chunks of 8"));
+        let branch = zero_bytes((v & splat(0xfe)) ^ splat(0xe8)) | zero_bytes(v ^ splat(0x0f));
+        starts |= bits_of(branch) << (8 * k);
+        modrms |= bits_of(zero_bytes((v & splat(0xc7)) ^ splat(0x05))) << (8 * k);
+    }
+    (starts, modrms)
+}
+
+/// The candidates of a word whose branch starts and ModRM bytes are `starts` and `modrms`,
+/// the next word's ModRM bytes being `next`: an instruction may start one to four bytes
+/// before a ModRM byte.
+fn candidates(starts: u64, modrms: u64, next: u64) -> u64 {
+    (1..=4).fold(starts, |bits, shift| {
+        bits | (modrms >> shift) | (next << (64 - shift))
+    })
 }
 
 /// `b` in every byte of a word.
