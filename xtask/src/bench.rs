@@ -25,6 +25,11 @@ use walkdir::WalkDir;
 
 use crate::tree::{compare_trees, copy_tree};
 
+/// How long the bench lets a copied tree stand before applying to it: files whose time of
+/// change is within 20 ms of a read are read again before they are replaced (see the engine's
+/// `seen`), which a device's tree, written long before, does not need.
+const SETTLED: std::time::Duration = std::time::Duration::from_millis(50);
+
 const KEY: &str = "keys-example/example.key.pem";
 const TRUST: &str = "keys-example/example.pub.pem";
 const BSI: &str = "target/release/bsi";
@@ -632,12 +637,15 @@ fn bsi_run(r: &Runner, pair: &Pair) -> Result<Cell> {
         }
     }
     copy_tree(&pair.old, &root)?;
-    // The copy's writeback is not the apply's to pay for (its fsyncs would wait on it), and a
-    // device's tree was not written a moment ago.
+    // A device's tree was not written a moment ago: the copy's writeback is not the apply's to
+    // pay for (its fsyncs would wait on it), nor are second reads of files whose time of change
+    // is too recent to vouch for them (apply reads such a file again before replacing it, in
+    // case a write in the same clock tick left its stamp as it was; 3 ms for libcrypto).
     let synced = std::process::Command::new("sync")
         .status()
         .context("running sync")?;
     ensure!(synced.success(), "sync failed: {synced}");
+    std::thread::sleep(SETTLED);
     let apply = r.run(
         BSI_COPY,
         &os(&[
@@ -1174,8 +1182,8 @@ How to read this: every tool runs on the same pairs in the same run, as a child 
 `cargo xtask bench` under `/usr/bin/time -f %M` (peak resident set size); times are wall clock
 around the child. Every file of a pair is read just before each tool runs, so that none
 pays alone for reading it from disk. bsi builds one signed package from the two trees (`bsi build ... --quiet`, using
-every core) and applies it with `bsi apply` to a fresh copy of the old tree (the copy and a `sync`
-after it are not timed);
+every core) and applies it with `bsi apply` to a fresh copy of the old tree (the copy, a `sync`
+and 50 ms after it, so that the tree is not one written a moment ago, are not timed);
 the result is checked to equal the new tree (bytes, modes, symlinks, mtimes). The peers are
 single-file tools: each changed regular file (paired by path) is a separate `bsdiff old new patch`
 / `xdelta3 -9 -D -R -e -s old new patch` / `zstd -q -f -19 --long=N --patch-from=old new -o patch`
