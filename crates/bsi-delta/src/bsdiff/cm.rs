@@ -409,6 +409,26 @@ impl Model {
         self.history = self.history << 8 | u64::from(diff);
         self.flags = self.flags << 1 | u8::from(diff != 0);
     }
+
+    /// Load, while a zero flag is being coded, the hashed probability the next flag asks if
+    /// this one is 0 (as most are), so that it is in cache by then. Loads change nothing; the
+    /// two hashed tables (512 KiB each) are what coding waits for most: libcrypto 3.0.17 ->
+    /// 3.0.20's diff decodes with its prediction in 16.8 ms instead of 17.7 with both loads.
+    #[inline(always)]
+    fn load_next_zero(&self) {
+        std::hint::black_box(self.zero_b[hash(&[(self.history << 8) & 0xff_ffff, 1])]);
+    }
+
+    /// Load, while value bit `node` is being coded, the hashed probabilities of both bits that
+    /// may follow it (see [`load_next_zero`](Self::load_next_zero)).
+    #[inline(always)]
+    fn load_next_values(&self, node: usize) {
+        if node < 128 {
+            for next in [node * 2, node * 2 + 1] {
+                std::hint::black_box(self.value_c[hash_from(self.value_hash, &[next as u64, 2])]);
+            }
+        }
+    }
 }
 
 /// [`adapt`] for a probability of a 0 bit, which stays in 1..=65535 as the range coder needs.
@@ -531,6 +551,7 @@ impl DiffEncoder {
             }
             let diff = new[k].wrapping_sub(old[k]);
             let p = self.model.zero_prob(new_pos + k as u64, old, k);
+            self.model.load_next_zero();
             self.rc.bit(prob0(p), diff != 0);
             self.model.zero_update(p, diff != 0);
             if diff != 0 {
@@ -550,6 +571,7 @@ impl DiffEncoder {
         for shift in (0..8).rev() {
             let bit = (diff >> shift) & 1 != 0;
             let p = self.model.value_prob(old, node);
+            self.model.load_next_values(node);
             self.rc.bit(prob0(p), bit);
             self.model.value_update(p, bit);
             node = node * 2 + usize::from(bit);
@@ -665,6 +687,7 @@ impl<'a> DiffDecoder<'a> {
             }
             let o = old[k];
             let p = self.model.zero_prob(at + (k - range.start) as u64, old, k);
+            self.model.load_next_zero();
             let nonzero = self.rc.bit(prob0(p));
             self.model.zero_update(p, nonzero);
             let diff = if nonzero {
@@ -687,6 +710,7 @@ impl<'a> DiffDecoder<'a> {
         let mut node = 1usize;
         for _ in 0..8 {
             let p = self.model.value_prob(old, node);
+            self.model.load_next_values(node);
             let bit = self.rc.bit(prob0(p));
             self.model.value_update(p, bit);
             node = node * 2 + usize::from(bit);
