@@ -1042,7 +1042,6 @@ fn apply(
             predict::Predictor::owning(refs::scan(old, kind.version()), alignment)
         }
     };
-    let mut predicted = Vec::new();
     let mut control = Stream::open(header.control, new_len)?;
     let mut diff = (header.diff.raw > 0)
         .then(|| cm::DiffDecoder::new(header.diff.packed, header.diff.raw, header.flags));
@@ -1083,19 +1082,14 @@ fn apply(
                 let end = step.len().min(done + OUT_CHUNK);
                 let at = flushed + out.len() as u64;
                 match &predictor {
-                    // The chunk and the byte after it, which the diff model looks at.
+                    // The chunk and the byte after it, which the diff model looks at, predicted
+                    // where the new file's bytes go, and the diff added there.
                     Some(predictor) => {
-                        predicted.clear();
+                        let base = out.len();
                         let ahead = step.len().min(end + 1);
-                        predictor.predict(
-                            old,
-                            old_pos,
-                            step.len(),
-                            step_at,
-                            done..ahead,
-                            &mut predicted,
-                        );
-                        diff.step(&predicted, 0..end - done, at, &mut out)?;
+                        predictor.predict(old, old_pos, step.len(), step_at, done..ahead, &mut out);
+                        diff.step_in_place(&mut out[base..], end - done, at)?;
+                        out.truncate(base + end - done);
                     }
                     None => diff.step(step, done..end, at, &mut out)?,
                 }

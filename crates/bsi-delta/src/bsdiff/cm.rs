@@ -646,11 +646,29 @@ impl<'a> DiffDecoder<'a> {
         at: u64,
         out: &mut Vec<u8>,
     ) -> Result<(), DecodeError> {
-        let mut k = range.start;
-        if (range.end - k) as u64 > self.left {
+        let base = out.len();
+        // The range and the old byte after it, which the model looks at.
+        out.extend_from_slice(&old[range.start..old.len().min(range.end + 1)]);
+        let decoded = self.step_in_place(&mut out[base..], range.len(), at);
+        out.truncate(base + range.len());
+        decoded
+    }
+
+    /// Add the diff bytes to the first `len` old bytes of a step held in `bytes` (which may
+    /// hold the old byte after them: the model looks at it), the first of them at `at` in the
+    /// new file: [`step`](Self::step) where the old bytes were copied to the new file's
+    /// buffer already, as the predicted ones are.
+    pub fn step_in_place(
+        &mut self,
+        bytes: &mut [u8],
+        len: usize,
+        at: u64,
+    ) -> Result<(), DecodeError> {
+        let mut k = 0;
+        if len as u64 > self.left {
             return Err(corrupt("diff stream shorter than its steps need"));
         }
-        while k < range.end {
+        while k < len {
             if self.flags == Flags::Near && self.near == 0 {
                 let (zeros, ends) = match self.gap {
                     Some(gap) => gap,
@@ -663,8 +681,8 @@ impl<'a> DiffDecoder<'a> {
                         (zeros, zeros < self.left)
                     }
                 };
-                let n = zeros.min((range.end - k) as u64) as usize;
-                out.extend_from_slice(&old[k..k + n]);
+                // The gap's zeros leave the old bytes as they are.
+                let n = zeros.min((len - k) as u64) as usize;
                 k += n;
                 self.left -= n as u64;
                 if zeros > n as u64 || !ends {
@@ -673,32 +691,31 @@ impl<'a> DiffDecoder<'a> {
                 }
                 self.gap = None;
                 // The gap ends here, with a nonzero byte.
-                if k == range.end {
+                if k == len {
                     // It is in the next range.
                     self.gap = Some((0, true));
                     break;
                 }
-                let diff = self.value(old[k]);
-                out.push(old[k].wrapping_add(diff));
+                let diff = self.value(bytes[k]);
+                bytes[k] = bytes[k].wrapping_add(diff);
                 self.near = WINDOW;
                 self.left -= 1;
                 k += 1;
                 continue;
             }
-            let o = old[k];
-            let p = self.model.zero_prob(at + (k - range.start) as u64, old, k);
+            let o = bytes[k];
+            let p = self.model.zero_prob(at + k as u64, bytes, k);
             self.model.load_next_zero();
             let nonzero = self.rc.bit(prob0(p));
             self.model.zero_update(p, nonzero);
-            let diff = if nonzero {
+            if nonzero {
                 self.near = WINDOW;
-                self.value(o)
+                let diff = self.value(o);
+                bytes[k] = o.wrapping_add(diff);
             } else {
                 self.model.update(0);
                 self.near = self.near.saturating_sub(1);
-                0
-            };
-            out.push(o.wrapping_add(diff));
+            }
             self.left -= 1;
             k += 1;
         }
