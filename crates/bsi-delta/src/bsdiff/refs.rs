@@ -336,22 +336,23 @@ fn sort_runs(refs: &mut [Ref]) {
         }
     }
     runs.push(refs.len());
-    // Merge neighbours, each merged run taking the place of the two.
+    // Merge neighbours, each merged run taking the place of the two; `runs` holds where each
+    // run starts, then where the last one ends.
     while runs.len() > 2 {
         let mut merged = vec![0];
-        for pair in runs[..runs.len() - 1].chunks(2) {
-            match pair {
-                [start, mid] => {
-                    let end = runs[runs.iter().position(|r| r == mid).expect("a run") + 1];
-                    let pair = &mut refs[*start..end];
-                    match blocks_at_most(pair, mid - start, MERGED_BLOCKS) {
-                        true => merge_in_place(pair, mid - start),
-                        false => pair.sort_by_key(|r| r.site),
-                    }
-                    merged.push(end);
-                }
-                _ => merged.push(*runs.last().expect("the end")),
+        for k in (0..runs.len() - 1).step_by(2) {
+            let (start, mid) = (runs[k], runs[k + 1]);
+            // A last run without a neighbour stays as it is.
+            let Some(&end) = runs.get(k + 2) else {
+                merged.push(mid);
+                continue;
+            };
+            let pair = &mut refs[start..end];
+            match blocks_at_most(pair, mid - start, MERGED_BLOCKS) {
+                true => merge_in_place(pair, mid - start),
+                false => pair.sort_by_key(|r| r.site),
             }
+            merged.push(end);
         }
         runs = merged;
     }
