@@ -637,10 +637,8 @@ fn bsi_run(r: &Runner, pair: &Pair) -> Result<Cell> {
         }
     }
     copy_tree(&pair.old, &root)?;
-    // A device's tree was not written a moment ago: the copy's writeback is not the apply's to
-    // pay for (its fsyncs would wait on it), nor are second reads of files whose time of change
-    // is too recent to vouch for them (apply reads such a file again before replacing it, in
-    // case a write in the same clock tick left its stamp as it was; 3 ms for libcrypto).
+    // A device's tree was not written a moment ago: neither the copy's writeback (its fsyncs
+    // would wait on it) nor its too recent times of change (see `SETTLED`) are the apply's.
     let synced = std::process::Command::new("sync")
         .status()
         .context("running sync")?;
