@@ -1046,6 +1046,7 @@ fn apply_locked(
         })
         .sum();
     progress.start("decoding", total);
+    let unsynced = fsx::Unsynced::default();
     let prepare = |j: usize| -> Result<Option<Revert>, ApplyError> {
         let step = &steps[j];
         let entry = entry_of[j].map(|i| &m.entries[i]);
@@ -1103,7 +1104,7 @@ fn apply_locked(
                         _ => None,
                     };
                     let stage = || {
-                        fsx::write_file(&file, *mode, Some(*mtime), |out| {
+                        unsynced.write_file(&file, *mode, Some(*mtime), |out| {
                             decode_entry(pkg, entry, source_bytes.as_deref(), old.as_ref(), out)
                         })
                     };
@@ -1141,7 +1142,7 @@ fn apply_locked(
                                 path: step.path.clone(),
                                 reason: "its base bytes are not available".to_owned(),
                             })?;
-                    fsx::write_file(
+                    unsynced.write_file(
                         &file,
                         *mode,
                         Some(*mtime),
@@ -1196,7 +1197,12 @@ fn apply_locked(
             Ok(done)
         });
     progress.finish();
-    let prepared = prepared.inspect_err(|_| txn.abandon())?;
+    let prepared = prepared
+        .and_then(|prepared| {
+            unsynced.sync()?;
+            Ok(prepared)
+        })
+        .inspect_err(|_| txn.abandon())?;
     let mut reverts: BTreeMap<usize, String> = BTreeMap::new();
     let mut kept = Vec::new();
     for (j, revert) in prepared {
@@ -1371,6 +1377,7 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
     })?;
     let txn = TxnDir::begin(state)?;
     let revert_dir = state.revert_dir();
+    let unsynced = fsx::Unsynced::default();
     let staged: Result<(), RevertError> = inst
         .entries
         .par_iter()
@@ -1395,7 +1402,7 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
                 });
             };
             let file = txn.stage(j);
-            fsx::write_file(&file, *mode, Some(*mtime), |out| {
+            unsynced.write_file(&file, *mode, Some(*mtime), |out| {
                 read_revert_into(
                     &revert_dir.join(name),
                     &entry.path,
@@ -1408,7 +1415,9 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
             seen.wrote(&file, *sha256);
             Ok(())
         });
-    staged.inspect_err(|_| txn.abandon())?;
+    staged
+        .and_then(|()| Ok(unsynced.sync()?))
+        .inspect_err(|_| txn.abandon())?;
     let journal = Journal {
         format: txn::JOURNAL_FORMAT,
         kind: TxnKind::Revert,

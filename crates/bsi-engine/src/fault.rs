@@ -38,6 +38,8 @@ struct Plan {
     action: Option<Action>,
     seen: usize,
     fired: bool,
+    /// Every step seen, in order, when tracing (see [`arm_trace`]).
+    trace: Option<Vec<(&'static str, PathBuf)>>,
 }
 
 static ARMED: AtomicBool = AtomicBool::new(false);
@@ -61,6 +63,7 @@ pub fn arm(scope: &Path, at: usize, fault: Fault) {
         action: None,
         seen: 0,
         fired: false,
+        trace: None,
     });
     ARMED.store(true, Ordering::SeqCst);
 }
@@ -75,6 +78,26 @@ pub fn arm_action(scope: &Path, at: usize, action: impl FnOnce(&Path) + Send + '
     }
 }
 
+/// Record the steps under `scope` from now on, what each does and the path it changes; none
+/// fails. [`take_trace`] returns them.
+pub fn arm_trace(scope: &Path) {
+    arm(scope, usize::MAX, Fault::Crash);
+    if let Some(plan) = plans().iter_mut().find(|p| p.scope == scope) {
+        plan.trace = Some(Vec::new());
+    }
+}
+
+/// Stop watching `scope`; returns the steps [`arm_trace`] recorded under it, in order.
+pub fn take_trace(scope: &Path) -> Vec<(&'static str, PathBuf)> {
+    let trace = plans()
+        .iter_mut()
+        .find(|p| p.scope == scope)
+        .and_then(|p| p.trace.take())
+        .unwrap_or_default();
+    disarm(scope);
+    trace
+}
+
 /// Stop watching `scope`; returns how many steps were seen under it.
 pub fn disarm(scope: &Path) -> usize {
     let mut plans = plans();
@@ -87,8 +110,8 @@ pub fn disarm(scope: &Path) -> usize {
     seen
 }
 
-/// Called before every filesystem step that changes `path`.
-pub(crate) fn step(path: &Path) -> io::Result<()> {
+/// Called before every filesystem step that changes `path`; `action` says what it does.
+pub(crate) fn step(action: &'static str, path: &Path) -> io::Result<()> {
     if !ARMED.load(Ordering::Relaxed) {
         return Ok(());
     }
@@ -97,6 +120,9 @@ pub(crate) fn step(path: &Path) -> io::Result<()> {
         let Some(plan) = plans.iter_mut().find(|p| path.starts_with(&p.scope)) else {
             return Ok(());
         };
+        if let Some(trace) = plan.trace.as_mut() {
+            trace.push((action, path.to_owned()));
+        }
         if plan.action.is_some() {
             plan.seen += 1;
             let action = (plan.seen == plan.at).then(|| plan.action.take()).flatten();

@@ -3,8 +3,9 @@
 //! exactly the old tree or exactly the new one.
 //!
 //! The recipe:
-//! 1. Prepare, writing nothing in the root: every new file is staged (and synced) in
-//!    `STATE/txn/stage/`, the new revert data in `STATE/txn/revert/`.
+//! 1. Prepare, writing nothing in the root: every new file is staged in `STATE/txn/stage/`
+//!    (its writeback started as it is written, all of them synced once all are written), the
+//!    new revert data in `STATE/txn/revert/`.
 //! 2. Write the journal (`STATE/txn/journal.json`, atomically, synced): every step with its
 //!    image before and after, the directory times to keep, and the installed record before and
 //!    after. From here on the transaction can be completed or rolled back from disk alone.

@@ -202,6 +202,43 @@ fn settled(
     }
 }
 
+/// The staged files are synced together once all are written (see `fsx::Unsynced`), but
+/// always before the journal that names them: once the journal is on disk, recovery may
+/// complete the transaction from them.
+#[test]
+fn every_staged_file_is_synced_before_the_journal_is_written() {
+    let case = Case::new();
+    for op in [Op::Apply, Op::Switch, Op::Revert] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        case.setup(tmp.path(), op);
+        fault::arm_trace(tmp.path());
+        let ok = case.run(tmp.path(), op);
+        let steps = fault::take_trace(tmp.path());
+        assert!(ok, "{op:?} succeeds");
+        let stage = tmp.path().join("state/txn/stage");
+        let at =
+            |action: &str, path: &Path| steps.iter().position(|(a, p)| *a == action && p == path);
+        let journal = at("create", &tmp.path().join("state/txn/.journal.json.tmp"))
+            .unwrap_or_else(|| panic!("{op:?} wrote no journal"));
+        let staged: Vec<&Path> = steps
+            .iter()
+            .filter(|(a, p)| *a == "create" && p.parent() == Some(stage.as_path()))
+            .map(|(_, p)| p.as_path())
+            .collect();
+        assert!(!staged.is_empty(), "{op:?} staged no file");
+        for file in staged {
+            let created = at("create", file).expect("created");
+            let synced = at("sync", file)
+                .unwrap_or_else(|| panic!("{op:?}: {} never synced", file.display()));
+            assert!(
+                created < synced && synced < journal,
+                "{op:?}: {} created at step {created}, synced at {synced}, journal at {journal}",
+                file.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn every_step_of_apply_switch_and_revert_recovers_to_old_or_new() {
     quiet_crashes();
