@@ -164,17 +164,24 @@ fn write<E: From<FsError>>(
     if sync {
         hooked("sync", path, || file.sync_all())?;
     } else {
-        // Start the writeback: on Linux, this advice writes the dirty pages back without
-        // waiting (and drops only clean ones, of which a file just written has none). Without
-        // it the syncs left to the end took longer than syncing each file at once. A failure
-        // only leaves the whole writeback to the sync.
-        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+        start_writeback(&file);
     }
     drop(file);
     if let Some(mtime) = mtime {
         set_mtime(path, mtime)?;
     }
     Ok(())
+}
+
+/// Start writing `file` back without waiting for it: on Linux, this advice writes the dirty
+/// pages back (and drops only clean ones, of which a file just written has none). Without it
+/// the syncs left to the end took longer than syncing each file at once. A failure, or another
+/// system, only leaves the whole writeback to the sync.
+fn start_writeback(file: &fs::File) {
+    #[cfg(target_os = "linux")]
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
 }
 
 /// Replace `path` with `bytes` (mode 0644) through a temporary file beside it, synced, so that
