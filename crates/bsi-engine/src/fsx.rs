@@ -163,35 +163,32 @@ fn write<E: From<FsError>>(
         let _ = fs::remove_file(path);
         return Err(e);
     }
-    let file = out
+    let written = out
         .into_inner()
-        .map_err(|e| FsError::new("write", path, e.into_error()))?
-        .file;
+        .map_err(|e| FsError::new("write", path, e.into_error()))?;
+    let file = &written.file;
     hooked("set permissions of", path, || {
         file.set_permissions(fs::Permissions::from_mode(mode))
     })?;
     if sync {
         hooked("sync", path, || file.sync_all())?;
     } else {
-        start_writeback(&file);
+        start_writeback(file, written.started, None);
     }
-    drop(file);
+    drop(written);
     if let Some(mtime) = mtime {
         set_mtime(path, mtime)?;
     }
     Ok(())
 }
 
-/// Start writing `file` back without waiting for it: on Linux, this advice writes the dirty
-/// pages back (and drops only clean ones, of which a file just written has none). Without it
-/// the syncs left to the end took longer than syncing each file at once. A failure, or another
-/// system, only leaves the whole writeback to the sync.
-fn start_writeback(file: &fs::File) {
-    start_writeback_of(file, 0, None);
-}
-
-/// [`start_writeback`] of `len` bytes from `offset` (to the end for `None`).
-fn start_writeback_of(file: &fs::File, offset: u64, len: Option<std::num::NonZeroU64>) {
+/// Start writing `len` bytes of `file` from `offset` (to its end for `None`) back without
+/// waiting for them: on Linux, this advice writes the dirty pages of the range back and drops
+/// only its clean ones, of which bytes just written have none (so each stretch is advised once,
+/// as it is written, and a stretch written back already stays cached). Without it the syncs
+/// left to the end took longer than syncing each file at once. A failure, or another system,
+/// only leaves the whole writeback to the sync.
+fn start_writeback(file: &fs::File, offset: u64, len: Option<std::num::NonZeroU64>) {
     #[cfg(target_os = "linux")]
     let _ = rustix::fs::fadvise(file, offset, len, rustix::fs::Advice::DontNeed);
     #[cfg(not(target_os = "linux"))]
@@ -217,7 +214,7 @@ impl Write for WritingBack {
         self.written += n as u64;
         if self.early && self.written - self.started >= WRITEBACK_STRETCH {
             let len = std::num::NonZeroU64::new(self.written - self.started);
-            start_writeback_of(&self.file, self.started, len);
+            start_writeback(&self.file, self.started, len);
             self.started = self.written;
         }
         Ok(n)
