@@ -45,6 +45,10 @@ mod matcher;
 mod predict;
 mod refs;
 
+#[cfg(test)]
+pub(crate) use refs::tests::elf_with_code;
+pub(crate) use refs::{rip_relative, x86_code_ranges};
+
 const MAGIC: &[u8; 4] = b"BSD\x03";
 /// Format 2: format 3 whose diff stream codes every zero flag (see `cm`).
 const MAGIC_2: &[u8; 4] = b"BSD\x02";

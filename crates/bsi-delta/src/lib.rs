@@ -9,6 +9,7 @@
 
 mod blocks;
 mod bsdiff;
+mod code_filter;
 mod gzip;
 mod varint;
 mod zstd_prefix;

@@ -3,7 +3,7 @@ use std::io::{self, Read, Write};
 use rayon::prelude::*;
 use zstd::stream::raw::{CParameter, DParameter};
 
-use crate::{copy_exact_len, corrupt, window_log, DecodeError, DeltaEncoder, LEVEL};
+use crate::{code_filter, copy_exact_len, corrupt, window_log, DecodeError, DeltaEncoder, LEVEL};
 
 /// Smallest old file encoded through zstd's multithreaded path, exclusive (see [`encode_in`]).
 const MULTITHREADED_MIN_OLD: usize = 8 << 20;
@@ -24,6 +24,23 @@ const MIN_FRAME_LEN: u32 = 64 << 10;
 /// First bytes of a framed payload; a single-frame payload is a bare zstd frame, which starts
 /// with zstd's magic number (28 b5 2f fd).
 const FRAMED_MAGIC: &[u8; 4] = b"ZPF\x01";
+/// First bytes of a payload whose new file's code was converted (see [`crate::code_filter`]):
+/// the filter's header and a payload without the filter follow.
+const FILTERED_MAGIC: &[u8; 4] = b"ZPC\x01";
+/// New files up to this long are also encoded without the code filter, and the smaller payload
+/// kept: the filter converts only the new file, so a file nearly its old one loses the matches
+/// of its code (a small library's whole payload is often such matches). Above, the filter's
+/// payload alone: level 19 costs about a second per MiB there.
+const BOTH_MAX: usize = 4 << 20;
+/// From a window of 2^[`WIDE_WINDOW_LOG`] bytes (old file and frame over 32 MiB), the binary
+/// tree has 2^[`WIDE_TABLES_LOG`] nodes and the hash table as many entries, instead of level
+/// 19's 2^24 and 2^22. zstd then indexes the last 8 MiB of the old file instead of 32 MiB, and
+/// searches less deeply (see ARCHITECTURE.md): libxul.so's 4 frames took 62 s of CPU instead
+/// of 168 s, its converted payload 43,181,208 B against 47,797,595 B unconverted at level 19's
+/// tables (49,844,512 B unconverted with these); browser/omni.ja 11.8 s instead of 35.2 s for
+/// 6.5% more.
+const WIDE_WINDOW_LOG: u32 = 26;
+const WIDE_TABLES_LOG: u32 = 20;
 /// How much of a payload decoding reads at a time from a stream (a package file).
 const PAYLOAD_BUFFER: usize = 128 << 10;
 
@@ -70,18 +87,23 @@ impl DeltaEncoder for ZstdPrefix {
         true
     }
 
+    /// An x86-64 ELF file's code is converted first (see [`crate::code_filter`]); up to
+    /// [`BOTH_MAX`] bytes, the payload without conversion is also made and the smaller kept.
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let payload = match frame_len(old.len(), new.len()) {
-            Some(len) => encode_framed(old, new, LEVEL, len, FRAMES_AT_ONCE)?,
-            None if (PROBE_MIN..=PROBE_MAX).contains(&new.len()) => {
-                let probe = encode_in(old, new, PROBE_LEVEL)?;
-                match probe.len() <= new.len() / TINY {
-                    true => probe,
-                    false => encode_in(old, new, LEVEL)?,
-                }
-            }
-            None => encode_in(old, new, LEVEL)?,
+        let ranges = crate::bsdiff::x86_code_ranges(new);
+        let Some(filtered) = code_filter::filter(new, &ranges) else {
+            return Ok(Some(encode_plain(old, new)?));
         };
+        let mut payload = FILTERED_MAGIC.to_vec();
+        payload.extend_from_slice(&filtered.header);
+        payload.extend_from_slice(&encode_plain(old, &filtered.bytes)?);
+        drop(filtered);
+        if new.len() <= BOTH_MAX {
+            let plain = encode_plain(old, new)?;
+            if plain.len() <= payload.len() {
+                return Ok(Some(plain));
+            }
+        }
         Ok(Some(payload))
     }
 
@@ -109,11 +131,49 @@ impl DeltaEncoder for ZstdPrefix {
         let mut head = [0u8; FRAMED_MAGIC.len()];
         let head = &mut head[..payload_len.min(FRAMED_MAGIC.len() as u64) as usize];
         payload.read_exact(head).map_err(DecodeError::Corrupt)?;
-        let rest = payload_len - head.len() as u64;
-        match &*head == FRAMED_MAGIC {
-            true => decode_frames(old, payload, rest, new_len, out),
-            false => decode_frame(old, (&*head).chain(payload.take(rest)), new_len, out),
+        let mut rest = payload_len - head.len() as u64;
+        if &*head != FILTERED_MAGIC {
+            return decode_plain(old, head, payload, rest, new_len, out);
         }
+        let mut unfilter = code_filter::Unfilter::read_header(payload, &mut rest, new_len, out)?;
+        let mut head = [0u8; FRAMED_MAGIC.len()];
+        let head = &mut head[..rest.min(FRAMED_MAGIC.len() as u64) as usize];
+        payload.read_exact(head).map_err(DecodeError::Corrupt)?;
+        rest -= head.len() as u64;
+        decode_plain(old, head, payload, rest, new_len, &mut unfilter)?;
+        unfilter.finish()
+    }
+}
+
+/// The payload of `new` against `old`, without the code filter: one frame or frames (see
+/// [`frame_len`]), a probe at a low level first for a file that may be nearly the old one.
+fn encode_plain(old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
+    Ok(match frame_len(old.len(), new.len()) {
+        Some(len) => encode_framed(old, new, LEVEL, len, FRAMES_AT_ONCE)?,
+        None if (PROBE_MIN..=PROBE_MAX).contains(&new.len()) => {
+            let probe = encode_in(old, new, PROBE_LEVEL)?;
+            match probe.len() <= new.len() / TINY {
+                true => probe,
+                false => encode_in(old, new, LEVEL)?,
+            }
+        }
+        None => encode_in(old, new, LEVEL)?,
+    })
+}
+
+/// Decode a payload without the code filter whose first bytes, `head`, were read: `rest` more
+/// bytes in `payload`.
+fn decode_plain(
+    old: &[u8],
+    head: &[u8],
+    payload: &mut dyn Read,
+    rest: u64,
+    new_len: u64,
+    out: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    match head == FRAMED_MAGIC {
+        true => decode_frames(old, payload, rest, new_len, out),
+        false => decode_frame(old, head.chain(payload.take(rest)), new_len, out),
     }
 }
 
@@ -146,6 +206,10 @@ fn encode_in(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
     let mut encoder = zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), level, old)?;
     encoder.set_parameter(CParameter::WindowLog(window))?;
     encoder.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+    if window >= WIDE_WINDOW_LOG {
+        encoder.set_parameter(CParameter::ChainLog(WIDE_TABLES_LOG))?;
+        encoder.set_parameter(CParameter::HashLog(WIDE_TABLES_LOG))?;
+    }
     if old.len() > MULTITHREADED_MIN_OLD {
         encoder.set_parameter(CParameter::NbWorkers(1))?;
     }
@@ -313,6 +377,74 @@ mod tests {
                     .expect("decode"),
                 *new
             );
+        }
+    }
+
+    /// A program of calls to 64 functions and loads of 64 globals spread over its code, against
+    /// an old file of other bytes: its payload is the converted one, and smaller. Against
+    /// itself, the payload without conversion is kept.
+    #[test]
+    fn code_is_converted_where_that_is_smaller() {
+        let mut code = crate::test_data::noise(7, 256 << 10);
+        let mut x = 12345u64;
+        for at in (0..code.len() - 64).step_by(16) {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let target = |k: u64| 0x1000 + (k % 64) as usize * 4096;
+            let d = target(x >> 33) as i64 - (0x1000 + at + 5) as i64;
+            code[at] = 0xe8;
+            code[at + 1..at + 5].copy_from_slice(&(d as i32).to_le_bytes());
+            let d = (0x100_0000 + (x >> 40) % 64 * 8) as i64 - (0x1000 + at + 12) as i64;
+            code[at + 5..at + 8].copy_from_slice(&[0x48, 0x8b, 0x05]);
+            code[at + 8..at + 12].copy_from_slice(&(d as i32).to_le_bytes());
+        }
+        let new = crate::bsdiff::elf_with_code(&code);
+        let old = text(8, 64 << 10);
+        let payload = ZstdPrefix
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
+        assert_eq!(&payload[..4], FILTERED_MAGIC);
+        let plain = encode_plain(&old, &new).expect("encode");
+        assert!(
+            payload.len() < plain.len() * 9 / 10,
+            "{} B converted, {} B not",
+            payload.len(),
+            plain.len()
+        );
+        let decoded = ZstdPrefix
+            .decode(&old, &payload, new.len() as u64)
+            .expect("decode");
+        assert!(decoded == new, "round trip");
+        // Streamed a few bytes at a time.
+        let mut out = Vec::new();
+        let mut input = io::BufReader::with_capacity(7, &payload[..]);
+        ZstdPrefix
+            .decode_stream_into(
+                &old,
+                &mut input,
+                payload.len() as u64,
+                new.len() as u64,
+                &mut out,
+            )
+            .expect("decode");
+        assert!(out == new, "round trip, streamed");
+
+        let same = ZstdPrefix
+            .encode(&new, &new)
+            .expect("encode")
+            .expect("applies");
+        assert_ne!(&same[..4], FILTERED_MAGIC);
+        assert!(same.len() < 100, "{} B for an unchanged file", same.len());
+        // A filtered payload cut anywhere: an error, never a panic.
+        for cut in (0..payload.len())
+            .step_by(61)
+            .chain([4, 5, 6, payload.len() - 1])
+        {
+            assert!(ZstdPrefix
+                .decode(&old, &payload[..cut], new.len() as u64)
+                .is_err());
         }
     }
 

@@ -206,3 +206,14 @@ fn gzip_2() {
     check("gzip", "gzip-2.bin", &old, &new);
     stored_format("gzip-2.bin", b"GZD\x02", "gzip format 2");
 }
+
+/// A program against another one (two small x86-64 libraries of `tests/data`), where the
+/// payload with the new file's code converted (format `ZPC\x01`) is the smaller.
+#[test]
+fn zstd_prefix_code_1() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
+    let (old, new) = (read("elf-2.old.so"), read("elf-1.new.so"));
+    check("zstd-prefix", "zstd-prefix-code-1.bin", &old, &new);
+    let stored = std::fs::read(data("zstd-prefix-code-1.bin")).expect("read the payload");
+    assert_eq!(&stored[..4], b"ZPC\x01", "the stored payload is converted");
+}

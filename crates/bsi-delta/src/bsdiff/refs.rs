@@ -26,6 +26,8 @@ mod macho;
 mod plt;
 mod x86;
 
+pub(crate) use x86::rip_relative;
+
 pub(super) use arm64::{encode as arm64_encode, Form as Arm64};
 pub(super) use macho::SLICE_SHIFT;
 pub(super) use plt::pieces as plt_pieces;
@@ -455,6 +457,34 @@ fn machine(data: &[u8]) -> Option<Machine> {
         EM_AARCH64 => Some(Machine::Aarch64),
         _ => None,
     }
+}
+
+/// The file ranges of the code sections of `data` when it is a 64-bit little-endian ELF file
+/// for x86-64, in file order and apart; none otherwise.
+pub(crate) fn x86_code_ranges(data: &[u8]) -> Vec<(u64, u64)> {
+    if machine(data) != Some(Machine::X86_64) {
+        return Vec::new();
+    }
+    let mut ranges: Vec<(u64, u64)> = sections(data)
+        .unwrap_or_default()
+        .iter()
+        .filter(|s| {
+            s.kind == SHT_PROGBITS
+                && s.flags & (SHF_ALLOC | SHF_EXECINSTR) == SHF_ALLOC | SHF_EXECINSTR
+                && s.len > 0
+        })
+        .map(|s| (s.offset, s.offset + s.len))
+        .collect();
+    ranges.sort_unstable();
+    // Overlapping headers (a hostile or odd file) are merged.
+    let mut apart: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match apart.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => apart.push((start, end)),
+        }
+    }
+    apart
 }
 
 fn elf(data: &[u8], version: Version) -> Option<Image> {

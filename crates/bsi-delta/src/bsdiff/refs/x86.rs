@@ -135,53 +135,73 @@ impl Scan<'_> {
                     }
                 }
             }
-            // [66|f2|f3] [REX] opcode ModRM(mod 00, r/m 101) disp32 [imm]: RIP-relative.
-            let mut j = i;
-            if matches!(code[j], 0x66 | 0xf2 | 0xf3) {
-                j += 1;
-            }
-            if code.get(j).is_some_and(|b| (0x40..=0x4f).contains(b)) {
-                j += 1;
-            }
-            let operand = match code.get(j) {
-                Some(0x0f) => code
-                    .get(j + 1)
-                    .filter(|&&op| MODRM_0F[usize::from(op)])
-                    .map(|_| (j + 2, 0u8)),
-                Some(&op) => code
-                    .get(j + 1)
-                    .and_then(|&modrm| immediate_after(op, modrm))
-                    .map(|imm| (j + 1, imm)),
-                None => None,
-            };
-            if let Some((m, tail)) = operand {
-                if code.get(m).is_some_and(|&modrm| modrm & 0xc7 == 0x05) {
-                    let end_of_insn = m + 5 + usize::from(tail);
-                    let t = disp(m + 1).and_then(|d| target(end_of_insn, d));
-                    if let Some(t) = t.filter(|&t| self.image.segment_at(t).is_some()) {
-                        if end_of_insn <= code.len() {
-                            let site = (start + m + 1) as u64;
-                            let kind = Kind::Rel32 { k: 4 + tail };
-                            collect(
-                                refs,
-                                Ref {
-                                    site,
-                                    kind,
-                                    target: t,
-                                },
-                            );
-                            if code[j] == 0x8d && loaded.len() < MAX_FOUND {
-                                loaded.push(t);
-                            }
-                            i = next(end_of_insn);
-                            continue;
+            if let Some(rip) = rip_relative(code, i) {
+                let t = disp(rip.disp).and_then(|d| target(rip.end, d));
+                if let Some(t) = t.filter(|&t| self.image.segment_at(t).is_some()) {
+                    if rip.end <= code.len() {
+                        let site = (start + rip.disp) as u64;
+                        let kind = Kind::Rel32 {
+                            k: (rip.end - rip.disp) as u8,
+                        };
+                        collect(
+                            refs,
+                            Ref {
+                                site,
+                                kind,
+                                target: t,
+                            },
+                        );
+                        if rip.loads && loaded.len() < MAX_FOUND {
+                            loaded.push(t);
                         }
+                        i = next(rip.end);
+                        continue;
                     }
                 }
             }
             i = next(i + 1);
         }
     }
+}
+
+/// An instruction with a RIP-relative memory operand: its 32-bit displacement at `disp`, the
+/// instruction ending at `end` (which may lie past the code's end), `loads` for a `lea`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RipRelative {
+    pub disp: usize,
+    pub end: usize,
+    pub loads: bool,
+}
+
+/// The instruction at `i` of `code` when it is `[66|f2|f3] [REX] opcode ModRM disp32 [imm]` with
+/// ModRM mod 00, r/m 101 (RIP-relative) and an opcode of the tables above. It reads the bytes
+/// up to the ModRM byte only, never the displacement or the immediate: the code filter of
+/// zstd-prefix payloads relies on that (see `crate::code_filter`), and so these tables are
+/// part of that format as they are of bsdiff's.
+#[inline(always)]
+pub(crate) fn rip_relative(code: &[u8], i: usize) -> Option<RipRelative> {
+    let mut j = i;
+    if matches!(code.get(j)?, 0x66 | 0xf2 | 0xf3) {
+        j += 1;
+    }
+    if code.get(j).is_some_and(|b| (0x40..=0x4f).contains(b)) {
+        j += 1;
+    }
+    let (m, tail) = match *code.get(j)? {
+        0x0f => code
+            .get(j + 1)
+            .filter(|&&op| MODRM_0F[usize::from(op)])
+            .map(|_| (j + 2, 0u8))?,
+        op => code
+            .get(j + 1)
+            .and_then(|&modrm| immediate_after(op, modrm))
+            .map(|imm| (j + 1, imm))?,
+    };
+    (*code.get(m)? & 0xc7 == 0x05).then_some(RipRelative {
+        disp: m + 1,
+        end: m + 5 + usize::from(tail),
+        loads: code[j] == 0x8d,
+    })
 }
 
 /// The positions of code at which [`Scan::run`] may find an instruction, as a bit set: a byte

@@ -1,0 +1,539 @@
+//! The code filter of zstd-prefix payloads: x86-64 code made more alike to itself before zstd
+//! sees it, and restored after decoding.
+//!
+//! The 32-bit displacement of each `call rel32` and of each RIP-relative memory operand becomes
+//! the position its target lies at in the file (modulo [`SPAN`]), so that every call of one
+//! function and every use of one global carries the same four bytes wherever it is, as the BCJ
+//! filters of xz and 7-Zip do for calls. Firefox ESR 140 -> 153's libxul.so (184 MB, 117 MiB of
+//! code) costs 9.7% less with it (see ARCHITECTURE.md). Only the new file is converted: the
+//! matches that zstd finds in the old one are not in its code (converting both gave the same
+//! size to 0.0001%), and so decoding holds no converted copy of the old file.
+//!
+//! The encoder walks each code range from its start: where an instruction the filter knows
+//! starts and its displacement `d` lies in `[-SPAN/2, SPAN/2)`, `d` becomes `d + end` (`end`
+//! the file offset of the instruction's end) brought back into that interval, and the walk goes
+//! on after the instruction; else it goes on at the next byte. Which instructions it knows
+//! depends only on the bytes before the displacement, and the conversion keeps a displacement in
+//! the interval, so a decoder walking the converted bytes the same way finds every converted
+//! instruction. It may also find one more where a displacement converted further on changed the
+//! bytes it reads at a position the encoder passed: those positions (rare: 0 to a few in a
+//! thousand instructions) are listed in the payload, and the decoder passes them too.
+//!
+//! Layout, after the magic number of a filtered payload: the number of code ranges, each as its
+//! distance from the previous range's end and its length; the number of listed positions, each
+//! as its distance from the previous one (the first from 0); all LEB128 varints. The zstd-prefix
+//! payload of the converted file follows.
+
+use std::io::{self, Read, Write};
+
+use crate::bsdiff::rip_relative;
+use crate::{corrupt, varint, DecodeError};
+
+/// Displacements are converted modulo 256 MiB: every call and RIP-relative operand of a file
+/// whose code and data span less than 128 MiB, and most of a larger one's (libxul.so: 117 MiB of
+/// code, 184 MB in all).
+const SPAN: i64 = 1 << 28;
+/// Bytes from an instruction's start to its end, at most: prefix, REX, opcode, ModRM, disp32
+/// and a 4-byte immediate.
+const LONGEST: u64 = 12;
+/// At most this many code ranges (an ELF file's executable sections).
+pub(crate) const MAX_RANGES: usize = 256;
+/// At most one listed position per this many bytes of code, and [`MIN_LISTED`] whatever the
+/// code's length: a decoder holds the list, and real code needs about one per 100 KB.
+const CODE_PER_LISTED: u64 = 1024;
+const MIN_LISTED: u64 = 1024;
+
+/// The converted instruction at the start of `code` (which ends where its range does), if its
+/// displacement lies in the interval: (offset of the displacement, offset of the end).
+#[inline(always)]
+fn operand(code: &[u8]) -> Option<(usize, usize)> {
+    let (disp, end) = match code.first()? {
+        0xe8 => (1, 5),
+        _ => rip_relative(code, 0).map(|r| (r.disp, r.end))?,
+    };
+    debug_assert!(end as u64 <= LONGEST);
+    let d = i64::from(i32::from_le_bytes(
+        code.get(disp..disp + 4)?.try_into().ok()?,
+    ));
+    (end <= code.len() && (-SPAN / 2..SPAN / 2).contains(&d)).then_some((disp, end))
+}
+
+/// The first position from `from` on at which [`operand`] may find an instruction, or
+/// `code.len()`: a `call` byte there, or a ModRM byte of a RIP-relative operand (mod 00, r/m
+/// 101) 1 to 4 bytes after it. About one byte in eight of real code is such a position.
+#[inline(always)]
+fn next_candidate(code: &[u8], from: usize) -> usize {
+    for (p, &b) in code.iter().enumerate().skip(from) {
+        if b == 0xe8 {
+            return p;
+        }
+        if b & 0xc7 == 0x05 && p > from {
+            return p.saturating_sub(4).max(from);
+        }
+    }
+    code.len()
+}
+
+/// `d` (in the interval) converted for an instruction ending at file offset `end`, or restored
+/// with `back`.
+fn convert(d: i32, end: u64, back: bool) -> i32 {
+    let end = (end % SPAN as u64) as i64;
+    let moved = if back {
+        i64::from(d) - end
+    } else {
+        i64::from(d) + end
+    };
+    ((moved + SPAN / 2).rem_euclid(SPAN) - SPAN / 2) as i32
+}
+
+fn rewrite(code: &mut [u8], disp: usize, end: u64, back: bool) {
+    let field: &mut [u8; 4] = (&mut code[disp..disp + 4]).try_into().expect("4 bytes");
+    *field = convert(i32::from_le_bytes(*field), end, back).to_le_bytes();
+}
+
+/// A new file with its code converted, and what a decoder needs to restore it.
+pub(crate) struct Filtered {
+    pub bytes: Vec<u8>,
+    /// The ranges and listed positions, as the payload holds them.
+    pub header: Vec<u8>,
+}
+
+/// `new` with the code in `ranges` (file offsets, ascending and apart) converted; `None` when
+/// there is no code to convert or it would need too long a list.
+pub(crate) fn filter(new: &[u8], ranges: &[(u64, u64)]) -> Option<Filtered> {
+    let fits = |&&(start, end): &&(u64, u64)| start < end && end <= new.len() as u64;
+    if ranges.is_empty() || ranges.len() > MAX_RANGES || !ranges.iter().all(|r| fits(&r)) {
+        return None;
+    }
+    let mut bytes = new.to_vec();
+    // Converting in place: every byte the walk reads lies at or after its position, and only
+    // displacements behind it have been converted.
+    let mut converted = Vec::new();
+    for &(start, end) in ranges {
+        let code = &mut bytes[start as usize..end as usize];
+        let mut i = next_candidate(code, 0);
+        while i < code.len() {
+            match operand(&code[i..]) {
+                Some((disp, len)) => {
+                    let at = start + (i + len) as u64;
+                    rewrite(code, i + disp, at, false);
+                    converted.push(start + i as u64);
+                    i = next_candidate(code, i + len);
+                }
+                None => i = next_candidate(code, i + 1),
+            }
+        }
+    }
+    // Walk the converted bytes as a decoder does, listing where it would find an instruction
+    // the encoder did not convert, and check that it gives `new` back.
+    let mut listed = Vec::new();
+    let mut restored = bytes.clone();
+    let mut walk = Walk::new(ranges.to_vec());
+    let mut next = converted.iter().peekable();
+    walk.run(&mut restored, 0, true, |at| {
+        while next.next_if(|&&c| c < at).is_some() {}
+        match next.next_if(|&&c| c == at) {
+            Some(_) => false,
+            None => {
+                listed.push(at);
+                true
+            }
+        }
+    })
+    .ok()?;
+    let code: u64 = ranges.iter().map(|(start, end)| end - start).sum();
+    if restored != new || listed.len() as u64 > max_listed(code) {
+        return None;
+    }
+    let mut header = Vec::new();
+    varint::put(&mut header, ranges.len() as u64);
+    let mut last = 0;
+    for &(start, end) in ranges {
+        varint::put(&mut header, start - last);
+        varint::put(&mut header, end - start);
+        last = end;
+    }
+    varint::put(&mut header, listed.len() as u64);
+    let mut last = 0;
+    for &at in &listed {
+        varint::put(&mut header, at - last);
+        last = at;
+    }
+    Some(Filtered { bytes, header })
+}
+
+fn max_listed(code: u64) -> u64 {
+    code / CODE_PER_LISTED + MIN_LISTED
+}
+
+/// The walk over the code ranges that restores the converted displacements.
+struct Walk {
+    ranges: Vec<(u64, u64)>,
+    /// The range walked and the position reached in it.
+    range: usize,
+    at: u64,
+}
+
+impl Walk {
+    fn new(ranges: Vec<(u64, u64)>) -> Walk {
+        let at = ranges.first().map_or(0, |r| r.0);
+        Walk {
+            ranges,
+            range: 0,
+            at,
+        }
+    }
+
+    /// Restore the displacements in `buf` (the file's bytes from offset `base`) as far as its
+    /// bytes allow (to the end when `complete`), passing each instruction found at a position
+    /// `pass` names. Returns the offset before which the bytes are final.
+    fn run(
+        &mut self,
+        buf: &mut [u8],
+        base: u64,
+        complete: bool,
+        mut pass: impl FnMut(u64) -> bool,
+    ) -> Result<u64, DecodeError> {
+        let avail = base + buf.len() as u64;
+        while let Some(&(start, end)) = self.ranges.get(self.range) {
+            if self.at >= end {
+                self.range += 1;
+                if let Some(&(next, _)) = self.ranges.get(self.range) {
+                    self.at = next;
+                }
+                continue;
+            }
+            let needed = (self.at + LONGEST).min(end);
+            if needed > avail {
+                if complete {
+                    return Err(corrupt(&format!(
+                        "code range {start}..{end} runs past the file's {avail} bytes"
+                    )));
+                }
+                return Ok(self.at.min(avail));
+            }
+            let from = (self.at - base) as usize;
+            let code = &mut buf[from..(end.min(avail) - base) as usize];
+            let least = match operand(code) {
+                Some((disp, len)) if !pass(self.at) => {
+                    rewrite(code, disp, self.at + len as u64, true);
+                    len
+                }
+                _ => 1,
+            };
+            let step = next_candidate(code, least);
+            // A position whose ModRM bytes may lie past the bytes written so far is looked at
+            // again once they are.
+            self.at += match end > avail {
+                true => step.min(code.len().saturating_sub(4)).max(least),
+                false => step,
+            } as u64;
+        }
+        Ok(u64::MAX)
+    }
+}
+
+/// A writer that restores the converted code of the bytes written through it (see
+/// [`Unfilter::read_header`]) and hands them on to `out`; [`Unfilter::finish`] ends the file.
+pub(crate) struct Unfilter<'w> {
+    out: &'w mut dyn Write,
+    walk: Walk,
+    listed: Vec<u64>,
+    next: usize,
+    /// The bytes written and not yet final, from file offset `base`.
+    held: Vec<u8>,
+    base: u64,
+}
+
+impl<'w> Unfilter<'w> {
+    /// Read a filtered payload's header from `payload` (which has `*left` bytes left, counted
+    /// down) for a file of `new_len` bytes.
+    pub fn read_header(
+        payload: &mut dyn Read,
+        left: &mut u64,
+        new_len: u64,
+        out: &'w mut dyn Write,
+    ) -> Result<Unfilter<'w>, DecodeError> {
+        let mut counted = CountedRead {
+            inner: payload,
+            left,
+        };
+        let count = varint::read(&mut counted)?;
+        if count == 0 || count > MAX_RANGES as u64 {
+            return Err(corrupt(&format!(
+                "{count} code ranges (1 to {MAX_RANGES} allowed)"
+            )));
+        }
+        let mut ranges = Vec::with_capacity(count as usize);
+        let mut last = 0u64;
+        for _ in 0..count {
+            let start = last.checked_add(varint::read(&mut counted)?);
+            let end = start.and_then(|s| s.checked_add(varint::read(&mut counted).ok()?));
+            let (Some(start), Some(end)) = (start, end) else {
+                return Err(corrupt("a code range's offset overflows"));
+            };
+            if start >= end || end > new_len || (!ranges.is_empty() && start == last) {
+                return Err(corrupt(&format!(
+                    "code range {start}..{end} is empty, out of order or past the file's \
+                     {new_len} bytes"
+                )));
+            }
+            ranges.push((start, end));
+            last = end;
+        }
+        let code: u64 = ranges.iter().map(|(start, end)| end - start).sum();
+        let count = varint::read(&mut counted)?;
+        if count > max_listed(code) {
+            return Err(corrupt(&format!(
+                "{count} listed positions for {code} bytes of code"
+            )));
+        }
+        let mut listed = Vec::with_capacity(count as usize);
+        let mut last = 0u64;
+        for k in 0..count {
+            let step = varint::read(&mut counted)?;
+            let at = last
+                .checked_add(step)
+                .filter(|&at| (k == 0 || step > 0) && at < new_len)
+                .ok_or_else(|| corrupt("listed positions out of order or past the file"))?;
+            listed.push(at);
+            last = at;
+        }
+        Ok(Unfilter {
+            out,
+            walk: Walk::new(ranges),
+            listed,
+            next: 0,
+            held: Vec::new(),
+            base: 0,
+        })
+    }
+
+    fn restore(&mut self, complete: bool) -> io::Result<()> {
+        let (listed, next) = (&self.listed, &mut self.next);
+        let done = self
+            .walk
+            .run(&mut self.held, self.base, complete, |at| {
+                let passed = listed.get(*next) == Some(&at);
+                *next += usize::from(passed);
+                passed
+            })
+            .map_err(io::Error::other)?;
+        let final_len = (done.saturating_sub(self.base) as usize).min(self.held.len());
+        self.out.write_all(&self.held[..final_len])?;
+        self.held.drain(..final_len);
+        self.base += final_len as u64;
+        Ok(())
+    }
+
+    /// Restore and hand on the last bytes; every listed position must have been passed.
+    pub fn finish(mut self) -> Result<(), DecodeError> {
+        self.restore(true).map_err(DecodeError::Corrupt)?;
+        match self.listed.len() - self.next {
+            0 => Ok(()),
+            n => Err(corrupt(&format!(
+                "{n} listed positions are not at instructions the code filter converts"
+            ))),
+        }
+    }
+}
+
+impl Write for Unfilter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.held.extend_from_slice(buf);
+        self.restore(false)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// A reader that counts down the bytes left in a payload.
+struct CountedRead<'r, 'l> {
+    inner: &'r mut dyn Read,
+    left: &'l mut u64,
+}
+
+impl Read for CountedRead<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let room = buf
+            .len()
+            .min(usize::try_from(*self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..room])?;
+        *self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_data::noise;
+
+    /// Restore `filtered` through an [`Unfilter`] fed `chunk` bytes at a time.
+    fn unfilter(filtered: &Filtered, chunk: usize) -> Result<Vec<u8>, DecodeError> {
+        let mut out = Vec::new();
+        let mut header = &filtered.header[..];
+        let mut left = header.len() as u64;
+        let len = filtered.bytes.len() as u64;
+        let mut writer = Unfilter::read_header(&mut header, &mut left, len, &mut out)?;
+        assert_eq!(left, 0, "the whole header is read");
+        for piece in filtered.bytes.chunks(chunk) {
+            writer.write_all(piece).map_err(DecodeError::Corrupt)?;
+        }
+        writer.finish()?;
+        Ok(out)
+    }
+
+    /// `call rel32` and `lea rax, [rip + d]` at `at` of `code`, to file offset `target`.
+    fn call(code: &mut [u8], at: usize, target: usize) {
+        let d = target as i64 - (at + 5) as i64;
+        code[at] = 0xe8;
+        code[at + 1..at + 5].copy_from_slice(&(d as i32).to_le_bytes());
+    }
+    fn lea(code: &mut [u8], at: usize, target: usize) {
+        let d = target as i64 - (at + 7) as i64;
+        code[at..at + 3].copy_from_slice(&[0x48, 0x8d, 0x05]);
+        code[at + 3..at + 7].copy_from_slice(&(d as i32).to_le_bytes());
+    }
+
+    #[test]
+    fn every_call_of_a_function_reads_the_same_once_converted() {
+        let mut new = vec![0x90u8; 50_000];
+        let sites = [1_000, 7_003, 20_111, 45_000];
+        for at in sites {
+            call(&mut new, at, 30_000);
+            lea(&mut new, at + 5, 200);
+        }
+        let filtered = filter(&new, &[(16, 49_000)]).expect("filtered");
+        let field = |at: usize| filtered.bytes[at..at + 4].to_vec();
+        for at in sites {
+            assert_eq!(field(at + 1), field(sites[0] + 1), "call at {at}");
+            assert_eq!(field(at + 8), field(sites[0] + 8), "lea at {at}");
+            assert_ne!(
+                new[at + 1..at + 5],
+                filtered.bytes[at + 1..at + 5],
+                "converted"
+            );
+        }
+        // Outside the code range nothing changes.
+        call(&mut new, 49_500, 30_000);
+        let filtered = filter(&new, &[(16, 49_000)]).expect("filtered");
+        assert_eq!(filtered.bytes[49_000..], new[49_000..]);
+        for chunk in [1, 3, 12, 13, 1000, new.len()] {
+            assert!(
+                unfilter(&filtered, chunk).expect("restore") == new,
+                "chunk {chunk}"
+            );
+        }
+    }
+
+    /// A call whose displacement is out of the interval, followed within it by one that is
+    /// converted: the conversion brings the first displacement into the interval, so that a
+    /// decoder would take it; its position is listed, and without the list the bytes come out
+    /// wrong.
+    #[test]
+    fn a_conversion_that_would_mislead_the_decoder_is_listed() {
+        let mut new = vec![0x90u8; 300];
+        let r = 100;
+        // The first call's displacement ends in the second call's opcode and first byte.
+        new[r..r + 3].copy_from_slice(&[0xe8, 0x11, 0x22]);
+        // The second ends at r + 8; converted, its displacement is 0x100, whose low byte (0)
+        // becomes the first displacement's high byte.
+        new[r + 3..r + 8].copy_from_slice(&[0xe8, 0x94, 0x00, 0x00, 0x00]);
+        assert_eq!(
+            operand(&new[r..]),
+            None,
+            "0x94e82211 is out of the interval"
+        );
+        let filtered = filter(&new, &[(0, 300)]).expect("filtered");
+        assert_eq!(filtered.bytes[r + 4..r + 8], [0x00, 0x01, 0x00, 0x00]);
+        assert!(
+            operand(&filtered.bytes[r..]).is_some(),
+            "a decoder would take it"
+        );
+        assert!(unfilter(&filtered, 7).expect("restore") == new);
+        // The header: 1 range (0, 300), then 1 listed position, at r.
+        assert_eq!(filtered.header, [1, 0, 172, 2, 1, r as u8]);
+        let unlisted = Filtered {
+            bytes: filtered.bytes.clone(),
+            header: vec![1, 0, 172, 2, 0],
+        };
+        assert!(unfilter(&unlisted, 7).is_ok_and(|out| out != new));
+    }
+
+    #[test]
+    fn hostile_headers_are_refused() {
+        let new = noise(2, 4_000);
+        let filtered = filter(&new, &[(0, 4_000)]).expect("filtered");
+        let with = |header: Vec<u8>| Filtered {
+            bytes: filtered.bytes.clone(),
+            header,
+        };
+        for (header, why) in [
+            (vec![0, 0], "code ranges"),
+            (vec![1, 0, 0xa1, 0x1f, 0], "past the file"),
+            (vec![2, 0, 10, 0, 10, 0], "out of order"),
+            (
+                vec![
+                    1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 1, 0,
+                ],
+                "overflows",
+            ),
+            (vec![1, 0, 100, 0x80, 0x10], "listed positions for"),
+            (vec![1, 0, 100, 2, 5, 0], "out of order or past"),
+            (vec![1, 0, 100, 1, 0xa0, 0x1f], "out of order or past"),
+            (vec![1, 0, 100], "corrupt"),
+        ] {
+            let e = unfilter(&with(header.clone()), 100).expect_err(why);
+            assert!(e.to_string().contains(why), "{header:?}: {e}");
+        }
+        // A listed position where no instruction is converted: noise has none at its start
+        // once it is made a run of nops.
+        let nops = vec![0x90u8; 100];
+        let filtered = Filtered {
+            bytes: nops,
+            header: vec![1, 0, 100, 1, 3],
+        };
+        let e = unfilter(&filtered, 10).expect_err("not at an instruction");
+        assert!(e.to_string().contains("not at instructions"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_round_trip(
+            seed in 0u64..1_000_000,
+            len in 20usize..20_000,
+            chunk in 1usize..5_000,
+        ) {
+            // Noise with many call bytes and RIP-relative ModRM bytes, and displacements
+            // near the interval, so that conversions overlap and positions are listed.
+            let mut new = noise(seed, len);
+            for (i, b) in new.iter_mut().enumerate() {
+                match (seed as usize + i * 7) % 11 {
+                    0 => *b = 0xe8,
+                    1 => *b = 0x05,
+                    2 => *b &= 0x07,
+                    _ => {}
+                }
+            }
+            let ranges = [(len as u64 / 10, len as u64 - len as u64 / 7)];
+            let filtered = filter(&new, &ranges).expect("filtered");
+            proptest::prop_assert!(unfilter(&filtered, chunk).expect("restore") == new);
+        }
+    }
+
+    #[test]
+    fn noise_round_trips() {
+        let new = noise(1, 10_000);
+        let filtered = filter(&new, &[(100, 9_000)]).expect("filtered");
+        for chunk in [1, 5, 13, 4096, 10_000] {
+            assert!(
+                unfilter(&filtered, chunk).expect("restore") == new,
+                "chunk {chunk}"
+            );
+        }
+    }
+}
