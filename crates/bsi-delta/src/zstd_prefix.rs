@@ -13,10 +13,11 @@ const FRAME_ROOM: usize = 48 << 20;
 /// Longest new file encoded as one frame when it is not cut for memory: one job of zstd's
 /// multithreaded path (64 MiB at level 19 with long distance matching), on one core.
 const ONE_FRAME_MAX: usize = 64 << 20;
-/// At most this many frames are encoded at once, whatever the number of cores: each adds about
-/// 260 MB at level 19 against a 177 MB old file (libxul.so: 881 MB with 2 frames of 32 MiB; the
-/// Firefox build peaks at 1,029 MiB with frames of 48 MiB), and the build stays within 6 times
-/// the largest file + 256 MB with 2.
+/// At most this many frames are encoded at once, whatever the number of cores: each added about
+/// 260 MB with level 19's tables against a 177 MB old file (libxul.so: 881 MB with 2 frames of
+/// 32 MiB; the Firefox build peaked at 1,029 MiB with frames of 48 MiB; with the code filter's
+/// copies and [`WIDE_TABLES_LOG`], 1,061 MB), and the build stays within 6 times the largest
+/// file + 256 MB with 2.
 const FRAMES_AT_ONCE: usize = 2;
 /// Shortest frame a framed payload may declare: it bounds the frames (and zstd contexts) per
 /// byte of output.
@@ -226,7 +227,8 @@ fn encode_in(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
 /// Layout: [`FRAMED_MAGIC`], the frame length (u32, little-endian), then for each frame the
 /// length of its zstd frame (u32) and the frame. The last frame is what remains of the file.
 ///
-/// Firefox ESR 140 -> 153: libxul.so (184 MB) costs 47,797,619 B in 4 frames of 48 MiB
+/// Firefox ESR 140 -> 153, measured before the code filter and [`WIDE_TABLES_LOG`]: libxul.so
+/// (184 MB) cost 47,797,619 B in 4 frames of 48 MiB
 /// (47,942,073 B in 6 of 32 MiB, 47,529,799 B as one frame, which took 73 s against 84 s for
 /// the 6 on 2 cores), and decodes in 48 MiB beside the old file instead of 175 MiB. The whole
 /// Firefox build took 184 s and 330 s of CPU with frames of 48 MiB and both omni.ja files one
