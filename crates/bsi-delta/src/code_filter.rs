@@ -16,8 +16,9 @@
 //! depends only on the bytes before the displacement, and the conversion keeps a displacement in
 //! the interval, so a decoder walking the converted bytes the same way finds every converted
 //! instruction. It may also find one more where a displacement converted further on changed the
-//! bytes it reads at a position the encoder passed: those positions (rare: 0 to a few in a
-//! thousand instructions) are listed in the payload, and the decoder passes them too.
+//! bytes it reads at a position the encoder passed: those positions are listed in the payload
+//! (libxul.so: 367 beside 2,866,982 converted instructions in 123 MB of code; crashreporter 6
+//! beside 55,458), and the decoder passes them too.
 //!
 //! Layout, after the magic number of a filtered payload: the number of code ranges, each as its
 //! distance from the previous range's end and its length; the number of listed positions, each
@@ -39,7 +40,7 @@ const LONGEST: u64 = 12;
 /// At most this many code ranges (an ELF file's executable sections).
 pub(crate) const MAX_RANGES: usize = 256;
 /// At most one listed position per this many bytes of code, and [`MIN_LISTED`] whatever the
-/// code's length: a decoder holds the list, and real code needs about one per 100 KB.
+/// code's length: a decoder holds the list, and real code needs about one per 300 KB.
 const CODE_PER_LISTED: u64 = 1024;
 const MIN_LISTED: u64 = 1024;
 
@@ -288,7 +289,8 @@ impl<'w> Unfilter<'w> {
                 "{count} listed positions for {code} bytes of code"
             )));
         }
-        let mut listed = Vec::with_capacity(count as usize);
+        // Grown as positions are read, each from at least a byte of the payload.
+        let mut listed = Vec::with_capacity(count.min(4096) as usize);
         let mut last = 0u64;
         for k in 0..count {
             let step = varint::read(&mut counted)?;
