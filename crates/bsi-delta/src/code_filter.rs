@@ -255,10 +255,7 @@ impl<'w> Unfilter<'w> {
         new_len: u64,
         out: &'w mut dyn Write,
     ) -> Result<Unfilter<'w>, DecodeError> {
-        let mut counted = CountedRead {
-            inner: payload,
-            left,
-        };
+        let mut counted = (&mut *payload).take(*left);
         let count = varint::read(&mut counted)?;
         if count == 0 || count > MAX_RANGES as u64 {
             return Err(corrupt(&format!(
@@ -301,6 +298,7 @@ impl<'w> Unfilter<'w> {
             listed.push(at);
             last = at;
         }
+        *left = counted.limit();
         Ok(Unfilter {
             out,
             walk: Walk::new(ranges),
@@ -349,23 +347,6 @@ impl Write for Unfilter<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
-    }
-}
-
-/// A reader that counts down the bytes left in a payload.
-struct CountedRead<'r, 'l> {
-    inner: &'r mut dyn Read,
-    left: &'l mut u64,
-}
-
-impl Read for CountedRead<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let room = buf
-            .len()
-            .min(usize::try_from(*self.left).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..room])?;
-        *self.left -= n as u64;
-        Ok(n)
     }
 }
 
