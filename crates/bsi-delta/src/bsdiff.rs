@@ -47,7 +47,7 @@ mod refs;
 
 #[cfg(test)]
 pub(crate) use refs::tests::elf_with_code;
-pub(crate) use refs::{rip_relative, x86_code_ranges};
+pub(crate) use refs::{code_ranges, rip_relative, Machine};
 
 const MAGIC: &[u8; 4] = b"BSD\x03";
 /// Format 2: format 3 whose diff stream codes every zero flag (see `cm`).

@@ -1,5 +1,7 @@
-//! The code filter of zstd-prefix payloads: x86-64 code made more alike to itself before zstd
-//! sees it, and restored after decoding.
+//! The code filter of zstd-prefix payloads: x86-64 and AArch64 code made more alike to itself
+//! before zstd sees it, and restored after decoding.
+//!
+//! ## x86-64
 //!
 //! The 32-bit displacement of each `call rel32` and of each RIP-relative memory operand becomes
 //! the position its target lies at in the file (modulo [`SPAN`]), so that every call of one
@@ -20,14 +22,30 @@
 //! (libxul.so: 367 beside 2,866,982 converted instructions in 123 MB of code; crashreporter 6
 //! beside 55,458), and the decoder passes them too.
 //!
-//! Layout, after the magic number of a filtered payload: the number of code ranges, each as its
-//! distance from the previous range's end and its length; the number of listed positions, each
-//! as its distance from the previous one (the first from 0); all LEB128 varints. The zstd-prefix
-//! payload of the converted file follows.
+//! ## AArch64
+//!
+//! Every instruction is a 4-byte word, and the filter reads each word of the code ranges that
+//! starts at a file offset `p` divisible by 4: a `bl` (bits 31..26 `100101`) gets `p / 4` added
+//! to its 26-bit immediate, an `adrp` (bit 31 set, bits 28..24 `10000`) `p / 4096` to its 21-bit
+//! one, each modulo the immediate's width. The immediate then names the target (its word, or its
+//! 4 KiB page) wherever the instruction is, as xz's ARM64 filter does. The bits that tell the
+//! instruction apart never change, so a decoder finds exactly the words the encoder converted,
+//! and nothing is listed. An ELF file's addresses and file offsets agree modulo its segments'
+//! alignment, so file offsets name pages as addresses do. On one 16 MiB piece of the code of
+//! Firefox ESR 153's arm64 libxul.so (against 140's, level 19 with 2^20 tables) the payload
+//! is 5,531,022 B as it is, 4,743,078 B with the calls converted and 4,475,348 B with the
+//! `adrp`s too (-19.1%); also converting `b` gave 4,625,757 B, and `adr` 4,478,582 B.
+//!
+//! ## Layout
+//!
+//! After the magic number of a filtered payload (which names the machine): the number of code
+//! ranges, each as its distance from the previous range's end and its length; the number of
+//! listed positions (none for AArch64), each as its distance from the previous one (the first
+//! from 0); all LEB128 varints. The zstd-prefix payload of the converted file follows.
 
 use std::io::{self, Read, Write};
 
-use crate::bsdiff::rip_relative;
+use crate::bsdiff::{rip_relative, Machine};
 use crate::{corrupt, varint, DecodeError};
 
 /// Displacements are converted modulo 256 MiB: every call and RIP-relative operand of a file
@@ -99,13 +117,86 @@ pub(crate) struct Filtered {
     pub header: Vec<u8>,
 }
 
-/// `new` with the code in `ranges` (file offsets, ascending and apart) converted; `None` when
-/// there is no code to convert or it would need too long a list.
-pub(crate) fn filter(new: &[u8], ranges: &[(u64, u64)]) -> Option<Filtered> {
+/// `new` with the code of `machine` in `ranges` (file offsets, ascending and apart) converted;
+/// `None` when there is no code to convert or it would need too long a list.
+pub(crate) fn filter(new: &[u8], machine: Machine, ranges: &[(u64, u64)]) -> Option<Filtered> {
     let fits = |&&(start, end): &&(u64, u64)| start < end && end <= new.len() as u64;
     if ranges.is_empty() || ranges.len() > MAX_RANGES || !ranges.iter().all(|r| fits(&r)) {
         return None;
     }
+    match machine {
+        Machine::X86_64 => filter_x86(new, ranges),
+        Machine::Aarch64 => {
+            let mut bytes = new.to_vec();
+            for &(start, end) in ranges {
+                let (start, end) = words(start, end);
+                convert_words(&mut bytes[start as usize..end as usize], start, false);
+            }
+            Some(Filtered {
+                bytes,
+                header: header(ranges, &[]),
+            })
+        }
+    }
+}
+
+/// The part of the code range `start..end` that its whole aligned words take.
+fn words(start: u64, end: u64) -> (u64, u64) {
+    let first = start.next_multiple_of(4).min(end);
+    (first, first + (end - first) / 4 * 4)
+}
+
+/// Convert (or restore, with `back`) every `bl` and `adrp` of the AArch64 words of `code`,
+/// whose first lies at file offset `at` (divisible by 4).
+fn convert_words(code: &mut [u8], at: u64, back: bool) {
+    for (k, word) in code.chunks_exact_mut(4).enumerate() {
+        let p = at + 4 * k as u64;
+        let w = u32::from_le_bytes((&*word).try_into().expect("4 bytes"));
+        // `imm` moved by `by` modulo 2^`bits`.
+        let moved = |imm: u32, by: u64, bits: u32| {
+            let by = by as u32; // the low bits are all that count
+            let v = match back {
+                true => imm.wrapping_sub(by),
+                false => imm.wrapping_add(by),
+            };
+            v & ((1 << bits) - 1)
+        };
+        let converted = if w >> 26 == 0b10_0101 {
+            // bl: imm26 in bits 25..0, in words.
+            (w & !0x03ff_ffff) | moved(w & 0x03ff_ffff, p >> 2, 26)
+        } else if w & 0x9f00_0000 == 0x9000_0000 {
+            // adrp: immlo in bits 30..29, immhi in bits 23..5, in pages.
+            let imm = ((w >> 29) & 3) | (((w >> 5) & 0x7_ffff) << 2);
+            let v = moved(imm, p >> 12, 21);
+            (w & 0x9f00_001f) | ((v & 3) << 29) | ((v >> 2) << 5)
+        } else {
+            continue;
+        };
+        word.copy_from_slice(&converted.to_le_bytes());
+    }
+}
+
+/// The filter's header for `ranges` and `listed` positions.
+fn header(ranges: &[(u64, u64)], listed: &[u64]) -> Vec<u8> {
+    let mut header = Vec::new();
+    varint::put(&mut header, ranges.len() as u64);
+    let mut last = 0;
+    for &(start, end) in ranges {
+        varint::put(&mut header, start - last);
+        varint::put(&mut header, end - start);
+        last = end;
+    }
+    varint::put(&mut header, listed.len() as u64);
+    let mut last = 0;
+    for &at in listed {
+        varint::put(&mut header, at - last);
+        last = at;
+    }
+    header
+}
+
+/// [`filter`] for x86-64 code.
+fn filter_x86(new: &[u8], ranges: &[(u64, u64)]) -> Option<Filtered> {
     let mut bytes = new.to_vec();
     // Converting in place: every byte the walk reads lies at or after its position, and only
     // displacements behind it have been converted.
@@ -129,7 +220,7 @@ pub(crate) fn filter(new: &[u8], ranges: &[(u64, u64)]) -> Option<Filtered> {
     // the encoder did not convert, and check that it gives `new` back.
     let mut listed = Vec::new();
     let mut restored = bytes.clone();
-    let mut walk = Walk::new(ranges.to_vec());
+    let mut walk = Walk::new(Machine::X86_64, ranges.to_vec());
     let mut next = converted.iter().peekable();
     walk.run(&mut restored, 0, true, |at| {
         while next.next_if(|&&c| c < at).is_some() {}
@@ -146,21 +237,10 @@ pub(crate) fn filter(new: &[u8], ranges: &[(u64, u64)]) -> Option<Filtered> {
     if restored != new || listed.len() as u64 > max_listed(code) {
         return None;
     }
-    let mut header = Vec::new();
-    varint::put(&mut header, ranges.len() as u64);
-    let mut last = 0;
-    for &(start, end) in ranges {
-        varint::put(&mut header, start - last);
-        varint::put(&mut header, end - start);
-        last = end;
-    }
-    varint::put(&mut header, listed.len() as u64);
-    let mut last = 0;
-    for &at in &listed {
-        varint::put(&mut header, at - last);
-        last = at;
-    }
-    Some(Filtered { bytes, header })
+    Some(Filtered {
+        bytes,
+        header: header(ranges, &listed),
+    })
 }
 
 fn max_listed(code: u64) -> u64 {
@@ -169,6 +249,7 @@ fn max_listed(code: u64) -> u64 {
 
 /// The walk over the code ranges that restores the converted displacements.
 struct Walk {
+    machine: Machine,
     ranges: Vec<(u64, u64)>,
     /// The range walked and the position reached in it.
     range: usize,
@@ -176,13 +257,39 @@ struct Walk {
 }
 
 impl Walk {
-    fn new(ranges: Vec<(u64, u64)>) -> Walk {
+    fn new(machine: Machine, ranges: Vec<(u64, u64)>) -> Walk {
         let at = ranges.first().map_or(0, |r| r.0);
         Walk {
+            machine,
             ranges,
             range: 0,
             at,
         }
+    }
+
+    /// [`run`](Self::run) for AArch64 code: every whole word that the bytes hold is restored.
+    fn run_words(&mut self, buf: &mut [u8], base: u64, complete: bool) -> Result<u64, DecodeError> {
+        let avail = base + buf.len() as u64;
+        while let Some(&(start, end)) = self.ranges.get(self.range) {
+            let (first, last) = words(self.at.max(start), end);
+            if first >= last {
+                self.range += 1;
+                continue;
+            }
+            if first + 4 > avail {
+                if complete {
+                    return Err(corrupt(&format!(
+                        "code range {start}..{end} runs past the file's {avail} bytes"
+                    )));
+                }
+                return Ok(first.min(avail));
+            }
+            let stop = last.min(avail - (avail - first) % 4);
+            let code = &mut buf[(first - base) as usize..(stop - base) as usize];
+            convert_words(code, first, true);
+            self.at = stop;
+        }
+        Ok(u64::MAX)
     }
 
     /// Restore the displacements in `buf` (the file's bytes from offset `base`) as far as its
@@ -195,6 +302,9 @@ impl Walk {
         complete: bool,
         mut pass: impl FnMut(u64) -> bool,
     ) -> Result<u64, DecodeError> {
+        if self.machine == Machine::Aarch64 {
+            return self.run_words(buf, base, complete);
+        }
         let avail = base + buf.len() as u64;
         while let Some(&(start, end)) = self.ranges.get(self.range) {
             if self.at >= end {
@@ -248,8 +358,9 @@ pub(crate) struct Unfilter<'w> {
 
 impl<'w> Unfilter<'w> {
     /// Read a filtered payload's header from `payload` (which has `*left` bytes left, counted
-    /// down) for a file of `new_len` bytes.
+    /// down) for a file of `new_len` bytes whose code is `machine`'s.
     pub fn read_header(
+        machine: Machine,
         payload: &mut dyn Read,
         left: &mut u64,
         new_len: u64,
@@ -281,6 +392,11 @@ impl<'w> Unfilter<'w> {
         }
         let code: u64 = ranges.iter().map(|(start, end)| end - start).sum();
         let count = varint::read(&mut counted)?;
+        if machine == Machine::Aarch64 && count > 0 {
+            return Err(corrupt(&format!(
+                "{count} listed positions in AArch64 code, which has none"
+            )));
+        }
         if count > max_listed(code) {
             return Err(corrupt(&format!(
                 "{count} listed positions for {code} bytes of code"
@@ -301,7 +417,7 @@ impl<'w> Unfilter<'w> {
         *left = counted.limit();
         Ok(Unfilter {
             out,
-            walk: Walk::new(ranges),
+            walk: Walk::new(machine, ranges),
             listed,
             next: 0,
             held: Vec::new(),
@@ -355,13 +471,21 @@ mod tests {
     use super::*;
     use crate::test_data::noise;
 
-    /// Restore `filtered` through an [`Unfilter`] fed `chunk` bytes at a time.
+    /// Restore `filtered` (x86-64 code) through an [`Unfilter`] fed `chunk` bytes at a time.
     fn unfilter(filtered: &Filtered, chunk: usize) -> Result<Vec<u8>, DecodeError> {
+        unfilter_as(Machine::X86_64, filtered, chunk)
+    }
+
+    fn unfilter_as(
+        machine: Machine,
+        filtered: &Filtered,
+        chunk: usize,
+    ) -> Result<Vec<u8>, DecodeError> {
         let mut out = Vec::new();
         let mut header = &filtered.header[..];
         let mut left = header.len() as u64;
         let len = filtered.bytes.len() as u64;
-        let mut writer = Unfilter::read_header(&mut header, &mut left, len, &mut out)?;
+        let mut writer = Unfilter::read_header(machine, &mut header, &mut left, len, &mut out)?;
         assert_eq!(left, 0, "the whole header is read");
         for piece in filtered.bytes.chunks(chunk) {
             writer.write_all(piece).map_err(DecodeError::Corrupt)?;
@@ -390,7 +514,7 @@ mod tests {
             call(&mut new, at, 30_000);
             lea(&mut new, at + 5, 200);
         }
-        let filtered = filter(&new, &[(16, 49_000)]).expect("filtered");
+        let filtered = filter(&new, Machine::X86_64, &[(16, 49_000)]).expect("filtered");
         let field = |at: usize| filtered.bytes[at..at + 4].to_vec();
         for at in sites {
             assert_eq!(field(at + 1), field(sites[0] + 1), "call at {at}");
@@ -403,7 +527,7 @@ mod tests {
         }
         // Outside the code range nothing changes.
         call(&mut new, 49_500, 30_000);
-        let filtered = filter(&new, &[(16, 49_000)]).expect("filtered");
+        let filtered = filter(&new, Machine::X86_64, &[(16, 49_000)]).expect("filtered");
         assert_eq!(filtered.bytes[49_000..], new[49_000..]);
         for chunk in [1, 3, 12, 13, 1000, new.len()] {
             assert!(
@@ -431,7 +555,7 @@ mod tests {
             None,
             "0x94e82211 is out of the interval"
         );
-        let filtered = filter(&new, &[(0, 300)]).expect("filtered");
+        let filtered = filter(&new, Machine::X86_64, &[(0, 300)]).expect("filtered");
         assert_eq!(filtered.bytes[r + 4..r + 8], [0x00, 0x01, 0x00, 0x00]);
         assert!(
             operand(&filtered.bytes[r..]).is_some(),
@@ -450,7 +574,7 @@ mod tests {
     #[test]
     fn hostile_headers_are_refused() {
         let new = noise(2, 4_000);
-        let filtered = filter(&new, &[(0, 4_000)]).expect("filtered");
+        let filtered = filter(&new, Machine::X86_64, &[(0, 4_000)]).expect("filtered");
         let with = |header: Vec<u8>| Filtered {
             bytes: filtered.bytes.clone(),
             header,
@@ -484,6 +608,84 @@ mod tests {
         assert!(e.to_string().contains("not at instructions"), "{e}");
     }
 
+    /// AArch64 `bl` at file offset `at` to file offset `target`, and `adrp` to `target`'s page.
+    fn bl(code: &mut [u8], at: usize, target: usize) {
+        let imm = ((target as i64 - at as i64) >> 2) as u32 & 0x03ff_ffff;
+        code[at..at + 4].copy_from_slice(&(0x9400_0000 | imm).to_le_bytes());
+    }
+    fn adrp(code: &mut [u8], at: usize, target: usize, rd: u32) {
+        let imm = ((target >> 12) as i64 - (at >> 12) as i64) as u32 & 0x1f_ffff;
+        let w = 0x9000_0000 | ((imm & 3) << 29) | ((imm >> 2) << 5) | rd;
+        code[at..at + 4].copy_from_slice(&w.to_le_bytes());
+    }
+
+    #[test]
+    fn every_arm64_call_and_page_reads_the_same_once_converted() {
+        let mut new = noise(3, 200_000);
+        let sites = [4_096, 20_000, 77_776, 150_000, 199_000];
+        for at in sites {
+            bl(&mut new, at, 100_000);
+            adrp(&mut new, at + 4, 180_000, 3);
+        }
+        let range = (1_002, 199_999);
+        let filtered = filter(&new, Machine::Aarch64, &[range]).expect("filtered");
+        let word = |at: usize| filtered.bytes[at..at + 4].to_vec();
+        for at in sites {
+            assert_eq!(word(at), word(sites[0]), "bl at {at}");
+            assert_eq!(word(at + 4), word(sites[0] + 4), "adrp at {at}");
+        }
+        assert_eq!(word(sites[0] + 4)[0] & 0x1f, 3, "the register is kept");
+        // A call whose word is not whole in the range, and one outside it, are left as they are.
+        for at in [199_996, 500] {
+            bl(&mut new, at, 100_000);
+        }
+        let filtered = filter(&new, Machine::Aarch64, &[range]).expect("filtered");
+        assert_eq!(filtered.bytes[..range.0 as usize], new[..range.0 as usize]);
+        assert_eq!(filtered.bytes[199_996..], new[199_996..]);
+        assert!(filtered.bytes != new, "converted");
+        for chunk in [1, 2, 3, 5, 4096, new.len()] {
+            assert!(
+                unfilter_as(Machine::Aarch64, &filtered, chunk).expect("restore") == new,
+                "chunk {chunk}"
+            );
+        }
+        // An AArch64 header lists nothing.
+        let listed = Filtered {
+            bytes: filtered.bytes.clone(),
+            header: header(&[range], &[sites[0] as u64]),
+        };
+        let e = unfilter_as(Machine::Aarch64, &listed, 100).expect_err("listed");
+        assert!(e.to_string().contains("in AArch64 code"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_arm64_words_round_trip(
+            seed in 0u64..1_000_000,
+            len in 4usize..20_000,
+            chunk in 1usize..5_000,
+            cut in 0u64..7,
+        ) {
+            // Noise where about half the words are calls or `adrp`s.
+            let mut new = noise(seed, len);
+            for (k, word) in new.chunks_exact_mut(4).enumerate() {
+                match (seed as usize + k) % 4 {
+                    0 => word[3] = 0x94 | (word[3] & 3),
+                    1 => word[3] = 0x90 | (word[3] & 0x60),
+                    _ => {}
+                }
+            }
+            let len = len as u64;
+            let ranges = [(cut, len / 2), (len / 2 + 1 + cut, len - cut)];
+            let ranges: Vec<(u64, u64)> = ranges.into_iter().filter(|r| r.0 < r.1).collect();
+            proptest::prop_assume!(!ranges.is_empty());
+            let filtered = filter(&new, Machine::Aarch64, &ranges).expect("filtered");
+            proptest::prop_assert!(
+                unfilter_as(Machine::Aarch64, &filtered, chunk).expect("restore") == new
+            );
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn any_bytes_round_trip(
@@ -503,7 +705,7 @@ mod tests {
                 }
             }
             let ranges = [(len as u64 / 10, len as u64 - len as u64 / 7)];
-            let filtered = filter(&new, &ranges).expect("filtered");
+            let filtered = filter(&new, Machine::X86_64, &ranges).expect("filtered");
             proptest::prop_assert!(unfilter(&filtered, chunk).expect("restore") == new);
         }
     }
@@ -511,7 +713,7 @@ mod tests {
     #[test]
     fn noise_round_trips() {
         let new = noise(1, 10_000);
-        let filtered = filter(&new, &[(100, 9_000)]).expect("filtered");
+        let filtered = filter(&new, Machine::X86_64, &[(100, 9_000)]).expect("filtered");
         for chunk in [1, 5, 13, 4096, 10_000] {
             assert!(
                 unfilter(&filtered, chunk).expect("restore") == new,

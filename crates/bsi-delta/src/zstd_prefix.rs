@@ -3,6 +3,7 @@ use std::io::{self, Read, Write};
 use rayon::prelude::*;
 use zstd::stream::raw::{CParameter, DParameter};
 
+use crate::bsdiff::Machine;
 use crate::{code_filter, copy_exact_len, corrupt, window_log, DecodeError, DeltaEncoder, LEVEL};
 
 /// Smallest old file encoded through zstd's multithreaded path, exclusive (see [`encode_in`]).
@@ -25,9 +26,10 @@ const MIN_FRAME_LEN: u32 = 64 << 10;
 /// First bytes of a framed payload; a single-frame payload is a bare zstd frame, which starts
 /// with zstd's magic number (28 b5 2f fd).
 const FRAMED_MAGIC: &[u8; 4] = b"ZPF\x01";
-/// First bytes of a payload whose new file's code was converted (see [`crate::code_filter`]):
-/// the filter's header and a payload without the filter follow.
+/// First bytes of a payload whose new file's code was converted (see [`crate::code_filter`]),
+/// x86-64 code or AArch64 code: the filter's header and a payload without the filter follow.
 const FILTERED_MAGIC: &[u8; 4] = b"ZPC\x01";
+const FILTERED_ARM64_MAGIC: &[u8; 4] = b"ZPA\x01";
 /// New files up to this long are also encoded without the code filter, and the smaller payload
 /// kept: the filter converts only the new file, so a file nearly its old one loses the matches
 /// of its code (a small library's whole payload is often such matches). Above, the filter's
@@ -88,14 +90,21 @@ impl DeltaEncoder for ZstdPrefix {
         true
     }
 
-    /// An x86-64 ELF file's code is converted first (see [`crate::code_filter`]); up to
-    /// [`BOTH_MAX`] bytes, the payload without conversion is also made and the smaller kept.
+    /// An x86-64 or AArch64 ELF file's code is converted first (see [`crate::code_filter`]);
+    /// up to [`BOTH_MAX`] bytes, the payload without conversion is also made and the smaller
+    /// kept.
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let ranges = crate::bsdiff::x86_code_ranges(new);
-        let Some(filtered) = code_filter::filter(new, &ranges) else {
+        let filtered = crate::bsdiff::code_ranges(new).and_then(|(machine, ranges)| {
+            let magic = match machine {
+                Machine::X86_64 => FILTERED_MAGIC,
+                Machine::Aarch64 => FILTERED_ARM64_MAGIC,
+            };
+            code_filter::filter(new, machine, &ranges).map(|filtered| (magic, filtered))
+        });
+        let Some((magic, filtered)) = filtered else {
             return Ok(Some(encode_plain(old, new)?));
         };
-        let mut payload = FILTERED_MAGIC.to_vec();
+        let mut payload = magic.to_vec();
         payload.extend_from_slice(&filtered.header);
         payload.extend_from_slice(&encode_plain(old, &filtered.bytes)?);
         drop(filtered);
@@ -133,10 +142,13 @@ impl DeltaEncoder for ZstdPrefix {
         let head = &mut head[..payload_len.min(FRAMED_MAGIC.len() as u64) as usize];
         payload.read_exact(head).map_err(DecodeError::Corrupt)?;
         let mut rest = payload_len - head.len() as u64;
-        if &*head != FILTERED_MAGIC {
-            return decode_plain(old, head, payload, rest, new_len, out);
-        }
-        let mut unfilter = code_filter::Unfilter::read_header(payload, &mut rest, new_len, out)?;
+        let machine = match &*head {
+            magic if magic == FILTERED_MAGIC => Machine::X86_64,
+            magic if magic == FILTERED_ARM64_MAGIC => Machine::Aarch64,
+            _ => return decode_plain(old, head, payload, rest, new_len, out),
+        };
+        let mut unfilter =
+            code_filter::Unfilter::read_header(machine, payload, &mut rest, new_len, out)?;
         let mut head = [0u8; FRAMED_MAGIC.len()];
         let head = &mut head[..rest.min(FRAMED_MAGIC.len() as u64) as usize];
         payload.read_exact(head).map_err(DecodeError::Corrupt)?;
@@ -401,14 +413,48 @@ mod tests {
             code[at + 5..at + 8].copy_from_slice(&[0x48, 0x8b, 0x05]);
             code[at + 8..at + 12].copy_from_slice(&(d as i32).to_le_bytes());
         }
-        let new = crate::bsdiff::elf_with_code(&code);
+        check_converted(&crate::bsdiff::elf_with_code(&code), FILTERED_MAGIC);
+    }
+
+    /// As [`code_is_converted_where_that_is_smaller`], for AArch64: calls (`bl`) to 64
+    /// functions and `adrp`s of 64 pages, three words in four.
+    #[test]
+    fn arm64_code_is_converted_where_that_is_smaller() {
+        let mut code = crate::test_data::noise(9, 256 << 10);
+        let mut x = 54321u64;
+        for at in (0..code.len()).step_by(16) {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // The code lies at file offset 0x1000; its targets at 64 places after it.
+            let site = 0x1000 + at as i64;
+            let target = 0x1000 + (x >> 33) as i64 % 64 * 4096;
+            let bl = 0x9400_0000 | ((target - site) >> 2) as u32 & 0x03ff_ffff;
+            let page = ((0x80_0000 + (x >> 40) as i64 % 64 * 4096) >> 12) - (site >> 12);
+            let imm = page as u32 & 0x1f_ffff;
+            let adrp = 0x9000_0000 | ((imm & 3) << 29) | ((imm >> 2) << 5) | (x as u32 & 0x1f);
+            let next = 0x1000 + (x >> 50) as i64 % 64 * 4096;
+            let bl_next = 0x9400_0000 | ((next - site - 8) >> 2) as u32 & 0x03ff_ffff;
+            code[at..at + 4].copy_from_slice(&bl.to_le_bytes());
+            code[at + 4..at + 8].copy_from_slice(&adrp.to_le_bytes());
+            code[at + 8..at + 12].copy_from_slice(&bl_next.to_le_bytes());
+        }
+        let mut new = crate::bsdiff::elf_with_code(&code);
+        new[0x12..0x14].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+        check_converted(&new, FILTERED_ARM64_MAGIC);
+    }
+
+    /// `new`'s payload against other bytes is filtered (`magic`), smaller than without the
+    /// filter, and decodes whole and streamed; against itself the payload is not filtered; cut
+    /// anywhere, it is refused.
+    fn check_converted(new: &[u8], magic: &[u8; 4]) {
         let old = text(8, 64 << 10);
         let payload = ZstdPrefix
-            .encode(&old, &new)
+            .encode(&old, new)
             .expect("encode")
             .expect("applies");
-        assert_eq!(&payload[..4], FILTERED_MAGIC);
-        let plain = encode_plain(&old, &new).expect("encode");
+        assert_eq!(&payload[..4], magic);
+        let plain = encode_plain(&old, new).expect("encode");
         assert!(
             payload.len() < plain.len() * 9 / 10,
             "{} B converted, {} B not",
@@ -434,10 +480,10 @@ mod tests {
         assert!(out == new, "round trip, streamed");
 
         let same = ZstdPrefix
-            .encode(&new, &new)
+            .encode(new, new)
             .expect("encode")
             .expect("applies");
-        assert_ne!(&same[..4], FILTERED_MAGIC);
+        assert_ne!(&same[..4], magic);
         assert!(same.len() < 100, "{} B for an unchanged file", same.len());
         // A filtered payload cut anywhere: an error, never a panic.
         for cut in (0..payload.len())

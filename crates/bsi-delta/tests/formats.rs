@@ -217,3 +217,14 @@ fn zstd_prefix_code_1() {
     let stored = std::fs::read(data("zstd-prefix-code-1.bin")).expect("read the payload");
     assert_eq!(&stored[..4], b"ZPC\x01", "the stored payload is converted");
 }
+
+/// As [`zstd_prefix_code_1`], with two small AArch64 libraries: their code converted as AArch64
+/// code (format `ZPA\x01`).
+#[test]
+fn zstd_prefix_arm64_code_1() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
+    let (old, new) = (read("elf-2.arm64.old.so"), read("elf-1.arm64.new.so"));
+    check("zstd-prefix", "zstd-prefix-arm64-code-1.bin", &old, &new);
+    let stored = std::fs::read(data("zstd-prefix-arm64-code-1.bin")).expect("read the payload");
+    assert_eq!(&stored[..4], b"ZPA\x01", "the stored payload is converted");
+}

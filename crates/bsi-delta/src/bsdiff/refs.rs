@@ -433,7 +433,7 @@ fn merge_in_place(v: &mut [Ref], mid: usize) {
 
 /// The machines whose code is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Machine {
+pub(crate) enum Machine {
     X86_64,
     Aarch64,
 }
@@ -459,12 +459,11 @@ fn machine(data: &[u8]) -> Option<Machine> {
     }
 }
 
-/// The file ranges of the code sections of `data` when it is a 64-bit little-endian ELF file
-/// for x86-64, in file order and apart; none otherwise.
-pub(crate) fn x86_code_ranges(data: &[u8]) -> Vec<(u64, u64)> {
-    if machine(data) != Some(Machine::X86_64) {
-        return Vec::new();
-    }
+/// The machine of `data` when it is a 64-bit little-endian ELF file for x86-64 or AArch64, with
+/// the file ranges of its code sections, in file order and apart (none for a file without
+/// section headers).
+pub(crate) fn code_ranges(data: &[u8]) -> Option<(Machine, Vec<(u64, u64)>)> {
+    let machine = machine(data)?;
     let mut ranges: Vec<(u64, u64)> = sections(data)
         .unwrap_or_default()
         .iter()
@@ -484,7 +483,7 @@ pub(crate) fn x86_code_ranges(data: &[u8]) -> Vec<(u64, u64)> {
             _ => apart.push((start, end)),
         }
     }
-    apart
+    Some((machine, apart))
 }
 
 fn elf(data: &[u8], version: Version) -> Option<Image> {
