@@ -46,7 +46,7 @@ mod predict;
 mod refs;
 
 #[cfg(test)]
-pub(crate) use refs::tests::elf_with_code;
+pub(crate) use refs::tests::{elf_with_code, universal_x86_arm64};
 pub(crate) use refs::{code_ranges, rip_relative, Machine};
 
 const MAGIC: &[u8; 4] = b"BSD\x03";

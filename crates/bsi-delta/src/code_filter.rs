@@ -31,17 +31,22 @@
 //! 4 KiB page) wherever the instruction is, as xz's ARM64 filter does. The bits that tell the
 //! instruction apart never change, so a decoder finds exactly the words the encoder converted,
 //! and nothing is listed. An ELF file's addresses and file offsets agree modulo its segments'
-//! alignment, so file offsets name pages as addresses do. On one 16 MiB piece of the code of
+//! alignment, a Mach-O file's segments are page-aligned, and real universal files put their
+//! slices at multiples of 4 KiB or 16 KiB, so file offsets name pages as addresses do. On one 16 MiB piece of the code of
 //! Firefox ESR 153's arm64 libxul.so (against 140's, level 19 with 2^20 tables) the payload
 //! is 5,531,022 B as it is, 4,743,078 B with the calls converted and 4,475,348 B with the
 //! `adrp`s too (-19.1%); also converting `b` gave 4,625,757 B, and `adr` 4,478,582 B.
 //!
 //! ## Layout
 //!
-//! After the magic number of a filtered payload (which names the machine): the number of code
-//! ranges, each as its distance from the previous range's end and its length; the number of
-//! listed positions (none for AArch64), each as its distance from the previous one (the first
-//! from 0); all LEB128 varints. The zstd-prefix payload of the converted file follows.
+//! The code ranges are an ELF file's executable sections, or a Mach-O file's sections of
+//! instructions, each with the machine of its file or slice. After the magic number of a
+//! filtered payload (which names the one machine of every range, or says that each range is
+//! tagged): the number of code ranges, each as its distance from the previous range's end and
+//! its length, then when tagged a byte for its machine (0 x86-64, 1 AArch64); the number of
+//! listed positions (at most one per KiB of x86-64 code plus 1,024, none without x86-64 code),
+//! each as its distance from the previous one (the first from 0); all LEB128 varints but the
+//! tags. The zstd-prefix payload of the converted file follows.
 
 use std::io::{self, Read, Write};
 
@@ -55,10 +60,12 @@ const SPAN: i64 = 1 << 28;
 /// Bytes from an instruction's start to its end, at most: prefix, REX, opcode, ModRM, disp32
 /// and a 4-byte immediate.
 const LONGEST: u64 = 12;
-/// At most this many code ranges (an ELF file's executable sections).
+/// At most this many code ranges (an ELF file's executable sections, a Mach-O file's sections of
+/// instructions).
 pub(crate) const MAX_RANGES: usize = 256;
-/// At most one listed position per this many bytes of code, and [`MIN_LISTED`] whatever the
-/// code's length: a decoder holds the list, and real code needs about one per 300 KB.
+/// At most one listed position per this many bytes of x86-64 code, and [`MIN_LISTED`] whatever
+/// the code's length (none without x86-64 code): a decoder holds the list, and real code needs
+/// about one per 300 KB.
 const CODE_PER_LISTED: u64 = 1024;
 const MIN_LISTED: u64 = 1024;
 
@@ -110,34 +117,84 @@ fn rewrite(code: &mut [u8], disp: usize, end: u64, back: bool) {
     *field = convert(i32::from_le_bytes(*field), end, back).to_le_bytes();
 }
 
+/// A code range: file offsets `start..end`, and the machine whose code it holds.
+pub(crate) type CodeRange = (u64, u64, Machine);
+
+/// Where a filtered payload's header gives each range's machine: the magic number names one
+/// for all, or each range is tagged with its own (a universal Mach-O file's slices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Machines {
+    All(Machine),
+    Tagged,
+}
+
+/// A range's machine as the header tags it.
+fn tag(machine: Machine) -> u8 {
+    match machine {
+        Machine::X86_64 => 0,
+        Machine::Aarch64 => 1,
+    }
+}
+
 /// A new file with its code converted, and what a decoder needs to restore it.
 pub(crate) struct Filtered {
     pub bytes: Vec<u8>,
     /// The ranges and listed positions, as the payload holds them.
     pub header: Vec<u8>,
+    /// How the header gives the ranges' machines.
+    pub machines: Machines,
 }
 
-/// `new` with the code of `machine` in `ranges` (file offsets, ascending and apart) converted;
-/// `None` when there is no code to convert or it would need too long a list.
-pub(crate) fn filter(new: &[u8], machine: Machine, ranges: &[(u64, u64)]) -> Option<Filtered> {
-    let fits = |&&(start, end): &&(u64, u64)| start < end && end <= new.len() as u64;
-    if ranges.is_empty() || ranges.len() > MAX_RANGES || !ranges.iter().all(|r| fits(&r)) {
+/// `new` with the code in `ranges` (ascending and apart) converted; `None` when there is no
+/// code to convert or it would need too long a list.
+pub(crate) fn filter(new: &[u8], ranges: &[CodeRange]) -> Option<Filtered> {
+    let fits = |&(start, end, _): &CodeRange| start < end && end <= new.len() as u64;
+    let apart = ranges.windows(2).all(|w| w[0].1 < w[1].0);
+    if ranges.is_empty() || ranges.len() > MAX_RANGES || !ranges.iter().all(fits) || !apart {
         return None;
     }
-    match machine {
-        Machine::X86_64 => filter_x86(new, ranges),
-        Machine::Aarch64 => {
-            let mut bytes = new.to_vec();
-            for &(start, end) in ranges {
-                let (start, end) = words(start, end);
-                convert_words(&mut bytes[start as usize..end as usize], start, false);
-            }
-            Some(Filtered {
-                bytes,
-                header: header(ranges, &[]),
-            })
+    let mut bytes = new.to_vec();
+    let x86: Vec<CodeRange> = ranges
+        .iter()
+        .copied()
+        .filter(|r| r.2 == Machine::X86_64)
+        .collect();
+    let listed = match x86.is_empty() {
+        true => Vec::new(),
+        false => filter_x86(&mut bytes, new, &x86)?,
+    };
+    for &(start, end, machine) in ranges {
+        if machine == Machine::Aarch64 {
+            let (start, end) = words(start, end);
+            convert_words(&mut bytes[start as usize..end as usize], start, false);
         }
     }
+    let machines = match ranges.iter().all(|r| r.2 == ranges[0].2) {
+        true => Machines::All(ranges[0].2),
+        false => Machines::Tagged,
+    };
+    let mut header = Vec::new();
+    varint::put(&mut header, ranges.len() as u64);
+    let mut last = 0;
+    for &(start, end, machine) in ranges {
+        varint::put(&mut header, start - last);
+        varint::put(&mut header, end - start);
+        if machines == Machines::Tagged {
+            header.push(tag(machine));
+        }
+        last = end;
+    }
+    varint::put(&mut header, listed.len() as u64);
+    let mut last = 0;
+    for &at in &listed {
+        varint::put(&mut header, at - last);
+        last = at;
+    }
+    Some(Filtered {
+        bytes,
+        header,
+        machines,
+    })
 }
 
 /// The part of the code range `start..end` that its whole aligned words take.
@@ -176,32 +233,13 @@ fn convert_words(code: &mut [u8], at: u64, back: bool) {
     }
 }
 
-/// The filter's header for `ranges` and `listed` positions.
-fn header(ranges: &[(u64, u64)], listed: &[u64]) -> Vec<u8> {
-    let mut header = Vec::new();
-    varint::put(&mut header, ranges.len() as u64);
-    let mut last = 0;
-    for &(start, end) in ranges {
-        varint::put(&mut header, start - last);
-        varint::put(&mut header, end - start);
-        last = end;
-    }
-    varint::put(&mut header, listed.len() as u64);
-    let mut last = 0;
-    for &at in listed {
-        varint::put(&mut header, at - last);
-        last = at;
-    }
-    header
-}
-
-/// [`filter`] for x86-64 code.
-fn filter_x86(new: &[u8], ranges: &[(u64, u64)]) -> Option<Filtered> {
-    let mut bytes = new.to_vec();
+/// Convert the x86-64 code of `ranges` in `bytes` (a copy of `new`); the positions a decoder
+/// must pass, or `None` when there are too many.
+fn filter_x86(bytes: &mut [u8], new: &[u8], ranges: &[CodeRange]) -> Option<Vec<u64>> {
     // Converting in place: every byte the walk reads lies at or after its position, and only
     // displacements behind it have been converted.
     let mut converted = Vec::new();
-    for &(start, end) in ranges {
+    for &(start, end, _) in ranges {
         let code = &mut bytes[start as usize..end as usize];
         let mut i = next_candidate(code, 0);
         while i < code.len() {
@@ -219,8 +257,8 @@ fn filter_x86(new: &[u8], ranges: &[(u64, u64)]) -> Option<Filtered> {
     // Walk the converted bytes as a decoder does, listing where it would find an instruction
     // the encoder did not convert, and check that it gives `new` back.
     let mut listed = Vec::new();
-    let mut restored = bytes.clone();
-    let mut walk = Walk::new(Machine::X86_64, ranges.to_vec());
+    let mut restored = bytes.to_vec();
+    let mut walk = Walk::new(ranges.to_vec());
     let mut next = converted.iter().peekable();
     walk.run(&mut restored, 0, true, |at| {
         while next.next_if(|&&c| c < at).is_some() {}
@@ -233,68 +271,38 @@ fn filter_x86(new: &[u8], ranges: &[(u64, u64)]) -> Option<Filtered> {
         }
     })
     .ok()?;
-    let code: u64 = ranges.iter().map(|(start, end)| end - start).sum();
-    if restored != new || listed.len() as u64 > max_listed(code) {
-        return None;
-    }
-    Some(Filtered {
-        bytes,
-        header: header(ranges, &listed),
-    })
+    let code: u64 = ranges.iter().map(|(start, end, _)| end - start).sum();
+    (restored == new && listed.len() as u64 <= max_listed(code)).then_some(listed)
 }
 
+/// At most this many listed positions for `code` bytes of x86-64 code.
 fn max_listed(code: u64) -> u64 {
-    code / CODE_PER_LISTED + MIN_LISTED
+    match code {
+        0 => 0,
+        _ => code / CODE_PER_LISTED + MIN_LISTED,
+    }
 }
 
 /// The walk over the code ranges that restores the converted displacements.
 struct Walk {
-    machine: Machine,
-    ranges: Vec<(u64, u64)>,
-    /// The range walked and the position reached in it.
+    ranges: Vec<CodeRange>,
+    /// The range walked, and the position reached (in it, or before it).
     range: usize,
     at: u64,
 }
 
 impl Walk {
-    fn new(machine: Machine, ranges: Vec<(u64, u64)>) -> Walk {
-        let at = ranges.first().map_or(0, |r| r.0);
+    fn new(ranges: Vec<CodeRange>) -> Walk {
         Walk {
-            machine,
             ranges,
             range: 0,
-            at,
+            at: 0,
         }
-    }
-
-    /// [`run`](Self::run) for AArch64 code: every whole word that the bytes hold is restored.
-    fn run_words(&mut self, buf: &mut [u8], base: u64, complete: bool) -> Result<u64, DecodeError> {
-        let avail = base + buf.len() as u64;
-        while let Some(&(start, end)) = self.ranges.get(self.range) {
-            let (first, last) = words(self.at.max(start), end);
-            if first >= last {
-                self.range += 1;
-                continue;
-            }
-            if first + 4 > avail {
-                if complete {
-                    return Err(corrupt(&format!(
-                        "code range {start}..{end} runs past the file's {avail} bytes"
-                    )));
-                }
-                return Ok(first.min(avail));
-            }
-            let stop = last.min(avail - (avail - first) % 4);
-            let code = &mut buf[(first - base) as usize..(stop - base) as usize];
-            convert_words(code, first, true);
-            self.at = stop;
-        }
-        Ok(u64::MAX)
     }
 
     /// Restore the displacements in `buf` (the file's bytes from offset `base`) as far as its
-    /// bytes allow (to the end when `complete`), passing each instruction found at a position
-    /// `pass` names. Returns the offset before which the bytes are final.
+    /// bytes allow (to the end when `complete`), passing each x86-64 instruction found at a
+    /// position `pass` names. Returns the offset before which the bytes are final.
     fn run(
         &mut self,
         buf: &mut [u8],
@@ -302,32 +310,49 @@ impl Walk {
         complete: bool,
         mut pass: impl FnMut(u64) -> bool,
     ) -> Result<u64, DecodeError> {
-        if self.machine == Machine::Aarch64 {
-            return self.run_words(buf, base, complete);
-        }
         let avail = base + buf.len() as u64;
-        while let Some(&(start, end)) = self.ranges.get(self.range) {
-            if self.at >= end {
-                self.range += 1;
-                if let Some(&(next, _)) = self.ranges.get(self.range) {
-                    self.at = next;
+        let past = |start: u64, end: u64| {
+            corrupt(&format!(
+                "code range {start}..{end} runs past the file's {avail} bytes"
+            ))
+        };
+        while let Some(&(start, end, machine)) = self.ranges.get(self.range) {
+            let at = self.at.max(start);
+            if machine == Machine::Aarch64 {
+                // Every whole word the bytes hold.
+                let (first, last) = words(at, end);
+                if first >= last {
+                    self.range += 1;
+                    continue;
                 }
+                if first + 4 > avail {
+                    return match complete {
+                        true => Err(past(start, end)),
+                        false => Ok(first.min(avail)),
+                    };
+                }
+                let stop = last.min(avail - (avail - first) % 4);
+                let code = &mut buf[(first - base) as usize..(stop - base) as usize];
+                convert_words(code, first, true);
+                self.at = stop;
                 continue;
             }
-            let needed = (self.at + LONGEST).min(end);
-            if needed > avail {
-                if complete {
-                    return Err(corrupt(&format!(
-                        "code range {start}..{end} runs past the file's {avail} bytes"
-                    )));
-                }
-                return Ok(self.at.min(avail));
+            if at >= end {
+                self.range += 1;
+                continue;
             }
-            let from = (self.at - base) as usize;
+            let needed = (at + LONGEST).min(end);
+            if needed > avail {
+                return match complete {
+                    true => Err(past(start, end)),
+                    false => Ok(at.min(avail)),
+                };
+            }
+            let from = (at - base) as usize;
             let code = &mut buf[from..(end.min(avail) - base) as usize];
             let least = match operand(code) {
-                Some((disp, len)) if !pass(self.at) => {
-                    rewrite(code, disp, self.at + len as u64, true);
+                Some((disp, len)) if !pass(at) => {
+                    rewrite(code, disp, at + len as u64, true);
                     len
                 }
                 _ => 1,
@@ -335,10 +360,11 @@ impl Walk {
             let step = next_candidate(code, least);
             // A position whose ModRM bytes may lie past the bytes written so far is looked at
             // again once they are.
-            self.at += match end > avail {
-                true => step.min(code.len().saturating_sub(4)).max(least),
-                false => step,
-            } as u64;
+            self.at = at
+                + match end > avail {
+                    true => step.min(code.len().saturating_sub(4)).max(least),
+                    false => step,
+                } as u64;
         }
         Ok(u64::MAX)
     }
@@ -358,9 +384,9 @@ pub(crate) struct Unfilter<'w> {
 
 impl<'w> Unfilter<'w> {
     /// Read a filtered payload's header from `payload` (which has `*left` bytes left, counted
-    /// down) for a file of `new_len` bytes whose code is `machine`'s.
+    /// down) for a file of `new_len` bytes, the ranges' machines given as `machines` says.
     pub fn read_header(
-        machine: Machine,
+        machines: Machines,
         payload: &mut dyn Read,
         left: &mut u64,
         new_len: u64,
@@ -387,19 +413,36 @@ impl<'w> Unfilter<'w> {
                      {new_len} bytes"
                 )));
             }
-            ranges.push((start, end));
+            let machine = match machines {
+                Machines::All(machine) => machine,
+                Machines::Tagged => {
+                    let mut tagged = [0u8];
+                    counted
+                        .read_exact(&mut tagged)
+                        .map_err(DecodeError::Corrupt)?;
+                    [Machine::X86_64, Machine::Aarch64]
+                        .into_iter()
+                        .find(|&m| tag(m) == tagged[0])
+                        .ok_or_else(|| {
+                            corrupt(&format!(
+                                "code range {start}..{end}: no machine {}",
+                                tagged[0]
+                            ))
+                        })?
+                }
+            };
+            ranges.push((start, end, machine));
             last = end;
         }
-        let code: u64 = ranges.iter().map(|(start, end)| end - start).sum();
+        let code: u64 = ranges
+            .iter()
+            .filter(|r| r.2 == Machine::X86_64)
+            .map(|(start, end, _)| end - start)
+            .sum();
         let count = varint::read(&mut counted)?;
-        if machine == Machine::Aarch64 && count > 0 {
-            return Err(corrupt(&format!(
-                "{count} listed positions in AArch64 code, which has none"
-            )));
-        }
         if count > max_listed(code) {
             return Err(corrupt(&format!(
-                "{count} listed positions for {code} bytes of code"
+                "{count} listed positions for {code} bytes of x86-64 code"
             )));
         }
         // Grown as positions are read, each from at least a byte of the payload.
@@ -417,7 +460,7 @@ impl<'w> Unfilter<'w> {
         *left = counted.limit();
         Ok(Unfilter {
             out,
-            walk: Walk::new(machine, ranges),
+            walk: Walk::new(ranges),
             listed,
             next: 0,
             held: Vec::new(),
@@ -473,11 +516,11 @@ mod tests {
 
     /// Restore `filtered` (x86-64 code) through an [`Unfilter`] fed `chunk` bytes at a time.
     fn unfilter(filtered: &Filtered, chunk: usize) -> Result<Vec<u8>, DecodeError> {
-        unfilter_as(Machine::X86_64, filtered, chunk)
+        unfilter_as(Machines::All(Machine::X86_64), filtered, chunk)
     }
 
     fn unfilter_as(
-        machine: Machine,
+        machines: Machines,
         filtered: &Filtered,
         chunk: usize,
     ) -> Result<Vec<u8>, DecodeError> {
@@ -485,7 +528,7 @@ mod tests {
         let mut header = &filtered.header[..];
         let mut left = header.len() as u64;
         let len = filtered.bytes.len() as u64;
-        let mut writer = Unfilter::read_header(machine, &mut header, &mut left, len, &mut out)?;
+        let mut writer = Unfilter::read_header(machines, &mut header, &mut left, len, &mut out)?;
         assert_eq!(left, 0, "the whole header is read");
         for piece in filtered.bytes.chunks(chunk) {
             writer.write_all(piece).map_err(DecodeError::Corrupt)?;
@@ -514,7 +557,7 @@ mod tests {
             call(&mut new, at, 30_000);
             lea(&mut new, at + 5, 200);
         }
-        let filtered = filter(&new, Machine::X86_64, &[(16, 49_000)]).expect("filtered");
+        let filtered = filter(&new, &[(16, 49_000, Machine::X86_64)]).expect("filtered");
         let field = |at: usize| filtered.bytes[at..at + 4].to_vec();
         for at in sites {
             assert_eq!(field(at + 1), field(sites[0] + 1), "call at {at}");
@@ -527,7 +570,7 @@ mod tests {
         }
         // Outside the code range nothing changes.
         call(&mut new, 49_500, 30_000);
-        let filtered = filter(&new, Machine::X86_64, &[(16, 49_000)]).expect("filtered");
+        let filtered = filter(&new, &[(16, 49_000, Machine::X86_64)]).expect("filtered");
         assert_eq!(filtered.bytes[49_000..], new[49_000..]);
         for chunk in [1, 3, 12, 13, 1000, new.len()] {
             assert!(
@@ -555,7 +598,7 @@ mod tests {
             None,
             "0x94e82211 is out of the interval"
         );
-        let filtered = filter(&new, Machine::X86_64, &[(0, 300)]).expect("filtered");
+        let filtered = filter(&new, &[(0, 300, Machine::X86_64)]).expect("filtered");
         assert_eq!(filtered.bytes[r + 4..r + 8], [0x00, 0x01, 0x00, 0x00]);
         assert!(
             operand(&filtered.bytes[r..]).is_some(),
@@ -565,8 +608,8 @@ mod tests {
         // The header: 1 range (0, 300), then 1 listed position, at r.
         assert_eq!(filtered.header, [1, 0, 172, 2, 1, r as u8]);
         let unlisted = Filtered {
-            bytes: filtered.bytes.clone(),
             header: vec![1, 0, 172, 2, 0],
+            ..filtered
         };
         assert!(unfilter(&unlisted, 7).is_ok_and(|out| out != new));
     }
@@ -574,10 +617,11 @@ mod tests {
     #[test]
     fn hostile_headers_are_refused() {
         let new = noise(2, 4_000);
-        let filtered = filter(&new, Machine::X86_64, &[(0, 4_000)]).expect("filtered");
+        let filtered = filter(&new, &[(0, 4_000, Machine::X86_64)]).expect("filtered");
         let with = |header: Vec<u8>| Filtered {
             bytes: filtered.bytes.clone(),
             header,
+            machines: filtered.machines,
         };
         for (header, why) in [
             (vec![0, 0], "code ranges"),
@@ -603,6 +647,7 @@ mod tests {
         let filtered = Filtered {
             bytes: nops,
             header: vec![1, 0, 100, 1, 3],
+            machines: Machines::All(Machine::X86_64),
         };
         let e = unfilter(&filtered, 10).expect_err("not at an instruction");
         assert!(e.to_string().contains("not at instructions"), "{e}");
@@ -628,7 +673,7 @@ mod tests {
             adrp(&mut new, at + 4, 180_000, 3);
         }
         let range = (1_002, 199_999);
-        let filtered = filter(&new, Machine::Aarch64, &[range]).expect("filtered");
+        let filtered = filter(&new, &[(range.0, range.1, Machine::Aarch64)]).expect("filtered");
         let word = |at: usize| filtered.bytes[at..at + 4].to_vec();
         for at in sites {
             assert_eq!(word(at), word(sites[0]), "bl at {at}");
@@ -639,49 +684,95 @@ mod tests {
         for at in [199_996, 500] {
             bl(&mut new, at, 100_000);
         }
-        let filtered = filter(&new, Machine::Aarch64, &[range]).expect("filtered");
+        let filtered = filter(&new, &[(range.0, range.1, Machine::Aarch64)]).expect("filtered");
         assert_eq!(filtered.bytes[..range.0 as usize], new[..range.0 as usize]);
         assert_eq!(filtered.bytes[199_996..], new[199_996..]);
         assert!(filtered.bytes != new, "converted");
         for chunk in [1, 2, 3, 5, 4096, new.len()] {
             assert!(
-                unfilter_as(Machine::Aarch64, &filtered, chunk).expect("restore") == new,
+                unfilter_as(Machines::All(Machine::Aarch64), &filtered, chunk).expect("restore")
+                    == new,
                 "chunk {chunk}"
             );
         }
-        // An AArch64 header lists nothing.
-        let listed = Filtered {
-            bytes: filtered.bytes.clone(),
-            header: header(&[range], &[sites[0] as u64]),
-        };
-        let e = unfilter_as(Machine::Aarch64, &listed, 100).expect_err("listed");
-        assert!(e.to_string().contains("in AArch64 code"), "{e}");
+        // An AArch64 header lists nothing: its last byte (no listed position) made one.
+        let mut header = filtered.header.clone();
+        assert_eq!(header.pop(), Some(0));
+        header.extend_from_slice(&[1, 4]);
+        let listed = Filtered { header, ..filtered };
+        let e = unfilter_as(Machines::All(Machine::Aarch64), &listed, 100).expect_err("listed");
+        assert!(e.to_string().contains("for 0 bytes of x86-64 code"), "{e}");
+    }
+
+    /// A universal file's ranges: x86-64 and AArch64 code, each range tagged with its machine.
+    #[test]
+    fn tagged_ranges_convert_each_as_its_machine() {
+        let mut new = vec![0x90u8; 100_000];
+        let (x86, arm) = ((1_000, 40_000), (60_000, 99_000));
+        for at in [2_000, 30_000] {
+            call(&mut new, at, 35_000);
+        }
+        for at in [61_000, 90_000] {
+            bl(&mut new, at, 70_000);
+        }
+        let ranges = [
+            (x86.0, x86.1, Machine::X86_64),
+            (arm.0, arm.1, Machine::Aarch64),
+        ];
+        let filtered = filter(&new, &ranges).expect("filtered");
+        assert_eq!(filtered.machines, Machines::Tagged);
+        let word = |at: usize| filtered.bytes[at..at + 4].to_vec();
+        assert_eq!(word(2_001), word(30_001), "calls");
+        assert_eq!(word(61_000), word(90_000), "bl");
+        for chunk in [1, 7, 100_000] {
+            let out = unfilter_as(Machines::Tagged, &filtered, chunk).expect("restore");
+            assert!(out == new, "chunk {chunk}");
+        }
+        // Untagged, the x86-64 range's first tag would be read as the next range's offset.
+        let e = unfilter_as(Machines::All(Machine::X86_64), &filtered, 100);
+        assert!(e.is_err() || e.is_ok_and(|out| out != new));
+        // A tag that names no machine.
+        let mut header = filtered.header.clone();
+        let at = 1 + 2 + 3; // count, x86's offset (2 bytes) and length (3 bytes)
+        assert_eq!(header[at], 0, "x86-64's tag");
+        header[at] = 7;
+        let bad = Filtered { header, ..filtered };
+        let e = unfilter_as(Machines::Tagged, &bad, 100).expect_err("tag 7");
+        assert!(e.to_string().contains("no machine 7"), "{e}");
     }
 
     proptest::proptest! {
         #[test]
-        fn any_arm64_words_round_trip(
+        fn any_code_round_trips(
             seed in 0u64..1_000_000,
             len in 4usize..20_000,
             chunk in 1usize..5_000,
             cut in 0u64..7,
+            machines in 0usize..4,
         ) {
-            // Noise where about half the words are calls or `adrp`s.
+            // Noise where about half the words are calls or `adrp`s, with call bytes and
+            // RIP-relative ModRM bytes between them.
             let mut new = noise(seed, len);
             for (k, word) in new.chunks_exact_mut(4).enumerate() {
                 match (seed as usize + k) % 4 {
                     0 => word[3] = 0x94 | (word[3] & 3),
                     1 => word[3] = 0x90 | (word[3] & 0x60),
-                    _ => {}
+                    2 => word[1] = 0xe8,
+                    _ => word[0] = 0x05,
                 }
             }
+            // Two ranges, unaligned, each of either machine.
             let len = len as u64;
-            let ranges = [(cut, len / 2), (len / 2 + 1 + cut, len - cut)];
-            let ranges: Vec<(u64, u64)> = ranges.into_iter().filter(|r| r.0 < r.1).collect();
+            let machine = |bit: usize| match machines >> bit & 1 {
+                0 => Machine::X86_64,
+                _ => Machine::Aarch64,
+            };
+            let ranges = [(cut, len / 2, machine(0)), (len / 2 + 1 + cut, len - cut, machine(1))];
+            let ranges: Vec<CodeRange> = ranges.into_iter().filter(|r| r.0 < r.1).collect();
             proptest::prop_assume!(!ranges.is_empty());
-            let filtered = filter(&new, Machine::Aarch64, &ranges).expect("filtered");
+            let filtered = filter(&new, &ranges).expect("filtered");
             proptest::prop_assert!(
-                unfilter_as(Machine::Aarch64, &filtered, chunk).expect("restore") == new
+                unfilter_as(filtered.machines, &filtered, chunk).expect("restore") == new
             );
         }
     }
@@ -705,7 +796,7 @@ mod tests {
                 }
             }
             let ranges = [(len as u64 / 10, len as u64 - len as u64 / 7)];
-            let filtered = filter(&new, Machine::X86_64, &ranges).expect("filtered");
+            let filtered = filter(&new, &[(ranges[0].0, ranges[0].1, Machine::X86_64)]).expect("filtered");
             proptest::prop_assert!(unfilter(&filtered, chunk).expect("restore") == new);
         }
     }
@@ -713,7 +804,7 @@ mod tests {
     #[test]
     fn noise_round_trips() {
         let new = noise(1, 10_000);
-        let filtered = filter(&new, Machine::X86_64, &[(100, 9_000)]).expect("filtered");
+        let filtered = filter(&new, &[(100, 9_000, Machine::X86_64)]).expect("filtered");
         for chunk in [1, 5, 13, 4096, 10_000] {
             assert!(
                 unfilter(&filtered, chunk).expect("restore") == new,

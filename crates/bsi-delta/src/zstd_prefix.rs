@@ -4,6 +4,7 @@ use rayon::prelude::*;
 use zstd::stream::raw::{CParameter, DParameter};
 
 use crate::bsdiff::Machine;
+use crate::code_filter::Machines;
 use crate::{code_filter, copy_exact_len, corrupt, window_log, DecodeError, DeltaEncoder, LEVEL};
 
 /// Smallest old file encoded through zstd's multithreaded path, exclusive (see [`encode_in`]).
@@ -30,6 +31,9 @@ const FRAMED_MAGIC: &[u8; 4] = b"ZPF\x01";
 /// x86-64 code or AArch64 code: the filter's header and a payload without the filter follow.
 const FILTERED_MAGIC: &[u8; 4] = b"ZPC\x01";
 const FILTERED_ARM64_MAGIC: &[u8; 4] = b"ZPA\x01";
+/// As [`FILTERED_MAGIC`], each code range tagged with its machine (a universal Mach-O file of
+/// x86-64 and arm64 slices).
+const FILTERED_TAGGED_MAGIC: &[u8; 4] = b"ZPM\x01";
 /// New files up to this long are also encoded without the code filter, and the smaller payload
 /// kept: the filter converts only the new file, so a file nearly its old one loses the matches
 /// of its code (a small library's whole payload is often such matches). Above, the filter's
@@ -90,21 +94,19 @@ impl DeltaEncoder for ZstdPrefix {
         true
     }
 
-    /// An x86-64 or AArch64 ELF file's code is converted first (see [`crate::code_filter`]);
-    /// up to [`BOTH_MAX`] bytes, the payload without conversion is also made and the smaller
-    /// kept.
+    /// The x86-64 or AArch64 code of an ELF or Mach-O file is converted first (see
+    /// [`crate::code_filter`]); up to [`BOTH_MAX`] bytes, the payload without conversion is also
+    /// made and the smaller kept.
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let filtered = crate::bsdiff::code_ranges(new).and_then(|(machine, ranges)| {
-            let magic = match machine {
-                Machine::X86_64 => FILTERED_MAGIC,
-                Machine::Aarch64 => FILTERED_ARM64_MAGIC,
-            };
-            code_filter::filter(new, machine, &ranges).map(|filtered| (magic, filtered))
-        });
-        let Some((magic, filtered)) = filtered else {
+        let Some(filtered) = code_filter::filter(new, &crate::bsdiff::code_ranges(new)) else {
             return Ok(Some(encode_plain(old, new)?));
         };
-        let mut payload = magic.to_vec();
+        let mut payload = match filtered.machines {
+            Machines::All(Machine::X86_64) => FILTERED_MAGIC,
+            Machines::All(Machine::Aarch64) => FILTERED_ARM64_MAGIC,
+            Machines::Tagged => FILTERED_TAGGED_MAGIC,
+        }
+        .to_vec();
         payload.extend_from_slice(&filtered.header);
         payload.extend_from_slice(&encode_plain(old, &filtered.bytes)?);
         drop(filtered);
@@ -142,13 +144,14 @@ impl DeltaEncoder for ZstdPrefix {
         let head = &mut head[..payload_len.min(FRAMED_MAGIC.len() as u64) as usize];
         payload.read_exact(head).map_err(DecodeError::Corrupt)?;
         let mut rest = payload_len - head.len() as u64;
-        let machine = match &*head {
-            magic if magic == FILTERED_MAGIC => Machine::X86_64,
-            magic if magic == FILTERED_ARM64_MAGIC => Machine::Aarch64,
+        let machines = match &*head {
+            magic if magic == FILTERED_MAGIC => Machines::All(Machine::X86_64),
+            magic if magic == FILTERED_ARM64_MAGIC => Machines::All(Machine::Aarch64),
+            magic if magic == FILTERED_TAGGED_MAGIC => Machines::Tagged,
             _ => return decode_plain(old, head, payload, rest, new_len, out),
         };
         let mut unfilter =
-            code_filter::Unfilter::read_header(machine, payload, &mut rest, new_len, out)?;
+            code_filter::Unfilter::read_header(machines, payload, &mut rest, new_len, out)?;
         let mut head = [0u8; FRAMED_MAGIC.len()];
         let head = &mut head[..rest.min(FRAMED_MAGIC.len() as u64) as usize];
         payload.read_exact(head).map_err(DecodeError::Corrupt)?;
@@ -394,12 +397,10 @@ mod tests {
         }
     }
 
-    /// A program of calls to 64 functions and loads of 64 globals spread over its code, against
-    /// an old file of other bytes: its payload is the converted one, and smaller. Against
-    /// itself, the payload without conversion is kept.
-    #[test]
-    fn code_is_converted_where_that_is_smaller() {
-        let mut code = crate::test_data::noise(7, 256 << 10);
+    /// x86-64 code at file offset 0x1000: calls to 64 functions and loads of 64 globals spread
+    /// over noise.
+    fn x86_program(len: usize) -> Vec<u8> {
+        let mut code = crate::test_data::noise(7, len);
         let mut x = 12345u64;
         for at in (0..code.len() - 64).step_by(16) {
             x = x
@@ -413,20 +414,18 @@ mod tests {
             code[at + 5..at + 8].copy_from_slice(&[0x48, 0x8b, 0x05]);
             code[at + 8..at + 12].copy_from_slice(&(d as i32).to_le_bytes());
         }
-        check_converted(&crate::bsdiff::elf_with_code(&code), FILTERED_MAGIC);
+        code
     }
 
-    /// As [`code_is_converted_where_that_is_smaller`], for AArch64: calls (`bl`) to 64
-    /// functions and `adrp`s of 64 pages, three words in four.
-    #[test]
-    fn arm64_code_is_converted_where_that_is_smaller() {
-        let mut code = crate::test_data::noise(9, 256 << 10);
+    /// AArch64 code at file offset 0x1000: calls (`bl`) to 64 functions and `adrp`s of 64
+    /// pages, three words in four, the fourth noise.
+    fn arm64_program(len: usize) -> Vec<u8> {
+        let mut code = crate::test_data::noise(9, len);
         let mut x = 54321u64;
         for at in (0..code.len()).step_by(16) {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            // The code lies at file offset 0x1000; its targets at 64 places after it.
             let site = 0x1000 + at as i64;
             let target = 0x1000 + (x >> 33) as i64 % 64 * 4096;
             let bl = 0x9400_0000 | ((target - site) >> 2) as u32 & 0x03ff_ffff;
@@ -439,9 +438,49 @@ mod tests {
             code[at + 4..at + 8].copy_from_slice(&adrp.to_le_bytes());
             code[at + 8..at + 12].copy_from_slice(&bl_next.to_le_bytes());
         }
-        let mut new = crate::bsdiff::elf_with_code(&code);
+        code
+    }
+
+    /// A program against an old file of other bytes: its payload is the converted one, and
+    /// smaller. Against itself, the payload without conversion is kept.
+    #[test]
+    fn code_is_converted_where_that_is_smaller() {
+        check_converted(
+            &crate::bsdiff::elf_with_code(&x86_program(256 << 10)),
+            FILTERED_MAGIC,
+        );
+    }
+
+    #[test]
+    fn arm64_code_is_converted_where_that_is_smaller() {
+        let mut new = crate::bsdiff::elf_with_code(&arm64_program(256 << 10));
         new[0x12..0x14].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
         check_converted(&new, FILTERED_ARM64_MAGIC);
+    }
+
+    /// A universal Mach-O file: each slice's code converted as its machine's.
+    #[test]
+    fn universal_code_is_converted_where_that_is_smaller() {
+        let new = universal_program(256 << 10);
+        check_converted(&new, FILTERED_TAGGED_MAGIC);
+    }
+
+    /// A universal Mach-O file of an x86-64 slice and an arm64 one, each with `len` bytes of code.
+    fn universal_program(len: usize) -> Vec<u8> {
+        crate::bsdiff::universal_x86_arm64(&x86_program(len), &arm64_program(len))
+    }
+
+    /// `tests/data/macho-2.new`, a small universal program, used by the format tests;
+    /// `BSI_BLESS=1` writes it again.
+    #[test]
+    fn the_stored_universal_program_is_its_builder() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/macho-2.new");
+        let file = universal_program(16 << 10);
+        if std::env::var_os("BSI_BLESS").is_some() {
+            std::fs::write(&path, &file).expect("write the fixture");
+        }
+        let stored = std::fs::read(&path).expect("read the fixture");
+        assert!(stored == file, "macho-2.new differs from its builder");
     }
 
     /// `new`'s payload against other bytes is filtered (`magic`), smaller than without the

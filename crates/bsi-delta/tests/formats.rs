@@ -218,6 +218,18 @@ fn zstd_prefix_code_1() {
     assert_eq!(&stored[..4], b"ZPC\x01", "the stored payload is converted");
 }
 
+/// A universal Mach-O program of an x86-64 slice and an arm64 one (`macho-2.new`, built by
+/// bsi-delta's tests) against other bytes: each range of code tagged with its machine (format
+/// `ZPM\x01`).
+#[test]
+fn zstd_prefix_tagged_code_1() {
+    let new = std::fs::read(data("macho-2.new")).expect("read the stored program");
+    let old = bytes(0x9e37_79b9_7f4a_7c15, 20_000);
+    check("zstd-prefix", "zstd-prefix-tagged-code-1.bin", &old, &new);
+    let stored = std::fs::read(data("zstd-prefix-tagged-code-1.bin")).expect("read the payload");
+    assert_eq!(&stored[..4], b"ZPM\x01", "the stored payload is converted");
+}
+
 /// As [`zstd_prefix_code_1`], with two small AArch64 libraries: their code converted as AArch64
 /// code (format `ZPA\x01`).
 #[test]

@@ -459,31 +459,40 @@ fn machine(data: &[u8]) -> Option<Machine> {
     }
 }
 
-/// The machine of `data` when it is a 64-bit little-endian ELF file for x86-64 or AArch64, with
-/// the file ranges of its code sections, in file order and apart (none for a file without
-/// section headers).
-pub(crate) fn code_ranges(data: &[u8]) -> Option<(Machine, Vec<(u64, u64)>)> {
-    let machine = machine(data)?;
-    let mut ranges: Vec<(u64, u64)> = sections(data)
-        .unwrap_or_default()
-        .iter()
-        .filter(|s| {
-            s.kind == SHT_PROGBITS
-                && s.flags & (SHF_ALLOC | SHF_EXECINSTR) == SHF_ALLOC | SHF_EXECINSTR
-                && s.len > 0
-        })
-        .map(|s| (s.offset, s.offset + s.len))
-        .collect();
-    ranges.sort_unstable();
-    // Overlapping headers (a hostile or odd file) are merged.
-    let mut apart: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (start, end) in ranges {
+/// The code of `data` when it is a 64-bit little-endian ELF file, or a thin or universal Mach-O
+/// file, for x86-64 or AArch64: the file ranges of its code sections, each with its machine, in
+/// file order and apart (none for a file without section headers, or another file).
+pub(crate) fn code_ranges(data: &[u8]) -> Vec<(u64, u64, Machine)> {
+    let mut ranges: Vec<(u64, u64, Machine)> = match machine(data) {
+        Some(machine) => sections(data)
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| {
+                s.kind == SHT_PROGBITS
+                    && s.flags & (SHF_ALLOC | SHF_EXECINSTR) == SHF_ALLOC | SHF_EXECINSTR
+                    && s.len > 0
+            })
+            .map(|s| (s.offset, s.offset + s.len, machine))
+            .collect(),
+        None => macho::layout(data).map_or_else(Vec::new, |layout| {
+            layout
+                .sections
+                .iter()
+                .filter(|s| s.code && s.len > 0)
+                .filter_map(|s| Some((s.offset, s.offset + s.len, *layout.machines.get(s.slice)?)))
+                .collect()
+        }),
+    };
+    ranges.sort_unstable_by_key(|r| (r.0, r.1));
+    // Overlapping headers (a hostile or odd file) are merged, into the first one's machine.
+    let mut apart: Vec<(u64, u64, Machine)> = Vec::with_capacity(ranges.len());
+    for (start, end, machine) in ranges {
         match apart.last_mut() {
             Some(last) if start <= last.1 => last.1 = last.1.max(end),
-            _ => apart.push((start, end)),
+            _ => apart.push((start, end, machine)),
         }
     }
-    Some((machine, apart))
+    apart
 }
 
 fn elf(data: &[u8], version: Version) -> Option<Image> {
@@ -1150,7 +1159,7 @@ pub(super) mod tests {
         }
     }
 
-    pub(crate) use super::macho::tests::universal_x86;
+    pub(crate) use super::macho::tests::{universal_x86, universal_x86_arm64};
 
     /// A minimal x86-64 ELF file: one loaded segment (file offset = address) with `code` as its
     /// `.text` at 0x1000.

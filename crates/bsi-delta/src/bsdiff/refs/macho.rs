@@ -460,6 +460,14 @@ pub(crate) mod tests {
         universal(&[(CPU_TYPE_X86_64, slice.clone()), (CPU_TYPE_X86_64, slice)])
     }
 
+    /// A universal file of an x86-64 slice with `x86_code` and an arm64 one with `arm64_code`.
+    pub(crate) fn universal_x86_arm64(x86_code: &[u8], arm64_code: &[u8]) -> Vec<u8> {
+        universal(&[
+            (CPU_TYPE_X86_64, macho(CPU_TYPE_X86_64, x86_code, &[])),
+            (CPU_TYPE_ARM64, macho(CPU_TYPE_ARM64, arm64_code, &[])),
+        ])
+    }
+
     /// x86-64 code: a `call` to the start of the code every 16 bytes, nops in between.
     fn x86_calls(count: usize) -> Vec<u8> {
         let mut code = Vec::new();
