@@ -775,9 +775,7 @@ mod tests {
                 unfilter_as(filtered.machines, &filtered, chunk).expect("restore") == new
             );
         }
-    }
 
-    proptest::proptest! {
         #[test]
         fn any_bytes_round_trip(
             seed in 0u64..1_000_000,
