@@ -12,7 +12,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     let raw = RawPackage::split(&bytes).with_context(|| format!("{}", path.display()))?;
     let manifest =
         Manifest::from_packed(raw.manifest).with_context(|| format!("{}", path.display()))?;
-    let report = report(&manifest, bytes.len() as u64);
+    let report = report(&manifest, raw.payloads, bytes.len() as u64);
     if as_json {
         out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -28,7 +28,9 @@ fn size(image: &Option<Image>) -> Option<u64> {
     }
 }
 
-fn report(m: &Manifest, package_bytes: u64) -> serde_json::Value {
+/// `payloads` is the package's payload section, whose first bytes of a zstd-prefix payload say
+/// whose code was converted (`None` where they are out of the section).
+fn report(m: &Manifest, payloads: &[u8], package_bytes: u64) -> serde_json::Value {
     let components: Vec<_> = m
         .components
         .iter()
@@ -41,6 +43,13 @@ fn report(m: &Manifest, package_bytes: u64) -> serde_json::Value {
                     _ => None,
                 };
                 let payload_bytes = e.payload.as_ref().map_or(0, |p| p.len);
+                let converted = match (encoder, &e.payload) {
+                    (Some("zstd-prefix"), Some(p)) => usize::try_from(p.offset)
+                        .ok()
+                        .and_then(|at| payloads.get(at..at.checked_add(4)?))
+                        .and_then(bsi_delta::converted_code),
+                    _ => None,
+                };
                 let item = json!({
                     "path": e.path.as_str(),
                     "op": e.op.name(),
@@ -50,6 +59,7 @@ fn report(m: &Manifest, package_bytes: u64) -> serde_json::Value {
                     "new_size": size(&e.post),
                     "encoder": encoder,
                     "payload_bytes": payload_bytes,
+                    "code_converted": converted,
                     "source": match &e.op {
                         Operation::Delta { source: Some(src), .. } => Some(src.path.as_str()),
                         _ => None,
@@ -134,15 +144,22 @@ fn print_text(path: &Path, r: &serde_json::Value) {
                         .unwrap_or_default()
                         .to_owned(),
                 };
+                let converted = item["code_converted"]
+                    .as_str()
+                    .map(|code| format!(", {code} code converted"))
+                    .unwrap_or_default();
                 let payload = match (item["encoder"].as_str(), item["source"].as_str()) {
                     (Some(enc), Some(src)) => {
                         format!(
-                            ", payload {} bytes ({enc} from {src})",
+                            ", payload {} bytes ({enc}{converted} from {src})",
                             item["payload_bytes"]
                         )
                     }
                     (Some(enc), None) => {
-                        format!(", payload {} bytes ({enc})", item["payload_bytes"])
+                        format!(
+                            ", payload {} bytes ({enc}{converted})",
+                            item["payload_bytes"]
+                        )
                     }
                     _ => String::new(),
                 };

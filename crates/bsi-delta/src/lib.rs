@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 pub use blocks::{reverse as reverse_blocks, reverse_file as reverse_blocks_file, Blocks};
 pub use bsdiff::Bsdiff;
 pub use gzip::Gzip;
-pub use zstd_prefix::ZstdPrefix;
+pub use zstd_prefix::{converted_code, ZstdPrefix};
 
 /// Name of plain compression (used for added and replaced files).
 pub const PLAIN: &str = "zstd";

@@ -161,6 +161,18 @@ impl DeltaEncoder for ZstdPrefix {
     }
 }
 
+/// Whose code the code filter converted in a zstd-prefix `payload` (its first 4 bytes are
+/// enough): "x86-64", "arm64", or "x86-64 and arm64" (a universal file); `None` for a payload
+/// without the filter.
+pub fn converted_code(payload: &[u8]) -> Option<&'static str> {
+    match payload.get(..4)? {
+        head if head == FILTERED_MAGIC => Some("x86-64"),
+        head if head == FILTERED_ARM64_MAGIC => Some("arm64"),
+        head if head == FILTERED_TAGGED_MAGIC => Some("x86-64 and arm64"),
+        _ => None,
+    }
+}
+
 /// The payload of `new` against `old`, without the code filter: one frame or frames (see
 /// [`frame_len`]), a probe at a low level first for a file that may be nearly the old one.
 fn encode_plain(old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {

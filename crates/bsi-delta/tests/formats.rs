@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bsi_delta::delta_encoder;
+use bsi_delta::{converted_code, delta_encoder};
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -216,6 +216,9 @@ fn zstd_prefix_code_1() {
     check("zstd-prefix", "zstd-prefix-code-1.bin", &old, &new);
     let stored = std::fs::read(data("zstd-prefix-code-1.bin")).expect("read the payload");
     assert_eq!(&stored[..4], b"ZPC\x01", "the stored payload is converted");
+    assert_eq!(converted_code(&stored), Some("x86-64"));
+    let plain = std::fs::read(data("zstd-prefix-1.bin")).expect("read the payload");
+    assert_eq!(converted_code(&plain), None);
 }
 
 /// A universal Mach-O program of an x86-64 slice and an arm64 one (`macho-2.new`, built by
@@ -228,6 +231,7 @@ fn zstd_prefix_tagged_code_1() {
     check("zstd-prefix", "zstd-prefix-tagged-code-1.bin", &old, &new);
     let stored = std::fs::read(data("zstd-prefix-tagged-code-1.bin")).expect("read the payload");
     assert_eq!(&stored[..4], b"ZPM\x01", "the stored payload is converted");
+    assert_eq!(converted_code(&stored), Some("x86-64 and arm64"));
 }
 
 /// As [`zstd_prefix_code_1`], with two small AArch64 libraries: their code converted as AArch64
@@ -239,4 +243,5 @@ fn zstd_prefix_arm64_code_1() {
     check("zstd-prefix", "zstd-prefix-arm64-code-1.bin", &old, &new);
     let stored = std::fs::read(data("zstd-prefix-arm64-code-1.bin")).expect("read the payload");
     assert_eq!(&stored[..4], b"ZPA\x01", "the stored payload is converted");
+    assert_eq!(converted_code(&stored), Some("arm64"));
 }

@@ -2,6 +2,7 @@
 //! (trees on disk, package bytes) with the library crates.
 
 mod channel;
+mod code;
 mod crash;
 mod escape;
 mod gzip;
