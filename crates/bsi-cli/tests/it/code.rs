@@ -52,18 +52,5 @@ fn a_new_universal_program_is_packed_with_its_code_converted() {
         "inspect lacks the conversion:\n{text}"
     );
 
-    let root = fx.path("root");
-    write_tree(&root, &base, false);
-    let trust = example_pub();
-    ok(&run([
-        "apply",
-        p(&pkg),
-        "--root",
-        p(&root),
-        "--trust",
-        p(&trust),
-    ]));
-    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
-    ok(&run(["revert", "--root", p(&root)]));
-    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+    applies_and_reverts_exactly(&fx, &base, &pkg);
 }

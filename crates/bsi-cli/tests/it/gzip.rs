@@ -71,18 +71,5 @@ fn a_grown_changelog_gz_costs_its_new_entries_and_applies_exactly() {
         new_gz.len()
     );
 
-    let root = fx.path("root");
-    write_tree(&root, &base, false);
-    let trust = example_pub();
-    ok(&run([
-        "apply",
-        p(&pkg),
-        "--root",
-        p(&root),
-        "--trust",
-        p(&trust),
-    ]));
-    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
-    ok(&run(["revert", "--root", p(&root)]));
-    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+    applies_and_reverts_exactly(&fx, &base, &pkg);
 }

@@ -552,6 +552,24 @@ impl Fixture {
     }
 }
 
+/// Apply `pkg` to a new root holding `base` (the fixture's base tree), check that it holds the
+/// fixture's target, revert it, and check that it holds the base again.
+pub fn applies_and_reverts_exactly(fx: &Fixture, base: &Model, pkg: &Path) {
+    let root = fx.path("root");
+    write_tree(&root, base, false);
+    ok(&run([
+        "apply",
+        p(pkg),
+        "--root",
+        p(&root),
+        "--trust",
+        p(&example_pub()),
+    ]));
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.target));
+    ok(&run(["revert", "--root", p(&root)]));
+    assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
+}
+
 /// The parsed manifest of package bytes (signature not checked).
 pub fn manifest_json(bytes: &[u8]) -> serde_json::Value {
     let raw = bsi_format::RawPackage::split(bytes).expect("package splits");
