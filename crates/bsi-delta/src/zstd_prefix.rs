@@ -34,6 +34,25 @@ const FILTERED_ARM64_MAGIC: &[u8; 4] = b"ZPA\x01";
 /// As [`FILTERED_MAGIC`], each code range tagged with its machine (a universal Mach-O file of
 /// x86-64 and arm64 slices).
 const FILTERED_TAGGED_MAGIC: &[u8; 4] = b"ZPM\x01";
+/// Each filtered payload's magic number, how its header gives the ranges' machines, and whose
+/// code it converted (see [`converted_code`]).
+const FILTERED: [(&[u8; 4], Machines, &str); 3] = [
+    (FILTERED_MAGIC, Machines::All(Machine::X86_64), "x86-64"),
+    (
+        FILTERED_ARM64_MAGIC,
+        Machines::All(Machine::Aarch64),
+        "arm64",
+    ),
+    (FILTERED_TAGGED_MAGIC, Machines::Tagged, "x86-64 and arm64"),
+];
+
+/// The entry of [`FILTERED`] whose magic number `head` is.
+fn filtered_kind(head: &[u8]) -> Option<(Machines, &'static str)> {
+    FILTERED
+        .iter()
+        .find(|(magic, ..)| &magic[..] == head)
+        .map(|&(_, machines, code)| (machines, code))
+}
 /// New files up to this long are also encoded without the code filter, and the smaller payload
 /// kept: the filter converts only the new file, so a file nearly its old one loses the matches
 /// of its code (a small library's whole payload is often such matches). Above, the filter's
@@ -101,12 +120,11 @@ impl DeltaEncoder for ZstdPrefix {
         let Some(filtered) = code_filter::filter(new, &crate::bsdiff::code_ranges(new)) else {
             return Ok(Some(encode_plain(old, new)?));
         };
-        let mut payload = match filtered.machines {
-            Machines::All(Machine::X86_64) => FILTERED_MAGIC,
-            Machines::All(Machine::Aarch64) => FILTERED_ARM64_MAGIC,
-            Machines::Tagged => FILTERED_TAGGED_MAGIC,
-        }
-        .to_vec();
+        let (magic, ..) = FILTERED
+            .iter()
+            .find(|(_, machines, _)| *machines == filtered.machines)
+            .expect("every way of giving the ranges' machines has a magic number");
+        let mut payload = magic.to_vec();
         payload.extend_from_slice(&filtered.header);
         payload.extend_from_slice(&encode_plain(old, &filtered.bytes)?);
         drop(filtered);
@@ -144,11 +162,8 @@ impl DeltaEncoder for ZstdPrefix {
         let head = &mut head[..payload_len.min(FRAMED_MAGIC.len() as u64) as usize];
         payload.read_exact(head).map_err(DecodeError::Corrupt)?;
         let mut rest = payload_len - head.len() as u64;
-        let machines = match &*head {
-            magic if magic == FILTERED_MAGIC => Machines::All(Machine::X86_64),
-            magic if magic == FILTERED_ARM64_MAGIC => Machines::All(Machine::Aarch64),
-            magic if magic == FILTERED_TAGGED_MAGIC => Machines::Tagged,
-            _ => return decode_plain(old, head, payload, rest, new_len, out),
+        let Some((machines, _)) = filtered_kind(head) else {
+            return decode_plain(old, head, payload, rest, new_len, out);
         };
         let mut unfilter =
             code_filter::Unfilter::read_header(machines, payload, &mut rest, new_len, out)?;
@@ -165,12 +180,7 @@ impl DeltaEncoder for ZstdPrefix {
 /// enough): "x86-64", "arm64", or "x86-64 and arm64" (a universal file); `None` for a payload
 /// without the filter.
 pub fn converted_code(payload: &[u8]) -> Option<&'static str> {
-    match payload.get(..4)? {
-        head if head == FILTERED_MAGIC => Some("x86-64"),
-        head if head == FILTERED_ARM64_MAGIC => Some("arm64"),
-        head if head == FILTERED_TAGGED_MAGIC => Some("x86-64 and arm64"),
-        _ => None,
-    }
+    filtered_kind(payload.get(..4)?).map(|(_, code)| code)
 }
 
 /// The payload of `new` against `old`, without the code filter: one frame or frames (see
