@@ -117,6 +117,33 @@ fn bsdiff_3_split_pairs() {
     );
 }
 
+/// Format 3 with predictor 3: a Mach-O library (`macho-4.*`, written by bsi-delta's tests)
+/// whose symbol values are references.
+#[test]
+fn bsdiff_3_symbols() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
+    let (old, new) = (read("macho-4.old"), read("macho-4.new"));
+    check("bsdiff", "bsdiff-3-symbols.bin", &old, &new);
+    stored_format(
+        "bsdiff-3-symbols.bin",
+        b"BSD\x03\x03",
+        "format 3, Mach-O symbol values",
+    );
+}
+
+/// A signed arm64 Mach-O program (`macho-3.*`, written by bsi-delta's tests) with a byte changed
+/// in every third page: the new file's code directories (SHA-1 and SHA-256) are named after the
+/// predictor byte, and their slots are the hashes of the pages the decoder wrote.
+#[test]
+fn bsdiff_signed() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored program");
+    let (old, new) = (read("macho-3.old"), read("macho-3.new"));
+    check("bsdiff", "bsdiff-signed.bin", &old, &new);
+    let stored = read("bsdiff-signed.bin");
+    assert_eq!(&stored[..3], b"BSD");
+    assert_eq!(stored[4] & 0x80, 0x80, "code directories follow");
+}
+
 /// A library relinked with a function inserted in the middle (two builds by gcc of the program
 /// `elf-1.gen.py` writes): format 2, whose decoder finds the old file's references and predicts
 /// where they point now.

@@ -639,6 +639,8 @@ impl<'a> DiffDecoder<'a> {
     /// Append the new bytes (old + diff) of positions `range` of a step whose old bytes are
     /// `old` to `out`; the first of them lies at `at` in the new file. A step may be decoded in
     /// several ranges, in order; the ranges together must not exceed the stream's length.
+    /// (The tests' way in: decoding copies or predicts the old bytes itself.)
+    #[cfg(test)]
     pub fn step(
         &mut self,
         old: &[u8],
@@ -656,8 +658,7 @@ impl<'a> DiffDecoder<'a> {
 
     /// Add the diff bytes to the first `len` old bytes of a step held in `bytes` (which may
     /// hold the old byte after them: the model looks at it), the first of them at `at` in the
-    /// new file: [`step`](Self::step) where the old bytes were copied to the new file's
-    /// buffer already, as the predicted ones are.
+    /// new file. The old bytes, or the predicted ones, are in the new file's buffer already.
     pub fn step_in_place(
         &mut self,
         bytes: &mut [u8],

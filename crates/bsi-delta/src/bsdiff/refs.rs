@@ -19,7 +19,8 @@
 //! - on x86-64, switch tables: 32-bit offsets from a table that code loads with `lea`.
 //!
 //! In a Mach-O file (thin or universal, see `macho`), the code of each slice and its switch
-//! tables.
+//! tables, the pointers its rebase opcodes name, and (from [`Version::Symbols`] on) the values
+//! of its symbols.
 
 mod arm64;
 mod macho;
@@ -29,7 +30,7 @@ mod x86;
 pub(crate) use x86::rip_relative;
 
 pub(super) use arm64::{encode as arm64_encode, Form as Arm64};
-pub(super) use macho::SLICE_SHIFT;
+pub(super) use macho::{slices as macho_slices, MH_MAGIC_64, SLICE_SHIFT};
 pub(super) use plt::pieces as plt_pieces;
 
 /// How the bytes at a reference's site relate to its target (all addresses are virtual).
@@ -90,6 +91,8 @@ pub(super) struct Image {
     pub refs: Vec<Ref>,
     /// The addresses [`Kind::Based32`] references count from.
     pub bases: Vec<u64>,
+    /// Whether symbol values are among the references (see [`Image::has_symbols`]).
+    pub symbols: bool,
 }
 
 impl Image {
@@ -99,6 +102,12 @@ impl Image {
             .iter()
             .find(|s| s.offset <= offset && offset - s.offset < s.file_len)
             .map(|s| s.vaddr + (offset - s.offset))
+    }
+
+    /// Whether some of its references are the values of Mach-O symbols, which only
+    /// [`Version::Symbols`] finds.
+    pub fn has_symbols(&self) -> bool {
+        self.symbols
     }
 
     /// Whether some of its references are AArch64 ADRPs or the instructions that complete
@@ -155,7 +164,7 @@ fn u16_at(data: &[u8], at: u64) -> Option<u16> {
     ))
 }
 
-fn u32_at(data: &[u8], at: u64) -> Option<u32> {
+pub(super) fn u32_at(data: &[u8], at: u64) -> Option<u32> {
     let at = usize::try_from(at).ok()?;
     Some(u32::from_le_bytes(
         data.get(at..at.checked_add(4)?)?.try_into().ok()?,
@@ -166,7 +175,7 @@ fn i32_at(data: &[u8], at: u64) -> Option<i64> {
     u32_at(data, at).map(|v| i64::from(v as i32))
 }
 
-fn u64_at(data: &[u8], at: u64) -> Option<u64> {
+pub(super) fn u64_at(data: &[u8], at: u64) -> Option<u64> {
     let at = usize::try_from(at).ok()?;
     Some(u64::from_le_bytes(
         data.get(at..at.checked_add(8)?)?.try_into().ok()?,
@@ -203,12 +212,14 @@ pub(super) fn may_hold_refs(data: &[u8]) -> bool {
 
 /// Which references a scan finds: those of the first predictor (`Refs` in `bsdiff`), or also
 /// AArch64 ADRP instructions and the instructions that complete their address further on
-/// (`SplitPairs`), which the predictor byte 2 names. A payload is decoded with the scan it was
-/// made with, so that a change of what is found never changes an old payload's predictions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// (`SplitPairs`), which the predictor byte 2 names, or also the values of a Mach-O file's
+/// symbols (`Symbols`, predictor byte 3). A payload is decoded with the scan it was made with,
+/// so that a change of what is found never changes an old payload's predictions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Version {
     First,
     SplitPairs,
+    Symbols,
 }
 
 pub(super) fn scan(data: &[u8], version: Version) -> Image {
@@ -231,20 +242,32 @@ fn mach_o(data: &[u8], version: Version) -> Option<Image> {
         .collect();
     let mut bases = Vec::new();
     let mut refs = code_refs(data, &image, &code, &mut bases, version);
-    for &(site, slice) in &layout.pointers {
-        let (Some(value), Ok(slice)) = (u64_at(data, site), u8::try_from(slice)) else {
-            continue;
-        };
-        let Some(target) = value.checked_add(u64::from(slice) << macho::SLICE_SHIFT) else {
-            continue;
-        };
-        if value != 0 && image.segment_at(target).is_some() {
-            let kind = match slice {
-                0 => Kind::Abs64,
-                _ => Kind::Shifted64 { slice },
+    let addresses = |sites: &[(u64, usize)], refs: &mut Vec<Ref>| {
+        for &(site, slice) in sites {
+            let (Some(value), Ok(slice)) = (u64_at(data, site), u8::try_from(slice)) else {
+                continue;
             };
-            collect(&mut refs, Ref { site, kind, target });
+            let Some(target) = value.checked_add(u64::from(slice) << macho::SLICE_SHIFT) else {
+                continue;
+            };
+            if value != 0 && image.segment_at(target).is_some() {
+                let kind = match slice {
+                    0 => Kind::Abs64,
+                    _ => Kind::Shifted64 { slice },
+                };
+                collect(refs, Ref { site, kind, target });
+            }
         }
+    };
+    addresses(&layout.pointers, &mut refs);
+    // Symbol values only where they all fit beside the other references: kept by site, the
+    // symbols of a universal file's first slice would take the place of the next slice's
+    // code references (the `cryptography` wheel's `_rust.abi3.so`, over the bound without
+    // them, lost 12%).
+    if version >= Version::Symbols && refs.len() + layout.symbols.len() <= MAX_REFS {
+        let before = refs.len();
+        addresses(&layout.symbols, &mut refs);
+        image.symbols = refs.len() > before;
     }
     image.refs = finish(refs);
     image.bases = bases;
@@ -286,7 +309,7 @@ fn code_refs(
                 scan.run(&mut refs, &mut loaded);
             }
             Machine::Aarch64 => {
-                let split = version == Version::SplitPairs;
+                let split = version >= Version::SplitPairs;
                 let range = (start, end);
                 arm64::scan(data, range, vstart, &code_v, image, &mut refs, split);
             }
@@ -1159,7 +1182,7 @@ pub(super) mod tests {
         }
     }
 
-    pub(crate) use super::macho::tests::{universal_x86, universal_x86_arm64};
+    pub(crate) use super::macho::tests::{macho, universal_x86, universal_x86_arm64, with_symbols};
 
     /// A minimal x86-64 ELF file: one loaded segment (file offset = address) with `code` as its
     /// `.text` at 0x1000.

@@ -8,16 +8,29 @@
 //! for those the shift cancels out. Data pointers are read where the slice's rebase opcodes
 //! (`LC_DYLD_INFO`) say they are: there the file holds plain addresses (a slice whose pointers
 //! are chained fixups, as macOS 12 and later write them, has no rebase opcodes, and its pointers
-//! are not read).
+//! are not read). The entries of its symbol table for symbols defined in a section hold their
+//! addresses too.
 
 use super::{u32_at, u64_at, Machine, Segment};
 
-pub(super) const MH_MAGIC_64: u32 = 0xfeed_facf;
+pub(in crate::bsdiff) const MH_MAGIC_64: u32 = 0xfeed_facf;
 pub(super) const FAT_MAGIC: u32 = 0xcafe_babe;
 pub(super) const FAT_MAGIC_64: u32 = 0xcafe_babf;
 const CPU_TYPE_X86_64: u32 = 0x0100_0007;
 const CPU_TYPE_ARM64: u32 = 0x0100_000c;
 const LC_SEGMENT_64: u32 = 0x19;
+const LC_SYMTAB: u32 = 0x2;
+/// An `nlist_64` entry: its type byte, and its value, an address where the type says so.
+const NLIST_LEN: u64 = 16;
+const N_TYPE_AT: u64 = 4;
+const N_VALUE_AT: u64 = 8;
+/// Type bits: a debugging entry (any of `N_STAB`), or a symbol defined in a section (`N_SECT`
+/// under `N_TYPE`), whose value is its address.
+const N_STAB: u8 = 0xe0;
+const N_TYPE: u8 = 0x0e;
+const N_SECT: u8 = 0x0e;
+/// Most symbol values read, over all slices.
+const MAX_SYMBOLS: usize = 1 << 20;
 const LC_DYLD_INFO: u32 = 0x22;
 const LC_DYLD_INFO_ONLY: u32 = 0x8000_0022;
 const SEGMENT_LEN: u64 = 72;
@@ -57,6 +70,9 @@ pub(super) struct Layout<'a> {
     pub sections: Vec<Section<'a>>,
     /// File offsets of the 64-bit pointers the rebase opcodes name, with their slice.
     pub pointers: Vec<(u64, usize)>,
+    /// File offsets of the values of the symbols defined in a section (`LC_SYMTAB`), which are
+    /// addresses, with their slice.
+    pub symbols: Vec<(u64, usize)>,
 }
 
 fn u32_be(data: &[u8], at: u64) -> Option<u32> {
@@ -80,7 +96,7 @@ pub(super) fn layout(data: &[u8]) -> Option<Layout<'_>> {
 }
 
 /// The (offset, length) of each slice: the whole file when it is thin.
-fn slices(data: &[u8]) -> Option<Vec<(u64, u64)>> {
+pub(in crate::bsdiff) fn slices(data: &[u8]) -> Option<Vec<(u64, u64)>> {
     if u32_at(data, 0)? == MH_MAGIC_64 {
         return Some(vec![(0, data.len() as u64)]);
     }
@@ -150,6 +166,19 @@ fn read_slice<'a>(
         if size < 8 || at + size > end {
             break;
         }
+        if cmd == LC_SYMTAB && size >= 24 {
+            let (symoff, nsyms) = (
+                u64::from(u32_at(data, at + 8)?),
+                u64::from(u32_at(data, at + 12)?),
+            );
+            symbols(
+                data,
+                (base, len),
+                (symoff, nsyms),
+                index,
+                &mut layout.symbols,
+            );
+        }
         if matches!(cmd, LC_DYLD_INFO | LC_DYLD_INFO_ONLY) && size >= 16 {
             rebase_info = Some((
                 u64::from(u32_at(data, at + 8)?),
@@ -188,6 +217,31 @@ fn read_slice<'a>(
     layout.segments.extend(segments);
     layout.sections.extend(sections);
     Some(machine)
+}
+
+/// Push the file offset of the value of every symbol defined in a section among the `nsyms`
+/// entries at `symoff` of the slice (`base`, `len`), with the slice `slice`; entries that leave
+/// the slice end the table.
+fn symbols(
+    data: &[u8],
+    (base, len): (u64, u64),
+    (symoff, nsyms): (u64, u64),
+    slice: usize,
+    symbols: &mut Vec<(u64, usize)>,
+) {
+    let room = len.saturating_sub(symoff) / NLIST_LEN;
+    for i in 0..nsyms.min(room) {
+        if symbols.len() >= MAX_SYMBOLS {
+            return;
+        }
+        let entry = base + symoff + i * NLIST_LEN;
+        let Some(&kind) = data.get((entry + N_TYPE_AT) as usize) else {
+            return;
+        };
+        if kind & N_STAB == 0 && kind & N_TYPE == N_SECT {
+            symbols.push((entry + N_VALUE_AT, slice));
+        }
+    }
 }
 
 /// Most pointers read from rebase opcodes, over all slices.
@@ -434,6 +488,60 @@ pub(crate) mod tests {
         data
     }
 
+    /// `file` (from [`macho`]) with a symbol table at its end, in a `__LINKEDIT` segment: an
+    /// entry of type `kind` and value `value` for each of `symbols`.
+    pub(crate) fn with_symbols(file: &[u8], symbols: &[(u8, u64)]) -> Vec<u8> {
+        let mut data = file.to_vec();
+        let u32_le = |data: &[u8], at: usize| {
+            u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"))
+        };
+        let (ncmds, sizeofcmds) = (u32_le(&data, 16), u32_le(&data, 20));
+        let command = 32 + sizeofcmds as usize;
+        assert!(
+            command + 72 + 24 <= 0x1000,
+            "room for __LINKEDIT and LC_SYMTAB"
+        );
+        let symoff = data.len().next_multiple_of(8);
+        let mut table = Vec::new();
+        for (k, &(kind, value)) in symbols.iter().enumerate() {
+            table.extend_from_slice(&(k as u32 + 1).to_le_bytes());
+            table.extend_from_slice(&[kind, 1, 0, 0]);
+            table.extend_from_slice(&value.to_le_bytes());
+        }
+        put(&mut data, symoff, &table);
+        let strings = vec![b'_'; symbols.len() + 1];
+        let stroff = data.len();
+        put(&mut data, stroff, &strings);
+        for (k, v) in [
+            LC_SYMTAB,
+            24,
+            symoff as u32,
+            symbols.len() as u32,
+            stroff as u32,
+            strings.len() as u32,
+        ]
+        .iter()
+        .enumerate()
+        {
+            put(&mut data, command + 72 + 4 * k, &v.to_le_bytes());
+        }
+        // __LINKEDIT, whose file offsets are its addresses, as the other segments' are.
+        let linkedit = [symoff as u64, (data.len() - symoff) as u64];
+        put(&mut data, command, &LC_SEGMENT_64.to_le_bytes());
+        put(&mut data, command + 4, &72u32.to_le_bytes());
+        put(&mut data, command + 8, b"__LINKEDIT");
+        for (k, v) in [linkedit[0], linkedit[1], linkedit[0], linkedit[1]]
+            .iter()
+            .enumerate()
+        {
+            put(&mut data, command + 24 + 8 * k, &v.to_le_bytes());
+        }
+        put(&mut data, command + 56, &[1, 0, 0, 0, 1, 0, 0, 0]);
+        put(&mut data, 16, &(ncmds + 2).to_le_bytes());
+        put(&mut data, 20, &(sizeofcmds + 72 + 24).to_le_bytes());
+        data
+    }
+
     /// A universal file of `slices` (cpu type, thin file), each at a multiple of 16 KiB.
     pub(crate) fn universal(slices: &[(u32, Vec<u8>)]) -> Vec<u8> {
         let mut data = Vec::new();
@@ -490,6 +598,49 @@ pub(crate) mod tests {
             code.extend_from_slice(&0xd503_201fu32.to_le_bytes());
         }
         code
+    }
+
+    /// Symbols defined in a section have addresses for values: found from predictor 3 on.
+    /// Debugging entries, undefined symbols and values outside the segments are not.
+    #[test]
+    fn finds_the_values_of_defined_symbols() {
+        let file = macho(CPU_TYPE_ARM64, &arm64_calls(100), &[]);
+        let defined: Vec<(u8, u64)> = (0..50).map(|k| (0x0f, 0x1000 + 8 * k)).collect();
+        let mut symbols = defined.clone();
+        symbols.extend([(0x24, 0x1010), (0x01, 0x1020), (0x0f, 0x50_0000), (0x0e, 0)]);
+        let data = with_symbols(&file, &symbols);
+        let image = scan(&data, Version::Symbols);
+        let found = layout(&data).expect("a Mach-O file");
+        assert_eq!(
+            found.symbols.len(),
+            52,
+            "defined in a section, stabs and undefined left"
+        );
+        let values: Vec<u64> = image
+            .refs
+            .iter()
+            .filter(|r| r.kind == Kind::Abs64)
+            .map(|r| r.target)
+            .collect();
+        assert_eq!(values, defined.iter().map(|d| d.1).collect::<Vec<_>>());
+        for r in image.refs.iter().filter(|r| r.kind == Kind::Abs64) {
+            let at = r.site as usize;
+            assert_eq!(
+                data[at..at + 8],
+                r.target.to_le_bytes(),
+                "the value is the address"
+            );
+        }
+        assert!(image.has_symbols());
+        let before = scan(&data, Version::SplitPairs);
+        assert!(!before.has_symbols());
+        assert_eq!(before.refs.len() + 50, image.refs.len());
+        assert!(before.refs.iter().all(|r| r.kind != Kind::Abs64));
+        // A table that says it runs past the file ends there.
+        let mut cut = data.clone();
+        let n = cut.len();
+        cut.truncate(n - 100);
+        assert!(layout(&cut).expect("a Mach-O file").symbols.len() < 52);
     }
 
     #[test]
