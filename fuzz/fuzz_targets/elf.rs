@@ -1,10 +1,12 @@
 //! bsdiff's reference prediction on damaged and hostile input, around a real library (the
-//! gcc-built pairs of `crates/bsi-delta/tests/data/elf-1.*`, for x86-64 and for AArch64) and a
-//! universal Mach-O file (`macho-1.*`, built by bsi-delta's tests).
+//! gcc-built pairs of `crates/bsi-delta/tests/data/elf-1.*`, for x86-64 and for AArch64), a
+//! universal Mach-O file (`macho-1.*`) and a thin one with a symbol table (`macho-4.*`, whose
+//! payload has predictor 3), both built by bsi-delta's tests.
 //!
-//! Input: 1 byte selects the mode (its value mod 4), the library (bits 2 and 3, mod 3: x86-64,
-//! AArch64, or the universal Mach-O pair `macho-1.*`) and the stored payload (bit 4: format 3,
-//! else format 2, which the Mach-O pair has not), the rest is the mode's data. Modes 0 and 2 damage the old library:
+//! Input: 1 byte selects the mode (its value mod 4), the library (bits 2 and 3: x86-64,
+//! AArch64, the universal Mach-O pair `macho-1.*`, or `macho-4.*`) and the stored payload
+//! (bit 4: format 3, else format 2, which the Mach-O pairs have not), the rest is the mode's
+//! data. Modes 0 and 2 damage the old library:
 //! 2 bytes give an offset into it and the rest overwrites it from there.
 //! - 0: the damaged library is encoded against the new one, which the payload must give back
 //!   (the encoder and the decoder find the same references, or none); with bit 5 set, one of
@@ -23,7 +25,7 @@ use bsi_delta::{Bsdiff, DeltaEncoder};
 use libfuzzer_sys::fuzz_target;
 
 /// (old library, new library, stored payloads between them: format 2, format 3).
-const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 3] = [
+const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 4] = [
     (
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.old.so"),
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.new.so"),
@@ -46,6 +48,14 @@ const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 3] = [
         [
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-macho.bin"),
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-macho.bin"),
+        ],
+    ),
+    (
+        include_bytes!("../../crates/bsi-delta/tests/data/macho-4.old"),
+        include_bytes!("../../crates/bsi-delta/tests/data/macho-4.new"),
+        [
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-symbols.bin"),
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-symbols.bin"),
         ],
     ),
 ];

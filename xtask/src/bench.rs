@@ -127,6 +127,43 @@ const DEBS: &[Deb] = &[
     },
 ];
 
+/// A real-world input of the platform the tool is for, which Debian has none of: two versions
+/// of one wheel from PyPI for macOS, whose libraries are Mach-O files, signed where arm64.
+#[derive(Debug)]
+struct Wheel {
+    name: &'static str,
+    package: &'static str,
+    old: &'static str,
+    new: &'static str,
+    /// pip's `--platform` and `--python-version` for the wheel.
+    platform: &'static str,
+    python: &'static str,
+    what: &'static str,
+}
+
+const WHEELS: &[Wheel] = &[
+    Wheel {
+        name: "pillow-macos-arm64",
+        package: "pillow",
+        old: "10.0.0",
+        new: "10.0.1",
+        platform: "macosx_11_0_arm64",
+        python: "3.11",
+        what: "security update of macOS arm64 image libraries (libwebp 1.3.2 for CVE-2023-4863, \
+               libtiff, libjpeg-turbo, zlib, brotli, harfbuzz), signed Mach-O",
+    },
+    Wheel {
+        name: "cryptography-macos-universal",
+        package: "cryptography",
+        old: "42.0.7",
+        new: "42.0.8",
+        platform: "macosx_10_12_universal2",
+        python: "3.11",
+        what: "security update of OpenSSL (3.2.1 -> 3.2.2) linked into a universal2 \
+               (x86-64 and arm64) Mach-O library",
+    },
+];
+
 const TESTDATA: &[(&str, &str, &str)] = &[
     ("testdata-a", "26.3a", "synthetic release 26.3 -> 26.3 (a)"),
     (
@@ -151,6 +188,7 @@ fn all_pair_names() -> Vec<&'static str> {
         .iter()
         .map(|t| t.0)
         .chain(DEBS.iter().map(|d| d.name))
+        .chain(WHEELS.iter().map(|w| w.name))
         .collect()
 }
 
@@ -584,6 +622,110 @@ fn extract(ws: &Path, deb: &Path) -> Result<PathBuf> {
     }
     fs::write(&done, b"")?;
     Ok(dir)
+}
+
+/// Extracts a wheel (a zip file) with Python's `zipfile`, each file's time set to the one the
+/// archive records, so that both trees of a pair are the same whenever they are extracted.
+const UNZIP: &str = "import os, sys, time, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for info in z.infolist():
+        path = z.extract(info, sys.argv[2])
+        if not info.is_dir():
+            stamp = time.mktime(info.date_time + (0, 0, -1))
+            os.utime(path, (stamp, stamp))";
+
+/// The wheel of `package==version` for `w`'s platform in the cache, downloaded with pip if it is
+/// not there yet.
+fn fetch_wheel(ws: &Path, w: &Wheel, version: &str) -> Result<PathBuf> {
+    let cache = ws.join(CACHE).join("wheels");
+    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let prefix = format!("{}-{version}-", w.package).to_lowercase();
+    let find = || -> Result<Option<PathBuf>> {
+        for e in fs::read_dir(&cache)? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            let lower = name.to_lowercase();
+            if lower.starts_with(&prefix) && lower.ends_with(&format!("{}.whl", w.platform)) {
+                return Ok(Some(cache.join(name)));
+            }
+        }
+        Ok(None)
+    };
+    if let Some(p) = find()? {
+        return Ok(p);
+    }
+    let spec = format!("{}=={version}", w.package);
+    println!(
+        "$ python3 -m pip download --no-deps --only-binary=:all: --platform {} --python-version {} -d {CACHE}/wheels {spec}",
+        w.platform, w.python
+    );
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+        ])
+        .args(["--platform", w.platform, "--python-version", w.python, "-d"])
+        .arg(&cache)
+        .arg(&spec)
+        .output()
+        .context("could not start python3 -m pip")?;
+    if let Some(p) = find()? {
+        return Ok(p);
+    }
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    bail!("could not download {spec} for {} with pip", w.platform)
+}
+
+/// The extracted tree of a cached wheel (extracted once).
+fn extract_wheel(ws: &Path, wheel: &Path) -> Result<PathBuf> {
+    let stem = wheel
+        .file_stem()
+        .context("a wheel has a file name")?
+        .to_string_lossy()
+        .into_owned();
+    let dir = ws.join(CACHE).join("trees").join(&stem);
+    let done = ws.join(CACHE).join("trees").join(format!("{stem}.done"));
+    if done.is_file() && dir.is_dir() {
+        return Ok(dir);
+    }
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    println!("$ python3 (zipfile) {} {}", wheel.display(), dir.display());
+    let st = Command::new("python3")
+        .args(["-c", UNZIP])
+        .arg(wheel)
+        .arg(&dir)
+        .env("TZ", "UTC")
+        .status()
+        .context("could not start python3")?;
+    if !st.success() {
+        bail!("extracting {} failed ({st})", wheel.display());
+    }
+    fs::write(&done, b"")?;
+    Ok(dir)
+}
+
+fn prepare_wheel(ws: &Path, w: &Wheel) -> Result<Pair> {
+    if !on_path("python3") {
+        bail!("python3 with pip is needed for the wheel pairs");
+    }
+    let old = extract_wheel(ws, &fetch_wheel(ws, w, w.old)?)?;
+    let new = extract_wheel(ws, &fetch_wheel(ws, w, w.new)?)?;
+    Ok(Pair {
+        name: w.name.to_string(),
+        what: format!(
+            "{}: {} {} -> {} ({})",
+            w.what, w.package, w.old, w.new, w.platform
+        ),
+        old,
+        new,
+        real: true,
+    })
 }
 
 fn prepare_deb(ws: &Path, apt: &mut Apt, d: &Deb) -> Result<Pair> {
@@ -1230,7 +1372,7 @@ fn document(
     let _ = writeln!(
         s,
         "Ratios of bsi's figure to the peer's (below 1: bsi is smaller or faster). Targets: package \
-         <= 0.8x bsdiff's, and smaller than every peer's on the real (Debian) pairs; build time \
+         <= 0.8x bsdiff's, and smaller than every peer's on the real pairs (Debian packages, PyPI wheels); build time \
          <= 0.15x bsdiff's summed time, and on the near-identical pair ({NEAR_IDENTICAL}) no \
          slower than xdelta3 -9; apply time <= 0.5x bspatch's.\n"
     );
@@ -1297,6 +1439,8 @@ pub fn bench(ws: &Path, args: &[&str]) -> Result<()> {
                 new: ws.join("target/testdata").join(dir),
                 real: false,
             })
+        } else if let Some(w) = WHEELS.iter().find(|w| w.name == name) {
+            prepare_wheel(ws, w)
         } else {
             let d = DEBS
                 .iter()

@@ -44,10 +44,13 @@ fn report(m: &Manifest, payloads: &[u8], package_bytes: u64) -> serde_json::Valu
                 };
                 let payload_bytes = e.payload.as_ref().map_or(0, |p| p.len);
                 let converted = match (encoder, &e.payload) {
-                    (Some("zstd-prefix"), Some(p)) => usize::try_from(p.offset)
-                        .ok()
-                        .and_then(|at| payloads.get(at..at.checked_add(4)?))
-                        .and_then(bsi_delta::converted_code),
+                    (Some("zstd-prefix"), Some(p)) => {
+                        let at = usize::try_from(p.offset).ok();
+                        let len = usize::try_from(p.len).ok();
+                        at.zip(len)
+                            .and_then(|(at, len)| payloads.get(at..at.checked_add(len)?))
+                            .and_then(bsi_delta::converted_code)
+                    }
                     _ => None,
                 };
                 let item = json!({

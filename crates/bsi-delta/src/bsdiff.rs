@@ -45,7 +45,7 @@ use zstd::stream::raw::CParameter;
 use crate::{corrupt, varint, window_log, DecodeError, DeltaEncoder};
 
 mod cm;
-mod codesign;
+pub(crate) mod codesign;
 mod matcher;
 mod predict;
 mod refs;
@@ -1436,29 +1436,13 @@ mod tests {
         }
     }
 
-    /// A signed arm64 Mach-O pair (see `codesign::tests::signed`): `len` bytes of code, with one
-    /// byte changed in every third page of the new file, which has a SHA-1 and a SHA-256 code
-    /// directory where the old one had a SHA-256 one.
-    fn signed_pair(len: usize) -> (Vec<u8>, Vec<u8>) {
-        use codesign::HashKind::{Sha1, Sha256};
-        let code = noise(31, len);
-        let mut changed = code.clone();
-        for page in (1..len / 4096).step_by(3) {
-            changed[page * 4096 + 100] ^= 0x5a;
-        }
-        (
-            codesign::tests::signed(&code, 12, &[Sha256]),
-            codesign::tests::signed(&changed, 12, &[Sha1, Sha256]),
-        )
-    }
-
     /// The slots of a code directory are predicted as the hashes of the pages the decoder wrote,
     /// whether the matcher added them or left them to the extra stream, and in a file larger
     /// than the decoder's chunks.
     #[test]
     fn code_signature_slots_cost_nothing() {
         for len in [60_000, (OUT_CHUNK * 2) + 5_000] {
-            let (old, new) = signed_pair(len);
+            let (old, new) = codesign::tests::signed_pair(len);
             let changed_pages = (1..len / 4096).step_by(3).count();
             let payload = round_trip(&old, &new);
             assert_ne!(payload[4] & SIGNED, 0, "code directories named");
@@ -1478,7 +1462,7 @@ mod tests {
             );
         }
         // Slots the matcher finds nothing for: a new file whose pages all changed.
-        let (old, _) = signed_pair(60_000);
+        let (old, _) = codesign::tests::signed_pair(60_000);
         let new = codesign::tests::signed(&noise(32, 60_000), 12, &[codesign::HashKind::Sha256]);
         let mut steps = Vec::new();
         let payload = round_trip(&old, &new);
@@ -1500,7 +1484,7 @@ mod tests {
     /// tests; `BSI_BLESS=1` writes them again.
     #[test]
     fn the_stored_signed_pair_is_the_signed_program() {
-        let (old, new) = signed_pair(60_000);
+        let (old, new) = codesign::tests::signed_pair(60_000);
         for (name, file) in [("macho-3.old", old), ("macho-3.new", new)] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/data")

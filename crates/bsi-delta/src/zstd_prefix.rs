@@ -3,9 +3,12 @@ use std::io::{self, Read, Write};
 use rayon::prelude::*;
 use zstd::stream::raw::{CParameter, DParameter};
 
+use crate::bsdiff::codesign::{self, Directory};
 use crate::bsdiff::Machine;
 use crate::code_filter::Machines;
-use crate::{code_filter, copy_exact_len, corrupt, window_log, DecodeError, DeltaEncoder, LEVEL};
+use crate::{
+    code_filter, copy_exact_len, corrupt, varint, window_log, DecodeError, DeltaEncoder, LEVEL,
+};
 
 /// Smallest old file encoded through zstd's multithreaded path, exclusive (see [`encode_in`]).
 const MULTITHREADED_MIN_OLD: usize = 8 << 20;
@@ -34,6 +37,13 @@ const FILTERED_ARM64_MAGIC: &[u8; 4] = b"ZPA\x01";
 /// As [`FILTERED_MAGIC`], each code range tagged with its machine (a universal Mach-O file of
 /// x86-64 and arm64 slices).
 const FILTERED_TAGGED_MAGIC: &[u8; 4] = b"ZPM\x01";
+/// First bytes of a payload whose new file is a signed Mach-O file: the code directories whose
+/// slots were zeroed before encoding (a varint length, then the table `codesign::put` writes),
+/// then a payload of any other kind of the new file so zeroed. The decoder fills the slots in
+/// with the hashes of the pages it wrote before them (see `codesign::Filling`).
+const SIGNED_MAGIC: &[u8; 4] = b"ZPS\x01";
+/// Longest code directory table a payload may have (8 directories take at most 280 bytes).
+const MAX_TABLE: u64 = 1 << 10;
 /// Each filtered payload's magic number, how its header gives the ranges' machines, and whose
 /// code it converted (see [`converted_code`]).
 const FILTERED: [(&[u8; 4], Machines, &str); 3] = [
@@ -115,23 +125,37 @@ impl DeltaEncoder for ZstdPrefix {
 
     /// The x86-64 or AArch64 code of an ELF or Mach-O file is converted first (see
     /// [`crate::code_filter`]); up to [`BOTH_MAX`] bytes, the payload without conversion is also
-    /// made and the smaller kept.
+    /// made and the smaller kept. A signed Mach-O file's code signature slots are zeroed first
+    /// (see [`SIGNED_MAGIC`]).
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let Some(filtered) = code_filter::filter(new, &crate::bsdiff::code_ranges(new)) else {
-            return Ok(Some(encode_plain(old, new)?));
+        let dirs = codesign::directories(new);
+        let mut payload = Vec::new();
+        if !dirs.is_empty() {
+            let mut table = Vec::new();
+            codesign::put(&mut table, &dirs);
+            payload.extend_from_slice(SIGNED_MAGIC);
+            varint::put(&mut payload, table.len() as u64);
+            payload.extend_from_slice(&table);
+        }
+        let head = payload.len();
+        let Some(mut filtered) = code_filter::filter(new, &crate::bsdiff::code_ranges(new)) else {
+            payload.extend_from_slice(&encode_plain(old, &zeroed(new, &dirs))?);
+            return Ok(Some(payload));
         };
+        zero_slots(&mut filtered.bytes, &dirs);
         let (magic, ..) = FILTERED
             .iter()
             .find(|(_, machines, _)| *machines == filtered.machines)
             .expect("every way of giving the ranges' machines has a magic number");
-        let mut payload = magic.to_vec();
+        payload.extend_from_slice(*magic);
         payload.extend_from_slice(&filtered.header);
         payload.extend_from_slice(&encode_plain(old, &filtered.bytes)?);
         drop(filtered);
         if new.len() <= BOTH_MAX {
-            let plain = encode_plain(old, new)?;
-            if plain.len() <= payload.len() {
-                return Ok(Some(plain));
+            let plain = encode_plain(old, &zeroed(new, &dirs))?;
+            if plain.len() <= payload.len() - head {
+                payload.truncate(head);
+                payload.extend_from_slice(&plain);
             }
         }
         Ok(Some(payload))
@@ -162,25 +186,116 @@ impl DeltaEncoder for ZstdPrefix {
         let head = &mut head[..payload_len.min(FRAMED_MAGIC.len() as u64) as usize];
         payload.read_exact(head).map_err(DecodeError::Corrupt)?;
         let mut rest = payload_len - head.len() as u64;
-        let Some((machines, _)) = filtered_kind(head) else {
-            return decode_plain(old, head, payload, rest, new_len, out);
-        };
-        let mut unfilter =
-            code_filter::Unfilter::read_header(machines, payload, &mut rest, new_len, out)?;
-        let mut head = [0u8; FRAMED_MAGIC.len()];
-        let head = &mut head[..rest.min(FRAMED_MAGIC.len() as u64) as usize];
-        payload.read_exact(head).map_err(DecodeError::Corrupt)?;
-        rest -= head.len() as u64;
-        decode_plain(old, head, payload, rest, new_len, &mut unfilter)?;
-        unfilter.finish()
+        if head == SIGNED_MAGIC {
+            let dirs = read_directories(payload, &mut rest, new_len)?;
+            let mut filling = codesign::Filling::new(dirs, out);
+            return decode_unsigned(old, payload, rest, new_len, &mut filling);
+        }
+        decode_filtered(old, head, payload, rest, new_len, out)
     }
 }
 
-/// Whose code the code filter converted in a zstd-prefix `payload` (its first 4 bytes are
-/// enough): "x86-64", "arm64", or "x86-64 and arm64" (a universal file); `None` for a payload
-/// without the filter.
+/// `new` with the slots of `dirs` zeroed (itself where there are none).
+fn zeroed<'a>(new: &'a [u8], dirs: &[Directory]) -> std::borrow::Cow<'a, [u8]> {
+    if dirs.is_empty() {
+        return new.into();
+    }
+    let mut copy = new.to_vec();
+    zero_slots(&mut copy, dirs);
+    copy.into()
+}
+
+/// Zero the slots of `dirs` in `bytes`, a new file of their code directories.
+fn zero_slots(bytes: &mut [u8], dirs: &[Directory]) {
+    for d in dirs {
+        bytes[d.slots_at as usize..d.slots_end() as usize].fill(0);
+    }
+}
+
+/// Read a payload's code directory table (see [`SIGNED_MAGIC`]) from `payload`, of which `rest`
+/// bytes are left.
+fn read_directories(
+    payload: &mut dyn Read,
+    rest: &mut u64,
+    new_len: u64,
+) -> Result<Vec<Directory>, DecodeError> {
+    let mut len_bytes = Vec::new();
+    let table_len = loop {
+        let byte = read_bytes::<1>(payload, rest, "its code directory table")?[0];
+        len_bytes.push(byte);
+        if byte & 0x80 == 0 {
+            break varint::take(&mut &len_bytes[..])?;
+        }
+        if len_bytes.len() >= 10 {
+            return Err(corrupt("code directory table length too long"));
+        }
+    };
+    if table_len > MAX_TABLE || table_len > *rest {
+        return Err(corrupt(
+            "code directory table longer than the payload allows",
+        ));
+    }
+    let mut table = vec![0u8; table_len as usize];
+    payload
+        .read_exact(&mut table)
+        .map_err(DecodeError::Corrupt)?;
+    *rest -= table_len;
+    let mut input = &table[..];
+    let dirs = codesign::take(&mut input, new_len)?;
+    if !input.is_empty() {
+        return Err(corrupt("trailing bytes after the code directory table"));
+    }
+    Ok(dirs)
+}
+
+/// Decode a payload of a kind other than [`SIGNED_MAGIC`], `rest` bytes of `payload`.
+fn decode_unsigned(
+    old: &[u8],
+    payload: &mut dyn Read,
+    rest: u64,
+    new_len: u64,
+    out: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    let mut head = [0u8; FRAMED_MAGIC.len()];
+    let head = &mut head[..rest.min(FRAMED_MAGIC.len() as u64) as usize];
+    payload.read_exact(head).map_err(DecodeError::Corrupt)?;
+    let rest = rest - head.len() as u64;
+    decode_filtered(old, head, payload, rest, new_len, out)
+}
+
+/// Decode a payload with or without the code filter whose first bytes, `head`, were read:
+/// `rest` more bytes in `payload`.
+fn decode_filtered(
+    old: &[u8],
+    head: &[u8],
+    payload: &mut dyn Read,
+    mut rest: u64,
+    new_len: u64,
+    out: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    let Some((machines, _)) = filtered_kind(head) else {
+        return decode_plain(old, head, payload, rest, new_len, out);
+    };
+    let mut unfilter =
+        code_filter::Unfilter::read_header(machines, payload, &mut rest, new_len, out)?;
+    let mut head = [0u8; FRAMED_MAGIC.len()];
+    let head = &mut head[..rest.min(FRAMED_MAGIC.len() as u64) as usize];
+    payload.read_exact(head).map_err(DecodeError::Corrupt)?;
+    rest -= head.len() as u64;
+    decode_plain(old, head, payload, rest, new_len, &mut unfilter)?;
+    unfilter.finish()
+}
+
+/// Whose code the code filter converted in a zstd-prefix `payload` (its first bytes are enough:
+/// 4, and a signed file's code directory table before them): "x86-64", "arm64", or "x86-64 and
+/// arm64" (a universal file); `None` for a payload without the filter.
 pub fn converted_code(payload: &[u8]) -> Option<&'static str> {
-    filtered_kind(payload.get(..4)?).map(|(_, code)| code)
+    let mut rest = payload.strip_prefix(SIGNED_MAGIC).unwrap_or(payload);
+    if rest.len() < payload.len() {
+        let table_len = varint::take(&mut rest).ok()?;
+        rest = rest.get(usize::try_from(table_len).ok()?..)?;
+    }
+    filtered_kind(rest.get(..4)?).map(|(_, code)| code)
 }
 
 /// The payload of `new` against `old`, without the code filter: one frame or frames (see
@@ -363,14 +478,23 @@ fn decode_frames(
 
 /// The next little-endian u32 of a framed payload with `left` bytes left in it.
 fn read_u32(payload: &mut dyn Read, left: &mut u64, what: &str) -> Result<u32, DecodeError> {
+    read_bytes(payload, left, what).map(u32::from_le_bytes)
+}
+
+/// Read `N` bytes of `payload`, of which `left` are left.
+fn read_bytes<const N: usize>(
+    payload: &mut dyn Read,
+    left: &mut u64,
+    what: &str,
+) -> Result<[u8; N], DecodeError> {
     *left = left
-        .checked_sub(4)
+        .checked_sub(N as u64)
         .ok_or_else(|| corrupt(&format!("the payload ends before {what}")))?;
-    let mut bytes = [0u8; 4];
+    let mut bytes = [0u8; N];
     payload
         .read_exact(&mut bytes)
         .map_err(DecodeError::Corrupt)?;
-    Ok(u32::from_le_bytes(bytes))
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -508,6 +632,65 @@ mod tests {
     /// `new`'s payload against other bytes is filtered (`magic`), smaller than without the
     /// filter, and decodes whole and streamed; against itself the payload is not filtered; cut
     /// anywhere, it is refused.
+    /// A signed Mach-O file's code signature slots are zeroed before compressing and filled in
+    /// as it is decoded, whole or streamed a few bytes at a time: the hashes of its changed
+    /// pages cost nothing. Its table cut anywhere is an error.
+    #[test]
+    fn signed_files_cost_no_slots() {
+        let (old, new) = codesign::tests::signed_pair(60_000);
+        let changed_pages = (1..60_000 / 4096).step_by(3).count();
+        let payload = ZstdPrefix
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
+        assert_eq!(&payload[..4], SIGNED_MAGIC);
+        let decoded = ZstdPrefix
+            .decode(&old, &payload, new.len() as u64)
+            .expect("decode");
+        assert!(decoded == new, "round trip");
+        let mut out = Vec::new();
+        let mut input = io::BufReader::with_capacity(7, &payload[..]);
+        ZstdPrefix
+            .decode_stream_into(
+                &old,
+                &mut input,
+                payload.len() as u64,
+                new.len() as u64,
+                &mut io::LineWriter::new(&mut out),
+            )
+            .expect("decode");
+        assert!(out == new, "round trip, streamed");
+        // With a stale slot in each directory, none is named and the changed slots cost.
+        let mut stale = new.clone();
+        for d in codesign::directories(&new) {
+            stale[d.slots_at as usize] ^= 1;
+        }
+        let unsigned = ZstdPrefix
+            .encode(&old, &stale)
+            .expect("encode")
+            .expect("applies");
+        assert_ne!(&unsigned[..4], SIGNED_MAGIC);
+        assert!(
+            payload.len() + changed_pages * 52 * 3 / 4 < unsigned.len(),
+            "{} B against {} B with stale slots",
+            payload.len(),
+            unsigned.len()
+        );
+        for cut in 0..40 {
+            assert!(ZstdPrefix
+                .decode(&old, &payload[..cut], new.len() as u64)
+                .is_err());
+        }
+        // A table that names slots past the file, or runs past the payload.
+        let mut bad = payload.clone();
+        bad[5] = 0;
+        assert!(ZstdPrefix.decode(&old, &bad, new.len() as u64).is_err());
+        let mut long = payload[..4].to_vec();
+        long.extend_from_slice(&[0xff, 0x7f]);
+        long.extend_from_slice(&payload[4..]);
+        assert!(ZstdPrefix.decode(&old, &long, new.len() as u64).is_err());
+    }
+
     fn check_converted(new: &[u8], magic: &[u8; 4]) {
         let old = text(8, 64 << 10);
         let payload = ZstdPrefix

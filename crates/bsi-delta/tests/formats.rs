@@ -261,6 +261,21 @@ fn zstd_prefix_tagged_code_1() {
     assert_eq!(converted_code(&stored), Some("x86-64 and arm64"));
 }
 
+/// A signed arm64 Mach-O program (`macho-3.*`): its code directories' slots zeroed before
+/// compressing and filled in from the pages decoded (format `ZPS\x01`).
+#[test]
+fn zstd_prefix_signed_1() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored program");
+    let (old, new) = (read("macho-3.old"), read("macho-3.new"));
+    check("zstd-prefix", "zstd-prefix-signed-1.bin", &old, &new);
+    let stored = read("zstd-prefix-signed-1.bin");
+    assert_eq!(
+        &stored[..4],
+        b"ZPS\x01",
+        "the stored payload has its slots zeroed"
+    );
+}
+
 /// As [`zstd_prefix_code_1`], with two small AArch64 libraries: their code converted as AArch64
 /// code (format `ZPA\x01`).
 #[test]

@@ -13,7 +13,10 @@
 //! The encoder names, in the payload, each code directory of the new file whose every slot is
 //! the hash of its page (see [`directories`]); the decoder checks what it is given (see
 //! [`take`]) and hashes the pages it writes (see [`Pages`]). Special slots (the hashes of the
-//! signature's other blobs) and the CMS signature are left to the diff.
+//! signature's other blobs) and the CMS signature are left to the diff. zstd-prefix zeroes the
+//! slots before compressing and fills them in as it writes (see [`Filling`]).
+
+use std::io::{self, Write};
 
 use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha384};
@@ -30,7 +33,7 @@ const CS_SUPPORTSSCATTER: u32 = 0x2_0100;
 const CS_SUPPORTSCODELIMIT64: u32 = 0x2_0300;
 /// Most code directories a payload may name: a universal file of a few slices, each with a
 /// SHA-1 and a SHA-256 directory. Each costs the decoder a pass of hashing over its slice.
-pub(super) const MAX_DIRECTORIES: usize = 8;
+pub(crate) const MAX_DIRECTORIES: usize = 8;
 /// Most blobs read from one signature, and most load commands from one slice.
 const MAX_BLOBS: u32 = 64;
 const MAX_COMMANDS: u32 = 4096;
@@ -39,7 +42,7 @@ const PAGE_LOGS: std::ops::RangeInclusive<u8> = 9..=16;
 
 /// The hash of a code directory's slots (`CS_HASHTYPE_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum HashKind {
+pub(crate) enum HashKind {
     Sha1 = 1,
     Sha256 = 2,
     /// SHA-256 cut to its first 20 bytes.
@@ -71,7 +74,7 @@ impl HashKind {
 /// One code directory of the new file: its slot of page `i` holds the hash of bytes
 /// `slice + i * page .. slice + min((i + 1) * page, code_limit)` of the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Directory {
+pub(crate) struct Directory {
     /// File offset of the slice whose code it hashes.
     pub slice: u64,
     /// Bytes of the slice its pages cover, from the slice's start (at least 1).
@@ -92,14 +95,14 @@ impl Directory {
         self.slice + self.code_limit
     }
 
-    fn slots_end(&self) -> u64 {
+    pub fn slots_end(&self) -> u64 {
         self.slots_at + self.pages() * self.hash.size()
     }
 }
 
 /// Append `dirs` to a payload header: a count, then for each its slice, code limit, page size
 /// (log 2), hash kind, and the distance from the code's end to its slots.
-pub(super) fn put(out: &mut Vec<u8>, dirs: &[Directory]) {
+pub(crate) fn put(out: &mut Vec<u8>, dirs: &[Directory]) {
     varint::put(out, dirs.len() as u64);
     for d in dirs {
         varint::put(out, d.slice);
@@ -113,7 +116,7 @@ pub(super) fn put(out: &mut Vec<u8>, dirs: &[Directory]) {
 /// The code directories at the front of `input` (see [`put`]), checked against the new file's
 /// length: each slot range inside the file and after its code, in order and apart, at most
 /// [`MAX_DIRECTORIES`].
-pub(super) fn take(input: &mut &[u8], new_len: u64) -> Result<Vec<Directory>, DecodeError> {
+pub(crate) fn take(input: &mut &[u8], new_len: u64) -> Result<Vec<Directory>, DecodeError> {
     let count = varint::take(input)?;
     if count == 0 || count > MAX_DIRECTORIES as u64 {
         return Err(corrupt("code directory count out of range"));
@@ -164,7 +167,7 @@ pub(super) fn take(input: &mut &[u8], new_len: u64) -> Result<Vec<Directory>, De
 /// The code directories of `new` (a thin or universal 64-bit Mach-O file) that a decoder can
 /// rebuild: whole page hashes, every slot the hash of its page, slots after the code; in file
 /// order, apart, at most [`MAX_DIRECTORIES`]. Empty for any other file.
-pub(super) fn directories(new: &[u8]) -> Vec<Directory> {
+pub(crate) fn directories(new: &[u8]) -> Vec<Directory> {
     let mut found = Vec::new();
     for (slice, len) in macho_slices(new).unwrap_or_default() {
         slice_directories(new, slice, len, &mut found);
@@ -326,7 +329,7 @@ struct PageHashes {
 
 /// The new file's page hashes, computed from its bytes fed in order: what the slots of its
 /// code directories are predicted to be.
-pub(super) struct Pages {
+pub(crate) struct Pages {
     dirs: Vec<Directory>,
     hashers: Vec<PageHashes>,
     /// Bytes of the new file fed so far.
@@ -429,6 +432,53 @@ impl Pages {
     }
 }
 
+/// Writes the new file to `out` with the slots of its code directories filled in as the hashes
+/// of its pages, which come before them: what zstd-prefix decodes has them zeroed.
+pub(crate) struct Filling<'a> {
+    pages: Pages,
+    out: &'a mut dyn Write,
+    /// A piece holding slots, filled in.
+    piece: Vec<u8>,
+}
+
+impl<'a> Filling<'a> {
+    pub fn new(dirs: Vec<Directory>, out: &'a mut dyn Write) -> Filling<'a> {
+        Filling {
+            pages: Pages::new(dirs),
+            out,
+            piece: Vec::new(),
+        }
+    }
+}
+
+impl Write for Filling<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            // A piece never runs over a code end: one that holds slots starts after their code.
+            let at = self.pages.fed();
+            let len = self.pages.cut(at, rest.len() as u64) as usize;
+            let (piece, tail) = rest.split_at(len);
+            if self.pages.holds_slots(at, len as u64) {
+                self.piece.clear();
+                self.piece.extend_from_slice(piece);
+                self.pages.fill(at, &mut self.piece);
+                self.pages.feed(&self.piece);
+                self.out.write_all(&self.piece)?;
+            } else {
+                self.pages.feed(piece);
+                self.out.write_all(piece)?;
+            }
+            rest = tail;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -516,6 +566,21 @@ pub(crate) mod tests {
 
     fn noise(len: usize, seed: u64) -> Vec<u8> {
         crate::test_data::noise(seed, len)
+    }
+
+    /// A signed arm64 Mach-O pair (see [`signed`]): `len` bytes of code, with one byte changed
+    /// in every third page of the new file, which has a SHA-1 and a SHA-256 code directory
+    /// where the old one had a SHA-256 one.
+    pub(crate) fn signed_pair(len: usize) -> (Vec<u8>, Vec<u8>) {
+        let code = noise(len, 31);
+        let mut changed = code.clone();
+        for page in (1..len / 4096).step_by(3) {
+            changed[page * 4096 + 100] ^= 0x5a;
+        }
+        (
+            signed(&code, 12, &[HashKind::Sha256]),
+            signed(&changed, 12, &[HashKind::Sha1, HashKind::Sha256]),
+        )
     }
 
     #[test]
