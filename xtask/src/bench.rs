@@ -596,9 +596,24 @@ fn fetch_deb(ws: &Path, apt: &mut Apt, package: &str, version: &str) -> Result<P
 
 /// The extracted tree of a cached .deb (extracted once).
 fn extract(ws: &Path, deb: &Path) -> Result<PathBuf> {
-    let stem = deb
+    extract_once(ws, deb, "dpkg-deb -x", |dir| {
+        let mut c = Command::new("dpkg-deb");
+        c.arg("-x").arg(deb).arg(dir);
+        c
+    })
+}
+
+/// The tree `archive` extracts to in the cache, which `command` (`what`) makes in the directory
+/// it is given the first time; a tree left half made is made again.
+fn extract_once(
+    ws: &Path,
+    archive: &Path,
+    what: &str,
+    command: impl FnOnce(&Path) -> Command,
+) -> Result<PathBuf> {
+    let stem = archive
         .file_stem()
-        .context("a .deb has a file name")?
+        .context("an archive has a file name")?
         .to_string_lossy()
         .into_owned();
     let dir = ws.join(CACHE).join("trees").join(&stem);
@@ -610,15 +625,12 @@ fn extract(ws: &Path, deb: &Path) -> Result<PathBuf> {
         fs::remove_dir_all(&dir)?;
     }
     fs::create_dir_all(&dir)?;
-    println!("$ dpkg-deb -x {} {}", deb.display(), dir.display());
-    let st = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(deb)
-        .arg(&dir)
+    println!("$ {what} {} {}", archive.display(), dir.display());
+    let st = command(&dir)
         .status()
-        .context("could not start dpkg-deb")?;
+        .with_context(|| format!("could not start {what}"))?;
     if !st.success() {
-        bail!("dpkg-deb -x {} failed ({st})", deb.display());
+        bail!("{what} {} failed ({st})", archive.display());
     }
     fs::write(&done, b"")?;
     Ok(dir)
@@ -681,33 +693,11 @@ fn fetch_wheel(ws: &Path, w: &Wheel, version: &str) -> Result<PathBuf> {
 
 /// The extracted tree of a cached wheel (extracted once).
 fn extract_wheel(ws: &Path, wheel: &Path) -> Result<PathBuf> {
-    let stem = wheel
-        .file_stem()
-        .context("a wheel has a file name")?
-        .to_string_lossy()
-        .into_owned();
-    let dir = ws.join(CACHE).join("trees").join(&stem);
-    let done = ws.join(CACHE).join("trees").join(format!("{stem}.done"));
-    if done.is_file() && dir.is_dir() {
-        return Ok(dir);
-    }
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
-    }
-    fs::create_dir_all(&dir)?;
-    println!("$ python3 (zipfile) {} {}", wheel.display(), dir.display());
-    let st = Command::new("python3")
-        .args(["-c", UNZIP])
-        .arg(wheel)
-        .arg(&dir)
-        .env("TZ", "UTC")
-        .status()
-        .context("could not start python3")?;
-    if !st.success() {
-        bail!("extracting {} failed ({st})", wheel.display());
-    }
-    fs::write(&done, b"")?;
-    Ok(dir)
+    extract_once(ws, wheel, "python3 (zipfile)", |dir| {
+        let mut c = Command::new("python3");
+        c.args(["-c", UNZIP]).arg(wheel).arg(dir).env("TZ", "UTC");
+        c
+    })
 }
 
 fn prepare_wheel(ws: &Path, w: &Wheel) -> Result<Pair> {

@@ -1485,15 +1485,7 @@ mod tests {
     #[test]
     fn the_stored_signed_pair_is_the_signed_program() {
         let (old, new) = codesign::tests::signed_pair(60_000);
-        for (name, file) in [("macho-3.old", old), ("macho-3.new", new)] {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/data")
-                .join(name);
-            if std::env::var_os("BSI_BLESS").is_some() {
-                std::fs::write(&path, &file).expect("write the stored file");
-            }
-            assert!(std::fs::read(&path).expect("read") == file, "{name}");
-        }
+        stored_pair("macho-3", old, new);
     }
 
     /// A thin x86-64 Mach-O library relinked with 64 bytes inserted in its code (see
@@ -1548,39 +1540,32 @@ mod tests {
     #[test]
     fn the_stored_symbols_pair_is_the_moved_library() {
         let [_, (old, new)] = moved_symbols_pair();
-        for (name, file) in [("macho-4.old", old), ("macho-4.new", new)] {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/data")
-                .join(name);
-            if std::env::var_os("BSI_BLESS").is_some() {
-                std::fs::write(&path, &file).expect("write the stored file");
-            }
-            assert!(std::fs::read(&path).expect("read") == file, "{name}");
-        }
+        stored_pair("macho-4", old, new);
     }
 
     /// `tests/data/macho-1.{old,new}`, the universal pair of the test above, used by the format
     /// tests and the `elf` fuzz target; `BSI_BLESS=1` writes them again.
     #[test]
     fn the_stored_mach_o_pair_is_the_relinked_universal_file() {
-        for (name, file) in [
-            (
-                "macho-1.old",
-                refs::tests::universal_x86(&relinked_code(usize::MAX, 0)),
-            ),
-            (
-                "macho-1.new",
-                refs::tests::universal_x86(&relinked_code(10_000, 64)),
-            ),
-        ] {
+        stored_pair(
+            "macho-1",
+            refs::tests::universal_x86(&relinked_code(usize::MAX, 0)),
+            refs::tests::universal_x86(&relinked_code(10_000, 64)),
+        );
+    }
+
+    /// Require `tests/data/NAME.{old,new}` to be `old` and `new`, their builders' files;
+    /// `BSI_BLESS=1` writes them first.
+    fn stored_pair(name: &str, old: Vec<u8>, new: Vec<u8>) {
+        for (name, file) in [(format!("{name}.old"), old), (format!("{name}.new"), new)] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/data")
-                .join(name);
+                .join(&name);
             if std::env::var_os("BSI_BLESS").is_some() {
                 std::fs::write(&path, &file).expect("write the fixture");
             }
             assert!(
-                refs::tests::fixture(name) == file,
+                refs::tests::fixture(&name) == file,
                 "{name} differs from its builder"
             );
         }

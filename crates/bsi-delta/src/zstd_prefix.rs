@@ -644,22 +644,7 @@ mod tests {
             .expect("encode")
             .expect("applies");
         assert_eq!(&payload[..4], SIGNED_MAGIC);
-        let decoded = ZstdPrefix
-            .decode(&old, &payload, new.len() as u64)
-            .expect("decode");
-        assert!(decoded == new, "round trip");
-        let mut out = Vec::new();
-        let mut input = io::BufReader::with_capacity(7, &payload[..]);
-        ZstdPrefix
-            .decode_stream_into(
-                &old,
-                &mut input,
-                payload.len() as u64,
-                new.len() as u64,
-                &mut io::LineWriter::new(&mut out),
-            )
-            .expect("decode");
-        assert!(out == new, "round trip, streamed");
+        round_trips(&old, &new, &payload);
         // With a stale slot in each directory, none is named and the changed slots cost.
         let mut stale = new.clone();
         for d in codesign::directories(&new) {
@@ -691,6 +676,27 @@ mod tests {
         assert!(ZstdPrefix.decode(&old, &long, new.len() as u64).is_err());
     }
 
+    /// `payload` decodes to `new`, whole, and streamed: read 7 bytes and written a line at a
+    /// time.
+    fn round_trips(old: &[u8], new: &[u8], payload: &[u8]) {
+        let decoded = ZstdPrefix
+            .decode(old, payload, new.len() as u64)
+            .expect("decode");
+        assert!(decoded == new, "round trip");
+        let mut out = Vec::new();
+        let mut input = io::BufReader::with_capacity(7, payload);
+        ZstdPrefix
+            .decode_stream_into(
+                old,
+                &mut input,
+                payload.len() as u64,
+                new.len() as u64,
+                &mut io::LineWriter::new(&mut out),
+            )
+            .expect("decode");
+        assert!(out == new, "round trip, streamed");
+    }
+
     fn check_converted(new: &[u8], magic: &[u8; 4]) {
         let old = text(8, 64 << 10);
         let payload = ZstdPrefix
@@ -705,23 +711,7 @@ mod tests {
             payload.len(),
             plain.len()
         );
-        let decoded = ZstdPrefix
-            .decode(&old, &payload, new.len() as u64)
-            .expect("decode");
-        assert!(decoded == new, "round trip");
-        // Streamed a few bytes at a time.
-        let mut out = Vec::new();
-        let mut input = io::BufReader::with_capacity(7, &payload[..]);
-        ZstdPrefix
-            .decode_stream_into(
-                &old,
-                &mut input,
-                payload.len() as u64,
-                new.len() as u64,
-                &mut out,
-            )
-            .expect("decode");
-        assert!(out == new, "round trip, streamed");
+        round_trips(&old, new, &payload);
 
         let same = ZstdPrefix
             .encode(new, new)
