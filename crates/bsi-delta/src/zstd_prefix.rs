@@ -182,16 +182,15 @@ impl DeltaEncoder for ZstdPrefix {
         new_len: u64,
         out: &mut dyn Write,
     ) -> Result<(), DecodeError> {
-        let mut head = [0u8; FRAMED_MAGIC.len()];
-        let head = &mut head[..payload_len.min(FRAMED_MAGIC.len() as u64) as usize];
-        payload.read_exact(head).map_err(DecodeError::Corrupt)?;
-        let mut rest = payload_len - head.len() as u64;
+        let mut rest = payload_len;
+        let head = read_head(payload, &mut rest)?;
         if head == SIGNED_MAGIC {
             let dirs = read_directories(payload, &mut rest, new_len)?;
             let mut filling = codesign::Filling::new(dirs, out);
-            return decode_unsigned(old, payload, rest, new_len, &mut filling);
+            let head = read_head(payload, &mut rest)?;
+            return decode_filtered(old, &head, payload, rest, new_len, &mut filling);
         }
-        decode_filtered(old, head, payload, rest, new_len, out)
+        decode_filtered(old, &head, payload, rest, new_len, out)
     }
 }
 
@@ -248,19 +247,15 @@ fn read_directories(
     Ok(dirs)
 }
 
-/// Decode a payload of a kind other than [`SIGNED_MAGIC`], `rest` bytes of `payload`.
-fn decode_unsigned(
-    old: &[u8],
-    payload: &mut dyn Read,
-    rest: u64,
-    new_len: u64,
-    out: &mut dyn Write,
-) -> Result<(), DecodeError> {
-    let mut head = [0u8; FRAMED_MAGIC.len()];
-    let head = &mut head[..rest.min(FRAMED_MAGIC.len() as u64) as usize];
-    payload.read_exact(head).map_err(DecodeError::Corrupt)?;
-    let rest = rest - head.len() as u64;
-    decode_filtered(old, head, payload, rest, new_len, out)
+/// The first bytes of what is left of `payload` (`rest` bytes), which say its kind: 4, or all
+/// that is left when that is less.
+fn read_head(payload: &mut dyn Read, rest: &mut u64) -> Result<Vec<u8>, DecodeError> {
+    let mut head = vec![0u8; (*rest).min(FRAMED_MAGIC.len() as u64) as usize];
+    payload
+        .read_exact(&mut head)
+        .map_err(DecodeError::Corrupt)?;
+    *rest -= head.len() as u64;
+    Ok(head)
 }
 
 /// Decode a payload with or without the code filter whose first bytes, `head`, were read:
@@ -278,11 +273,8 @@ fn decode_filtered(
     };
     let mut unfilter =
         code_filter::Unfilter::read_header(machines, payload, &mut rest, new_len, out)?;
-    let mut head = [0u8; FRAMED_MAGIC.len()];
-    let head = &mut head[..rest.min(FRAMED_MAGIC.len() as u64) as usize];
-    payload.read_exact(head).map_err(DecodeError::Corrupt)?;
-    rest -= head.len() as u64;
-    decode_plain(old, head, payload, rest, new_len, &mut unfilter)?;
+    let head = read_head(payload, &mut rest)?;
+    decode_plain(old, &head, payload, rest, new_len, &mut unfilter)?;
     unfilter.finish()
 }
 
