@@ -58,6 +58,15 @@ pub trait DeltaEncoder: Send + Sync {
         self.encode(old, new)
     }
 
+    /// [`encode_if_near`](Self::encode_if_near) for a caller that has a use for the payload
+    /// only if it is smaller than `bound` bytes, the best payload so far: the encoder may give
+    /// up (`None`) where a cheap estimate shows that it would not be. [`encode_best`] asks this
+    /// instead of `encode_if_near` once it has a payload.
+    fn encode_below(&self, old: &[u8], new: &[u8], bound: usize) -> io::Result<Option<Vec<u8>>> {
+        let _ = bound;
+        self.encode_if_near(old, new)
+    }
+
     /// Rebuild the new file, which the manifest says is `new_len` bytes long, writing it to `out`
     /// as it is produced where the encoder can. On success `out` received exactly `new_len`
     /// bytes; on error it must be discarded.
@@ -315,7 +324,9 @@ pub fn is_text(data: &[u8]) -> bool {
 /// [`good_enough`], or is not weak and from an encoder that [settles](DeltaEncoder::settles);
 /// skips encoders beyond their `max_new_len` (`max_text_len` for text) unless every delta so far
 /// is weak, encoders beyond their `max_far_len` once a delta is far, and plain compression when
-/// a delta is not poor or an encoder that covers it ran.
+/// a delta is not poor or an encoder that covers it ran. Once there is a payload, each encoder
+/// after it may give up where an estimate shows it would not be smaller (see
+/// [`DeltaEncoder::encode_below`]).
 ///
 /// On Firefox ESR 140 -> 153 this is what makes libxul (184 MB, little left in common after
 /// 13 major versions) cost 47.5 MB with zstd-prefix instead of 57.6 MB with bsdiff or 53.8 MB
@@ -357,14 +368,17 @@ pub(crate) fn encode_best_with<'e>(
             let far_decides = encoders[k + 1..]
                 .iter()
                 .any(|later| new.len() > later.max_far_len());
-            let payload = match far_decides {
-                true => encoder.encode(old, new)?,
-                false => encoder.encode_if_near(old, new)?,
+            let payload = match (far_decides, &best) {
+                (true, _) => encoder.encode(old, new)?,
+                (false, Some(best)) => encoder.encode_below(old, new, best.len)?,
+                (false, None) => encoder.encode_if_near(old, new)?,
             };
+            // Also when the encoder gave up below the best payload: plain compression, which it
+            // covers, would not be smaller either.
+            plain_covered |= encoder.covers_plain();
             let Some(payload) = payload else {
                 continue;
             };
-            plain_covered |= encoder.covers_plain();
             let settled = encoder.settles() && !is_weak(payload.len(), new.len());
             if best.as_ref().is_none_or(|b| payload.len() < b.len) {
                 drop(best.take()); // freed before the new one is held
@@ -636,9 +650,11 @@ mod tests {
     /// An encoder that counts its `encode` calls, with its own `max_far_len` if given.
     struct Spy<'e> {
         inner: &'e dyn DeltaEncoder,
-        /// Calls of `encode` and of `encode_if_near`.
+        /// Calls of `encode`, `encode_if_near` and `encode_below`; of `encode_if_near`; and
+        /// of `encode_below` that gave up.
         calls: std::sync::atomic::AtomicUsize,
         near_calls: std::sync::atomic::AtomicUsize,
+        gave_up: std::sync::atomic::AtomicUsize,
         far_len: Option<usize>,
     }
 
@@ -648,6 +664,7 @@ mod tests {
                 inner,
                 calls: 0.into(),
                 near_calls: 0.into(),
+                gave_up: 0.into(),
                 far_len,
             }
         }
@@ -673,6 +690,21 @@ mod tests {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.inner.encode_if_near(old, new)
         }
+        fn encode_below(
+            &self,
+            old: &[u8],
+            new: &[u8],
+            bound: usize,
+        ) -> io::Result<Option<Vec<u8>>> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let payload = self.inner.encode_below(old, new, bound)?;
+            if payload.is_none() {
+                self.gave_up
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(payload)
+        }
         fn decode_into(
             &self,
             old: &[u8],
@@ -697,6 +729,44 @@ mod tests {
         fn settles(&self) -> bool {
             self.inner.settles()
         }
+    }
+
+    /// Where bsdiff's delta is weak but a fraction of zstd-prefix's (a large binary changed by
+    /// one every few bytes), zstd-prefix gives up after its estimate: bsdiff's payload is kept,
+    /// and was smaller than zstd-prefix's at level 19.
+    #[test]
+    fn zstd_prefix_gives_up_where_its_estimate_is_far_above_bsdiff() {
+        let old = noise(21, 512 << 10);
+        let mut new = old.clone();
+        let mut at = 0;
+        for step in noise(22, new.len() / 4) {
+            at += 3 + usize::from(step % 6);
+            if at >= new.len() {
+                break;
+            }
+            new[at] = new[at].wrapping_add(1);
+        }
+        assert!(!is_text(&new));
+        let size = |e: &dyn DeltaEncoder| e.encode(&old, &new).expect("encode").map(|p| p.len());
+        let bsdiff = size(&BSDIFF).expect("applies");
+        let prefix = size(&ZSTD_PREFIX).expect("applies");
+        assert!(
+            is_weak(bsdiff, new.len()) && !is_far(bsdiff, new.len()),
+            "bsdiff {bsdiff}"
+        );
+        assert!(prefix > bsdiff, "zstd-prefix {prefix}, bsdiff {bsdiff}");
+        let zstd = Spy::new(&ZSTD_PREFIX, None);
+        let encoders: [&dyn DeltaEncoder; 2] = [&BSDIFF, &zstd];
+        let best = encode_best_with(encoders.into_iter(), Some(&old), &new, HOLD_IN_MEMORY)
+            .expect("encode");
+        assert_eq!((best.encoder, best.payload.len()), (Some("bsdiff"), bsdiff));
+        let count =
+            |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            (zstd.calls(), count(&zstd.gave_up)),
+            (1, 1),
+            "zstd-prefix {prefix}"
+        );
     }
 
     /// How many times each of bsdiff and zstd-prefix is tried on (old, new).
