@@ -87,6 +87,10 @@ enum Predictor {
     /// The references [`refs::Version::Symbols`] finds (format 3 only), written where they
     /// differ from the ones before: where the old file is a Mach-O file with symbols.
     Symbols = 3,
+    /// The references [`refs::Version::Wide`] finds (format 3 only), written where they differ
+    /// from the ones before: where the old file has more than 2^19 references (the
+    /// `cryptography` wheel's universal `_rust.abi3.so` has 632,510, symbols included).
+    Wide = 4,
 }
 
 impl Predictor {
@@ -95,6 +99,7 @@ impl Predictor {
         match self {
             Predictor::SplitPairs => refs::Version::SplitPairs,
             Predictor::Symbols => refs::Version::Symbols,
+            Predictor::Wide => refs::Version::Wide,
             _ => refs::Version::First,
         }
     }
@@ -167,10 +172,11 @@ impl DeltaEncoder for Bsdiff {
                 // regions come in).
                 match predicted_search(&index, old, new, ops, &known) {
                     (ops, Some(predictor)) => {
-                        let kind = match (known.symbols, known.split_pairs) {
-                            (true, _) => Predictor::Symbols,
-                            (false, true) => Predictor::SplitPairs,
-                            (false, false) => Predictor::Refs,
+                        let kind = match (known.wide, known.symbols, known.split_pairs) {
+                            (true, ..) => Predictor::Wide,
+                            (false, true, _) => Predictor::Symbols,
+                            (false, false, true) => Predictor::SplitPairs,
+                            (false, false, false) => Predictor::Refs,
                         };
                         (streams(old, new, &ops, Some(&predictor), pages), kind)
                     }
@@ -295,6 +301,8 @@ struct Known {
     split_pairs: bool,
     /// Whether it found Mach-O symbol values (see [`Predictor::Symbols`]).
     symbols: bool,
+    /// Whether it kept more references than a narrower scan would (see [`Predictor::Wide`]).
+    wide: bool,
     prepared: Arc<predict::Prepared>,
     new_prepared: Arc<predict::Prepared>,
     /// The linkage stubs and their relocations, matched by symbol (see [`refs::plt_pieces`]).
@@ -309,11 +317,11 @@ impl Known {
     /// What is known of `old` and `new`, or `None` where the old file or the new one has no
     /// references to predict with.
     fn of(old: &[u8], new: &[u8]) -> Option<Known> {
-        let image = refs::scan(old, refs::Version::Symbols);
+        let image = refs::scan(old, refs::Version::Wide);
         if image.refs.is_empty() {
             return None;
         }
-        let new_image = refs::scan(new, refs::Version::Symbols);
+        let new_image = refs::scan(new, refs::Version::Wide);
         let (prepared, new_prepared) = rayon::join(
             || predict::Prepared::new(&image),
             || predict::Prepared::new(&new_image),
@@ -326,6 +334,7 @@ impl Known {
         Some(Known {
             split_pairs: image.has_split_pairs(),
             symbols: image.has_symbols(),
+            wide: image.is_wide(),
             prepared: prepared?,
             new_prepared: new_prepared?,
             stubs,
@@ -952,6 +961,7 @@ impl<'a> Header<'a> {
             1 if format > 1 => Predictor::Refs,
             2 if format > 2 => Predictor::SplitPairs,
             3 if format > 2 => Predictor::Symbols,
+            4 if format > 2 => Predictor::Wide,
             _ => return Err(corrupt("unknown predictor")),
         };
         let mut lens = [(0u64, 0u64); 3];
@@ -1136,7 +1146,7 @@ fn apply(
 ) -> Result<(), DecodeError> {
     let predictor = match header.predictor {
         Predictor::None => None,
-        kind @ (Predictor::Refs | Predictor::SplitPairs | Predictor::Symbols) => {
+        kind @ (Predictor::Refs | Predictor::SplitPairs | Predictor::Symbols | Predictor::Wide) => {
             let alignment = predict::Alignment::new(&read_add_steps(header, old, new_len)?);
             predict::Predictor::owning(refs::scan(old, kind.version()), alignment)
         }
@@ -1533,6 +1543,67 @@ mod tests {
             "{count} symbols cost {} bytes",
             predicted.len() as i64 - plain.len() as i64
         );
+    }
+
+    /// A library of `refs::MAX_REFS + 60_000` calls, each to one of 64 functions at the start of
+    /// its code, and the same with 64 bytes inserted after call `MAX_REFS + 10_000`: only the
+    /// calls after it changed, all beyond the first 2^19 references.
+    fn wide_pair() -> (Vec<u8>, Vec<u8>) {
+        let calls = refs::MAX_REFS + 60_000;
+        let insert_at = refs::MAX_REFS + 10_000;
+        let code = |inserted: usize| -> Vec<u8> {
+            let mut code = Vec::with_capacity(5 * calls + inserted);
+            for k in 0..calls {
+                if k == insert_at {
+                    code.extend((0..inserted).map(|i| 0x90 + (i % 16) as u8));
+                }
+                let target = (k * 7919 % 64) as i64 * 64;
+                let disp = target - (code.len() + 5) as i64;
+                code.push(0xe8);
+                code.extend_from_slice(&(disp as i32).to_le_bytes());
+            }
+            code
+        };
+        (
+            refs::tests::elf_with_code(&code(0)),
+            refs::tests::elf_with_code(&code(64)),
+        )
+    }
+
+    /// Where the old file has more than 2^19 references, they are all predicted (predictor 4):
+    /// 50,000 moved calls beyond the first 2^19 cost next to nothing.
+    #[test]
+    fn references_beyond_the_narrow_bound_are_predicted() {
+        let (old, new) = wide_pair();
+        let predicted = round_trip(&old, &new);
+        assert_eq!(predicted[4], Predictor::Wide as u8);
+        let plain = unpredicted(&old, &new);
+        assert!(
+            predicted.len() * 10 < plain.len(),
+            "{} B predicted, {} B not",
+            predicted.len(),
+            plain.len()
+        );
+    }
+
+    /// `tests/data/bsdiff-4-wide.bin`, the payload of the pair above (too large to store, and
+    /// so built here rather than in the format tests), still decodes to its file;
+    /// `BSI_BLESS=1` writes it again.
+    #[test]
+    fn the_stored_wide_payload_still_decodes() {
+        let (old, new) = wide_pair();
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bsdiff-4-wide.bin");
+        if std::env::var_os("BSI_BLESS").is_some() {
+            let payload = Bsdiff::PLAIN.encode(&old, &new).expect("encode");
+            std::fs::write(&path, payload.expect("applies")).expect("write the payload");
+        }
+        let stored = std::fs::read(&path).expect("read the payload");
+        assert_eq!(&stored[..5], b"BSD\x03\x04", "format 3, predictor 4");
+        let decoded = Bsdiff::PLAIN
+            .decode(&old, &stored, new.len() as u64)
+            .expect("decode");
+        assert!(decoded == new, "bsdiff-4-wide.bin no longer gives its file");
     }
 
     /// `tests/data/macho-4.{old,new}`, the pair with symbols of the test above, used by the

@@ -577,7 +577,7 @@ mod tests {
             segments,
             refs,
             bases: vec![0x1010],
-            symbols: false,
+            ..refs::Image::default()
         };
         let steps = [(0, 40, 300), (300, 200, 500), (600, 1000, len - 600)];
         Predictor::new(&image, Alignment::new(&steps)).expect("references")

@@ -93,6 +93,9 @@ pub(super) struct Image {
     pub bases: Vec<u64>,
     /// Whether symbol values are among the references (see [`Image::has_symbols`]).
     pub symbols: bool,
+    /// Whether a [`Version::Wide`] scan kept what a [`Version::Symbols`] one would not (see
+    /// [`Image::is_wide`]).
+    pub wide: bool,
 }
 
 impl Image {
@@ -108,6 +111,13 @@ impl Image {
     /// [`Version::Symbols`] finds.
     pub fn has_symbols(&self) -> bool {
         self.symbols
+    }
+
+    /// Whether it holds more references than [`MAX_REFS`], or symbol values that only fit beside
+    /// the others within [`MAX_FOUND`]: what only [`Version::Wide`] keeps. A `Wide` scan that
+    /// is not wide is the `Symbols` scan.
+    pub fn is_wide(&self) -> bool {
+        self.wide
     }
 
     /// Whether some of its references are AArch64 ADRPs or the instructions that complete
@@ -143,11 +153,13 @@ const SHF_EXECINSTR: u64 = 4;
 /// Bounds on the tables read, so that a hostile header costs nothing.
 const MAX_SEGMENTS: usize = 64;
 const MAX_SECTIONS: usize = 4096;
-/// At most this many references are kept (the first ones by site): a decoder holds them beside
-/// the old file (24 bytes each once prepared).
+/// At most this many references are kept (the first ones by site) up to [`Version::Symbols`]:
+/// a decoder holds them beside the old file (24 bytes each once prepared).
 pub(super) const MAX_REFS: usize = 1 << 19;
 /// At most this many are collected (24 bytes each), the first ones found: code sections in file
 /// order, then the tables in section order. A 184 MB library would otherwise collect millions.
+/// [`Version::Wide`] keeps them all: the prepared references take over the memory they were
+/// collected in, so that keeping more costs a decoder no more memory.
 const MAX_FOUND: usize = 2 * MAX_REFS;
 
 /// Collect `r` unless [`MAX_FOUND`] references were collected already.
@@ -213,13 +225,25 @@ pub(super) fn may_hold_refs(data: &[u8]) -> bool {
 /// Which references a scan finds: those of the first predictor (`Refs` in `bsdiff`), or also
 /// AArch64 ADRP instructions and the instructions that complete their address further on
 /// (`SplitPairs`), which the predictor byte 2 names, or also the values of a Mach-O file's
-/// symbols (`Symbols`, predictor byte 3). A payload is decoded with the scan it was made with,
-/// so that a change of what is found never changes an old payload's predictions.
+/// symbols (`Symbols`, predictor byte 3), or those with up to [`MAX_FOUND`] references kept
+/// instead of [`MAX_REFS`] (`Wide`, predictor byte 4). A payload is decoded with the scan it
+/// was made with, so that a change of what is found never changes an old payload's predictions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Version {
     First,
     SplitPairs,
     Symbols,
+    Wide,
+}
+
+impl Version {
+    /// How many references a scan of this version keeps, the first ones by site.
+    fn kept(self) -> usize {
+        match self {
+            Version::Wide => MAX_FOUND,
+            _ => MAX_REFS,
+        }
+    }
 }
 
 pub(super) fn scan(data: &[u8], version: Version) -> Image {
@@ -264,12 +288,15 @@ fn mach_o(data: &[u8], version: Version) -> Option<Image> {
     // symbols of a universal file's first slice would take the place of the next slice's
     // code references (the `cryptography` wheel's `_rust.abi3.so`, over the bound without
     // them, lost 12%).
-    if version >= Version::Symbols && refs.len() + layout.symbols.len() <= MAX_REFS {
+    if version >= Version::Symbols && refs.len() + layout.symbols.len() <= version.kept() {
         let before = refs.len();
         addresses(&layout.symbols, &mut refs);
         image.symbols = refs.len() > before;
+        image.wide = image.symbols && before + layout.symbols.len() > MAX_REFS;
     }
-    image.refs = finish(refs);
+    let found;
+    (image.refs, found) = finish(refs, version.kept());
+    image.wide |= version == Version::Wide && found > MAX_REFS;
     image.bases = bases;
     Some(image)
 }
@@ -328,8 +355,8 @@ fn code_refs(
 }
 
 /// `refs` sorted by site, without overlaps (the first of two overlapping references stays),
-/// at most [`MAX_REFS`].
-fn finish(mut refs: Vec<Ref>) -> Vec<Ref> {
+/// the first `kept` of them, and how many there were before they were cut to `kept`.
+fn finish(mut refs: Vec<Ref>, kept: usize) -> (Vec<Ref>, usize) {
     sort_runs(&mut refs);
     let mut end = 0;
     refs.retain(|r| {
@@ -339,8 +366,9 @@ fn finish(mut refs: Vec<Ref>) -> Vec<Ref> {
         }
         keep
     });
-    refs.truncate(MAX_REFS);
-    refs
+    let found = refs.len();
+    refs.truncate(kept);
+    (refs, found)
 }
 
 /// Most runs [`sort_runs`] merges in place.
@@ -552,7 +580,9 @@ fn elf(data: &[u8], version: Version) -> Option<Image> {
             _ => {}
         }
     }
-    image.refs = finish(refs);
+    let found;
+    (image.refs, found) = finish(refs, version.kept());
+    image.wide = version == Version::Wide && found > MAX_REFS;
     image.bases = bases;
     Some(image)
 }
@@ -1149,7 +1179,7 @@ pub(super) mod tests {
                 tables.relocations_with(&section, apart);
             }
         }
-        finish(refs)
+        finish(refs, MAX_REFS).0
     }
 
     /// Pushing the pointers at the patched places after the entries' fields keeps what
@@ -1249,11 +1279,57 @@ pub(super) mod tests {
         // `call` to the next instruction, more times than references are kept or collected.
         let calls = MAX_FOUND + 1000;
         let code: Vec<u8> = (0..calls).flat_map(|_| [0xe8, 0, 0, 0, 0]).collect();
-        let image = scan(&elf_with_code(&code), Version::SplitPairs);
-        assert_eq!(image.refs.len(), MAX_REFS);
-        for (i, r) in image.refs.iter().enumerate() {
-            let site = 0x1000 + 5 * i as u64 + 1;
-            assert_eq!((r.site, r.target), (site, site + 4));
+        let data = elf_with_code(&code);
+        for (version, kept) in [(Version::SplitPairs, MAX_REFS), (Version::Wide, MAX_FOUND)] {
+            let image = scan(&data, version);
+            assert_eq!(image.refs.len(), kept, "{version:?}");
+            assert_eq!(image.is_wide(), version == Version::Wide);
+            for (i, r) in image.refs.iter().enumerate() {
+                let site = 0x1000 + 5 * i as u64 + 1;
+                assert_eq!((r.site, r.target), (site, site + 4));
+            }
+        }
+    }
+
+    /// A wide scan keeps every reference of a library with more than `MAX_REFS` of them, and
+    /// is the `Symbols` scan of one with fewer.
+    #[test]
+    fn a_wide_scan_differs_only_beyond_the_narrow_bound() {
+        // `n` references: calls to the next instruction, and a last call, to the code's end,
+        // which is none.
+        let calls = |n: usize| -> Vec<u8> {
+            let code: Vec<u8> = (0..n + 1).flat_map(|_| [0xe8, 0, 0, 0, 0]).collect();
+            elf_with_code(&code)
+        };
+        let sites = |image: &Image| image.refs.iter().map(|r| r.site).collect::<Vec<_>>();
+        let over = calls(MAX_REFS + 10);
+        let (narrow, wide) = (scan(&over, Version::Symbols), scan(&over, Version::Wide));
+        assert_eq!((narrow.refs.len(), narrow.is_wide()), (MAX_REFS, false));
+        assert_eq!((wide.refs.len(), wide.is_wide()), (MAX_REFS + 10, true));
+        assert_eq!(sites(&wide)[..MAX_REFS], sites(&narrow)[..]);
+        let under = calls(MAX_REFS);
+        let (narrow, wide) = (scan(&under, Version::Symbols), scan(&under, Version::Wide));
+        assert!(!wide.is_wide());
+        assert_eq!(sites(&wide), sites(&narrow));
+        assert_eq!(wide.refs.len(), MAX_REFS);
+        // A Mach-O library whose symbols fit beside its calls within MAX_FOUND, not MAX_REFS:
+        // only a wide scan has them. With fewer symbols, both scans have them.
+        const X86_64: u32 = 0x0100_0007;
+        let code: Vec<u8> = (0..MAX_REFS - 999)
+            .flat_map(|_| [0xe8, 0, 0, 0, 0])
+            .collect();
+        let library = macho::tests::macho(X86_64, &code, &[]);
+        for (symbols, wide_only) in [(2000u64, true), (500, false)] {
+            let table: Vec<(u8, u64)> = (0..symbols).map(|k| (0x0f, 0x1000 + 5 * k)).collect();
+            let file = macho::tests::with_symbols(&library, &table);
+            let (narrow, wide) = (scan(&file, Version::Symbols), scan(&file, Version::Wide));
+            let expected = MAX_REFS - 1000 + symbols as usize;
+            assert_eq!(wide.refs.len(), expected, "{symbols} symbols");
+            assert_eq!((wide.has_symbols(), wide.is_wide()), (true, wide_only));
+            assert_eq!(narrow.has_symbols(), !wide_only);
+            if !wide_only {
+                assert_eq!(sites(&wide), sites(&narrow));
+            }
         }
     }
 
