@@ -1345,34 +1345,39 @@ mod tests {
         );
     }
 
+    /// The payload of `new` against `old`, which round-trips, has `predictor`, and takes at
+    /// most `share` (a fraction) of the payload without prediction.
+    fn predicted_within(
+        old: &[u8],
+        new: &[u8],
+        predictor: Predictor,
+        share: (usize, usize),
+    ) -> Vec<u8> {
+        let predicted = round_trip(old, new);
+        assert_eq!(predicted[4], predictor as u8);
+        let plain = unpredicted(old, new);
+        assert!(
+            predicted.len() * share.1 <= plain.len() * share.0,
+            "{predictor:?}: predicted {} bytes against {} without",
+            predicted.len(),
+            plain.len()
+        );
+        predicted
+    }
+
     /// A library relinked with a function inserted in the middle: the references that only
     /// moved cost nothing once predicted.
     #[test]
     fn prediction_pays_on_a_relinked_library() {
         let old = refs::tests::fixture("elf-1.old.so");
         let new = refs::tests::fixture("elf-1.new.so");
-        let predicted = round_trip(&old, &new);
-        assert_eq!(&predicted[..5], b"BSD\x03\x01", "format 3, ELF references");
-        let plain = unpredicted(&old, &new);
-        assert_eq!(plain[4], Predictor::None as u8);
-        assert!(
-            predicted.len() * 10 <= plain.len() * 7,
-            "predicted {} bytes against {} without",
-            predicted.len(),
-            plain.len()
-        );
+        let predicted = predicted_within(&old, &new, Predictor::Refs, (7, 10));
+        assert_eq!(&predicted[..4], b"BSD\x03", "format 3");
+        assert_eq!(unpredicted(&old, &new)[4], Predictor::None as u8);
         // The same library built for AArch64, whose ADRPs gcc often completes further on.
         let old = refs::tests::fixture("elf-1.arm64.old.so");
         let new = refs::tests::fixture("elf-1.arm64.new.so");
-        let predicted = round_trip(&old, &new);
-        assert_eq!(predicted[4], Predictor::SplitPairs as u8);
-        let plain = unpredicted(&old, &new);
-        assert!(
-            predicted.len() * 10 <= plain.len() * 8,
-            "arm64: predicted {} bytes against {} without",
-            predicted.len(),
-            plain.len()
-        );
+        predicted_within(&old, &new, Predictor::SplitPairs, (8, 10));
         // Files that are not ELF files of a known machine are not predicted.
         let noise = noise(12, 30_000);
         let mut edited = noise.clone();
@@ -1434,15 +1439,7 @@ mod tests {
         for file in files {
             let old = file(&relinked_code(usize::MAX, 0));
             let new = file(&relinked_code(10_000, 64));
-            let predicted = round_trip(&old, &new);
-            let plain = unpredicted(&old, &new);
-            assert_eq!(predicted[4], Predictor::Refs as u8);
-            assert!(
-                predicted.len() * 4 < plain.len(),
-                "predicted {} bytes against {} without",
-                predicted.len(),
-                plain.len()
-            );
+            predicted_within(&old, &new, Predictor::Refs, (1, 4));
         }
     }
 
@@ -1575,15 +1572,7 @@ mod tests {
     #[test]
     fn references_beyond_the_narrow_bound_are_predicted() {
         let (old, new) = wide_pair();
-        let predicted = round_trip(&old, &new);
-        assert_eq!(predicted[4], Predictor::Wide as u8);
-        let plain = unpredicted(&old, &new);
-        assert!(
-            predicted.len() * 10 < plain.len(),
-            "{} B predicted, {} B not",
-            predicted.len(),
-            plain.len()
-        );
+        predicted_within(&old, &new, Predictor::Wide, (1, 10));
     }
 
     /// `tests/data/bsdiff-4-wide.bin`, the payload of the pair above (too large to store, and
