@@ -149,7 +149,7 @@ impl DeltaEncoder for Bsdiff {
         let predicting = self.predict && refs::may_hold_refs(old);
         let (indexed, (known, pages)) = rayon::join(
             || -> io::Result<_> {
-                let index = matcher::Index::new(old)?;
+                let index = matcher::Index::with_cuts(old, &slice_cuts(old, new))?;
                 let quick = predicting.then(|| search(&index, new, REGION, matcher::Search::Quick));
                 Ok((index, quick))
             },
@@ -232,6 +232,47 @@ impl DeltaEncoder for Bsdiff {
         let header = Header::parse(payload, new_len)?;
         apply(old, &header, new_len, out)
     }
+}
+
+/// Old files from this size on are cut between their slices (see [`slice_cuts`]).
+const CUT_MIN: usize = 1 << 20;
+
+/// Where the old file's index is cut, and the new file's lookups routed (see
+/// `matcher::Index::with_cuts`): at the start of each slice after the first, where both files
+/// are universal Mach-O files whose slices are of the same machines in the same order (their
+/// first 8 bytes, magic and CPU type, alike). A slice's code is of its own machine and its
+/// data is its own copy, so each new slice finds its matches in the old slice of its machine,
+/// and each old slice's suffix array is built on a core of its own. The `cryptography` wheel's
+/// universal library 42.0.7 -> 42.0.8 (17.7 MB; slices of 9.5 and 8.2 MB): payload 134,600 ->
+/// 131,956 B, its suffix arrays ready after 0.25 s instead of 0.69 s (2 cores), the wheel's
+/// build 13% to 17% faster (medians of 9, with the filter's bound, see `matcher::Grams`).
+fn slice_cuts(old: &[u8], new: &[u8]) -> Vec<(usize, usize)> {
+    if old.len() < CUT_MIN {
+        return Vec::new();
+    }
+    let (Some(old_slices), Some(new_slices)) = (refs::macho_slices(old), refs::macho_slices(new))
+    else {
+        return Vec::new();
+    };
+    fn head(data: &[u8], at: u64) -> Option<&[u8]> {
+        let at = usize::try_from(at).ok()?;
+        data.get(at..at.checked_add(8)?)
+    }
+    let alike = old_slices.len() > 1
+        && old_slices.len() == new_slices.len()
+        && old_slices
+            .iter()
+            .zip(&new_slices)
+            .all(|(&(o, _), &(n, _))| head(old, o).is_some() && head(old, o) == head(new, n));
+    if !alike {
+        return Vec::new();
+    }
+    old_slices
+        .iter()
+        .zip(&new_slices)
+        .skip(1)
+        .map(|(&(o, _), &(n, _))| (o as usize, n as usize))
+        .collect()
 }
 
 /// The page hashes of `new`'s code directories that a decoder can rebuild, where it has any
@@ -1296,6 +1337,40 @@ mod tests {
             chunk[..8].copy_from_slice(&(0x40_0000u64 + i as u64 * 64).to_le_bytes());
         }
         data
+    }
+
+    /// Two universal files whose slices are of the same machines in the same order are cut
+    /// between their slices (see [`slice_cuts`]), and round-trip; other layouts and small files
+    /// are not cut.
+    #[test]
+    fn universal_files_are_cut_between_slices_of_the_same_machine() {
+        let (x86, arm64) = (program(700_000, 1), program(600_000, 2));
+        let old = refs::tests::universal_x86_arm64(&x86, &arm64);
+        // New code in the x86-64 slice moves the arm64 slice on; a changed byte in each.
+        let mut x86_new = x86.clone();
+        x86_new.splice(1000..1000, noise(3, 20_000));
+        x86_new[300_000] ^= 1;
+        let mut arm64_new = arm64.clone();
+        arm64_new[5000] ^= 1;
+        let new = refs::tests::universal_x86_arm64(&x86_new, &arm64_new);
+        let second = |data: &[u8]| refs::macho_slices(data).expect("universal")[1].0 as usize;
+        assert_ne!(second(&old), second(&new));
+        assert_eq!(slice_cuts(&old, &new), [(second(&old), second(&new))]);
+        let payload = round_trip(&old, &new);
+        assert!(payload.len() < 40_000, "{} bytes", payload.len());
+
+        let thin = &old[0x4000..0x4000 + 200_000];
+        let two_x86 = refs::tests::universal_x86(&x86_new);
+        let small = refs::tests::universal_x86_arm64(&x86[..1000], &arm64[..1000]);
+        let small_new = refs::tests::universal_x86_arm64(&x86_new[..1000], &arm64[..1000]);
+        for (old, new) in [
+            (&old[..], thin),
+            (thin, &new[..]),
+            (&old[..], &two_x86[..]),
+            (&small[..], &small_new[..]),
+        ] {
+            assert!(slice_cuts(old, new).is_empty());
+        }
     }
 
     #[test]
