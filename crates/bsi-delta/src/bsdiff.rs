@@ -29,6 +29,24 @@
 //! predictor the predicted bytes are the old bytes; with one, the old bytes with every reference
 //! of the old file inside the step pointed where its target went (see `predict`).
 //!
+//! Slices (`"BSU" 0x01`): where both files are universal Mach-O files with slices of the same
+//! machines in the same order (see [`slice_cuts`]), each slice is coded as a file of its own,
+//! the first with the header and padding before it, each part of the old file against the part
+//! of the new file it becomes:
+//!
+//! ```text
+//! "BSU" 0x01                       magic
+//! varint count                     2 to 8 parts
+//! count x { varint old_start,      where the part starts in the old file (0 for the first,
+//!           varint new_len,        rising; it runs to the next one's start or the end), how
+//!           varint payload_len }   long it is in the new file, and its payload's length
+//! count x payload                  each of format 3 or 2, as above
+//! ```
+//!
+//! The parts' new lengths add up to the new file's. The parts are encoded at once and decoded
+//! at once (see [`decode_slices`]): a universal file's slices are two libraries in one, whose
+//! code differs in kind, so each finds its matches in the old slice of its own machine.
+//!
 //! The diff stream codes its zero flags near changes only and the gaps between them as numbers
 //! (see `cm`). Format 2 (`"BSD" 0x02`) is format 3 with every zero flag coded, which the
 //! encoder still writes where it predicts nothing (see [`flags_for`]), and format 1
@@ -42,7 +60,7 @@ use std::time::Duration;
 use rayon::prelude::*;
 use zstd::stream::raw::CParameter;
 
-use crate::{corrupt, varint, window_log, DecodeError, DeltaEncoder};
+use crate::{corrupt, initial_capacity, varint, window_log, DecodeError, DeltaEncoder};
 
 mod cm;
 pub(crate) mod codesign;
@@ -57,6 +75,16 @@ pub(crate) use refs::{code_ranges, rip_relative, Machine};
 const MAGIC: &[u8; 4] = b"BSD\x03";
 /// Format 2: format 3 whose diff stream codes every zero flag (see `cm`).
 const MAGIC_2: &[u8; 4] = b"BSD\x02";
+/// A universal Mach-O file coded slice by slice: a payload of format 3 (or 2) for each part of
+/// the new file, see the module documentation.
+const MAGIC_SLICES: &[u8; 4] = b"BSU\x01";
+/// Parts of a [`MAGIC_SLICES`] payload at most, as many as a universal file has slices.
+const MAX_PARTS: u64 = 8;
+/// The parts of a [`MAGIC_SLICES`] payload after the first are decoded into memory beside the
+/// first, which is written out as it is decoded, while they take up to this many bytes
+/// together; beyond, each part is written out as it is decoded, one after the other, so that
+/// an apply holds no more than the largest file plus 64 MiB.
+const BUFFERED_MAX: u64 = 32 << 20;
 /// Format 1: format 2 with no predictor, whose header byte was a filter that had to be 0.
 const MAGIC_1: &[u8; 4] = b"BSD\x01";
 /// Set in the predictor byte when code directories follow it (see `codesign`).
@@ -137,7 +165,50 @@ impl DeltaEncoder for Bsdiff {
         64 << 10
     }
 
+    /// Where both files are universal Mach-O files with slices of the same machines (see
+    /// [`slice_cuts`]), the payload codes each slice (the first with the header before it) on
+    /// its own, all at once, as [`MAGIC_SLICES`] says.
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        let cuts = slice_cuts(old, new);
+        if cuts.is_empty() {
+            return self.encode_file(old, new).map(Some);
+        }
+        let parts = split_at_cuts(old, new, &cuts);
+        let payloads = parts
+            .par_iter()
+            .map(|&(_, old, new)| self.encode_file(old, new))
+            .collect::<io::Result<Vec<Vec<u8>>>>()?;
+        let mut out = Vec::with_capacity(16 + payloads.iter().map(Vec::len).sum::<usize>());
+        out.extend_from_slice(MAGIC_SLICES);
+        varint::put(&mut out, parts.len() as u64);
+        for (&(old_start, _, new), payload) in parts.iter().zip(&payloads) {
+            varint::put(&mut out, old_start as u64);
+            varint::put(&mut out, new.len() as u64);
+            varint::put(&mut out, payload.len() as u64);
+        }
+        for payload in &payloads {
+            out.extend_from_slice(payload);
+        }
+        Ok(Some(out))
+    }
+
+    fn decode_into(
+        &self,
+        old: &[u8],
+        payload: &[u8],
+        new_len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), DecodeError> {
+        match payload.strip_prefix(MAGIC_SLICES) {
+            Some(rest) => decode_slices(old, rest, new_len, out),
+            None => apply(old, &Header::parse(payload, new_len)?, new_len, out),
+        }
+    }
+}
+
+impl Bsdiff {
+    /// The payload of format 3 (or 2) that rebuilds `new` from `old`.
+    fn encode_file(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
         // The suffix array is the longest step of the chain that ends with the payload, and
         // starts at once on this core; what prediction needs of both files besides (their
         // references, prepared, and the pieces the steps are to follow) is found on another
@@ -149,7 +220,7 @@ impl DeltaEncoder for Bsdiff {
         let predicting = self.predict && refs::may_hold_refs(old);
         let (indexed, (known, pages)) = rayon::join(
             || -> io::Result<_> {
-                let index = matcher::Index::with_cuts(old, &slice_cuts(old, new))?;
+                let index = matcher::Index::new(old)?;
                 let quick = predicting.then(|| search(&index, new, REGION, matcher::Search::Quick));
                 Ok((index, quick))
             },
@@ -219,33 +290,27 @@ impl DeltaEncoder for Bsdiff {
         for packed in &packed {
             out.extend_from_slice(packed);
         }
-        Ok(Some(out))
-    }
-
-    fn decode_into(
-        &self,
-        old: &[u8],
-        payload: &[u8],
-        new_len: u64,
-        out: &mut dyn Write,
-    ) -> Result<(), DecodeError> {
-        let header = Header::parse(payload, new_len)?;
-        apply(old, &header, new_len, out)
+        Ok(out)
     }
 }
 
-/// Old files from this size on are cut between their slices (see [`slice_cuts`]).
+/// Old files from this size on are coded slice by slice (see [`slice_cuts`]); a smaller one
+/// gains little time that way, and each part's streams and model start afresh.
 const CUT_MIN: usize = 1 << 20;
 
-/// Where the old file's index is cut, and the new file's lookups routed (see
-/// `matcher::Index::with_cuts`): at the start of each slice after the first, where both files
-/// are universal Mach-O files whose slices are of the same machines in the same order (their
-/// first 8 bytes, magic and CPU type, alike). A slice's code is of its own machine and its
-/// data is its own copy, so each new slice finds its matches in the old slice of its machine,
-/// and each old slice's suffix array is built on a core of its own. The `cryptography` wheel's
-/// universal library 42.0.7 -> 42.0.8 (17.7 MB; slices of 9.5 and 8.2 MB): payload 134,600 ->
-/// 131,956 B, its suffix arrays ready after 0.25 s instead of 0.69 s (2 cores), the wheel's
-/// build 13% to 17% faster (medians of 9, with the filter's bound, see `matcher::Grams`).
+/// Where the files are cut into parts coded on their own (see [`MAGIC_SLICES`]): (old, new)
+/// offsets of each slice after the first, where both files are universal Mach-O files whose
+/// slices are of the same machines in the same order (their first 8 bytes, magic and CPU type,
+/// alike) and in the order of their offsets; else none. A slice's code is of its own machine
+/// and its data its own copy, so each new slice finds its matches in the old slice of its
+/// machine, and the slices are encoded and decoded on cores of their own. The `cryptography`
+/// wheel's universal library 42.0.7 -> 42.0.8 (17.7 MB, slices of 9.5 and 8.2 MB), whose
+/// suffix array took 0.69 s on one core: payload 134,600 -> 133,104 B (lookups no longer find
+/// matches in the other machine's slice that break the alignment), the wheel's build 1.195 ->
+/// 0.891 s and its apply 165 -> 132 ms (medians of 7 and 11, interleaved). One index cut
+/// between the slices, each new slice looked up in its own machine's part, gave 131,956 B, a
+/// build of 1.018 s and no faster apply: the diff stream was still one model's, decoded on one
+/// core.
 fn slice_cuts(old: &[u8], new: &[u8]) -> Vec<(usize, usize)> {
     if old.len() < CUT_MIN {
         return Vec::new();
@@ -267,12 +332,125 @@ fn slice_cuts(old: &[u8], new: &[u8]) -> Vec<(usize, usize)> {
     if !alike {
         return Vec::new();
     }
-    old_slices
+    let cuts: Vec<(usize, usize)> = old_slices
         .iter()
         .zip(&new_slices)
         .skip(1)
         .map(|(&(o, _), &(n, _))| (o as usize, n as usize))
+        .collect();
+    // Every part holds a byte of each file: the slices in the order of their offsets.
+    let rising = cuts
+        .iter()
+        .try_fold((0, 0), |(old_at, new_at), &(o, n)| {
+            (o > old_at && n > new_at && o < old.len() && n < new.len()).then_some((o, n))
+        })
+        .is_some();
+    match rising {
+        true => cuts,
+        false => Vec::new(),
+    }
+}
+
+/// The parts of `old` and `new` between `cuts` (see [`slice_cuts`]): where each part starts in
+/// the old file, its old bytes and its new bytes.
+fn split_at_cuts<'a>(
+    old: &'a [u8],
+    new: &'a [u8],
+    cuts: &[(usize, usize)],
+) -> Vec<(usize, &'a [u8], &'a [u8])> {
+    let starts: Vec<(usize, usize)> = [(0, 0)].into_iter().chain(cuts.iter().copied()).collect();
+    let ends = cuts.iter().copied().chain([(old.len(), new.len())]);
+    starts
+        .iter()
+        .zip(ends)
+        .map(|(&(old_at, new_at), (old_end, new_end))| {
+            (old_at, &old[old_at..old_end], &new[new_at..new_end])
+        })
         .collect()
+}
+
+/// Decode the parts of a [`MAGIC_SLICES`] payload (`rest`, after its magic) into `sink`: the
+/// first as it is decoded, the others meanwhile on another thread into memory, written after
+/// it (one after the other, each as it is decoded, beyond [`BUFFERED_MAX`]). Every part's
+/// header is checked before anything is written.
+fn decode_slices(
+    old: &[u8],
+    mut rest: &[u8],
+    new_len: u64,
+    sink: &mut dyn Write,
+) -> Result<(), DecodeError> {
+    let count = varint::take(&mut rest)?;
+    if !(2..=MAX_PARTS).contains(&count) {
+        return Err(corrupt("number of slices out of range"));
+    }
+    let mut lens = Vec::new();
+    for _ in 0..count {
+        lens.push([
+            varint::take(&mut rest)?,
+            varint::take(&mut rest)?,
+            varint::take(&mut rest)?,
+        ]);
+    }
+    let mut parts = Vec::with_capacity(lens.len());
+    let mut total = 0u64;
+    for (k, &[old_start, part_len, payload_len]) in lens.iter().enumerate() {
+        let old_end = lens.get(k + 1).map_or(old.len() as u64, |next| next[0]);
+        if (k == 0) != (old_start == 0) || old_start >= old_end || old_end > old.len() as u64 {
+            return Err(corrupt("slices out of order or outside the old file"));
+        }
+        total = total
+            .checked_add(part_len)
+            .filter(|&total| total <= new_len)
+            .ok_or(DecodeError::TooLong { expected: new_len })?;
+        let payload_len = usize::try_from(payload_len)
+            .ok()
+            .filter(|&len| len <= rest.len())
+            .ok_or_else(|| corrupt("slice extends past the payload"))?;
+        let (payload, tail) = rest.split_at(payload_len);
+        rest = tail;
+        let header = Header::parse(payload, part_len)?;
+        // Both ends are within the old file, checked above.
+        parts.push((&old[old_start as usize..old_end as usize], header, part_len));
+    }
+    if !rest.is_empty() {
+        return Err(corrupt("trailing bytes after the slices"));
+    }
+    if total != new_len {
+        return Err(DecodeError::WrongLength {
+            expected: new_len,
+            actual: total,
+        });
+    }
+    let Some(((old, header, len), others)) = parts.split_first() else {
+        return Err(corrupt("number of slices out of range"));
+    };
+    if others.iter().map(|part| part.2).sum::<u64>() > BUFFERED_MAX {
+        for (old, header, len) in &parts {
+            apply(old, header, *len, sink)?;
+        }
+        return Ok(());
+    }
+    let (first, others) = std::thread::scope(|scope| {
+        let decoding = scope.spawn(|| {
+            others
+                .iter()
+                .map(|(old, header, len)| {
+                    let mut out = Vec::with_capacity(initial_capacity(*len));
+                    apply(old, header, *len, &mut out).map(|()| out)
+                })
+                .collect::<Result<Vec<Vec<u8>>, DecodeError>>()
+        });
+        let first = apply(old, header, *len, sink);
+        let others = decoding
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (first, others)
+    });
+    first?;
+    for out in others? {
+        sink.write_all(&out).map_err(DecodeError::Output)?;
+    }
+    Ok(())
 }
 
 /// The page hashes of `new`'s code directories that a decoder can rebuild, where it has any
@@ -1339,38 +1517,232 @@ mod tests {
         data
     }
 
-    /// Two universal files whose slices are of the same machines in the same order are cut
-    /// between their slices (see [`slice_cuts`]), and round-trip; other layouts and small files
-    /// are not cut.
-    #[test]
-    fn universal_files_are_cut_between_slices_of_the_same_machine() {
+    /// Two universal files whose slices are of the same machines in the same order: code
+    /// copied into the x86-64 slice moves the arm64 slice on, and a byte changed in each.
+    fn universal_pair() -> (Vec<u8>, Vec<u8>) {
         let (x86, arm64) = (program(700_000, 1), program(600_000, 2));
         let old = refs::tests::universal_x86_arm64(&x86, &arm64);
-        // New code in the x86-64 slice moves the arm64 slice on; a changed byte in each.
         let mut x86_new = x86.clone();
-        x86_new.splice(1000..1000, noise(3, 20_000));
+        x86_new.splice(1000..1000, x86[200_000..220_000].iter().copied());
         x86_new[300_000] ^= 1;
         let mut arm64_new = arm64.clone();
         arm64_new[5000] ^= 1;
-        let new = refs::tests::universal_x86_arm64(&x86_new, &arm64_new);
+        (old, refs::tests::universal_x86_arm64(&x86_new, &arm64_new))
+    }
+
+    /// Such files are coded slice by slice (see [`slice_cuts`]), each slice as a file of its
+    /// own; other layouts and small files are coded whole.
+    #[test]
+    fn universal_files_are_coded_slice_by_slice() {
+        let (old, new) = universal_pair();
         let second = |data: &[u8]| refs::macho_slices(data).expect("universal")[1].0 as usize;
         assert_ne!(second(&old), second(&new));
-        assert_eq!(slice_cuts(&old, &new), [(second(&old), second(&new))]);
+        let cuts = slice_cuts(&old, &new);
+        assert_eq!(cuts, [(second(&old), second(&new))]);
         let payload = round_trip(&old, &new);
-        assert!(payload.len() < 40_000, "{} bytes", payload.len());
+        assert!(payload.starts_with(MAGIC_SLICES));
+        let parts: Vec<Vec<u8>> = split_at_cuts(&old, &new, &cuts)
+            .iter()
+            .map(|&(_, old, new)| Bsdiff::PLAIN.encode_file(old, new).expect("encode"))
+            .collect();
+        assert!(
+            parts[1].len() < 200,
+            "one changed byte: {} bytes",
+            parts[1].len()
+        );
+        assert!(payload.ends_with(&parts.concat()));
+        assert!(payload.len() < parts[0].len() + parts[1].len() + 24);
 
         let thin = &old[0x4000..0x4000 + 200_000];
-        let two_x86 = refs::tests::universal_x86(&x86_new);
-        let small = refs::tests::universal_x86_arm64(&x86[..1000], &arm64[..1000]);
-        let small_new = refs::tests::universal_x86_arm64(&x86_new[..1000], &arm64[..1000]);
+        let (x86, arm64) = (program(1000, 1), program(1000, 2));
+        let two_x86 = refs::tests::universal_x86(&x86);
+        let small = refs::tests::universal_x86_arm64(&x86, &arm64);
+        let mut small_new = small.clone();
+        small_new[0x4000 + 500] ^= 1;
         for (old, new) in [
             (&old[..], thin),
             (thin, &new[..]),
             (&old[..], &two_x86[..]),
+            (&two_x86[..], &new[..]),
             (&small[..], &small_new[..]),
         ] {
             assert!(slice_cuts(old, new).is_empty());
+            let payload = round_trip(old, new);
+            assert!(!payload.starts_with(MAGIC_SLICES));
         }
+    }
+
+    /// A slice-by-slice payload from its table's numbers and its parts' payloads.
+    fn slices_payload(table: &[[u64; 3]], count: u64, parts: &[&[u8]]) -> Vec<u8> {
+        let mut out = MAGIC_SLICES.to_vec();
+        varint::put(&mut out, count);
+        for row in table {
+            for &value in row {
+                varint::put(&mut out, value);
+            }
+        }
+        for part in parts {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    #[test]
+    fn refuses_bad_slice_payloads() {
+        let old = noise(7, 20_000);
+        let mut new = old.clone();
+        new.splice(15_000..15_000, noise(8, 300));
+        new[100] ^= 1;
+        let (len, cut) = (new.len() as u64, 10_000usize);
+        let first = Bsdiff::PLAIN
+            .encode_file(&old[..cut], &new[..cut])
+            .expect("encode");
+        let second = Bsdiff::PLAIN
+            .encode_file(&old[cut..], &new[cut..])
+            .expect("encode");
+        let (p1, p2) = (first.len() as u64, second.len() as u64);
+        let rest = len - cut as u64;
+        let good = slices_payload(
+            &[[0, 10_000, p1], [10_000, rest, p2]],
+            2,
+            &[&first, &second],
+        );
+        assert_eq!(Bsdiff::PLAIN.decode(&old, &good, len).expect("decode"), new);
+        for cut in [4, 5, 8, good.len() / 2, good.len() - 1] {
+            assert!(
+                Bsdiff::PLAIN.decode(&old, &good[..cut], len).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        let bad = [
+            longer,
+            // Counts out of range, and one that the table does not hold.
+            slices_payload(&[[0, len, p1]], 1, &[&first]),
+            slices_payload(
+                &[[0, 10_000, p1], [10_000, rest, p2]],
+                9,
+                &[&first, &second],
+            ),
+            slices_payload(
+                &[[0, 10_000, p1], [10_000, rest, p2]],
+                3,
+                &[&first, &second],
+            ),
+            // The first part not at the old file's start; parts out of order or empty; a part
+            // past the old file's end.
+            slices_payload(
+                &[[1, 10_000, p1], [10_000, rest, p2]],
+                2,
+                &[&first, &second],
+            ),
+            slices_payload(&[[0, 10_000, p1], [0, rest, p2]], 2, &[&first, &second]),
+            slices_payload(
+                &[[0, 10_000, p1], [20_000, rest, p2]],
+                2,
+                &[&first, &second],
+            ),
+            slices_payload(
+                &[[0, 10_000, p1], [30_000, rest, p2]],
+                2,
+                &[&first, &second],
+            ),
+            // New lengths that do not add up, or overflow.
+            slices_payload(
+                &[[0, 10_000, p1], [10_000, rest + 1, p2]],
+                2,
+                &[&first, &second],
+            ),
+            slices_payload(
+                &[[0, 10_000, p1], [10_000, u64::MAX, p2]],
+                2,
+                &[&first, &second],
+            ),
+            slices_payload(
+                &[[0, 9_999, p1], [10_000, rest + 1, p2]],
+                2,
+                &[&first, &second],
+            ),
+            // A part's payload past the end, or swapped with the other's.
+            slices_payload(
+                &[[0, 10_000, p1], [10_000, rest, p2 + 1]],
+                2,
+                &[&first, &second],
+            ),
+            slices_payload(
+                &[[0, 10_000, p2], [10_000, rest, p1]],
+                2,
+                &[&second, &first],
+            ),
+            // A part that is itself coded slice by slice.
+            slices_payload(
+                &[[0, 10_000, p1], [10_000, rest, good.len() as u64]],
+                2,
+                &[&first, &good],
+            ),
+        ];
+        for (k, bad) in bad.iter().enumerate() {
+            assert!(
+                Bsdiff::PLAIN.decode(&old, bad, len).is_err(),
+                "bad payload {k}"
+            );
+        }
+        assert!(Bsdiff::PLAIN.decode(&old[..15_000], &good, len).is_err());
+        assert!(Bsdiff::PLAIN.decode(&old, &good, len - 1).is_err());
+        // Every single-byte corruption is caught or decodes to something of the right length.
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x41;
+            if let Ok(decoded) = Bsdiff::PLAIN.decode(&old, &bad, len) {
+                assert_eq!(decoded.len() as u64, len);
+            }
+        }
+    }
+
+    /// Parts beyond [`BUFFERED_MAX`] together are decoded one after the other, as they are
+    /// written: the same bytes.
+    #[test]
+    fn large_parts_are_decoded_in_turn() {
+        let old = noise(9, (BUFFERED_MAX + 5000) as usize);
+        let mut new = old.clone();
+        new[10] ^= 1;
+        let last = new.len() - 10;
+        new[last] ^= 1;
+        let cut = 4000;
+        let parts: Vec<Vec<u8>> = [0..cut, cut..old.len()]
+            .into_iter()
+            .map(|r| {
+                Bsdiff::PLAIN
+                    .encode_file(&old[r.clone()], &new[r])
+                    .expect("encode")
+            })
+            .collect();
+        let rest = (new.len() - cut) as u64;
+        let table = [
+            [0, cut as u64, parts[0].len() as u64],
+            [cut as u64, rest, parts[1].len() as u64],
+        ];
+        let payload = slices_payload(&table, 2, &[&parts[0], &parts[1]]);
+        let decoded = Bsdiff::PLAIN.decode(&old, &payload, new.len() as u64);
+        assert!(decoded.expect("decode") == new);
+    }
+
+    #[test]
+    fn the_stored_slices_payload_still_decodes() {
+        let (old, new) = universal_pair();
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bsdiff-slices.bin");
+        if std::env::var_os("BSI_BLESS").is_some() {
+            let payload = Bsdiff::PLAIN.encode(&old, &new).expect("encode");
+            std::fs::write(&path, payload.expect("applies")).expect("write the payload");
+        }
+        let stored = std::fs::read(&path).expect("read the payload");
+        assert!(stored.starts_with(MAGIC_SLICES));
+        let decoded = Bsdiff::PLAIN
+            .decode(&old, &stored, new.len() as u64)
+            .expect("decode");
+        assert!(decoded == new, "bsdiff-slices.bin no longer gives its file");
     }
 
     #[test]

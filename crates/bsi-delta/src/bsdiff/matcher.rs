@@ -120,32 +120,19 @@ fn agreeing_at(old: &[u8], new: &[u8], from: usize, to: usize, offset: i64) -> i
     agreeing(&old[old_lo..old_lo + (hi - lo)], &new[lo..hi]) as i64
 }
 
-/// The old file, cut into parts that each have their own suffix array (see
-/// [`Index::with_cuts`]), and which part each position of a new file is looked up in.
+/// The old file, its suffix array, and where each two-byte prefix's suffixes start in it.
 pub(super) struct Index<'a> {
     old: &'a [u8],
-    parts: Vec<Part<'a>>,
-    /// `routes[k]` is the first position of a new file looked up in part `k + 1`; the positions
-    /// before `routes[0]` are looked up in part 0.
-    routes: Vec<usize>,
-    /// Which [`GRAM`]-byte strings the old file holds, see [`Grams`].
-    grams: Grams,
-}
-
-/// A piece of the old file, its suffix array, and where each two-byte prefix's suffixes start
-/// in it. Its searches see only its own bytes and give positions in it.
-struct Part<'a> {
-    /// Where the piece starts in the old file.
-    start: usize,
-    text: &'a [u8],
     sa: Vec<i32>,
-    /// The inverse of `sa` (the rank of each position), for pieces of up to [`RANKS_MAX`]
-    /// bytes: see [`Part::longest_match_near`].
+    /// The inverse of `sa` (the rank of each old position), for files of up to [`RANKS_MAX`]
+    /// bytes: see [`Index::longest_match_near`].
     ranks: Option<Vec<u32>>,
     /// `buckets[k]` is the first rank of the suffixes whose first two bytes, big-endian, are
     /// at least `k` (a one-byte suffix `x` counts as `x 0`: it sorts first among those starting
     /// with `x`); `buckets[65536]` is the number of suffixes.
     buckets: Vec<u32>,
+    /// Which [`GRAM`]-byte strings the old file holds, see [`Grams`].
+    grams: Grams,
 }
 
 /// Length of the strings [`Grams`] records: a match shorter than this never starts a step
@@ -158,10 +145,10 @@ const GRAM: usize = 8;
 /// step, and is skipped. Most lookups are such: new code, where bsdiff looks up every position.
 /// The filter takes at most [`FITTED`] bits (4 MiB, which the address translation's caches
 /// cover) for old files of 8 to 32 MiB, and one bit per byte beyond, a check in a larger table
-/// being a miss more often: the `cryptography` wheel's 17.7 MB universal library built its
-/// filter in 28 ms instead of 140 ms, and its payload in the same CPU time as with 16 MiB of
-/// filter (about 2% less wall time, within this VM's noise), with 12 MiB less memory;
-/// Firefox's 37.7 MB `omni.ja` took 8 MiB instead of 32 and the same time.
+/// being a miss more often: the `cryptography` wheel's 17.7 MB universal library (indexed
+/// whole) built its filter in 28 ms instead of 140 ms, and its payload in the same CPU time
+/// as with 16 MiB of filter (about 2% less wall time, within this VM's noise), with 12 MiB
+/// less memory; Firefox's 37.7 MB `omni.ja` took 8 MiB instead of 32 and the same time.
 const BITS: usize = 4;
 const FITTED: usize = 1 << 25;
 struct Grams {
@@ -260,70 +247,18 @@ fn buckets(old: &[u8]) -> Vec<u32> {
 }
 
 impl<'a> Index<'a> {
-    /// The index of the whole old file, one suffix array.
-    #[cfg(test)]
     pub fn new(old: &'a [u8]) -> io::Result<Self> {
-        Self::with_cuts(old, &[])
-    }
-
-    /// The index of the old file cut at `cuts`, pairs of (old position, new position) both
-    /// rising: each piece of the old file has a suffix array of its own, built on a core of
-    /// its own where there is one, and a new file's positions from a cut's new position on
-    /// are looked up in the old piece from its old position on (see [`Index::longest_match`]).
-    /// A universal Mach-O file is cut between its slices, whose code differs in kind (the
-    /// caller's choice, see `bsdiff::slice_cuts`). Cuts out of order or out of the old file are
-    /// left out.
-    pub fn with_cuts(old: &'a [u8], cuts: &[(usize, usize)]) -> io::Result<Self> {
-        let mut starts = vec![0];
-        let mut routes = Vec::new();
-        for &(at_old, at_new) in cuts {
-            let rising = at_old > *starts.last().unwrap_or(&0)
-                && routes.last().is_none_or(|&r| at_new > r)
-                && at_old < old.len();
-            if rising {
-                starts.push(at_old);
-                routes.push(at_new);
-            }
-        }
-        let texts: Vec<(usize, &[u8])> = starts
-            .iter()
-            .zip(starts.iter().skip(1).chain([&old.len()]))
-            .map(|(&start, &end)| (start, &old[start..end]))
-            .collect();
-        // The filter and the buckets are built while the suffix arrays are, on another core
-        // where there is one; each part's ranks follow its suffix array, on the cores free.
-        let (arrays, (grams, buckets)) = rayon::join(
-            || {
-                texts
-                    .par_iter()
-                    .map(|&(_, text)| {
-                        let sa = suffix_array(text)?;
-                        let ranks = (text.len() <= RANKS_MAX).then(|| inverse(&sa));
-                        Ok((sa, ranks))
-                    })
-                    .collect::<io::Result<Vec<_>>>()
-            },
-            || {
-                let buckets: Vec<Vec<u32>> = texts.iter().map(|(_, text)| buckets(text)).collect();
-                (Grams::new(old), buckets)
-            },
-        );
-        let parts = texts
-            .into_iter()
-            .zip(arrays?)
-            .zip(buckets)
-            .map(|(((start, text), (sa, ranks)), buckets)| Part {
-                start,
-                text,
-                sa,
-                ranks,
-                buckets,
-            })
-            .collect();
+        // The filter and the buckets are built while the suffix array is, on another core
+        // where there is one.
+        let (sa, (grams, buckets)) =
+            rayon::join(|| suffix_array(old), || (Grams::new(old), buckets(old)));
+        let sa = sa?;
+        let ranks = (old.len() <= RANKS_MAX).then(|| inverse(&sa));
         Ok(Index {
             old,
-            parts,
-            routes,
+            sa,
+            ranks,
+            buckets,
             grams,
         })
     }
@@ -336,26 +271,6 @@ impl<'a> Index<'a> {
         self
     }
 
-    /// Longest prefix of `target`, at position `at` of the new file, that occurs in the part of
-    /// the old file that position is looked up in: (old position, length).
-    fn longest_match(&self, at: usize, target: &[u8]) -> (usize, usize) {
-        let part = &self.parts[self.routes.partition_point(|&r| r <= at)];
-        let (pos, len) = part.longest_match(target);
-        (part.start + pos, len)
-    }
-
-    /// [`Part::longest_match_near`] in the part that holds old position `near`, whose suffix
-    /// shares its first `shared` bytes with `target`: (old position, length).
-    fn longest_match_near(&self, target: &[u8], near: usize, shared: usize) -> (usize, usize) {
-        let part = &self.parts[self.parts.partition_point(|p| p.start <= near) - 1];
-        let near = near - part.start;
-        let shared = shared.min(part.text.len() - near);
-        let (pos, len) = part.longest_match_near(target, near, shared);
-        (part.start + pos, len)
-    }
-}
-
-impl Part<'_> {
     /// The ranks (inclusive) of the suffixes that share the longest possible prefix of up to
     /// two bytes with `target`: its two-byte bucket, else its first byte's, else all.
     fn search_range(&self, target: &[u8]) -> (usize, usize) {
@@ -379,7 +294,7 @@ impl Part<'_> {
         self.sa[rank] as usize
     }
 
-    /// Longest prefix of `target` that occurs in the piece: (position in it, length). Binary
+    /// Longest prefix of `target` that occurs in the old file: (old position, length). Binary
     /// search over the suffix array that skips the prefix both bounds already share, started
     /// from the ranks of `target`'s first two bytes (the probes it saves are the first ones,
     /// cache misses across the whole array: libssl3's build took 17% less time).
@@ -389,7 +304,7 @@ impl Part<'_> {
         }
         let lcp_at = |rank: usize, skip: usize| {
             let pos = self.suffix(rank);
-            skip + common_prefix(&self.text[pos + skip..], &target[skip..])
+            skip + common_prefix(&self.old[pos + skip..], &target[skip..])
         };
         let (mut lo, mut hi) = self.search_range(target);
         let (mut lcp_lo, mut lcp_hi) = (lcp_at(lo, 0), lcp_at(hi, 0));
@@ -407,7 +322,7 @@ impl Part<'_> {
             }
             let pos = self.suffix(mid);
             // A suffix that ends first sorts first (libsais' sentinel convention).
-            if pos + l == self.text.len() || self.text[pos + l] < target[l] {
+            if pos + l == self.old.len() || self.old[pos + l] < target[l] {
                 (lo, lcp_lo) = (mid, l);
             } else {
                 (hi, lcp_hi) = (mid, l);
@@ -420,8 +335,8 @@ impl Part<'_> {
         }
     }
 
-    /// [`Part::longest_match`] of `target`, knowing that the piece's suffix at `near` shares
-    /// its first `shared` bytes (at most all) with `target`. The search gallops out
+    /// [`Index::longest_match`] of `target`, knowing that the old file's suffix at `near`
+    /// shares its first `shared` bytes (at most all) with `target`. The search gallops out
     /// from the rank of `near` instead of bisecting the whole bucket: the match is one of the
     /// two suffixes around `target`'s place in the order, and that place is close by when
     /// `shared` is long. Each probe reads the old file at a random place, a cache miss; the
@@ -432,12 +347,12 @@ impl Part<'_> {
         };
         let lcp_at = |rank: usize, skip: usize| {
             let pos = self.suffix(rank);
-            skip + common_prefix(&self.text[pos + skip..], &target[skip..])
+            skip + common_prefix(&self.old[pos + skip..], &target[skip..])
         };
         // Whether the suffix at `rank`, sharing `l` bytes with `target`, sorts before it.
         let before = |rank: usize, l: usize| {
             let pos = self.suffix(rank);
-            pos + l == self.text.len() || self.text[pos + l] < target[l]
+            pos + l == self.old.len() || self.old[pos + l] < target[l]
         };
         let start = ranks[near] as usize;
         let l = lcp_at(start, shared.min(target.len()));
@@ -614,7 +529,7 @@ pub(super) fn region_ops(index: &Index<'_>, new: &[u8], start: usize, search: Se
                     } else {
                         match known.filter(|&(_, shared)| shared >= NEAR_MIN) {
                             Some((near, shared)) => index.longest_match_near(target, near, shared),
-                            None => index.longest_match(scan, target),
+                            None => index.longest_match(target),
                         }
                     }
                 }
@@ -732,14 +647,14 @@ mod tests {
     /// whose common prefix with the target is known (up to all of it), and the match is real.
     fn check_near(old: &[u8], new: &[u8]) {
         let index = Index::new(old).expect("index");
-        assert!(index.parts.iter().all(|part| part.ranks.is_some()));
+        assert!(index.ranks.is_some());
         for at in 0..new.len() {
             let target = &new[at..];
-            let (_, want) = index.longest_match(at, target);
+            let (_, want) = index.longest_match(target);
             // Every old position as the start, and the previous match's next position.
             let previous = at
                 .checked_sub(1)
-                .map(|p| index.longest_match(p, &new[p..]))
+                .map(|p| index.longest_match(&new[p..]))
                 .filter(|&(pos, len)| len >= 1 && pos + 1 < old.len())
                 .map(|(pos, _)| pos + 1);
             for near in (0..old.len()).step_by(7).chain(previous) {
@@ -801,70 +716,6 @@ mod tests {
             "{search:?} steps cover the new file"
         );
         ops
-    }
-
-    /// The longest common prefix of `target` with a suffix of `text`, by trying them all.
-    fn longest_in(text: &[u8], target: &[u8]) -> usize {
-        (0..text.len())
-            .map(|pos| common_prefix(&text[pos..], target))
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// An index cut into parts looks each new position up in its own part only: the match
-    /// lies in that part and is the longest there (cut at the part's end), found by the full
-    /// search and by the near search from any position of the part.
-    fn check_cut(old: &[u8], new: &[u8], cuts: &[(usize, usize)]) {
-        let index = Index::with_cuts(old, cuts).expect("index");
-        let parts: Vec<(usize, usize)> = index
-            .parts
-            .iter()
-            .map(|part| (part.start, part.start + part.text.len()))
-            .collect();
-        for at in 0..new.len() {
-            let target = &new[at..];
-            let (start, end) = parts[index.routes.partition_point(|&r| r <= at)];
-            let (pos, len) = index.longest_match(at, target);
-            assert_eq!(len, longest_in(&old[start..end], target), "at {at}");
-            assert!(
-                start <= pos && pos + len <= end,
-                "at {at}: {pos} outside the part"
-            );
-            assert_eq!(common_prefix(&old[pos..end], target), len, "at {at}");
-            for near in (0..old.len()).step_by(5) {
-                let (start, end) = parts[parts.partition_point(|p| p.0 <= near) - 1];
-                let shared = common_prefix(&old[near..end], target);
-                let (pos, len) = index.longest_match_near(target, near, shared);
-                assert_eq!(
-                    len,
-                    longest_in(&old[start..end], target),
-                    "at {at} from {near}"
-                );
-                assert!(start <= pos && pos + len <= end, "at {at} from {near}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_cut_index_looks_each_position_up_in_its_own_part() {
-        // The new file's halves swapped: each is looked up in the part it did not come from,
-        // where there are only short matches, and the cut at the part's end stops a match that
-        // would run on into the next part.
-        let old = letters(11, 600, 3);
-        let mut new = old[300..].to_vec();
-        new.extend_from_slice(&old[..300]);
-        check_cut(&old, &new, &[(300, 300)]);
-        check_cut(&old, &new, &[(100, 0), (450, 200)]);
-        // Cuts out of order, at the start or past the end of the old file are left out.
-        let index = Index::with_cuts(&old, &[(0, 5), (200, 50), (150, 80), (250, 40), (900, 99)])
-            .expect("index");
-        assert_eq!(index.parts.len(), 2);
-        assert_eq!(index.routes, [50]);
-        check_cut(
-            &old,
-            &new,
-            &[(0, 5), (200, 50), (150, 80), (250, 40), (900, 99)],
-        );
     }
 
     /// Where the new file moved a piece of the old one, the quick search leaves the alignment
@@ -954,23 +805,18 @@ mod tests {
             prop_assert_eq!(common_prefix(&a, &b), prefix.min(n));
         }
 
-        /// Full and quick steps are valid on any bytes, where the filter skips lookups, with
-        /// the old file cut into parts or not.
+        /// Full and quick steps are valid on any bytes, where the filter skips lookups.
         #[test]
         fn steps_are_valid_on_any_bytes(
             old in proptest::collection::vec(any::<u8>(), 1..600),
             new in proptest::collection::vec(any::<u8>(), 1..600),
             keep in 0usize..600,
-            cuts in proptest::collection::vec((0usize..700, 0usize..700), 0..4),
         ) {
             // Part of the old file in the new one, so that there are matches to find.
             let mut new = new;
             let keep = keep.min(old.len());
             new.splice(new.len() / 2..new.len() / 2, old[..keep].iter().copied());
             let index = Index::new(&old).expect("index");
-            checked_ops(&index, &new, Search::Quick);
-            checked_ops(&index, &new, Search::Full);
-            let index = Index::with_cuts(&old, &cuts).expect("index");
             checked_ops(&index, &new, Search::Quick);
             checked_ops(&index, &new, Search::Full);
         }
@@ -993,17 +839,6 @@ mod tests {
             new in proptest::collection::vec(0u8..3, 1..60),
         ) {
             check_near(&old, &new);
-        }
-
-        #[test]
-        fn a_cut_index_looks_up_in_its_own_part_on_any_input(
-            old in proptest::collection::vec(0u8..3, 1..200),
-            new in proptest::collection::vec(0u8..3, 1..40),
-            cuts in proptest::collection::vec((0usize..220, 0usize..50), 0..3),
-        ) {
-            let mut cuts = cuts;
-            cuts.sort_unstable();
-            check_cut(&old, &new, &cuts);
         }
     }
 }
