@@ -1572,6 +1572,17 @@ mod tests {
         }
     }
 
+    /// Every single-byte corruption of `payload` is caught or decodes to `len` bytes.
+    fn every_flip_is_caught_or_keeps_the_length(old: &[u8], payload: &[u8], len: u64) {
+        for i in 0..payload.len() {
+            let mut bad = payload.to_vec();
+            bad[i] ^= 0x41;
+            if let Ok(decoded) = Bsdiff::PLAIN.decode(old, &bad, len) {
+                assert_eq!(decoded.len() as u64, len, "byte {i} flipped");
+            }
+        }
+    }
+
     /// A slice-by-slice payload from its table's numbers and its parts' payloads.
     fn slices_payload(table: &[[u64; 3]], count: u64, parts: &[&[u8]]) -> Vec<u8> {
         let mut out = MAGIC_SLICES.to_vec();
@@ -1602,11 +1613,10 @@ mod tests {
             .expect("encode");
         let (p1, p2) = (first.len() as u64, second.len() as u64);
         let rest = len - cut as u64;
-        let good = slices_payload(
-            &[[0, 10_000, p1], [10_000, rest, p2]],
-            2,
-            &[&first, &second],
-        );
+        // A table of two parts, `first` and `second` in that order.
+        let two = |table: [[u64; 3]; 2]| slices_payload(&table, 2, &[&first, &second]);
+        let table = [[0, 10_000, p1], [10_000, rest, p2]];
+        let good = two(table);
         assert_eq!(Bsdiff::PLAIN.decode(&old, &good, len).expect("decode"), new);
         for cut in [4, 5, 8, good.len() / 2, good.len() - 1] {
             assert!(
@@ -1620,56 +1630,20 @@ mod tests {
             longer,
             // Counts out of range, and one that the table does not hold.
             slices_payload(&[[0, len, p1]], 1, &[&first]),
-            slices_payload(
-                &[[0, 10_000, p1], [10_000, rest, p2]],
-                9,
-                &[&first, &second],
-            ),
-            slices_payload(
-                &[[0, 10_000, p1], [10_000, rest, p2]],
-                3,
-                &[&first, &second],
-            ),
+            slices_payload(&table, 9, &[&first, &second]),
+            slices_payload(&table, 3, &[&first, &second]),
             // The first part not at the old file's start; parts out of order or empty; a part
             // past the old file's end.
-            slices_payload(
-                &[[1, 10_000, p1], [10_000, rest, p2]],
-                2,
-                &[&first, &second],
-            ),
-            slices_payload(&[[0, 10_000, p1], [0, rest, p2]], 2, &[&first, &second]),
-            slices_payload(
-                &[[0, 10_000, p1], [20_000, rest, p2]],
-                2,
-                &[&first, &second],
-            ),
-            slices_payload(
-                &[[0, 10_000, p1], [30_000, rest, p2]],
-                2,
-                &[&first, &second],
-            ),
+            two([[1, 10_000, p1], [10_000, rest, p2]]),
+            two([[0, 10_000, p1], [0, rest, p2]]),
+            two([[0, 10_000, p1], [20_000, rest, p2]]),
+            two([[0, 10_000, p1], [30_000, rest, p2]]),
             // New lengths that do not add up, or overflow.
-            slices_payload(
-                &[[0, 10_000, p1], [10_000, rest + 1, p2]],
-                2,
-                &[&first, &second],
-            ),
-            slices_payload(
-                &[[0, 10_000, p1], [10_000, u64::MAX, p2]],
-                2,
-                &[&first, &second],
-            ),
-            slices_payload(
-                &[[0, 9_999, p1], [10_000, rest + 1, p2]],
-                2,
-                &[&first, &second],
-            ),
+            two([[0, 10_000, p1], [10_000, rest + 1, p2]]),
+            two([[0, 10_000, p1], [10_000, u64::MAX, p2]]),
+            two([[0, 9_999, p1], [10_000, rest + 1, p2]]),
             // A part's payload past the end, or swapped with the other's.
-            slices_payload(
-                &[[0, 10_000, p1], [10_000, rest, p2 + 1]],
-                2,
-                &[&first, &second],
-            ),
+            two([[0, 10_000, p1], [10_000, rest, p2 + 1]]),
             slices_payload(
                 &[[0, 10_000, p2], [10_000, rest, p1]],
                 2,
@@ -1690,14 +1664,7 @@ mod tests {
         }
         assert!(Bsdiff::PLAIN.decode(&old[..15_000], &good, len).is_err());
         assert!(Bsdiff::PLAIN.decode(&old, &good, len - 1).is_err());
-        // Every single-byte corruption is caught or decodes to something of the right length.
-        for i in 0..good.len() {
-            let mut bad = good.clone();
-            bad[i] ^= 0x41;
-            if let Ok(decoded) = Bsdiff::PLAIN.decode(&old, &bad, len) {
-                assert_eq!(decoded.len() as u64, len);
-            }
-        }
+        every_flip_is_caught_or_keeps_the_length(&old, &good, len);
     }
 
     /// Parts beyond [`BUFFERED_MAX`] together are decoded one after the other, as they are
@@ -1728,21 +1695,32 @@ mod tests {
         assert!(decoded.expect("decode") == new);
     }
 
+    /// `tests/data/bsdiff-slices.bin`, the payload of [`universal_pair`], still decodes to its
+    /// file; `BSI_BLESS=1` writes it again.
     #[test]
     fn the_stored_slices_payload_still_decodes() {
         let (old, new) = universal_pair();
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bsdiff-slices.bin");
+        let stored = stored_payload("bsdiff-slices.bin", &old, &new);
+        assert!(stored.starts_with(MAGIC_SLICES));
+    }
+
+    /// `tests/data/{name}`, the payload of `old -> new` (files too large to store, and so built
+    /// here rather than in the format tests), checked to decode to `new`; `BSI_BLESS=1` writes
+    /// it again.
+    fn stored_payload(name: &str, old: &[u8], new: &[u8]) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name);
         if std::env::var_os("BSI_BLESS").is_some() {
-            let payload = Bsdiff::PLAIN.encode(&old, &new).expect("encode");
+            let payload = Bsdiff::PLAIN.encode(old, new).expect("encode");
             std::fs::write(&path, payload.expect("applies")).expect("write the payload");
         }
         let stored = std::fs::read(&path).expect("read the payload");
-        assert!(stored.starts_with(MAGIC_SLICES));
         let decoded = Bsdiff::PLAIN
-            .decode(&old, &stored, new.len() as u64)
+            .decode(old, &stored, new.len() as u64)
             .expect("decode");
-        assert!(decoded == new, "bsdiff-slices.bin no longer gives its file");
+        assert!(decoded == new, "{name} no longer gives its file");
+        stored
     }
 
     #[test]
@@ -2022,24 +2000,13 @@ mod tests {
         predicted_within(&old, &new, Predictor::Wide, (1, 10));
     }
 
-    /// `tests/data/bsdiff-4-wide.bin`, the payload of the pair above (too large to store, and
-    /// so built here rather than in the format tests), still decodes to its file;
-    /// `BSI_BLESS=1` writes it again.
+    /// `tests/data/bsdiff-4-wide.bin`, the payload of the pair above, still decodes to its
+    /// file; `BSI_BLESS=1` writes it again.
     #[test]
     fn the_stored_wide_payload_still_decodes() {
         let (old, new) = wide_pair();
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bsdiff-4-wide.bin");
-        if std::env::var_os("BSI_BLESS").is_some() {
-            let payload = Bsdiff::PLAIN.encode(&old, &new).expect("encode");
-            std::fs::write(&path, payload.expect("applies")).expect("write the payload");
-        }
-        let stored = std::fs::read(&path).expect("read the payload");
+        let stored = stored_payload("bsdiff-4-wide.bin", &old, &new);
         assert_eq!(&stored[..5], b"BSD\x03\x04", "format 3, predictor 4");
-        let decoded = Bsdiff::PLAIN
-            .decode(&old, &stored, new.len() as u64)
-            .expect("decode");
-        assert!(decoded == new, "bsdiff-4-wide.bin no longer gives its file");
     }
 
     /// `tests/data/macho-4.{old,new}`, the pair with symbols of the test above, used by the
@@ -2259,14 +2226,7 @@ mod tests {
         assert!(Bsdiff::PLAIN.decode(&old[..9000], &payload, len).is_err());
         assert!(Bsdiff::PLAIN.decode(&old, b"garbage garbage", len).is_err());
         assert!(Bsdiff::PLAIN.decode(&old, &[], 0).is_err());
-        // Every single-byte corruption is caught or decodes to something of the right length.
-        for i in 0..payload.len() {
-            let mut bad = payload.clone();
-            bad[i] ^= 0x41;
-            if let Ok(decoded) = Bsdiff::PLAIN.decode(&old, &bad, len) {
-                assert_eq!(decoded.len() as u64, len);
-            }
-        }
+        every_flip_is_caught_or_keeps_the_length(&old, &payload, len);
     }
 
     #[test]
