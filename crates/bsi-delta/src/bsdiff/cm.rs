@@ -599,6 +599,11 @@ impl DiffEncoder {
         self.gaps.previous = len;
     }
 
+    /// Coded bytes written so far (a few bytes short of what [`finish`](Self::finish) gives).
+    pub fn coded_len(&self) -> usize {
+        self.rc.out.len()
+    }
+
     pub fn finish(mut self) -> Vec<u8> {
         // The zeros up to the end, which the decoder knows from the stream's length.
         if self.zeros > 0 {
