@@ -1664,16 +1664,45 @@ fn decode_ahead(
     let k = {
         let mut slots = ahead.lock();
         let last = (1..slots.len() - writers).rev().find(|&k| {
-            matches!(slots[k], Slot::Open) && header.segments[k].end() - reached <= AHEAD
+            let end = header.segments[k].end();
+            matches!(slots[k], Slot::Open) && end.saturating_sub(reached) <= AHEAD
         });
         let Some(k) = last else { return };
         slots[k] = Slot::Taken;
         k
     };
-    let segment = &header.segments[k];
-    let decoded = decode_segment(old, header, new_len, predictor, segment);
-    ahead.lock()[k] = Slot::Done(decoded);
-    ahead.changed.notify_all();
+    let mut done = Done {
+        ahead,
+        k,
+        decoded: None,
+    };
+    done.decoded = Some(decode_segment(
+        old,
+        header,
+        new_len,
+        predictor,
+        &header.segments[k],
+    ));
+}
+
+/// Marks segment `k` decoded when dropped, as an error unless `decoded` was set: a decoding
+/// that panicked must not leave the writing thread waiting for it (the panic then reaches the
+/// caller at the end of [`apply`]'s scope).
+struct Done<'a> {
+    ahead: &'a Ahead,
+    k: usize,
+    decoded: Option<Result<Option<Vec<u8>>, DecodeError>>,
+}
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        let decoded = self
+            .decoded
+            .take()
+            .unwrap_or_else(|| Err(corrupt("diff segment's decoding failed")));
+        self.ahead.lock()[self.k] = Slot::Done(decoded);
+        self.ahead.changed.notify_all();
+    }
 }
 
 /// The new file's bytes of the add steps that `segment` of the diff stream covers, decoded on
