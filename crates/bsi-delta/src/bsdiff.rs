@@ -1555,11 +1555,7 @@ fn apply(
         let open = |k: usize| Ok(Source::Decoding(header.decoder(k)));
         return write_out(old, header, new_len, sink, predictor, open);
     }
-    let ahead = Ahead {
-        slots: Mutex::new(header.segments.iter().map(|_| Slot::Open).collect()),
-        changed: Condvar::new(),
-        reached: AtomicU64::new(0),
-    };
+    let ahead = Ahead::new(header.segments.len(), AHEAD);
     // On this thread, which need not be one of rayon's.
     rayon::in_place_scope(|scope| {
         for _ in 1..header.segments.len() {
@@ -1588,6 +1584,8 @@ struct Ahead {
     changed: Condvar,
     /// Where the segment being written starts, in diff bytes.
     reached: AtomicU64,
+    /// How far beyond that a segment decoded ahead may end ([`AHEAD`]).
+    limit: u64,
 }
 
 enum Slot {
@@ -1624,6 +1622,15 @@ impl<'a> Header<'a> {
 }
 
 impl Ahead {
+    fn new(segments: usize, limit: u64) -> Self {
+        Ahead {
+            slots: Mutex::new((0..segments).map(|_| Slot::Open).collect()),
+            changed: Condvar::new(),
+            reached: AtomicU64::new(0),
+            limit,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1669,7 +1676,7 @@ fn decode_ahead(
         let mut slots = ahead.lock();
         let last = (1..slots.len() - writers).rev().find(|&k| {
             let end = header.segments[k].end();
-            matches!(slots[k], Slot::Open) && end.saturating_sub(reached) <= AHEAD
+            matches!(slots[k], Slot::Open) && end.saturating_sub(reached) <= ahead.limit
         });
         let Some(k) = last else { return };
         slots[k] = Slot::Taken;
@@ -2268,6 +2275,60 @@ mod tests {
             assert!(decoded == new);
             assert_eq!(n, segments);
         }
+    }
+
+    /// Threads decode ahead only segments that end within the limit of where the writing
+    /// thread is, the last such first, and each once; the writer then finds them decoded.
+    #[test]
+    fn segments_are_decoded_ahead_within_the_limit_last_first() {
+        let [(old, new), _] = segmented_pairs();
+        let len = new.len() as u64;
+        let payload = SEGMENTED
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
+        let header = Header::parse(&payload, len).expect("parse");
+        let alignment =
+            predict::Alignment::new(&read_add_steps(&header, &old, len).expect("steps"));
+        let predictor =
+            predict::Predictor::owning(refs::scan(&old, header.predictor.version()), alignment);
+        let segments = &header.segments;
+        let n = segments.len();
+        // The writer at segment 1; a limit that reaches just to the end of segment n / 2.
+        let limit = segments[n / 2].end() - segments[1].start;
+        let ahead = Ahead::new(n, limit);
+        ahead.reached.store(segments[1].start, Ordering::Release);
+        ahead.lock()[1] = Slot::Used;
+        let taken = |ahead: &Ahead| -> Vec<usize> {
+            let slots = ahead.lock();
+            (0..n)
+                .filter(|&k| matches!(slots[k], Slot::Done(_)))
+                .collect()
+        };
+        decode_ahead(&old, &header, len, predictor.as_ref(), &ahead);
+        assert_eq!(
+            taken(&ahead),
+            [n / 2],
+            "the last segment within the limit first"
+        );
+        for _ in 0..n {
+            decode_ahead(&old, &header, len, predictor.as_ref(), &ahead);
+        }
+        assert_eq!(taken(&ahead), (2..=n / 2).collect::<Vec<_>>());
+        let mut out = Vec::new();
+        for k in 2..n {
+            let source = ahead.take(&header, k).expect("take");
+            assert_eq!(
+                matches!(source, Source::Decoded(..)),
+                k <= n / 2,
+                "segment {k}"
+            );
+            if let Source::Decoded(bytes, _) = source {
+                out.push(bytes.len() as u64);
+            }
+        }
+        let raws: Vec<u64> = segments[2..=n / 2].iter().map(|s| s.raw).collect();
+        assert_eq!(out, raws);
     }
 
     /// Segments holding a code directory's slots, which are predicted from the pages before
