@@ -1503,32 +1503,83 @@ fn read_add_steps(
     old: &[u8],
     new_len: u64,
 ) -> Result<Vec<(u64, u64, u64)>, DecodeError> {
-    let mut control = Stream::open(header.control, new_len)?;
-    let mut steps = Vec::new();
-    let (mut old_pos, mut new_pos) = (0u64, 0u64);
-    while control.left > 0 {
-        let add = control.varint()?;
-        let copy = control.varint()?;
-        let seek = varint::unzigzag(control.varint()?);
-        let old_end = old_pos
-            .checked_add(add)
-            .filter(|&end| end <= old.len() as u64)
-            .ok_or_else(|| corrupt("step reads past the end of the old file"))?;
-        let new_end = new_pos
+    let mut steps = Steps::open(header, old.len(), new_len)?;
+    let mut found = Vec::new();
+    while let Some(step) = steps.next()? {
+        if step.add >= predict::MIN_ALIGN && found.len() < predict::MAX_ALIGN_STEPS {
+            found.push((step.old_pos as u64, step.new_pos, step.add));
+        }
+    }
+    Ok(found)
+}
+
+/// A step of the control stream (see the module documentation), within both files.
+struct Step {
+    /// Where its add reads the old file, and where it starts in the new file.
+    old_pos: usize,
+    old_end: usize,
+    new_pos: u64,
+    add: u64,
+    copy: u64,
+}
+
+/// The steps of a payload's control stream in order, each checked to stay within the old file
+/// (its add, then its seek) and the new file (its add and copy).
+struct Steps<'a> {
+    control: Stream<'a>,
+    old_len: usize,
+    new_len: u64,
+    old_pos: usize,
+    new_pos: u64,
+}
+
+impl<'a> Steps<'a> {
+    fn open(header: &Header<'a>, old_len: usize, new_len: u64) -> Result<Self, DecodeError> {
+        Ok(Steps {
+            control: Stream::open(header.control, new_len)?,
+            old_len,
+            new_len,
+            old_pos: 0,
+            new_pos: 0,
+        })
+    }
+
+    /// The next step; `None` once the control stream is all read.
+    fn next(&mut self) -> Result<Option<Step>, DecodeError> {
+        if self.control.left == 0 {
+            return Ok(None);
+        }
+        let add = self.control.varint()?;
+        let copy = self.control.varint()?;
+        let seek = varint::unzigzag(self.control.varint()?);
+        let new_end = self
+            .new_pos
             .checked_add(add)
             .and_then(|end| end.checked_add(copy))
-            .filter(|&end| end <= new_len)
-            .ok_or(DecodeError::TooLong { expected: new_len })?;
-        if add >= predict::MIN_ALIGN && steps.len() < predict::MAX_ALIGN_STEPS {
-            steps.push((old_pos, new_pos, add));
-        }
-        new_pos = new_end;
-        old_pos = old_end
-            .checked_add_signed(seek)
-            .filter(|&pos| pos <= old.len() as u64)
+            .filter(|&end| end <= self.new_len)
+            .ok_or(DecodeError::TooLong {
+                expected: self.new_len,
+            })?;
+        let old_end = usize::try_from(add)
+            .ok()
+            .and_then(|add| self.old_pos.checked_add(add))
+            .filter(|&end| end <= self.old_len)
+            .ok_or_else(|| corrupt("step reads past the end of the old file"))?;
+        let step = Step {
+            old_pos: self.old_pos,
+            old_end,
+            new_pos: self.new_pos,
+            add,
+            copy,
+        };
+        self.new_pos = new_end;
+        self.old_pos = isize::try_from(seek)
+            .ok()
+            .and_then(|seek| old_end.checked_add_signed(seek))
+            .filter(|&pos| pos <= self.old_len)
             .ok_or_else(|| corrupt("step seeks outside the old file"))?;
+        Ok(Some(step))
     }
-    Ok(steps)
 }
 
 /// Rebuild the new file from `old` and the streams, writing it to `sink` in chunks of at most
@@ -1727,7 +1778,7 @@ fn decode_segment(
     predictor: Option<&predict::Predictor>,
     segment: &Segment<'_>,
 ) -> Result<Option<Vec<u8>>, DecodeError> {
-    let mut control = Stream::open(header.control, new_len)?;
+    let mut steps = Steps::open(header, old.len(), new_len)?;
     let mut diff = cm::DiffDecoder::new(segment.packed, segment.raw, header.flags);
     let holds_slots = |at: u64, len: u64| {
         header
@@ -1737,24 +1788,18 @@ fn decode_segment(
     };
     // Within AHEAD, checked before.
     let mut out = Vec::with_capacity(segment.raw as usize);
-    let (mut old_pos, mut new_pos, mut diff_pos) = (0usize, 0u64, 0u64);
+    let mut diff_pos = 0u64;
     while diff_pos < segment.end() {
-        if control.left == 0 {
+        let Some(Step {
+            old_pos,
+            old_end,
+            new_pos,
+            add,
+            ..
+        }) = steps.next()?
+        else {
             return Err(corrupt("diff stream longer than its steps need"));
-        }
-        let add = control.varint()?;
-        let copy = control.varint()?;
-        let seek = varint::unzigzag(control.varint()?);
-        let old_end = usize::try_from(add)
-            .ok()
-            .and_then(|add| old_pos.checked_add(add))
-            .filter(|&end| end <= old.len())
-            .ok_or_else(|| corrupt("step reads past the end of the old file"))?;
-        let step_end = new_pos
-            .checked_add(add)
-            .and_then(|end| end.checked_add(copy))
-            .filter(|&end| end <= new_len)
-            .ok_or(DecodeError::TooLong { expected: new_len })?;
+        };
         if diff_pos + add > segment.start {
             let step = &old[old_pos..old_end];
             // The part of the step in the segment.
@@ -1780,12 +1825,6 @@ fn decode_segment(
             }
         }
         diff_pos += add;
-        new_pos = step_end;
-        old_pos = isize::try_from(seek)
-            .ok()
-            .and_then(|seek| old_end.checked_add_signed(seek))
-            .filter(|&pos| pos <= old.len())
-            .ok_or_else(|| corrupt("step seeks outside the old file"))?;
     }
     if out.len() as u64 != segment.raw || !diff.consumed_exactly() {
         return Err(corrupt("diff segment does not decode to its length"));
@@ -1804,7 +1843,7 @@ fn write_out<'a>(
     take: impl Fn(usize) -> Result<Source<'a>, DecodeError>,
 ) -> Result<(), DecodeError> {
     let segments = &header.segments;
-    let mut control = Stream::open(header.control, new_len)?;
+    let mut steps = Steps::open(header, old.len(), new_len)?;
     let mut segment = 0;
     let mut source = match segments.is_empty() {
         true => None,
@@ -1832,20 +1871,14 @@ fn write_out<'a>(
         out.clear();
         Ok(())
     };
-    let mut old_pos = 0usize;
-    while control.left > 0 {
-        let add = control.varint()?;
-        let copy = control.varint()?;
-        let seek = varint::unzigzag(control.varint()?);
-        let room = new_len - flushed - out.len() as u64;
-        if add > room || copy > room - add {
-            return Err(DecodeError::TooLong { expected: new_len });
-        }
-        let old_end = usize::try_from(add)
-            .ok()
-            .and_then(|add| old_pos.checked_add(add))
-            .filter(|&end| end <= old.len())
-            .ok_or_else(|| corrupt("step reads past the end of the old file"))?;
+    while let Some(Step {
+        old_pos,
+        old_end,
+        add,
+        copy,
+        ..
+    }) = steps.next()?
+    {
         if add > diff_left {
             return Err(corrupt("diff stream shorter than its steps need"));
         }
@@ -1922,13 +1955,8 @@ fn write_out<'a>(
                 flush(&mut out, &mut flushed, &mut pages)?;
             }
         }
-        old_pos = isize::try_from(seek)
-            .ok()
-            .and_then(|seek| old_end.checked_add_signed(seek))
-            .filter(|&pos| pos <= old.len())
-            .ok_or_else(|| corrupt("step seeks outside the old file"))?;
     }
-    control.finish()?;
+    steps.control.finish()?;
     if diff_left != 0 || segment != segments.len() {
         return Err(corrupt("diff stream longer than its steps need"));
     }
@@ -2212,6 +2240,22 @@ mod tests {
         })
     }
 
+    /// The first of [`segmented_pairs`] and its payload in segments.
+    fn segmented_library() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let [(old, new), _] = segmented_pairs();
+        let payload = SEGMENTED
+            .encode(&old, &new)
+            .expect("encode")
+            .expect("applies");
+        (old, new, payload)
+    }
+
+    /// The predictor that decoding the payload of `header` uses.
+    fn predictor_for(header: &Header<'_>, old: &[u8], len: u64) -> Option<predict::Predictor> {
+        let alignment = predict::Alignment::new(&read_add_steps(header, old, len).expect("steps"));
+        predict::Predictor::owning(refs::scan(old, header.predictor.version()), alignment)
+    }
+
     /// The new file from `old` and `payload`, each segment of the diff stream for which
     /// `ahead` is true decoded on its own as another thread would (where it can be), the others
     /// by the writing thread; and how many were decoded on their own.
@@ -2222,9 +2266,7 @@ mod tests {
         ahead: impl Fn(usize) -> bool,
     ) -> Result<(Vec<u8>, usize), DecodeError> {
         let header = Header::parse(payload, len)?;
-        let alignment = predict::Alignment::new(&read_add_steps(&header, old, len)?);
-        let predictor =
-            predict::Predictor::owning(refs::scan(old, header.predictor.version()), alignment);
+        let predictor = predictor_for(&header, old, len);
         let on_their_own = std::cell::Cell::new(0);
         let take = |k: usize| -> Result<Source<'_>, DecodeError> {
             if ahead(k) {
@@ -2281,17 +2323,10 @@ mod tests {
     /// thread is, the last such first, and each once; the writer then finds them decoded.
     #[test]
     fn segments_are_decoded_ahead_within_the_limit_last_first() {
-        let [(old, new), _] = segmented_pairs();
+        let (old, new, payload) = segmented_library();
         let len = new.len() as u64;
-        let payload = SEGMENTED
-            .encode(&old, &new)
-            .expect("encode")
-            .expect("applies");
         let header = Header::parse(&payload, len).expect("parse");
-        let alignment =
-            predict::Alignment::new(&read_add_steps(&header, &old, len).expect("steps"));
-        let predictor =
-            predict::Predictor::owning(refs::scan(&old, header.predictor.version()), alignment);
+        let predictor = predictor_for(&header, &old, len);
         let segments = &header.segments;
         let n = segments.len();
         // The writer at segment 1; a limit that reaches just to the end of segment n / 2.
@@ -2335,17 +2370,10 @@ mod tests {
     /// them, are left to the writing thread; the others are not.
     #[test]
     fn segments_holding_slots_are_not_decoded_ahead() {
-        let [(old, new), _] = segmented_pairs();
+        let (old, new, payload) = segmented_library();
         let len = new.len() as u64;
-        let payload = SEGMENTED
-            .encode(&old, &new)
-            .expect("encode")
-            .expect("applies");
         let mut header = Header::parse(&payload, len).expect("parse");
-        let alignment =
-            predict::Alignment::new(&read_add_steps(&header, &old, len).expect("steps"));
-        let predictor =
-            predict::Predictor::owning(refs::scan(&old, header.predictor.version()), alignment);
+        let predictor = predictor_for(&header, &old, len);
         // 64 pages' slots of SHA-256 in the middle of the file.
         let slots_at = len / 2;
         header.directories = vec![codesign::Directory {
@@ -2392,12 +2420,8 @@ mod tests {
 
     #[test]
     fn refuses_bad_segment_tables() {
-        let [(old, new), _] = segmented_pairs();
+        let (old, new, payload) = segmented_library();
         let len = new.len() as u64;
-        let payload = SEGMENTED
-            .encode(&old, &new)
-            .expect("encode")
-            .expect("applies");
         let header = Header::parse(&payload, len).expect("parse");
         let mut good = vec![header.segments.len() as u64];
         good.extend(
