@@ -104,9 +104,17 @@ pub trait DeltaEncoder: Send + Sync {
         usize::MAX
     }
 
-    /// [`max_new_len`](Self::max_new_len) for a new file that is text (see [`is_text`]).
+    /// [`max_new_len`](Self::max_new_len) for a new file that is text (see [`is_text`] and
+    /// [`is_mostly_text`]).
     fn max_text_len(&self) -> usize {
         self.max_new_len()
+    }
+
+    /// Largest text file (see [`is_text`] and [`is_mostly_text`]) this encoder is tried on at
+    /// all: beyond [`max_text_len`](Self::max_text_len) it is tried only after weak deltas,
+    /// beyond this not even then.
+    fn max_weak_text_len(&self) -> usize {
+        usize::MAX
     }
 
     /// Largest new file this encoder is tried on once the best delta so far is far (larger than
@@ -318,12 +326,41 @@ pub fn is_text(data: &[u8]) -> bool {
     !data[..data.len().min(8000)].contains(&0)
 }
 
+/// Whether `data` is mostly text: at least 3/4 of its bytes printable ASCII, tab, CR or LF
+/// (counted in [`TEXT_SAMPLES`] windows of [`TEXT_WINDOW`] bytes spread over a larger file).
+/// Archives of stored text are, though their headers hold NUL bytes: Firefox's `omni.ja`
+/// files, 85% and 95%. Executables are not (at most 56% on the 60 libraries and programs of
+/// the bench's pairs, 18% to 40% on most), nor compressed data (about 37%).
+pub fn is_mostly_text(data: &[u8]) -> bool {
+    let printable = |window: &[u8]| {
+        window
+            .iter()
+            .filter(|&&b| matches!(b, b'\t' | b'\n' | b'\r' | b' '..=b'~'))
+            .count()
+    };
+    let (sampled, printable) = if data.len() <= TEXT_SAMPLES * TEXT_WINDOW {
+        (data.len(), printable(data))
+    } else {
+        let step = (data.len() - TEXT_WINDOW) / (TEXT_SAMPLES - 1);
+        let count = (0..TEXT_SAMPLES)
+            .map(|k| printable(&data[k * step..k * step + TEXT_WINDOW]))
+            .sum();
+        (TEXT_SAMPLES * TEXT_WINDOW, count)
+    };
+    printable * 4 >= sampled * 3
+}
+
+/// Windows [`is_mostly_text`] counts in a file larger than all of them together.
+const TEXT_SAMPLES: usize = 256;
+const TEXT_WINDOW: usize = 4096;
+
 /// Encode `new` against `old` (when there is one) with each delta encoder, cheapest first, and
 /// with plain compression; keep the smallest payload (ties go to the earlier encoder, and to
 /// plain compression, which needs no old file). Stops as soon as a payload is
 /// [`good_enough`], or is not weak and from an encoder that [settles](DeltaEncoder::settles);
 /// skips encoders beyond their `max_new_len` (`max_text_len` for text) unless every delta so far
-/// is weak, encoders beyond their `max_far_len` once a delta is far, and plain compression when
+/// is weak, beyond their `max_weak_text_len` on text in any case, encoders beyond their
+/// `max_far_len` once a delta is far, and plain compression when
 /// a delta is not poor or an encoder that covers it ran. Once there is a payload, each encoder
 /// after it may give up where an estimate shows it would not be smaller (see
 /// [`DeltaEncoder::encode_below`]).
@@ -344,7 +381,8 @@ pub(crate) fn encode_best_with<'e>(
     hold_in_memory: usize,
 ) -> io::Result<Encoded> {
     let enough = good_enough(new.len());
-    let max_len = |encoder: &dyn DeltaEncoder| match is_text(new) {
+    let text = is_text(new) || is_mostly_text(new);
+    let max_len = |encoder: &dyn DeltaEncoder| match text {
         true => encoder.max_text_len(),
         false => encoder.max_new_len(),
     };
@@ -358,6 +396,9 @@ pub(crate) fn encode_best_with<'e>(
                 break;
             }
             if new.len() > max_len(encoder) && !weak(&best) {
+                continue;
+            }
+            if text && new.len() > encoder.max_weak_text_len() {
                 continue;
             }
             if new.len() > encoder.max_far_len()
@@ -720,6 +761,9 @@ mod tests {
         fn max_text_len(&self) -> usize {
             self.inner.max_text_len()
         }
+        fn max_weak_text_len(&self) -> usize {
+            self.inner.max_weak_text_len()
+        }
         fn max_far_len(&self) -> usize {
             self.far_len.unwrap_or_else(|| self.inner.max_far_len())
         }
@@ -823,7 +867,73 @@ mod tests {
             new_text[at] = b'#';
         }
         assert!(is_text(&new_text) && new_text.len() > ZSTD_PREFIX.max_new_len());
-        assert_eq!(tries(&old_text, &new_text), (1, 1));
+        assert!(new_text.len() > BSDIFF.max_weak_text_len());
+        assert_eq!(tries(&old_text, &new_text), (0, 1));
+        // Its first 60 KB, edited about every 30 bytes: both are tried.
+        let old_head = &old_text[..60_000];
+        let mut new_head = old_head.to_vec();
+        for (i, step) in noise(10, 2_000).into_iter().enumerate() {
+            new_head[i * 30 + usize::from(step % 16)] = b'#';
+        }
+        assert_eq!(tries(old_head, &new_head), (1, 1));
+    }
+
+    /// An archive of stored text: file headers of binary fields (NUL bytes among them) before
+    /// each member of lines.
+    fn archive(seed: u64, members: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (k, member) in (0..members)
+            .map(|k| lines(seed + k as u64, 20).concat())
+            .enumerate()
+        {
+            out.extend_from_slice(b"PK\x03\x04\x0a\0\0\0\0\0");
+            out.extend_from_slice(&(member.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(k as u32).to_le_bytes());
+            out.extend_from_slice(&member);
+        }
+        out
+    }
+
+    #[test]
+    fn mostly_text_is_text_in_binary_wrapping_but_not_code_or_compressed_data() {
+        let text: Vec<u8> = lines(11, 2_000).concat();
+        assert!(is_text(&text) && is_mostly_text(&text));
+        let stored = archive(12, 400);
+        assert!(!is_text(&stored) && is_mostly_text(&stored));
+        // Large enough to be sampled, with the same verdicts.
+        let large = archive(13, 8_000);
+        assert!(large.len() > TEXT_SAMPLES * TEXT_WINDOW && is_mostly_text(&large));
+        let compressed = compress(&large).expect("compress");
+        assert!(!is_mostly_text(&compressed));
+        let noisy = noise(14, 2 << 20);
+        assert!(!is_mostly_text(&noisy));
+        // Binary bytes at one place in 5 is more than a quarter: not text; one in 6 is text.
+        let every = |n: usize| -> Vec<u8> {
+            let mut v = text.clone();
+            v.iter_mut().step_by(n).for_each(|b| *b = 0);
+            v
+        };
+        assert!(!is_mostly_text(&every(3)) && is_mostly_text(&every(5)));
+        assert!(is_mostly_text(&[]));
+    }
+
+    #[test]
+    fn bsdiff_is_not_tried_on_large_archives_of_text_even_after_weak_deltas() {
+        // A new version of an archive of stored text: half its members new, the rest edited.
+        let old = archive(20, 600);
+        let mut new = archive(21, 300);
+        new.extend_from_slice(&old[..old.len() / 2]);
+        for i in (0..new.len()).step_by(997) {
+            new[i] = b'#';
+        }
+        assert!(!is_text(&new) && is_mostly_text(&new) && new.len() > 64 << 10);
+        assert_eq!(tries(&old, &new), (0, 1));
+        // The same edits on a binary of that size, where bsdiff is tried.
+        let (mut old_bin, mut new_bin) = (noise(22, old.len()), noise(23, new.len() / 2));
+        old_bin.iter_mut().step_by(3).for_each(|b| *b = 0);
+        new_bin.extend_from_slice(&old_bin[..old_bin.len() / 2]);
+        assert!(!is_mostly_text(&new_bin));
+        assert_eq!(tries(&old_bin, &new_bin).0, 1);
     }
 
     #[test]
