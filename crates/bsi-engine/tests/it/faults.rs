@@ -446,3 +446,57 @@ fn a_package_read_in_place_that_changes_is_refused_and_nothing_changes() {
     assert_eq!(scan(&root, &[]).expect("scan").entries, case.base.entries);
     assert_eq!(status(&root, &state).expect("status").letter, None);
 }
+
+/// What the root holds once the new tree is in place is checked path by path on every core;
+/// files damaged at that instant are reported by the first of them in the transaction's order
+/// (paths sorted), and nothing is recorded as installed.
+#[test]
+fn the_new_tree_is_checked_and_the_first_damaged_path_reported() {
+    let case = Case::new();
+    // Find the step after which the new tree is checked.
+    let traced = tempfile::tempdir().expect("tempdir");
+    case.setup(traced.path(), Op::Apply);
+    fault::arm_trace(traced.path());
+    assert!(case.run(traced.path(), Op::Apply));
+    let last_sync = last_step_before_check(&fault::take_trace(traced.path()), traced.path());
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    case.setup(tmp.path(), Op::Apply);
+    let root = tmp.path().join("root");
+    // Just before that step, two files of the new tree change (the later one in path order
+    // first, so that finding the first reported in time would name it).
+    fault::arm_action(tmp.path(), last_sync + 1, {
+        let root = root.clone();
+        move |_| {
+            std::fs::write(root.join("Lib/meta.plist"), b"changed").expect("write");
+            std::fs::write(root.join("Lib/core.dylib"), b"changed").expect("write");
+        }
+    });
+    let err = apply(&case.pkg_a, &root, &tmp.path().join("state"), &NoProgress)
+        .expect_err("a damaged new tree is refused");
+    fault::disarm(tmp.path());
+    let message = err.to_string();
+    assert!(
+        message.contains("Lib/core.dylib is not as written") && !message.contains("meta.plist"),
+        "{message}"
+    );
+    let state = status(&root, &tmp.path().join("state")).expect("status");
+    assert_eq!(state.letter, None, "nothing installed: {message}");
+}
+
+/// The index of the last traced step before the new tree's check: the undo directory synced.
+/// Only the commit's steps, in the state directory, follow it.
+fn last_step_before_check(steps: &[(&'static str, std::path::PathBuf)], dir: &Path) -> usize {
+    let undo = dir.join("state/txn/undo");
+    let last_sync = steps
+        .iter()
+        .rposition(|(action, path)| *action == "sync" && *path == undo)
+        .expect("the undo directory is synced");
+    let root = dir.join("root");
+    let after = &steps[last_sync + 1..];
+    assert!(
+        after.iter().all(|(_, path)| !path.starts_with(&root)),
+        "nothing under the root changes after the check: {after:?}"
+    );
+    last_sync
+}
