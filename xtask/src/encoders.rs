@@ -62,8 +62,7 @@ pub fn encoders(args: &[&str]) -> Result<()> {
             "{} | {} | {} |",
             rel.display(),
             new.len(),
-            // Text as encode_best sees it.
-            bsi_delta::is_text(&new) || bsi_delta::is_mostly_text(&new)
+            bsi_delta::is_text_like(&new)
         );
         // bsdiff without reference prediction beside the encoders: what the predictor wins.
         let unpredicted: &dyn bsi_delta::DeltaEncoder = &bsi_delta::Bsdiff::UNPREDICTED;

@@ -104,13 +104,12 @@ pub trait DeltaEncoder: Send + Sync {
         usize::MAX
     }
 
-    /// [`max_new_len`](Self::max_new_len) for a new file that is text (see [`is_text`] and
-    /// [`is_mostly_text`]).
+    /// [`max_new_len`](Self::max_new_len) for a new file that is text (see [`is_text_like`]).
     fn max_text_len(&self) -> usize {
         self.max_new_len()
     }
 
-    /// Largest text file (see [`is_text`] and [`is_mostly_text`]) this encoder is tried on at
+    /// Largest text file (see [`is_text_like`]) this encoder is tried on at
     /// all: beyond [`max_text_len`](Self::max_text_len) it is tried only after weak deltas,
     /// beyond this not even then.
     fn max_weak_text_len(&self) -> usize {
@@ -350,6 +349,12 @@ pub fn is_mostly_text(data: &[u8]) -> bool {
     printable * 4 >= sampled * 3
 }
 
+/// Whether `data` is text as [`encode_best`] sees it (for the encoders' `max_text_len` and
+/// `max_weak_text_len`): text by git's test ([`is_text`]) or [mostly text](is_mostly_text).
+pub fn is_text_like(data: &[u8]) -> bool {
+    is_text(data) || is_mostly_text(data)
+}
+
 /// Windows [`is_mostly_text`] counts in a file larger than all of them together.
 const TEXT_SAMPLES: usize = 256;
 const TEXT_WINDOW: usize = 4096;
@@ -381,7 +386,7 @@ pub(crate) fn encode_best_with<'e>(
     hold_in_memory: usize,
 ) -> io::Result<Encoded> {
     let enough = good_enough(new.len());
-    let text = is_text(new) || is_mostly_text(new);
+    let text = is_text_like(new);
     let max_len = |encoder: &dyn DeltaEncoder| match text {
         true => encoder.max_text_len(),
         false => encoder.max_new_len(),
@@ -907,7 +912,8 @@ mod tests {
         assert!(!is_mostly_text(&compressed));
         let noisy = noise(14, 2 << 20);
         assert!(!is_mostly_text(&noisy));
-        // Binary bytes at one place in 5 is more than a quarter: not text; one in 6 is text.
+        // A NUL byte at one place in 3 is more than a quarter of the bytes: not text; one in 5
+        // is less.
         let every = |n: usize| -> Vec<u8> {
             let mut v = text.clone();
             v.iter_mut().step_by(n).for_each(|b| *b = 0);

@@ -463,8 +463,8 @@ fn the_new_tree_is_checked_and_the_first_damaged_path_reported() {
     let tmp = tempfile::tempdir().expect("tempdir");
     case.setup(tmp.path(), Op::Apply);
     let root = tmp.path().join("root");
-    // Just before that step, two files of the new tree change (the later one in path order
-    // first, so that finding the first reported in time would name it).
+    // Just before that step, two files of the new tree change; the error names the first of
+    // them in path order, whichever core finds its damage first.
     fault::arm_action(tmp.path(), last_sync + 1, {
         let root = root.clone();
         move |_| {
