@@ -69,7 +69,9 @@ pub(crate) fn large_batches(weights: &[u64]) -> Vec<Vec<usize>> {
 /// `f` of every item of `items`, on every core: the largest by `weight` first, each core taking
 /// the next as it becomes free, so that the last to finish is a short one and the longest
 /// starts at once (the testdata's executables decoded in 95 ms in the order of their paths, 88
-/// ms this way); stops at the first error. The results come in no particular order.
+/// ms this way; Pillow 10.0.0 -> 10.0.1 built in 823.6 ms, 749.4 ms this way, its libharfbuzz
+/// no longer behind four smaller libraries); stops at the first error. The results come in no
+/// particular order.
 pub(crate) fn largest_first<T: Send, E: Send>(
     mut items: Vec<usize>,
     weight: impl Fn(usize) -> u64,
