@@ -185,7 +185,7 @@ fn make(
         .sum();
     progress.start("encoding", to_encode);
     let references = References::new(&base);
-    // Small files in parallel, then large ones in batches (see LARGE_FILE).
+    // Small files on every core, largest first, then large ones in batches (see LARGE_FILE).
     let (large, small): (Vec<usize>, Vec<usize>) =
         (0..planned.len()).partition(|&i| entry_weight(&planned[i]) >= LARGE_FILE);
     // Each payload waits in an unnamed file from the moment it is made, so that memory holds
