@@ -228,6 +228,16 @@ impl Write for WritingBack {
 /// Replace `path` with `bytes` (mode 0644) through a temporary file beside it, synced, so that
 /// `path` is either the old file or the complete new one; then sync the directory.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    write_atomically_with(path, |out| out.write_all(bytes))
+}
+
+/// [`write_atomically`] with the bytes streamed by `fill`, so that a large record (a journal
+/// or installed record of 50,000 entries takes tens of megabytes of JSON) is never held whole
+/// in memory.
+pub(crate) fn write_atomically_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<(), FsError> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => std::path::PathBuf::from("."),
@@ -238,7 +248,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FsError>
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     write_file(&tmp, 0o644, None, |out| -> Result<(), FsError> {
-        out.write_all(bytes).fs("write", &tmp)
+        fill(out).fs("write", &tmp)
     })?;
     rename(&tmp, path)?;
     sync_dir(&dir)

@@ -69,8 +69,7 @@ fn check_head(raw: &RawPackage<'_>, trust: &PublicKey, path: &Path) -> Result<Ma
 pub fn signer_key<'k>(bytes: &[u8], keys: &'k [PublicKey]) -> Option<&'k PublicKey> {
     let named = RawPackage::split(bytes)
         .ok()
-        .and_then(|raw| Manifest::from_packed(raw.manifest).ok())
-        .map(|m| m.signer);
+        .and_then(|raw| Manifest::signer_of_packed(raw.manifest));
     keys.iter()
         .find(|k| named.as_deref() == Some(k.key_id().as_str()))
         .or(keys.first())

@@ -95,7 +95,8 @@ impl StateDir {
 
     /// Write the installed record atomically (synced, directory synced).
     pub fn save(&self, installed: &Installed) -> Result<(), FsError> {
-        let bytes = serde_json::to_vec_pretty(installed).expect("state always serialises");
-        crate::fsx::write_atomically(&self.installed_path(), &bytes)
+        crate::fsx::write_atomically_with(&self.installed_path(), |out| {
+            serde_json::to_writer_pretty(out, installed).map_err(std::io::Error::from)
+        })
     }
 }

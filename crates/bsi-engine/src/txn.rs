@@ -605,8 +605,9 @@ pub(crate) fn run(
         for d in [txn.stage_dir(), txn.revert_dir(), txn.undo_dir()] {
             fsx::sync_dir(&d)?;
         }
-        let bytes = serde_json::to_vec(journal).expect("a journal always serialises");
-        fsx::write_atomically(&txn.journal(), &bytes)
+        fsx::write_atomically_with(&txn.journal(), |out| {
+            serde_json::to_writer(out, journal).map_err(std::io::Error::from)
+        })
     };
     if let Err(cause) = prepare() {
         // No journal on disk, or a whole one: nothing in the root was touched yet.

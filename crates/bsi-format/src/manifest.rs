@@ -234,7 +234,14 @@ pub fn unpack_manifest(packed: &[u8]) -> Result<Vec<u8>, ManifestError> {
     decoder
         .window_log_max(26)
         .map_err(|e| ManifestError::Packing(e.to_string()))?;
-    let mut json = Vec::new();
+    // Room for the size the frame declares (bsi writes it), within the limit: a buffer grown
+    // by doubling took up to twice a large manifest (a tree of 50,000 changed entries: 20 MB
+    // of JSON in 33.5 MB).
+    let declared = zstd::zstd_safe::get_frame_content_size(packed)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let mut json = Vec::with_capacity(usize::try_from(declared.min(limit)).unwrap_or(0));
     decoder
         .take(limit + 1)
         .read_to_end(&mut json)
@@ -245,6 +252,26 @@ pub fn unpack_manifest(packed: &[u8]) -> Result<Vec<u8>, ManifestError> {
         )));
     }
     Ok(json)
+}
+
+/// A writer that holds nothing and compares what is written to it with the bytes it still
+/// expects; it fails at the first difference.
+struct SameAs<'a>(&'a [u8]);
+
+impl std::io::Write for SameAs<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.strip_prefix(buf) {
+            Some(rest) => {
+                self.0 = rest;
+                Ok(buf.len())
+            }
+            None => Err(std::io::Error::other("not the canonical bytes")),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Manifest {
@@ -266,11 +293,32 @@ impl Manifest {
     /// Parse canonical manifest bytes and check every structural rule.
     pub fn from_bytes(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         let manifest: Manifest = serde_json::from_slice(bytes)?;
-        if manifest.to_canonical_bytes() != bytes {
+        if !manifest.serialises_to(bytes) {
             return Err(ManifestError::NotCanonical);
         }
         manifest.validate()?;
         Ok(manifest)
+    }
+
+    /// Whether the canonical bytes of this manifest are `bytes`, compared as they are written
+    /// rather than held: they are as large as the manifest's JSON.
+    fn serialises_to(&self, bytes: &[u8]) -> bool {
+        let mut rest = SameAs(bytes);
+        serde_json::to_writer(&mut rest, self).is_ok() && rest.0.is_empty()
+    }
+
+    /// The signer a packed manifest names, read without checking anything else, for picking
+    /// the key to check its signature with (the signature check decides, see
+    /// `Manifest::from_packed` for the checked manifest).
+    pub fn signer_of_packed(packed: &[u8]) -> Option<String> {
+        #[derive(Deserialize)]
+        struct Signer {
+            signer: String,
+        }
+        let json = unpack_manifest(packed).ok()?;
+        serde_json::from_slice::<Signer>(&json)
+            .ok()
+            .map(|s| s.signer)
     }
 
     /// Check the rules every manifest obeys: supported format, sane names, sorted unique paths
@@ -433,5 +481,111 @@ fn check_name(what: &'static str, value: &str) -> Result<(), ManifestError> {
             what,
             value: value.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest of two entries whose only change is a time, as canonical bytes.
+    fn sample() -> (Manifest, Vec<u8>) {
+        let entry = |path: &str, kind: &str, secs: u64| {
+            format!(
+                r#"{{"path":"{path}","component":"webkit","pre":{kind},"post":{post},"op":"metadata","payload":null}}"#,
+                kind = kind.replace("SECS", "1000"),
+                post = kind.replace("SECS", &secs.to_string()),
+            )
+        };
+        let dir = r#"{"kind":"dir","mode":493,"mtime":{"secs":SECS,"nanos":0}}"#;
+        let file = format!(
+            r#"{{"kind":"file","sha256":"{}","size":3,"mode":420,"mtime":{{"secs":SECS,"nanos":7}}}}"#,
+            "ab".repeat(32)
+        );
+        let json = format!(
+            r#"{{"format":1,"product":"macOS","base":{{"version":"26.3","build":null}},"letter":"a","signer":"df0f1484c5634cb1","components":[{{"name":"webkit","path":""}}],"entries":[{},{}],"payload_len":0}}"#,
+            entry("lib", dir, 2000),
+            entry("lib/libwebkit.so", &file, 3000),
+        );
+        let manifest = Manifest::from_bytes(json.as_bytes()).expect("a canonical manifest");
+        (manifest, json.into_bytes())
+    }
+
+    #[test]
+    fn canonical_bytes_are_accepted_and_any_other_spelling_is_refused() {
+        let (manifest, bytes) = sample();
+        assert_eq!(manifest.to_canonical_bytes(), bytes);
+        let json = String::from_utf8(bytes).expect("JSON is text");
+        let spellings = [
+            format!("{json} "),
+            format!(" {json}"),
+            json.replacen(r#""format":1,"#, r#""format": 1,"#, 1),
+            json.replacen(r#""nanos":7"#, r#""nanos":7.0"#, 1),
+            json.replacen(
+                r#""product":"macOS","base":{"version":"26.3","build":null}"#,
+                r#""base":{"version":"26.3","build":null},"product":"macOS""#,
+                1,
+            ),
+        ];
+        for other in spellings {
+            assert_ne!(other, json, "the spelling changes something");
+            match Manifest::from_bytes(other.as_bytes()) {
+                Err(ManifestError::NotCanonical) | Err(ManifestError::Json(_)) => {}
+                got => panic!("{other} gave {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_signer_is_read_from_a_packed_manifest_without_the_rest() {
+        let (manifest, bytes) = sample();
+        let packed = pack_manifest(&bytes);
+        assert_eq!(
+            Manifest::signer_of_packed(&packed).as_deref(),
+            Some(manifest.signer.as_str())
+        );
+        // Only the signer is read: a manifest that is not canonical still names one.
+        let loose = String::from_utf8(bytes).expect("text").replace(",", ", ");
+        assert_eq!(
+            Manifest::signer_of_packed(&pack_manifest(loose.as_bytes())).as_deref(),
+            Some("df0f1484c5634cb1")
+        );
+        assert_eq!(Manifest::signer_of_packed(b"not a zstd frame"), None);
+        assert_eq!(Manifest::signer_of_packed(&pack_manifest(b"{}")), None);
+    }
+
+    /// A frame without its content size (a streaming encoder's) unpacks as well, and one that
+    /// declares more than it holds or more than the limit is refused.
+    #[test]
+    fn frames_unpack_whatever_size_they_declare() {
+        use std::io::Write;
+        let (_, bytes) = sample();
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("encoder");
+        encoder.include_contentsize(false).expect("option");
+        encoder.write_all(&bytes).expect("write");
+        let sizeless = encoder.finish().expect("finish");
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&sizeless).ok(),
+            Some(None),
+            "the frame declares no size"
+        );
+        assert_eq!(unpack_manifest(&sizeless).expect("unpacks"), bytes);
+
+        let declaring = |size: u64| {
+            let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("encoder");
+            encoder.set_pledged_src_size(Some(size)).expect("pledge");
+            encoder
+                .write_all(&vec![b' '; size as usize])
+                .expect("write");
+            encoder.finish().expect("finish")
+        };
+        // The frame header declares 4 KiB; the frame is cut after its first block's header.
+        let cut = declaring(4096);
+        assert!(unpack_manifest(&cut[..cut.len() - 4]).is_err());
+        let over = declaring(crate::MAX_MANIFEST_LEN as u64 + 1);
+        assert!(matches!(
+            unpack_manifest(&over),
+            Err(ManifestError::Packing(_))
+        ));
     }
 }
