@@ -287,7 +287,15 @@ impl Manifest {
 
     /// The canonical bytes of this manifest (JSON), before packing.
     pub fn to_canonical_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a manifest always serialises: it holds no maps or floats")
+        let mut bytes = Vec::new();
+        self.write_canonical(&mut bytes)
+            .expect("a manifest always serialises: it holds no maps or floats");
+        bytes
+    }
+
+    /// Write the canonical bytes of this manifest to `out`.
+    fn write_canonical(&self, out: impl std::io::Write) -> std::io::Result<()> {
+        serde_json::to_writer(out, self).map_err(std::io::Error::from)
     }
 
     /// Parse canonical manifest bytes and check every structural rule.
@@ -304,7 +312,7 @@ impl Manifest {
     /// rather than held: they are as large as the manifest's JSON.
     fn serialises_to(&self, bytes: &[u8]) -> bool {
         let mut rest = SameAs(bytes);
-        serde_json::to_writer(&mut rest, self).is_ok() && rest.0.is_empty()
+        self.write_canonical(&mut rest).is_ok() && rest.0.is_empty()
     }
 
     /// The signer a packed manifest names, read without checking anything else, for picking
