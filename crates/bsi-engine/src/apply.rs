@@ -910,7 +910,8 @@ fn apply_locked(
 
     // 1. Every pre-image, every ancestor, before any write.
     let by_path: BTreeMap<&PkgPath, &Entry> = m.entries.iter().map(|e| (&e.path, e)).collect();
-    let mut before: BTreeMap<&PkgPath, Option<Image>> = BTreeMap::new();
+    // What each entry's path holds, in the entries' order.
+    let mut before: Vec<Option<Image>> = Vec::with_capacity(m.entries.len());
     let inside_state = |path: &PkgPath| state_rel.as_deref().is_some_and(|s| path.is_within(s));
     // Read and hash on every core (not what lies in the state directory, refused below, nor a
     // base hashed beside its decoding); what was found is looked at in order.
@@ -974,42 +975,45 @@ fn apply_locked(
                 });
             }
         }
-        before.insert(&entry.path, actual);
+        before.push(actual);
     }
 
-    // 2. The steps from the tree as it is to the tree this package makes: its entries, and the
-    //    paths only the installed letter touched, which go back to their base.
-    let by_index: BTreeMap<&PkgPath, usize> = m
-        .entries
+    // 2. The steps from the tree as it is to the tree this package makes, in path order: its
+    //    entries (sorted by path, which the manifest's validation checked), and merged between
+    //    them the paths only the installed letter touched, which go back to their base. Each
+    //    step's entry, if it has one, is `entry_of` it.
+    let mut only_touched = view
+        .touched
         .iter()
-        .enumerate()
-        .map(|(i, e)| (&e.path, i))
-        .collect();
-    let mut plan: BTreeMap<PkgPath, (Step, Option<usize>)> = BTreeMap::new();
-    for (i, entry) in m.entries.iter().enumerate() {
-        let base = before.get(&entry.path).cloned().flatten();
+        .filter(|(path, _)| !by_path.contains_key(*path))
+        .peekable();
+    let mut steps: Vec<Step> = Vec::with_capacity(m.entries.len());
+    let mut entry_of: Vec<Option<usize>> = Vec::with_capacity(m.entries.len());
+    let back_to_base = |path: &PkgPath, touched: &InstalledEntry| Step {
+        path: path.clone(),
+        from: touched.after.clone(),
+        to: touched.before.clone(),
+    };
+    for (i, (entry, base)) in m.entries.iter().zip(&before).enumerate() {
+        while let Some((path, touched)) = only_touched.next_if(|(path, _)| **path < &entry.path) {
+            steps.push(back_to_base(path, touched));
+            entry_of.push(None);
+        }
         let current = match view.touched.get(&entry.path) {
             Some(touched) => touched.after.clone(),
-            None => base,
+            None => base.clone(),
         };
-        let step = Step {
+        steps.push(Step {
             path: entry.path.clone(),
             from: current,
             to: entry.post.clone(),
-        };
-        plan.insert(entry.path.clone(), (step, Some(i)));
+        });
+        entry_of.push(Some(i));
     }
-    for (path, touched) in &view.touched {
-        if !by_index.contains_key(path) {
-            let step = Step {
-                path: (*path).clone(),
-                from: touched.after.clone(),
-                to: touched.before.clone(),
-            };
-            plan.insert((*path).clone(), (step, None));
-        }
+    for (path, touched) in only_touched {
+        steps.push(back_to_base(path, touched));
+        entry_of.push(None);
     }
-    let (steps, entry_of): (Vec<Step>, Vec<Option<usize>>) = plan.into_values().unzip();
 
     // 3. Prepare, writing nothing in the root: stage every new file (decoding payloads against
     //    the base) and keep a compressed copy of every base file this package changes; first
@@ -1022,8 +1026,8 @@ fn apply_locked(
     let revert_bytes: u64 = m
         .entries
         .iter()
-        .filter_map(|e| {
-            let base = before.get(&e.path).cloned().flatten();
+        .zip(&before)
+        .filter_map(|(e, base)| {
             let changes = !matches!((&base, &e.post), (Some(b), Some(p)) if b.same_content(p));
             // A base file kept as it is, or linked, takes no room, but a reverse delta from a
             // blocks payload may be kept instead (up to 1/64 of it).
@@ -1050,8 +1054,8 @@ fn apply_locked(
     let prepare = |j: usize| -> Result<Option<Revert>, ApplyError> {
         let step = &steps[j];
         let entry = entry_of[j].map(|i| &m.entries[i]);
-        let base = match entry {
-            Some(_) => before.get(&step.path).cloned().flatten(),
+        let base = match entry_of[j] {
+            Some(i) => before[i].clone(),
             // A path only the installed letter touched goes back to its base.
             None => step.to.clone(),
         };
@@ -1230,10 +1234,11 @@ fn apply_locked(
         entries: m
             .entries
             .iter()
+            .zip(before)
             .enumerate()
-            .map(|(i, entry)| InstalledEntry {
+            .map(|(i, (entry, before))| InstalledEntry {
                 path: entry.path.clone(),
-                before: before.get(&entry.path).cloned().flatten(),
+                before,
                 after: entry.post.clone(),
                 revert: reverts.remove(&i),
             })

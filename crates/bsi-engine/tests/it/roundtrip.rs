@@ -70,6 +70,65 @@ fn same_tree(a: &Path, b: &Path) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A letter that leaves the paths only the installed letter changed to go back to their base,
+/// between and inside its own: a directory and file (a) added, a file (a) changed, a file and
+/// a directory (a) removed, among files and a directory (b) adds or changes, one of them in the
+/// directory (a) removed. The steps of the switch are the two lists merged in path order; out
+/// of order, that file would be placed before its directory is made again.
+#[test]
+fn a_switch_sends_the_installed_letters_own_paths_back_between_its_own() {
+    use crate::fixture::{pattern, put, Node};
+    let file = |seed: u64| Node::File {
+        bytes: pattern(seed, 3000),
+        mode: 0o644,
+        mtime: (1_650_000_000, 0),
+    };
+    let dir = Node::Dir {
+        mode: 0o755,
+        mtime: (1_650_000_000, 0),
+    };
+    let mut base = Model::new();
+    for (path, seed) in [("a", 1), ("c", 2), ("e/f", 3), ("g", 4), ("k/old", 10)] {
+        put(&mut base, path, file(seed));
+    }
+    let mut target_a = base.clone();
+    put(&mut target_a, "b", dir.clone());
+    put(&mut target_a, "b/x", file(5));
+    put(&mut target_a, "e/f", file(6));
+    target_a.remove("g");
+    target_a.remove("k/old");
+    target_a.remove("k");
+    let mut target_b = base.clone();
+    put(&mut target_b, "a", file(7));
+    put(&mut target_b, "d", dir);
+    put(&mut target_b, "d/y", file(8));
+    put(&mut target_b, "e/z", file(9));
+    // Into the directory (a) removed, which the switch puts back first.
+    put(&mut target_b, "k/new", file(11));
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base_dir = tree_dir(tmp.path(), "base", &base);
+    let a_dir = tree_dir(tmp.path(), "a", &target_a);
+    let b_dir = tree_dir(tmp.path(), "b", &target_b);
+    let root = tree_dir(tmp.path(), "root", &base);
+    let state = tmp.path().join("state");
+    apply(&package(&base_dir, &a_dir, 'a'), &root, &state, &NoProgress).expect("apply a");
+    assert_eq!(
+        scan(&root, &[]).expect("scan"),
+        scan(&a_dir, &[]).expect("scan a")
+    );
+    apply(&package(&base_dir, &b_dir, 'b'), &root, &state, &NoProgress).expect("switch to b");
+    assert_eq!(
+        scan(&root, &[]).expect("scan"),
+        scan(&b_dir, &[]).expect("scan b")
+    );
+    revert(&root, &state).expect("revert b");
+    assert_eq!(
+        scan(&root, &[]).expect("scan"),
+        scan(&base_dir, &[]).expect("scan base")
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
