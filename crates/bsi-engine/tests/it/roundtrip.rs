@@ -1,6 +1,6 @@
 //! apply(build(a, b)) == b and revert == a, over random trees.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bsi_engine::{
     apply, build, build_to_file, revert, scan, verify_against_tree, BuildOptions, NoProgress,
@@ -15,11 +15,28 @@ pub fn key() -> SecretKey {
     SecretKey::from_seed([42; 32])
 }
 
-fn tree_dir(parent: &Path, name: &str, model: &Model) -> std::path::PathBuf {
+fn tree_dir(parent: &Path, name: &str, model: &Model) -> PathBuf {
     let dir = parent.join(name);
     std::fs::create_dir(&dir).expect("mkdir");
     materialize(model, &dir);
     dir
+}
+
+/// The base, (a) and (b) trees written under `parent`, a root holding the base, and the path of
+/// a state directory for it (not made).
+fn letters(
+    parent: &Path,
+    base: &Model,
+    a: &Model,
+    b: &Model,
+) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+    (
+        tree_dir(parent, "base", base),
+        tree_dir(parent, "a", a),
+        tree_dir(parent, "b", b),
+        tree_dir(parent, "root", base),
+        parent.join("state"),
+    )
 }
 
 pub fn package(base: &Path, target: &Path, letter: char) -> VerifiedPackage {
@@ -107,11 +124,7 @@ fn a_switch_sends_the_installed_letters_own_paths_back_between_its_own() {
     put(&mut target_b, "k/new", file(11));
 
     let tmp = tempfile::tempdir().expect("tempdir");
-    let base_dir = tree_dir(tmp.path(), "base", &base);
-    let a_dir = tree_dir(tmp.path(), "a", &target_a);
-    let b_dir = tree_dir(tmp.path(), "b", &target_b);
-    let root = tree_dir(tmp.path(), "root", &base);
-    let state = tmp.path().join("state");
+    let (base_dir, a_dir, b_dir, root, state) = letters(tmp.path(), &base, &target_a, &target_b);
     apply(&package(&base_dir, &a_dir, 'a'), &root, &state, &NoProgress).expect("apply a");
     assert_eq!(
         scan(&root, &[]).expect("scan"),
@@ -141,11 +154,7 @@ proptest! {
         let target_a = apply_edits(&base, &edits_a);
         let target_b = apply_edits(&target_a, &edits_b);
         let tmp = tempfile::tempdir().expect("tempdir");
-        let base_dir = tree_dir(tmp.path(), "base", &base);
-        let a_dir = tree_dir(tmp.path(), "a", &target_a);
-        let b_dir = tree_dir(tmp.path(), "b", &target_b);
-        let root = tree_dir(tmp.path(), "root", &base);
-        let state = tmp.path().join("state");
+        let (base_dir, a_dir, b_dir, root, state) = letters(tmp.path(), &base, &target_a, &target_b);
 
         let pkg_a = package(&base_dir, &a_dir, 'a');
         let pkg_b = package(&base_dir, &b_dir, 'b');
