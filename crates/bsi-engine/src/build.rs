@@ -473,7 +473,7 @@ fn encode_entry(
     let op = match best.encoder {
         Some(name) => Operation::Delta {
             encoder: name.to_owned(),
-            source,
+            source: source.map(Box::new),
         },
         None => entry.op.clone(),
     };

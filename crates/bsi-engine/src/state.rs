@@ -30,6 +30,32 @@ pub(crate) struct Installed {
     pub entries: Vec<InstalledEntry>,
 }
 
+/// The release an installed record names; see [`StateDir::load_head`].
+#[derive(Debug, Deserialize)]
+pub(crate) struct InstalledHead {
+    pub format: u32,
+    pub product: String,
+    pub base: BaseRelease,
+    pub letter: Letter,
+}
+
+/// A form of the installed record that can be loaded.
+trait Recorded: serde::de::DeserializeOwned {
+    fn format(&self) -> u32;
+}
+
+impl Recorded for Installed {
+    fn format(&self) -> u32 {
+        self.format
+    }
+}
+
+impl Recorded for InstalledHead {
+    fn format(&self) -> u32 {
+        self.format
+    }
+}
+
 /// One path the patch changed: what was there before (as found, times included), what the
 /// patch left, and the revert file holding the old bytes when they were overwritten.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,24 +96,37 @@ impl StateDir {
     }
 
     pub fn load(&self) -> Result<Option<Installed>, StateError> {
+        self.load_as()
+    }
+
+    /// What the installed record says of the release, its entries skipped unread: what a
+    /// status shows.
+    pub fn load_head(&self) -> Result<Option<InstalledHead>, StateError> {
+        self.load_as()
+    }
+
+    fn load_as<T: Recorded>(&self) -> Result<Option<T>, StateError> {
         let path = self.installed_path();
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(FsError::new("read", &path, e).into()),
         };
-        let installed: Installed =
-            serde_json::from_slice(&bytes).map_err(|e| StateError::Damaged {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        if !(1..=STATE_FORMAT).contains(&installed.format) {
+        // Parsed as it is read: a record of 50,251 entries is 30 MB of text.
+        let installed: T = serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
+            match e.is_io() {
+                true => FsError::new("read", &path, e.into()).into(),
+                false => StateError::Damaged {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                },
+            }
+        })?;
+        let format = installed.format();
+        if !(1..=STATE_FORMAT).contains(&format) {
             return Err(StateError::Damaged {
                 path,
-                reason: format!(
-                    "state format {} is not 1 to {STATE_FORMAT}",
-                    installed.format
-                ),
+                reason: format!("state format {format} is not 1 to {STATE_FORMAT}"),
             });
         }
         Ok(Some(installed))

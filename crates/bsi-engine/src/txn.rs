@@ -222,8 +222,8 @@ impl TxnDir {
 
     fn load(&self) -> Result<Option<Journal>, TxnError> {
         let path = self.journal();
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(FsError::new("read", &path, e).into()),
         };
@@ -231,8 +231,14 @@ impl TxnDir {
             path: path.clone(),
             reason,
         };
+        // Parsed as it is read, as the installed record is.
         let journal: Journal =
-            serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+            serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
+                match e.is_io() {
+                    true => TxnError::from(FsError::new("read", &path, e.into())),
+                    false => damaged(e.to_string()),
+                }
+            })?;
         if !(1..=JOURNAL_FORMAT).contains(&journal.format) {
             return Err(damaged(format!(
                 "journal format {} is not 1 to {JOURNAL_FORMAT}",
@@ -449,11 +455,11 @@ fn roll(
     // 5. Every path holds its end, times included: looked at on every core (what step 3 gave
     //    a time or mode is read and hashed again), the first path in order that does not
     //    reported.
-    let checked: Vec<Result<(), TxnError>> = steps
+    let failed = steps
         .par_iter()
-        .map(|step| check_end(root, step, way, seen))
-        .collect();
-    checked.into_iter().collect()
+        .filter_map(|step| check_end(root, step, way, seen).err())
+        .find_first(|_| true);
+    failed.map_or(Ok(()), Err)
 }
 
 /// Whether `step`'s path holds its end on the `way` rolled, time included.

@@ -363,9 +363,9 @@ pub fn update(
     let (channel, mut record) = read_channel(channel_dir, state_dir, trust, now)?;
     // A patch that a full release retired no longer decides the base: the plist does.
     let installed = StateDir::new(state_dir)
-        .load()
+        .load_head()
         .map_err(ApplyError::from)?
-        .filter(|inst| crate::apply::retired_by(root, inst).is_none());
+        .filter(|i| crate::apply::retired_by(root, &i.product, &i.base, i.letter).is_none());
     let (product, base, letter) = match &installed {
         Some(i) => (i.product.clone(), i.base.clone(), Some(i.letter)),
         None => {

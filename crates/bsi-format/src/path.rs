@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -7,8 +8,11 @@ pub const MAX_PATH_LEN: usize = 4096;
 
 /// A path inside a root, as a package names it: relative, `/`-separated, UTF-8, and unable to
 /// escape the root. Every path from a package goes through this type before it is used.
+///
+/// Its text is shared by its clones: an apply holds each path of a package in its entry, its
+/// step and its record, which on a tree of 50,251 entries were three copies of 0.9 MB.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PkgPath(String);
+pub struct PkgPath(Arc<str>);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -47,7 +51,7 @@ impl PkgPath {
                 _ => {}
             }
         }
-        Ok(PkgPath(text.to_owned()))
+        Ok(PkgPath(Arc::from(text)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -68,13 +72,13 @@ impl PkgPath {
     pub fn parent(&self) -> Option<PkgPath> {
         self.0
             .rsplit_once('/')
-            .map(|(head, _)| PkgPath(head.to_owned()))
+            .map(|(head, _)| PkgPath(Arc::from(head)))
     }
 
     /// True when `self` is `prefix` or lies below it. An empty prefix contains everything.
     pub fn is_within(&self, prefix: &str) -> bool {
         prefix.is_empty()
-            || self.0 == prefix
+            || &*self.0 == prefix
             || (self.0.starts_with(prefix) && self.0.as_bytes().get(prefix.len()) == Some(&b'/'))
     }
 }
@@ -99,8 +103,22 @@ impl Serialize for PkgPath {
 
 impl<'de> Deserialize<'de> for PkgPath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        PkgPath::new(&text).map_err(serde::de::Error::custom)
+        d.deserialize_str(PathVisitor)
+    }
+}
+
+/// Takes the text as the deserializer holds it, so that a path is allocated once, checked.
+struct PathVisitor;
+
+impl serde::de::Visitor<'_> for PathVisitor {
+    type Value = PkgPath;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a path inside the root")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<PkgPath, E> {
+        PkgPath::new(text).map_err(E::custom)
     }
 }
 

@@ -27,7 +27,7 @@ fn source_of<'m>(manifest: &'m bsi_format::Manifest, path: &str) -> (Option<&'m 
         .expect("entry present");
     let payload = entry.payload.as_ref().map_or(0, |p| p.len);
     match &entry.op {
-        Operation::Delta { source, .. } => (source.as_ref(), payload),
+        Operation::Delta { source, .. } => (source.as_deref(), payload),
         _ => (None, payload),
     }
 }
