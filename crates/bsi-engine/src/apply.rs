@@ -909,23 +909,30 @@ fn apply_locked(
 
     // 1. Every pre-image, every ancestor, before any write.
     let by_path = |path: &PkgPath| entry_at(&m.entries, path);
-    // What each entry's path holds, in the entries' order.
-    let mut before: Vec<Option<Image>> = Vec::with_capacity(m.entries.len());
+    // The installed record's entries, in the entries' order: what each path holds (`before`),
+    // what the package leaves there, and later the revert data's name. Held as the record from
+    // the start, the images found are not a vector of their own copied into it at the end
+    // (6.4 MB beside the record's 16.9 MB at the end of a tree of 100,501 entries).
+    let mut record: Vec<InstalledEntry> = Vec::with_capacity(m.entries.len());
     let inside_state = |path: &PkgPath| state_rel.as_deref().is_some_and(|s| path.is_within(s));
     // Read and hash on every core (not what lies in the state directory, refused below, nor a
-    // base hashed beside its decoding); what was found is looked at in order.
-    let images: Vec<Result<Option<Image>, ScanError>> = m
-        .entries
-        .par_iter()
-        .map(|e| match (inside_state(&e.path), &e.pre) {
-            (true, _) => Ok(None),
-            (false, Some(Image::File { sha256, .. })) if view.hashed_with_decoding(e) => {
-                view.image_unread(&e.path, *sha256)
-            }
-            (false, _) => view.image(&e.path),
-        })
-        .collect();
-    for (entry, image) in m.entries.iter().zip(images) {
+    // base hashed beside its decoding), a few thousand entries at a time (what was found, with
+    // room for an error each, took 17.6 MB for 100,501 entries at once); what was found is
+    // looked at in order.
+    let found = m.entries.chunks(4096).flat_map(|chunk| {
+        let images: Vec<Result<Option<Image>, ScanError>> = chunk
+            .par_iter()
+            .map(|e| match (inside_state(&e.path), &e.pre) {
+                (true, _) => Ok(None),
+                (false, Some(Image::File { sha256, .. })) if view.hashed_with_decoding(e) => {
+                    view.image_unread(&e.path, *sha256)
+                }
+                (false, _) => view.image(&e.path),
+            })
+            .collect();
+        chunk.iter().zip(images)
+    });
+    for (entry, image) in found {
         if inside_state(&entry.path) {
             return Err(ApplyError::InsideState {
                 root: root.to_owned(),
@@ -974,7 +981,12 @@ fn apply_locked(
                 });
             }
         }
-        before.push(actual);
+        record.push(InstalledEntry {
+            path: entry.path.clone(),
+            before: actual,
+            after: entry.post.clone(),
+            revert: None,
+        });
     }
 
     // 2. The steps from the tree as it is to the tree this package makes, in path order: its
@@ -993,14 +1005,14 @@ fn apply_locked(
         from: touched.after.clone(),
         to: touched.before.clone(),
     };
-    for (i, (entry, base)) in m.entries.iter().zip(&before).enumerate() {
+    for (i, (entry, base)) in m.entries.iter().zip(&record).enumerate() {
         while let Some((path, touched)) = only_touched.next_if(|(path, _)| **path < &entry.path) {
             steps.push(back_to_base(path, touched));
             entry_of.push(None);
         }
         let current = match view.touched.get(&entry.path) {
             Some(touched) => touched.after.clone(),
-            None => base.clone(),
+            None => base.before.clone(),
         };
         steps.push(Step {
             path: entry.path.clone(),
@@ -1025,8 +1037,8 @@ fn apply_locked(
     let revert_bytes: u64 = m
         .entries
         .iter()
-        .zip(&before)
-        .filter_map(|(e, base)| {
+        .zip(&record)
+        .filter_map(|(e, InstalledEntry { before: base, .. })| {
             let changes = !matches!((&base, &e.post), (Some(b), Some(p)) if b.same_content(p));
             // A base file kept as it is, or linked, takes no room, but a reverse delta from a
             // blocks payload may be kept instead (up to 1/64 of it).
@@ -1054,7 +1066,7 @@ fn apply_locked(
         let step = &steps[j];
         let entry = entry_of[j].map(|i| &m.entries[i]);
         let base = match entry_of[j] {
-            Some(i) => before[i].clone(),
+            Some(i) => record[i].before.clone(),
             // A path only the installed letter touched goes back to its base.
             None => step.to.clone(),
         };
@@ -1191,25 +1203,30 @@ fn apply_locked(
     let (mut large, small): (Vec<usize>, Vec<usize>) =
         (0..steps.len()).partition(|&j| weight(j) >= LARGE_FILE);
     large.sort_by_key(|&j| std::cmp::Reverse(weight(j)));
-    let prepared: Result<Vec<(usize, Option<Revert>)>, ApplyError> = large
+    // What the revert data keeps, for the steps that change a base file's bytes only (a
+    // result for every step took 4 MB on a tree of 100,501 entries).
+    let made = std::sync::Mutex::new(Vec::new());
+    let prepare_step = |j: usize| -> Result<(), ApplyError> {
+        if let Some(revert) = prepare(j)? {
+            made.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((j, revert));
+        }
+        Ok(())
+    };
+    let prepared = large
         .into_iter()
-        .map(|j| prepare(j).map(|r| (j, r)))
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|mut done| {
-            done.extend(largest_first(small, weight, prepare)?);
-            Ok(done)
-        });
+        .try_for_each(&prepare_step)
+        .and_then(|()| largest_first(small, weight, prepare_step).map(drop));
     progress.finish();
-    let prepared = prepared
-        .and_then(|prepared| {
-            unsynced.sync()?;
-            Ok(prepared)
-        })
+    prepared
+        .and_then(|()| Ok(unsynced.sync()?))
         .inspect_err(|_| txn.abandon())?;
-    let mut reverts: BTreeMap<usize, String> = BTreeMap::new();
+    let mut made = made.into_inner().unwrap_or_else(|e| e.into_inner());
+    made.sort_unstable_by_key(|(j, _)| *j);
     let mut kept = Vec::new();
-    for (j, revert) in prepared {
-        let (Some(i), Some(revert)) = (entry_of[j], revert) else {
+    for (j, revert) in made {
+        let Some(i) = entry_of[j] else {
             continue;
         };
         let name = match revert {
@@ -1219,7 +1236,7 @@ fn apply_locked(
                 name
             }
         };
-        reverts.insert(i, name);
+        record[i].revert = Some(name);
     }
 
     // 4. The transaction: journal, write, check, record.
@@ -1230,18 +1247,7 @@ fn apply_locked(
         letter: m.letter,
         package_sha256: pkg.digest,
         signer: m.signer.clone(),
-        entries: m
-            .entries
-            .iter()
-            .zip(before)
-            .enumerate()
-            .map(|(i, (entry, before))| InstalledEntry {
-                path: entry.path.clone(),
-                before,
-                after: entry.post.clone(),
-                revert: reverts.remove(&i),
-            })
-            .collect(),
+        entries: record,
     };
     let base_title = format!("{} {}", m.product, m.base.version);
     let journal = Journal {
