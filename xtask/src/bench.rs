@@ -25,6 +25,8 @@ use walkdir::WalkDir;
 
 use crate::tree::{compare_trees, copy_tree};
 
+mod many;
+
 /// How long the bench lets a copied tree stand before applying to it: files whose time of
 /// change is within 20 ms of a read are read again before they are replaced (see the engine's
 /// `seen`), which a device's tree, written long before, does not need.
@@ -194,6 +196,7 @@ fn all_pair_names() -> Vec<&'static str> {
         .map(|t| t.0)
         .chain(DEBS.iter().map(|d| d.name))
         .chain(WHEELS.iter().map(|w| w.name))
+        .chain(many::TREES.iter().map(|t| t.0))
         .collect()
 }
 
@@ -1339,6 +1342,7 @@ fn document(
     head: &str,
     notes: &[String],
     results: &[PairResult],
+    trees: &[many::ManyResult],
     elapsed: f64,
     done: bool,
 ) -> String {
@@ -1375,6 +1379,10 @@ fn document(
          slower than xdelta3 -9; apply time <= 0.5x bspatch's.\n"
     );
     s.push_str(&summary_table(results));
+    if !trees.is_empty() {
+        let _ = writeln!(s, "\n## Trees of many entries\n");
+        s.push_str(&many::table(trees));
+    }
     let _ = writeln!(s, "\n## Pairs\n");
     for p in results {
         s.push_str(&pair_table(p));
@@ -1422,8 +1430,15 @@ pub fn bench(ws: &Path, args: &[&str]) -> Result<()> {
     println!("\n{head}");
 
     let mut results = Vec::new();
+    let mut trees = Vec::new();
     let mut generated = false;
     for name in &opts.pairs {
+        if let Some(&(_, dirs)) = many::TREES.iter().find(|t| t.0 == name) {
+            eprintln!("== {name}: {dirs} directories of small files, every time changed");
+            trees.push(many::run(&runner, name, dirs)?);
+            println!("\n{}", many::table(&trees));
+            continue;
+        }
         let pair = if let Some((_, dir, what)) = TESTDATA.iter().find(|t| t.0 == name) {
             if !generated {
                 println!("$ cargo xtask testdata");
@@ -1464,6 +1479,7 @@ pub fn bench(ws: &Path, args: &[&str]) -> Result<()> {
                 &head,
                 &notes,
                 &results,
+                &trees,
                 started.elapsed().as_secs_f64(),
                 false,
             );
@@ -1473,7 +1489,7 @@ pub fn bench(ws: &Path, args: &[&str]) -> Result<()> {
     println!("## Summary\n\n{}", summary_table(&results));
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(out) = &opts.out {
-        let doc = document(&head, &notes, &results, elapsed, true);
+        let doc = document(&head, &notes, &results, &trees, elapsed, true);
         fs::write(out, doc).with_context(|| format!("writing {}", out.display()))?;
         println!("wrote {}", out.display());
     }

@@ -912,12 +912,12 @@ fn apply_locked(
     // The installed record's entries, in the entries' order: what each path holds (`before`),
     // what the package leaves there, and later the revert data's name. Held as the record from
     // the start, the images found are not a vector of their own copied into it at the end
-    // (6.4 MB beside the record's 16.9 MB at the end of a tree of 100,501 entries).
+    // (6.4 MB beside the record's 16.9 MB at the end of a tree of 100,500 entries).
     let mut record: Vec<InstalledEntry> = Vec::with_capacity(m.entries.len());
     let inside_state = |path: &PkgPath| state_rel.as_deref().is_some_and(|s| path.is_within(s));
     // Read and hash on every core (not what lies in the state directory, refused below, nor a
     // base hashed beside its decoding), a few thousand entries at a time (what was found, with
-    // room for an error each, took 17.6 MB for 100,501 entries at once); what was found is
+    // room for an error each, took 17.6 MB for 100,500 entries at once); what was found is
     // looked at in order.
     let found = m.entries.chunks(4096).flat_map(|chunk| {
         let images: Vec<Result<Option<Image>, ScanError>> = chunk
@@ -1204,7 +1204,7 @@ fn apply_locked(
         (0..steps.len()).partition(|&j| weight(j) >= LARGE_FILE);
     large.sort_by_key(|&j| std::cmp::Reverse(weight(j)));
     // What the revert data keeps, for the steps that change a base file's bytes only (a
-    // result for every step took 4 MB on a tree of 100,501 entries).
+    // result for every step took 4 MB on a tree of 100,500 entries).
     let made = std::sync::Mutex::new(Vec::new());
     let prepare_step = |j: usize| -> Result<(), ApplyError> {
         if let Some(revert) = prepare(j)? {
@@ -1281,7 +1281,7 @@ fn apply_locked(
 
 /// The entry of `path` among `entries`, which are sorted by path (the manifest's validation
 /// checked): looked up where it lies rather than in a map of every path (0.8 MB for a tree of
-/// 50,251 entries).
+/// 50,250 entries).
 fn entry_at<'m>(entries: &'m [Entry], path: &PkgPath) -> Option<&'m Entry> {
     let i = entries.binary_search_by(|e| e.path.cmp(path)).ok()?;
     Some(&entries[i])

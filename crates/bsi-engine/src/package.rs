@@ -68,7 +68,7 @@ fn check_head(raw: &RawPackage<'_>, trust: &PublicKey, path: &Path) -> Result<Ma
 /// manifest names as signer, else the first. The signature check decides; this only picks.
 pub fn signer_key<'k>(bytes: &[u8], keys: &'k [PublicKey]) -> Option<&'k PublicKey> {
     // One key is the one whatever the manifest names (reading the signer unpacks and scans the
-    // whole manifest: 20 MB for a tree of 50,251 changed entries).
+    // whole manifest: 20 MB for a tree of 50,250 changed entries).
     if let [only] = keys {
         return Some(only);
     }

@@ -112,7 +112,7 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(FsError::new("read", &path, e).into()),
         };
-        // Parsed as it is read: a record of 50,251 entries is 30 MB of text.
+        // Parsed as it is read: a record of 50,250 entries is 30 MB of text.
         let installed: T = serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
             match e.is_io() {
                 true => FsError::new("read", &path, e.into()).into(),

@@ -319,7 +319,7 @@ impl Manifest {
 
     /// Unpack and parse a packed manifest (see [`Manifest::from_bytes`]). It is unpacked
     /// twice, as it is parsed and as its canonical form is compared, and never held whole: a
-    /// tree of 50,251 changed entries has 20 MB of manifest JSON.
+    /// tree of 50,250 changed entries has 20 MB of manifest JSON.
     pub fn from_packed(packed: &[u8]) -> Result<Manifest, ManifestError> {
         Manifest::from_json(|| unpacking(packed))
     }
@@ -353,7 +353,7 @@ impl Manifest {
         };
         let mut manifest: Manifest =
             serde_json::from_reader(std::io::BufReader::new(json()?)).map_err(packing)?;
-        // Parsed into a vector grown by doubling: 50,251 entries took 21 MB for 16.
+        // Parsed into a vector grown by doubling: 50,250 entries took 21 MB for 16.
         manifest.entries.shrink_to_fit();
         if !manifest.serialises_to(json()?) {
             return Err(ManifestError::NotCanonical);

@@ -10,7 +10,7 @@ pub const MAX_PATH_LEN: usize = 4096;
 /// escape the root. Every path from a package goes through this type before it is used.
 ///
 /// Its text is shared by its clones: an apply holds each path of a package in its entry, its
-/// step and its record, which on a tree of 50,251 entries were three copies of 0.9 MB.
+/// step and its record, which on a tree of 50,250 entries were three copies of 0.9 MB.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PkgPath(Arc<str>);
 

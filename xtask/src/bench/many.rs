@@ -1,0 +1,235 @@
+//! Trees of many small entries: the issue's memory bounds hold "whatever the tree size", and the
+//! pairs above have a few hundred entries at most. Each tree is `dirs` directories of 200 files
+//! of a few bytes; the new tree gives every file and directory another time and one file other
+//! bytes. No peer runs: their patches carry no times, so only bsi's figures and bounds are
+//! shown.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, ensure, Context, Result};
+use filetime::FileTime;
+
+use super::{mib, os, secs, thousands, Measure, Runner, BSI_COPY, CACHE, KEY, SETTLED, TRUST};
+use crate::tree::{compare_trees, copy_tree};
+
+/// The trees, by name: how many directories of [`FILES_PER_DIR`] files.
+pub(super) const TREES: &[(&str, usize)] = &[("entries-50k", 250), ("entries-100k", 500)];
+
+const FILES_PER_DIR: usize = 200;
+
+/// The apply's bound above its largest file, and the build's above 6 times it (the issue's).
+const APPLY_ALLOWANCE_KIB: u64 = 64 * 1024;
+const BUILD_ALLOWANCE_KIB: u64 = 256 * 1024;
+
+/// What bsi did on one tree.
+pub(super) struct ManyResult {
+    name: String,
+    entries: usize,
+    largest: u64,
+    package: u64,
+    build: Measure,
+    apply: Measure,
+    revert: Measure,
+}
+
+impl ManyResult {
+    fn apply_bound_kib(&self) -> u64 {
+        self.largest.div_ceil(1024) + APPLY_ALLOWANCE_KIB
+    }
+
+    fn build_bound_kib(&self) -> u64 {
+        6 * self.largest.div_ceil(1024) + BUILD_ALLOWANCE_KIB
+    }
+}
+
+/// The old and new trees of `name`, written once into the bench cache.
+fn prepare(ws: &Path, name: &str, dirs: usize) -> Result<(PathBuf, PathBuf)> {
+    let top = ws.join(CACHE).join("many").join(name);
+    let (old, new) = (top.join("old"), top.join("new"));
+    let done = top.join(".done");
+    if done.exists() {
+        return Ok((old, new));
+    }
+    if top.exists() {
+        fs::remove_dir_all(&top).with_context(|| format!("removing {}", top.display()))?;
+    }
+    eprintln!(
+        "writing {} ({} entries a side)",
+        top.display(),
+        dirs * (FILES_PER_DIR + 1)
+    );
+    let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_000_000);
+    for (tree, shift) in [(&old, 0), (&new, 86_400)] {
+        let at = |i: usize| {
+            FileTime::from_system_time(base + Duration::from_secs(shift + i as u64 % 3_600))
+        };
+        for d in 0..dirs {
+            let dir = tree.join(format!("dir{d:03}"));
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for f in 0..FILES_PER_DIR {
+                let file = dir.join(format!("file{f:03}.txt"));
+                let changed = shift > 0 && d == 0 && f == 0;
+                let text = format!("content {d} {f}{}\n", if changed { " changed" } else { "" });
+                fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+                filetime::set_file_mtime(&file, at(f))
+                    .with_context(|| format!("setting the time of {}", file.display()))?;
+            }
+            filetime::set_file_mtime(&dir, at(d))
+                .with_context(|| format!("setting the time of {}", dir.display()))?;
+        }
+    }
+    fs::write(&done, b"").with_context(|| format!("writing {}", done.display()))?;
+    Ok((old, new))
+}
+
+/// Build, apply and revert on the tree `name`, checking the tree after each.
+pub(super) fn run(r: &Runner, name: &str, dirs: usize) -> Result<ManyResult> {
+    let (old, new) = prepare(&r.ws, name, dirs)?;
+    let pkg = r.scratch.join(format!("{name}.bsi"));
+    let build = r.run(
+        BSI_COPY,
+        &os(&[
+            &"build",
+            &"--base",
+            &old,
+            &"--target",
+            &new,
+            &"--product",
+            &"bench",
+            &"--base-version",
+            &"1",
+            &"--letter",
+            &"a",
+            &"--key",
+            &KEY,
+            &"--out",
+            &pkg,
+            &"--quiet",
+        ]),
+    )?;
+    let package = fs::metadata(&pkg)
+        .with_context(|| format!("bsi build did not write {}", pkg.display()))?
+        .len();
+    let (root, state) = (r.scratch.join("root"), r.scratch.join("state"));
+    for d in [&root, &state] {
+        if d.exists() {
+            fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
+    }
+    copy_tree(&old, &root)?;
+    let synced = std::process::Command::new("sync")
+        .status()
+        .context("running sync")?;
+    ensure!(synced.success(), "sync failed: {synced}");
+    std::thread::sleep(SETTLED);
+    let on_root = |verb: &str| {
+        r.run(
+            BSI_COPY,
+            &os(&[&verb, &"--root", &root, &"--state-dir", &state, &"--quiet"]),
+        )
+    };
+    let apply = r.run(
+        BSI_COPY,
+        &os(&[
+            &"apply",
+            &pkg,
+            &"--root",
+            &root,
+            &"--trust",
+            &TRUST,
+            &"--state-dir",
+            &state,
+            &"--quiet",
+        ]),
+    )?;
+    same_tree(&root, &new, "bsi apply")?;
+    let revert = on_root("revert")?;
+    same_tree(&root, &old, "bsi revert")?;
+    Ok(ManyResult {
+        name: name.to_string(),
+        entries: crate::tree::count_entries(&new, &[])?,
+        largest: largest_file(&old)?.max(largest_file(&new)?),
+        package,
+        build,
+        apply,
+        revert,
+    })
+}
+
+fn same_tree(root: &Path, expected: &Path, what: &str) -> Result<()> {
+    let diffs = compare_trees(root, expected, &[])?;
+    if let Some(d) = diffs.first() {
+        bail!(
+            "{what} left a tree that differs from {} in {} places, first {d}",
+            expected.display(),
+            diffs.len()
+        );
+    }
+    Ok(())
+}
+
+fn largest_file(root: &Path) -> Result<u64> {
+    let mut largest = 0;
+    for e in walkdir::WalkDir::new(root) {
+        let e = e.with_context(|| format!("listing {}", root.display()))?;
+        if e.file_type().is_file() {
+            largest = largest.max(e.metadata()?.len());
+        }
+    }
+    Ok(largest)
+}
+
+/// The table of [`ManyResult`]s, with the memory bounds' verdicts.
+pub(super) fn table(results: &[ManyResult]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Generated trees of directories of {FILES_PER_DIR} small files ({}): every time \
+         changed, one file's bytes. Run once each (the figures that matter are memory). Bounds (the issue's): \
+         apply at most the largest file plus 64 MiB, build at most 6 times it plus 256 MiB; the \
+         revert is held to the apply's. Every tree is checked after the apply and after the \
+         revert.\n",
+        TREES
+            .iter()
+            .map(|(name, dirs)| format!("{name}: {dirs}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "| tree | entries | package B | build s | build MiB | apply s | apply MiB | revert s | revert MiB | bound MiB (apply / build) | apply | revert | build |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"
+    );
+    for m in results {
+        let verdict = |measure: &Measure, bound: u64| match measure.rss_kib {
+            Some(k) if k <= bound => "met",
+            Some(_) => "**missed**",
+            None => "n/a",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+            m.name,
+            thousands(m.entries as u64),
+            thousands(m.package),
+            secs(m.build.secs),
+            mib(m.build.rss_kib),
+            secs(m.apply.secs),
+            mib(m.apply.rss_kib),
+            secs(m.revert.secs),
+            mib(m.revert.rss_kib),
+            mib(Some(m.apply_bound_kib())),
+            mib(Some(m.build_bound_kib())),
+            verdict(&m.apply, m.apply_bound_kib()),
+            verdict(&m.revert, m.apply_bound_kib()),
+            verdict(&m.build, m.build_bound_kib()),
+        );
+    }
+    s
+}
