@@ -745,15 +745,35 @@ fn prepare_deb(ws: &Path, apt: &mut Apt, d: &Deb) -> Result<Pair> {
 // the tools
 
 fn bsi_run(r: &Runner, pair: &Pair) -> Result<Cell> {
-    let pkg = r.scratch.join(format!("{}.bsi", pair.name));
+    let done = bsi_build_apply(r, &pair.name, &pair.old, &pair.new)?;
+    Ok(Cell {
+        bytes: done.bytes,
+        build: done.build,
+        apply: done.apply,
+    })
+}
+
+/// What [`bsi_build_apply`] did, and where it left the root it applied to.
+struct Applied {
+    bytes: u64,
+    build: Measure,
+    apply: Measure,
+    root: PathBuf,
+    state: PathBuf,
+}
+
+/// bsi builds a package `name.bsi` from `old` to `new` and applies it to a fresh copy of `old`
+/// in the scratch directory; the tree is checked to equal `new`.
+fn bsi_build_apply(r: &Runner, name: &str, old: &Path, new: &Path) -> Result<Applied> {
+    let pkg = r.scratch.join(format!("{name}.bsi"));
     let build = r.run(
         BSI_COPY,
         &os(&[
             &"build",
             &"--base",
-            &pair.old,
+            &old,
             &"--target",
-            &pair.new,
+            &new,
             &"--product",
             &"bench",
             &"--base-version",
@@ -776,7 +796,7 @@ fn bsi_run(r: &Runner, pair: &Pair) -> Result<Cell> {
             fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
         }
     }
-    copy_tree(&pair.old, &root)?;
+    copy_tree(old, &root)?;
     // A device's tree was not written a moment ago: neither the copy's writeback (its fsyncs
     // would wait on it) nor its too recent times of change (see `SETTLED`) are the apply's.
     let synced = std::process::Command::new("sync")
@@ -798,17 +818,19 @@ fn bsi_run(r: &Runner, pair: &Pair) -> Result<Cell> {
             &"--quiet",
         ]),
     )?;
-    let diffs = compare_trees(&root, &pair.new, &[])?;
+    let diffs = compare_trees(&root, new, &[])?;
     if let Some(d) = diffs.first() {
         bail!(
             "bsi apply left a tree that differs from the new one in {} places, first {d}",
             diffs.len()
         );
     }
-    Ok(Cell {
+    Ok(Applied {
         bytes,
         build,
         apply,
+        root,
+        state,
     })
 }
 

@@ -9,11 +9,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use filetime::FileTime;
 
-use super::{mib, os, secs, thousands, Measure, Runner, BSI_COPY, CACHE, KEY, SETTLED, TRUST};
-use crate::tree::{compare_trees, copy_tree};
+use super::{bsi_build_apply, mib, os, secs, thousands, Measure, Runner, BSI_COPY, CACHE};
+use crate::tree::compare_trees;
 
 /// The trees, by name: how many directories of [`FILES_PER_DIR`] files.
 pub(super) const TREES: &[(&str, usize)] = &[("entries-50k", 250), ("entries-100k", 500)];
@@ -88,87 +88,34 @@ fn prepare(ws: &Path, name: &str, dirs: usize) -> Result<(PathBuf, PathBuf)> {
 /// Build, apply and revert on the tree `name`, checking the tree after each.
 pub(super) fn run(r: &Runner, name: &str, dirs: usize) -> Result<ManyResult> {
     let (old, new) = prepare(&r.ws, name, dirs)?;
-    let pkg = r.scratch.join(format!("{name}.bsi"));
-    let build = r.run(
+    let done = bsi_build_apply(r, name, &old, &new)?;
+    let revert = r.run(
         BSI_COPY,
         &os(&[
-            &"build",
-            &"--base",
-            &old,
-            &"--target",
-            &new,
-            &"--product",
-            &"bench",
-            &"--base-version",
-            &"1",
-            &"--letter",
-            &"a",
-            &"--key",
-            &KEY,
-            &"--out",
-            &pkg,
-            &"--quiet",
-        ]),
-    )?;
-    let package = fs::metadata(&pkg)
-        .with_context(|| format!("bsi build did not write {}", pkg.display()))?
-        .len();
-    let (root, state) = (r.scratch.join("root"), r.scratch.join("state"));
-    for d in [&root, &state] {
-        if d.exists() {
-            fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
-        }
-    }
-    copy_tree(&old, &root)?;
-    let synced = std::process::Command::new("sync")
-        .status()
-        .context("running sync")?;
-    ensure!(synced.success(), "sync failed: {synced}");
-    std::thread::sleep(SETTLED);
-    let on_root = |verb: &str| {
-        r.run(
-            BSI_COPY,
-            &os(&[&verb, &"--root", &root, &"--state-dir", &state, &"--quiet"]),
-        )
-    };
-    let apply = r.run(
-        BSI_COPY,
-        &os(&[
-            &"apply",
-            &pkg,
+            &"revert",
             &"--root",
-            &root,
-            &"--trust",
-            &TRUST,
+            &done.root,
             &"--state-dir",
-            &state,
+            &done.state,
             &"--quiet",
         ]),
     )?;
-    same_tree(&root, &new, "bsi apply")?;
-    let revert = on_root("revert")?;
-    same_tree(&root, &old, "bsi revert")?;
+    let diffs = compare_trees(&done.root, &old, &[])?;
+    if let Some(d) = diffs.first() {
+        bail!(
+            "bsi revert left a tree that differs from the old one in {} places, first {d}",
+            diffs.len()
+        );
+    }
     Ok(ManyResult {
         name: name.to_string(),
         entries: crate::tree::count_entries(&new, &[])?,
         largest: largest_file(&old)?.max(largest_file(&new)?),
-        package,
-        build,
-        apply,
+        package: done.bytes,
+        build: done.build,
+        apply: done.apply,
         revert,
     })
-}
-
-fn same_tree(root: &Path, expected: &Path, what: &str) -> Result<()> {
-    let diffs = compare_trees(root, expected, &[])?;
-    if let Some(d) = diffs.first() {
-        bail!(
-            "{what} left a tree that differs from {} in {} places, first {d}",
-            expected.display(),
-            diffs.len()
-        );
-    }
-    Ok(())
 }
 
 fn largest_file(root: &Path) -> Result<u64> {
