@@ -14,7 +14,9 @@ use crate::package::{
     reference, source_matches, DecodeFailure, HashingWriter, InPlaceFailure, VerifiedPackage,
 };
 use crate::seen::{ReadWhole, Seen};
-use crate::state::{Installed, InstalledEntry, StateDir, StateError, STATE_FORMAT};
+use crate::state::{
+    Installed, InstalledEntry, Record, RecordEntry, StateDir, StateError, STATE_FORMAT,
+};
 use crate::tree::{image_mismatch, mtime_of, observe, observe_with, Content, ScanError};
 use crate::txn::{self, Failed, Interrupted, Journal, Recovered, Step, TxnDir, TxnError, TxnKind};
 use crate::{largest_first, FsContext, FsError, Progress, LARGE_FILE};
@@ -909,11 +911,9 @@ fn apply_locked(
 
     // 1. Every pre-image, every ancestor, before any write.
     let by_path = |path: &PkgPath| entry_at(&m.entries, path);
-    // The installed record's entries, in the entries' order: what each path holds (`before`),
-    // what the package leaves there, and later the revert data's name. Held as the record from
-    // the start, the images found are not a vector of their own copied into it at the end
-    // (6.4 MB beside the record's 16.9 MB at the end of a tree of 100,500 entries).
-    let mut record: Vec<InstalledEntry> = Vec::with_capacity(m.entries.len());
+    // What each entry's path holds, in the entries' order: the installed record's `before`, which
+    // the record and the steps borrow, as they borrow the rest from the entries.
+    let mut found_images: Vec<Option<Image>> = Vec::with_capacity(m.entries.len());
     let inside_state = |path: &PkgPath| state_rel.as_deref().is_some_and(|s| path.is_within(s));
     // Read and hash on every core (not what lies in the state directory, refused below, nor a
     // base hashed beside its decoding), a few thousand entries at a time (what was found, with
@@ -981,12 +981,7 @@ fn apply_locked(
                 });
             }
         }
-        record.push(InstalledEntry {
-            path: entry.path.clone(),
-            before: actual,
-            after: entry.post.clone(),
-            revert: None,
-        });
+        found_images.push(actual);
     }
 
     // 2. The steps from the tree as it is to the tree this package makes, in path order: its
@@ -1000,24 +995,26 @@ fn apply_locked(
         .peekable();
     let mut steps: Vec<Step> = Vec::with_capacity(m.entries.len());
     let mut entry_of: Vec<Option<usize>> = Vec::with_capacity(m.entries.len());
-    let back_to_base = |path: &PkgPath, touched: &InstalledEntry| Step {
-        path: path.clone(),
-        from: touched.after.clone(),
-        to: touched.before.clone(),
-    };
-    for (i, (entry, base)) in m.entries.iter().zip(&record).enumerate() {
+    fn back_to_base<'a>(path: &'a PkgPath, touched: &'a InstalledEntry) -> Step<'a> {
+        Step {
+            path,
+            from: touched.after.as_ref(),
+            to: touched.before.as_ref(),
+        }
+    }
+    for (i, (entry, base)) in m.entries.iter().zip(&found_images).enumerate() {
         while let Some((path, touched)) = only_touched.next_if(|(path, _)| **path < &entry.path) {
             steps.push(back_to_base(path, touched));
             entry_of.push(None);
         }
         let current = match view.touched.get(&entry.path) {
-            Some(touched) => touched.after.clone(),
-            None => base.before.clone(),
+            Some(touched) => touched.after.as_ref(),
+            None => base.as_ref(),
         };
         steps.push(Step {
-            path: entry.path.clone(),
+            path: &entry.path,
             from: current,
-            to: entry.post.clone(),
+            to: entry.post.as_ref(),
         });
         entry_of.push(Some(i));
     }
@@ -1032,13 +1029,13 @@ fn apply_locked(
     let staging_bytes: u64 = steps
         .iter()
         .filter(|s| s.needs_content())
-        .map(|s| file_size(s.to.as_ref()))
+        .map(|s| file_size(s.to))
         .sum();
     let revert_bytes: u64 = m
         .entries
         .iter()
-        .zip(&record)
-        .filter_map(|(e, InstalledEntry { before: base, .. })| {
+        .zip(&found_images)
+        .filter_map(|(e, base)| {
             let changes = !matches!((&base, &e.post), (Some(b), Some(p)) if b.same_content(p));
             // A base file kept as it is, or linked, takes no room, but a reverse delta from a
             // blocks payload may be kept instead (up to 1/64 of it).
@@ -1066,9 +1063,9 @@ fn apply_locked(
         let step = &steps[j];
         let entry = entry_of[j].map(|i| &m.entries[i]);
         let base = match entry_of[j] {
-            Some(i) => record[i].before.clone(),
+            Some(i) => found_images[i].as_ref(),
             // A path only the installed letter touched goes back to its base.
-            None => step.to.clone(),
+            None => step.to,
         };
         let keeps_bytes = match (entry, &base) {
             (Some(e), Some(b)) => e.post.as_ref().is_some_and(|p| b.same_content(p)),
@@ -1194,11 +1191,11 @@ fn apply_locked(
     // memory that a large file would otherwise find there (Firefox: 248 MiB at libxul.so's
     // peak after them, 208 MiB before them); then the rest in parallel.
     let weight = |j: usize| {
-        let size = |image: &Option<Image>| match image {
+        let size = |image: Option<&Image>| match image {
             Some(Image::File { size, .. }) => *size,
             _ => 0,
         };
-        size(&steps[j].from).max(size(&steps[j].to))
+        size(steps[j].from).max(size(steps[j].to))
     };
     let (mut large, small): (Vec<usize>, Vec<usize>) =
         (0..steps.len()).partition(|&j| weight(j) >= LARGE_FILE);
@@ -1224,7 +1221,9 @@ fn apply_locked(
         .inspect_err(|_| txn.abandon())?;
     let mut made = made.into_inner().unwrap_or_else(|e| e.into_inner());
     made.sort_unstable_by_key(|(j, _)| *j);
+    // The revert data's name of each entry that has one, by entry, in order (the steps are).
     let mut kept = Vec::new();
+    let mut revert_names: Vec<(usize, String)> = Vec::with_capacity(made.len());
     for (j, revert) in made {
         let Some(i) = entry_of[j] else {
             continue;
@@ -1236,18 +1235,27 @@ fn apply_locked(
                 name
             }
         };
-        record[i].revert = Some(name);
+        revert_names.push((i, name));
     }
 
     // 4. The transaction: journal, write, check, record.
-    let record = Installed {
+    let mut names = revert_names.iter().peekable();
+    let entries = m.entries.iter().zip(&found_images).enumerate();
+    let record = Record {
         format: STATE_FORMAT,
-        product: m.product.clone(),
-        base: m.base.clone(),
+        product: &m.product,
+        base: &m.base,
         letter: m.letter,
         package_sha256: pkg.digest,
-        signer: m.signer.clone(),
-        entries: record,
+        signer: &m.signer,
+        entries: entries
+            .map(|(i, (entry, before))| RecordEntry {
+                path: &entry.path,
+                before: before.as_ref(),
+                after: entry.post.as_ref(),
+                revert: names.next_if(|(at, _)| *at == i).map(|(_, n)| n.as_str()),
+            })
+            .collect(),
     };
     let base_title = format!("{} {}", m.product, m.base.version);
     let journal = Journal {
@@ -1263,7 +1271,7 @@ fn apply_locked(
         to_title: package_title,
         keep_times: txn::times_to_keep(root, &steps),
         steps,
-        before: installed.clone(),
+        before: installed.as_ref(),
         after: Some(record),
         kept,
     };
@@ -1338,16 +1346,16 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
         .entries
         .iter()
         .map(|e| Step {
-            path: e.path.clone(),
-            from: e.after.clone(),
-            to: e.before.clone(),
+            path: &e.path,
+            from: e.after.as_ref(),
+            to: e.before.as_ref(),
         })
         .collect();
     // Stage every base file from its revert copy (checking it) before the first write.
     let staging_bytes: u64 = steps
         .iter()
         .filter(|s| s.needs_content())
-        .map(|s| file_size(s.to.as_ref()))
+        .map(|s| file_size(s.to))
         .sum();
     Space::check(staging_bytes, 0, &state.dir).map_err(|space| RevertError::NoSpace {
         root: root.to_owned(),
@@ -1404,7 +1412,7 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
         to_title: format!("{} {}", inst.product, inst.base.version),
         keep_times: txn::times_to_keep(root, &steps),
         steps,
-        before: Some(inst),
+        before: Some(&inst),
         after: None,
         kept: Vec::new(),
     };
