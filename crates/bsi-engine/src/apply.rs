@@ -911,9 +911,11 @@ fn apply_locked(
 
     // 1. Every pre-image, every ancestor, before any write.
     let by_path = |path: &PkgPath| entry_at(&m.entries, path);
-    // What each entry's path holds, in the entries' order: the installed record's `before`, which
-    // the record and the steps borrow, as they borrow the rest from the entries.
-    let mut found_images: Vec<Option<Image>> = Vec::with_capacity(m.entries.len());
+    // What each entry's path holds, in the entries' order, where it is not the entry's
+    // pre-image exactly (its time differs; `None`: it is): the installed record's `before`,
+    // which the record and the steps borrow, as they borrow the rest from the entries (8 bytes
+    // an entry, where an image of its own takes 64).
+    let mut found_images: Vec<Option<Box<Image>>> = Vec::with_capacity(m.entries.len());
     let inside_state = |path: &PkgPath| state_rel.as_deref().is_some_and(|s| path.is_within(s));
     // Read and hash on every core (not what lies in the state directory, refused below, nor a
     // base hashed beside its decoding), a few thousand entries at a time (what was found, with
@@ -981,7 +983,11 @@ fn apply_locked(
                 });
             }
         }
-        found_images.push(actual);
+        found_images.push(
+            actual
+                .filter(|a| entry.pre.as_ref() != Some(a))
+                .map(Box::new),
+        );
     }
 
     // 2. The steps from the tree as it is to the tree this package makes, in path order: its
@@ -1002,14 +1008,15 @@ fn apply_locked(
             to: touched.before.as_ref(),
         }
     }
-    for (i, (entry, base)) in m.entries.iter().zip(&found_images).enumerate() {
+    let before_of = |i: usize| found_images[i].as_deref().or(m.entries[i].pre.as_ref());
+    for (i, entry) in m.entries.iter().enumerate() {
         while let Some((path, touched)) = only_touched.next_if(|(path, _)| **path < &entry.path) {
             steps.push(back_to_base(path, touched));
             entry_of.push(None);
         }
         let current = match view.touched.get(&entry.path) {
             Some(touched) => touched.after.as_ref(),
-            None => base.as_ref(),
+            None => before_of(i),
         };
         steps.push(Step {
             path: &entry.path,
@@ -1034,12 +1041,13 @@ fn apply_locked(
     let revert_bytes: u64 = m
         .entries
         .iter()
-        .zip(&found_images)
-        .filter_map(|(e, base)| {
-            let changes = !matches!((&base, &e.post), (Some(b), Some(p)) if b.same_content(p));
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let base = before_of(i);
+            let changes = !matches!((base, &e.post), (Some(b), Some(p)) if b.same_content(p));
             // A base file kept as it is, or linked, takes no room, but a reverse delta from a
             // blocks payload may be kept instead (up to 1/64 of it).
-            let size = file_size(base.as_ref());
+            let size = file_size(base);
             let made = view.keep(&e.path) == Keep::Make;
             changes.then_some(if made { size } else { size / SURELY_SMALLER })
         })
@@ -1063,7 +1071,7 @@ fn apply_locked(
         let step = &steps[j];
         let entry = entry_of[j].map(|i| &m.entries[i]);
         let base = match entry_of[j] {
-            Some(i) => found_images[i].as_ref(),
+            Some(i) => before_of(i),
             // A path only the installed letter touched goes back to its base.
             None => step.to,
         };
@@ -1076,7 +1084,7 @@ fn apply_locked(
         let in_place = entry.is_some_and(|e| e.payload.is_some() && is_own_blocks(e));
         // How the revert data keeps a base file whose bytes change.
         let keep = match (&base, keeps_bytes) {
-            (Some(Image::File { .. }), false) => Some(view.keep(&step.path)),
+            (Some(Image::File { .. }), false) => Some(view.keep(step.path)),
             _ => None,
         };
         let made = keep == Some(Keep::Make);
@@ -1088,13 +1096,13 @@ fn apply_locked(
         let mut unchecked = None;
         let old = match (&base, read_whole) {
             (Some(Image::File { .. }), Some(pre)) => {
-                let mut read = view.read_base(&step.path, pre)?;
+                let mut read = view.read_base(step.path, pre)?;
                 let bytes = std::mem::take(&mut read.bytes);
                 unchecked = Some((pre, read));
                 Some(Base::Bytes(bytes))
             }
             (Some(img @ Image::File { .. }), None) if own_is_reference || made || needs_base => {
-                Some(view.base(&step.path, img, in_place)?)
+                Some(view.base(step.path, img, in_place)?)
             }
             _ => None,
         };
@@ -1129,13 +1137,13 @@ fn apply_locked(
                         // decoding, on another core.
                         Some(pre) if in_place && view.hashed_with_decoding(entry) => {
                             let (staged, checked) =
-                                rayon::join(stage, || view.check_base(&step.path, pre));
+                                rayon::join(stage, || view.check_base(step.path, pre));
                             checked.and(staged)?;
                         }
                         // Its base was read whole: hashed beside the decoding, on another core.
                         _ => match (unchecked.take(), old.as_ref().and_then(Base::bytes)) {
                             (Some((pre, read)), Some(bytes)) => {
-                                let check = || view.check_read(&step.path, pre, &read, bytes);
+                                let check = || view.check_read(step.path, pre, &read, bytes);
                                 let (staged, checked) = rayon::join(stage, check);
                                 checked.and(staged)?;
                             }
@@ -1169,7 +1177,7 @@ fn apply_locked(
         }
         // A base read whole whose file needed no decoding is checked all the same.
         if let (Some((pre, read)), Some(bytes)) = (unchecked, old.as_ref().and_then(Base::bytes)) {
-            view.check_read(&step.path, pre, &read, bytes)?;
+            view.check_read(step.path, pre, &read, bytes)?;
         }
         let staged = txn.stage(j);
         let revert = match (keep, entry) {
@@ -1240,7 +1248,7 @@ fn apply_locked(
 
     // 4. The transaction: journal, write, check, record.
     let mut names = revert_names.iter().peekable();
-    let entries = m.entries.iter().zip(&found_images).enumerate();
+    let entries = m.entries.iter().enumerate();
     let record = Record {
         format: STATE_FORMAT,
         product: &m.product,
@@ -1249,9 +1257,9 @@ fn apply_locked(
         package_sha256: pkg.digest,
         signer: &m.signer,
         entries: entries
-            .map(|(i, (entry, before))| RecordEntry {
+            .map(|(i, entry)| RecordEntry {
                 path: &entry.path,
-                before: before.as_ref(),
+                before: before_of(i),
                 after: entry.post.as_ref(),
                 revert: names.next_if(|(at, _)| *at == i).map(|(_, n)| n.as_str()),
             })

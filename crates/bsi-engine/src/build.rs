@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use bsi_format::{
     signed_bytes, BaseRelease, Component, Digest, Entry, Image, Letter, Manifest, ManifestError,
-    Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, MAX_MANIFEST_LEN, SIGNATURE_LEN,
+    Name, Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, MAX_MANIFEST_LEN,
+    SIGNATURE_LEN,
 };
 use bsi_sign::SecretKey;
 
@@ -146,18 +147,19 @@ fn make(
     paths.sort();
     paths.dedup();
     let mut planned = Vec::new();
+    // Each component's name, shared by its entries.
+    let names: Vec<Name> = components.iter().map(|c| c.name.as_str().into()).collect();
     for path in paths {
         let pre = base.entries.get(path);
         let post = target.entries.get(path);
         if pre == post {
             continue;
         }
-        let component = components
+        let at = components
             .iter()
-            .find(|c| path.is_within(&c.path))
-            .expect("scanned paths lie inside a component")
-            .name
-            .clone();
+            .position(|c| path.is_within(&c.path))
+            .expect("scanned paths lie inside a component");
+        let component = names[at].clone();
         let op = match (pre, post) {
             (None, Some(_)) => Operation::Add,
             (Some(_), None) => Operation::Delete,
@@ -472,7 +474,7 @@ fn encode_entry(
     progress.advance(new.len() as u64);
     let op = match best.encoder {
         Some(name) => Operation::Delta {
-            encoder: name.to_owned(),
+            encoder: name.into(),
             source: source.map(Box::new),
         },
         None => entry.op.clone(),

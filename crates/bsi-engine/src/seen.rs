@@ -82,11 +82,32 @@ pub(crate) struct Carried {
 
 /// The digest of each file this process read or wrote, with the file's stamp at the time, by
 /// the file's device and inode: a stamp names its file, whatever path leads to it (keyed by
-/// path, a tree of 50,250 files took 9.8 MB here, 6.9 MB now).
+/// path, a tree of 50,250 files took 9.8 MB here, 6.9 MB now). Past [`ROOM`] records, only
+/// files of [`WORTH`] bytes or more are recorded: what is saved is a read, worth little on a
+/// small file, and every record takes about 137 bytes (13.8 MB for a tree of 100,500 files).
 #[derive(Default)]
 pub(crate) struct Seen {
     files: Mutex<HashMap<(u64, u64), (Stamp, Digest)>>,
     hashed: AtomicUsize,
+}
+
+/// Records kept of files of any size: 7/8 of 2^16, what a table of 2^16 buckets holds (6.9
+/// MB). Past it every file is read once more by a transaction: with room for 28,672, a tree
+/// of 50,250 small files applied in 2.30 s instead of 1.95.
+const ROOM: usize = 57_344;
+
+/// Size from which a file is recorded however many are.
+const WORTH: u64 = 1 << 20;
+
+/// Record `digest` for the file `stamp` names, as [`Seen`] keeps them. (Not through
+/// `HashMap::entry`, which makes room for a new key before it is known to go in: a full table
+/// of 2^16 buckets grew to 2^17, 13.8 MB, for a record it then refused.)
+fn keep(files: &mut HashMap<(u64, u64), (Stamp, Digest)>, stamp: Stamp, digest: Digest) {
+    if let Some(known) = files.get_mut(&stamp.file()) {
+        *known = (stamp, digest);
+    } else if files.len() < ROOM || stamp.size >= WORTH {
+        files.insert(stamp.file(), (stamp, digest));
+    }
 }
 
 impl Stamp {
@@ -165,8 +186,8 @@ impl Seen {
         self.hashed.fetch_add(1, Ordering::Relaxed);
         let mut files = self.files();
         match still {
-            Some(stamp) => files.insert(stamp.file(), (stamp, digest)),
-            None => files.remove(&file),
+            Some(stamp) => keep(&mut files, stamp, digest),
+            None => drop(files.remove(&file)),
         };
     }
 
@@ -174,8 +195,7 @@ impl Seen {
     /// written, is `digest`.
     pub fn wrote(&self, full: &Path, digest: Digest) {
         if let Ok(meta) = fs::symlink_metadata(full) {
-            let stamp = Stamp::of(&meta);
-            self.files().insert(stamp.file(), (stamp, digest));
+            keep(&mut self.files(), Stamp::of(&meta), digest);
         }
     }
 
@@ -198,7 +218,7 @@ impl Seen {
             ..carried.stamp
         };
         if now == was {
-            self.files().insert(now.file(), (now, carried.digest));
+            keep(&mut self.files(), now, carried.digest);
         }
     }
 
@@ -232,6 +252,42 @@ mod tests {
         for (ctime, started, expected) in cases {
             assert_eq!(settled(ctime, started), expected, "{ctime:?} {started:?}");
         }
+    }
+
+    #[test]
+    fn past_its_room_only_large_files_and_known_ones_are_recorded() {
+        let stamp = |ino: u64, size: u64| Stamp {
+            dev: 1,
+            ino,
+            size,
+            mtime: (5, 0),
+            ctime: (ino as i64, 0),
+        };
+        let mut files = HashMap::new();
+        for ino in 0..ROOM as u64 {
+            keep(&mut files, stamp(ino, 10), Digest([1; 32]));
+        }
+        assert_eq!(files.len(), ROOM);
+        let capacity = files.capacity();
+        // A new small file is not recorded, and the table does not grow for it; a known one is
+        // updated; a large one is recorded.
+        keep(&mut files, stamp(ROOM as u64, WORTH - 1), Digest([2; 32]));
+        assert!(!files.contains_key(&(1, ROOM as u64)));
+        assert_eq!(files.capacity(), capacity);
+        let changed = Stamp {
+            size: 11,
+            ..stamp(7, 10)
+        };
+        keep(&mut files, changed, Digest([3; 32]));
+        assert_eq!(files.get(&(1, 7)), Some(&(changed, Digest([3; 32]))));
+        keep(&mut files, stamp(ROOM as u64 + 1, WORTH), Digest([4; 32]));
+        assert!(files.contains_key(&(1, ROOM as u64 + 1)));
+        assert_eq!(files.len(), ROOM + 1);
+        // The room is what the table held without growing.
+        assert!(
+            capacity < 2 * ROOM,
+            "room for {capacity} records, {ROOM} kept"
+        );
     }
 
     fn digest_of(seen: &Seen, path: &Path) -> Digest {

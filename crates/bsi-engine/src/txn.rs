@@ -396,16 +396,16 @@ fn roll(
         if !goes {
             continue;
         }
-        let actual = observe_with(root, &step.path, Content::Read(Some(seen)))?;
+        let actual = observe_with(root, step.path, Content::Read(Some(seen)))?;
         if actual.is_none() || same_thing(actual.as_ref(), target) {
             continue;
         }
         expect_either(step, actual.as_ref(), origin, target)?;
         match (actual, way) {
-            (Some(Image::Dir { .. }), _) => confined.remove_dir(&step.path)?,
+            (Some(Image::Dir { .. }), _) => confined.remove_dir(step.path)?,
             // Keep what the forward way removes, so that it can be rolled back.
-            (_, Way::Forward) => confined.move_out(&step.path, &undo, &i.to_string())?,
-            (_, Way::Back) => confined.remove_file(&step.path)?,
+            (_, Way::Forward) => confined.move_out(step.path, &undo, &i.to_string())?,
+            (_, Way::Back) => confined.remove_file(step.path)?,
         }
     }
 
@@ -413,7 +413,7 @@ fn roll(
     for (i, step) in steps.iter().enumerate() {
         let (origin, target) = ends(step, way);
         let Some(target) = target else { continue };
-        let actual = observe_with(root, &step.path, Content::Read(Some(seen)))?;
+        let actual = observe_with(root, step.path, Content::Read(Some(seen)))?;
         if same_thing(actual.as_ref(), Some(target)) {
             continue;
         }
@@ -423,19 +423,19 @@ fn roll(
             expect_either(step, actual.as_ref(), origin, Some(target))?;
         }
         if matches!(target, Image::Dir { .. }) {
-            confined.create_dir(&step.path)?;
+            confined.create_dir(step.path)?;
             continue;
         }
         if actual.is_some() && way == Way::Forward && !exists(&txn.undo(i)) {
             // The old file or symlink stays reachable until the commit.
-            confined.link_out(&step.path, &undo, &i.to_string())?;
+            confined.link_out(step.path, &undo, &i.to_string())?;
         }
         match target {
             Image::Symlink { target: link, .. } => {
                 let tmp = txn.link_tmp(i);
                 fsx::remove_all(&tmp)?;
                 fsx::symlink(link, &tmp)?;
-                confined.move_in(&stage, &format!("link-{i}"), &step.path)?;
+                confined.move_in(&stage, &format!("link-{i}"), step.path)?;
             }
             _ => {
                 let (dir, source) = match way {
@@ -449,9 +449,9 @@ fn roll(
                     });
                 }
                 let carried = seen.take(&source);
-                confined.move_in(dir, &i.to_string(), &step.path)?;
+                confined.move_in(dir, &i.to_string(), step.path)?;
                 if let Some(carried) = carried {
-                    seen.carry(carried, &confined.full(&step.path));
+                    seen.carry(carried, &confined.full(step.path));
                 }
             }
         }
@@ -487,10 +487,7 @@ fn roll(
     //    that changes more than modes and times), and the undo directory that holds what left
     //    the root.
     let mut touched: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
-    for step in steps
-        .iter()
-        .filter(|s| !same_thing(s.from, s.to))
-    {
+    for step in steps.iter().filter(|s| !same_thing(s.from, s.to)) {
         let parent = step.path.parent();
         touched.insert(parent.map_or(root.to_owned(), |p| root.join(p.as_str())));
     }
@@ -514,7 +511,7 @@ fn roll(
 /// Whether `step`'s path holds its end on the `way` rolled, time included.
 fn check_end(root: &Path, step: &Step, way: Way, seen: &Seen) -> Result<(), TxnError> {
     let target = ends(step, way).1;
-    let actual = observe_with(root, &step.path, Content::Read(Some(seen)))?;
+    let actual = observe_with(root, step.path, Content::Read(Some(seen)))?;
     let ok = match (target, &actual) {
         (None, None) => true,
         (Some(t), Some(a)) => matches_image(t, a) && t.mtime() == a.mtime(),
@@ -766,15 +763,15 @@ mod tests {
     }
 
     fn installed(letter: &str, revert: Option<&str>) -> Installed {
-        let path = |p: &str| PkgPath::new(p).unwrap();
+        let path = |p: &str| PkgPath::new(p).expect("a path");
         Installed {
             format: crate::state::STATE_FORMAT,
             product: "macOS".to_owned(),
             base: BaseRelease {
-                version: "26.3".parse().unwrap(),
+                version: "26.3".parse().expect("a version"),
                 build: Some("25D125".to_owned()),
             },
-            letter: letter.parse().unwrap(),
+            letter: letter.parse().expect("a letter"),
             package_sha256: Digest([9; 32]),
             signer: "example".to_owned(),
             entries: vec![
@@ -809,11 +806,14 @@ mod tests {
     #[test]
     fn a_record_lent_from_an_installed_one_writes_the_same_text() {
         let inst = installed("a", Some("0.orig"));
-        let owned = serde_json::to_string_pretty(&inst).unwrap();
-        let lent = serde_json::to_string_pretty(&inst.record()).unwrap();
+        let owned = serde_json::to_string_pretty(&inst).expect("serialised");
+        let lent = serde_json::to_string_pretty(&inst.record()).expect("serialised");
         assert_eq!(lent, owned);
-        let back: Installed = serde_json::from_str(&lent).unwrap();
-        assert_eq!(serde_json::to_string_pretty(&back).unwrap(), owned);
+        let back: Installed = serde_json::from_str(&lent).expect("parsed");
+        assert_eq!(
+            serde_json::to_string_pretty(&back).expect("serialised"),
+            owned
+        );
     }
 
     #[test]
@@ -833,15 +833,21 @@ mod tests {
             kind: TxnKind::Switch,
             from_title: "macOS 26.3 (a)".to_owned(),
             to_title: "macOS 26.3 (b)".to_owned(),
-            keep_times: vec![(PkgPath::new("Lib").unwrap(), Mtime { secs: 5, nanos: 0 })],
+            keep_times: vec![(
+                PkgPath::new("Lib").expect("a path"),
+                Mtime { secs: 5, nanos: 0 },
+            )],
             steps,
             before: Some(&before),
             after: Some(after.record()),
             kept: vec![(0, "0.orig".to_owned())],
         };
-        let written = serde_json::to_string(&journal).unwrap();
-        let read: JournalRead = serde_json::from_str(&written).unwrap();
-        assert_eq!(serde_json::to_string(&read.journal()).unwrap(), written);
+        let written = serde_json::to_string(&journal).expect("serialised");
+        let read: JournalRead = serde_json::from_str(&written).expect("parsed");
+        assert_eq!(
+            serde_json::to_string(&read.journal()).expect("serialised"),
+            written
+        );
         assert_eq!(read.steps.len(), 3);
         assert!(read.journal().steps[0].needs_content());
         assert!(!read.journal().steps[1].needs_content());

@@ -8,6 +8,7 @@
 mod container;
 mod digest;
 mod manifest;
+mod name;
 mod path;
 mod version;
 
@@ -20,5 +21,6 @@ pub use manifest::{
     pack_manifest, unpack_manifest, BaseRelease, Component, Entry, Image, Manifest, ManifestError,
     Mtime, Operation, Payload, Source, FORMAT_VERSION,
 };
+pub use name::Name;
 pub use path::{PathError, PkgPath};
 pub use version::{Letter, LetteredVersion, Version, VersionError};

@@ -2,7 +2,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Digest, Letter, PkgPath, Version};
+use crate::{Digest, Letter, Name, PkgPath, Version};
 
 /// The manifest format this crate writes and the only one it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -93,7 +93,7 @@ pub enum Operation {
     /// reference is the entry's own pre-image, or `source` (a renamed or copied old file),
     /// boxed since few entries have one (an entry is 64 bytes smaller for it).
     Delta {
-        encoder: String,
+        encoder: Name,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<Box<Source>>,
     },
@@ -137,7 +137,7 @@ pub struct Payload {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub path: PkgPath,
-    pub component: String,
+    pub component: Name,
     pub pre: Option<Image>,
     pub post: Option<Image>,
     #[serde(flatten)]
@@ -434,7 +434,7 @@ impl Manifest {
             if !holds {
                 return Err(ManifestError::EntryComponent {
                     path: entry.path.clone(),
-                    component: entry.component.clone(),
+                    component: entry.component.to_string(),
                 });
             }
             entry.check_consistent()?;
