@@ -15,7 +15,7 @@ use crate::package::{
 };
 use crate::seen::{ReadWhole, Seen};
 use crate::state::{
-    Installed, InstalledEntry, Record, RecordEntry, StateDir, StateError, STATE_FORMAT,
+    Installed, InstalledEntry, Record, RecordEntries, StateDir, StateError, STATE_FORMAT,
 };
 use crate::tree::{image_mismatch, mtime_of, observe, observe_with, Content, ScanError};
 use crate::txn::{self, Failed, Interrupted, Journal, Recovered, Step, TxnDir, TxnError, TxnKind};
@@ -993,14 +993,14 @@ fn apply_locked(
     // 2. The steps from the tree as it is to the tree this package makes, in path order: its
     //    entries (sorted by path, which the manifest's validation checked), and merged between
     //    them the paths only the installed letter touched, which go back to their base. Each
-    //    step's entry, if it has one, is `entry_of` it.
+    //    step's entry, if it has one, is `entry_of` it: looked up where it lies (both are sorted
+    //    by path), not held (2.4 MB for 150,750 entries).
     let mut only_touched = view
         .touched
         .iter()
         .filter(|(path, _)| by_path(path).is_none())
         .peekable();
     let mut steps: Vec<Step> = Vec::with_capacity(m.entries.len());
-    let mut entry_of: Vec<Option<usize>> = Vec::with_capacity(m.entries.len());
     fn back_to_base<'a>(path: &'a PkgPath, touched: &'a InstalledEntry) -> Step<'a> {
         Step {
             path,
@@ -1012,7 +1012,6 @@ fn apply_locked(
     for (i, entry) in m.entries.iter().enumerate() {
         while let Some((path, touched)) = only_touched.next_if(|(path, _)| **path < &entry.path) {
             steps.push(back_to_base(path, touched));
-            entry_of.push(None);
         }
         let current = match view.touched.get(&entry.path) {
             Some(touched) => touched.after.as_ref(),
@@ -1023,12 +1022,15 @@ fn apply_locked(
             from: current,
             to: entry.post.as_ref(),
         });
-        entry_of.push(Some(i));
     }
     for (path, touched) in only_touched {
         steps.push(back_to_base(path, touched));
-        entry_of.push(None);
     }
+    let entry_of = |j: usize| {
+        m.entries
+            .binary_search_by(|e| e.path.cmp(steps[j].path))
+            .ok()
+    };
 
     // 3. Prepare, writing nothing in the root: stage every new file (decoding payloads against
     //    the base) and keep a compressed copy of every base file this package changes; first
@@ -1069,8 +1071,9 @@ fn apply_locked(
     let unsynced = fsx::Unsynced::default();
     let prepare = |j: usize| -> Result<Option<Revert>, ApplyError> {
         let step = &steps[j];
-        let entry = entry_of[j].map(|i| &m.entries[i]);
-        let base = match entry_of[j] {
+        let entry_index = entry_of(j);
+        let entry = entry_index.map(|i| &m.entries[i]);
+        let base = match entry_index {
             Some(i) => before_of(i),
             // A path only the installed letter touched goes back to its base.
             None => step.to,
@@ -1183,7 +1186,7 @@ fn apply_locked(
         let revert = match (keep, entry) {
             (Some(keep), Some(entry)) => Some(keep_revert(
                 &txn.revert_dir(),
-                entry_of[j].unwrap_or(j),
+                entry_index.unwrap_or(j),
                 old.as_ref(),
                 keep,
                 pkg,
@@ -1233,7 +1236,7 @@ fn apply_locked(
     let mut kept = Vec::new();
     let mut revert_names: Vec<(usize, String)> = Vec::with_capacity(made.len());
     for (j, revert) in made {
-        let Some(i) = entry_of[j] else {
+        let Some(i) = entry_of(j) else {
             continue;
         };
         let name = match revert {
@@ -1247,8 +1250,6 @@ fn apply_locked(
     }
 
     // 4. The transaction: journal, write, check, record.
-    let mut names = revert_names.iter().peekable();
-    let entries = m.entries.iter().enumerate();
     let record = Record {
         format: STATE_FORMAT,
         product: &m.product,
@@ -1256,14 +1257,11 @@ fn apply_locked(
         letter: m.letter,
         package_sha256: pkg.digest,
         signer: &m.signer,
-        entries: entries
-            .map(|(i, entry)| RecordEntry {
-                path: &entry.path,
-                before: before_of(i),
-                after: entry.post.as_ref(),
-                revert: names.next_if(|(at, _)| *at == i).map(|(_, n)| n.as_str()),
-            })
-            .collect(),
+        entries: RecordEntries::Planned {
+            entries: &m.entries,
+            found: &found_images,
+            names: &revert_names,
+        },
     };
     let base_title = format!("{} {}", m.product, m.base.version);
     let journal = Journal {

@@ -146,15 +146,15 @@ fn make(
     let mut paths: Vec<&PkgPath> = base.entries.keys().chain(target.entries.keys()).collect();
     paths.sort();
     paths.dedup();
-    let mut planned = Vec::new();
+    paths.retain(|path| base.entries.get(*path) != target.entries.get(*path));
+    // One entry a changed path, room made once: grown by doubling, 150,750 entries took 63 MB
+    // for 36.
+    let mut planned = Vec::with_capacity(paths.len());
     // Each component's name, shared by its entries.
     let names: Vec<Name> = components.iter().map(|c| c.name.as_str().into()).collect();
     for path in paths {
         let pre = base.entries.get(path);
         let post = target.entries.get(path);
-        if pre == post {
-            continue;
-        }
         let at = components
             .iter()
             .position(|c| path.is_within(&c.path))
@@ -215,17 +215,21 @@ fn make(
         encode_together(batch.into_iter().map(|b| large[b]).collect())?;
     }
     progress.finish();
+    // The trees as scanned are not needed past the encoding; the manifest is packed without
+    // them (a tree of 150,750 entries a side scanned into 38 MB).
+    drop(references);
+    drop((base, target));
 
     let mut offset = 0u64;
     let mut order = Vec::new();
     for (entry, encoded) in planned.iter_mut().zip(encoded) {
         if let Some((op, spilled)) = encoded {
             entry.op = op;
-            entry.payload = Some(Payload {
+            entry.payload = Some(Box::new(Payload {
                 offset,
                 len: spilled.len,
                 sha256: spilled.sha256,
-            });
+            }));
             offset += spilled.len;
             order.push(spilled);
         }

@@ -193,7 +193,7 @@ impl VerifiedPackage {
         let mut spans: Vec<(&Payload, &PkgPath)> = manifest
             .entries
             .iter()
-            .filter_map(|e| e.payload.as_ref().map(|p| (p, &e.path)))
+            .filter_map(|e| e.payload.as_deref().map(|p| (p, &e.path)))
             .collect();
         // validate() proved the payloads contiguous, covering the whole section.
         spans.sort_by_key(|(p, _)| p.offset);

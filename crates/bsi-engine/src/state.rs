@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use bsi_format::{BaseRelease, Digest, Image, Letter, PkgPath};
+use bsi_format::{BaseRelease, Digest, Entry, Image, Letter, PkgPath};
 use serde::{Deserialize, Serialize};
 
 use crate::FsError;
@@ -70,12 +70,6 @@ pub(crate) struct InstalledEntry {
 impl Installed {
     /// This record as one to write, lent from it.
     pub fn record(&self) -> Record<'_> {
-        let entries = self.entries.iter().map(|e| RecordEntry {
-            path: &e.path,
-            before: e.before.as_ref(),
-            after: e.after.as_ref(),
-            revert: e.revert.as_deref(),
-        });
         Record {
             format: self.format,
             product: &self.product,
@@ -83,14 +77,13 @@ impl Installed {
             letter: self.letter,
             package_sha256: self.package_sha256,
             signer: &self.signer,
-            entries: entries.collect(),
+            entries: RecordEntries::Lent(&self.entries),
         }
     }
 }
 
-/// An installed record to write, written as [`Installed`] is read, borrowing its paths and
-/// images from where they are held (an apply's entries and the images it found): 40 bytes an
-/// entry, where an [`InstalledEntry`] of its own took 168.
+/// An installed record to write, written as [`Installed`] is read. Its entries are made as
+/// they are written, from where their paths and images are held (see [`RecordEntries`]).
 #[derive(Debug, Serialize)]
 pub(crate) struct Record<'a> {
     pub format: u32,
@@ -99,7 +92,64 @@ pub(crate) struct Record<'a> {
     pub letter: Letter,
     pub package_sha256: Digest,
     pub signer: &'a str,
-    pub entries: Vec<RecordEntry<'a>>,
+    pub entries: RecordEntries<'a>,
+}
+
+/// Where the entries of a [`Record`] come from: nothing is held for them but what they borrow
+/// (a vector of entries that borrowed took 40 bytes an entry, 6 MB for 150,750 entries).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RecordEntries<'a> {
+    /// Those of an installed record.
+    Lent(&'a [InstalledEntry]),
+    /// Those an apply makes, one for each entry of its package: the path and the post-image
+    /// of the entry; before it, the image `found` at its path where that is not the entry's
+    /// pre-image (in the entries' order); and the revert data's name where `names` has one
+    /// (by entry, in order).
+    Planned {
+        entries: &'a [Entry],
+        found: &'a [Option<Box<Image>>],
+        names: &'a [(usize, String)],
+    },
+}
+
+impl<'a> RecordEntries<'a> {
+    /// The entries, in order.
+    pub fn iter(self) -> impl Iterator<Item = RecordEntry<'a>> {
+        let (lent, planned) = match self {
+            RecordEntries::Lent(entries) => (Some(entries), None),
+            RecordEntries::Planned {
+                entries,
+                found,
+                names,
+            } => (None, Some((entries, found, names))),
+        };
+        let lent = lent.into_iter().flatten().map(|e| RecordEntry {
+            path: &e.path,
+            before: e.before.as_ref(),
+            after: e.after.as_ref(),
+            revert: e.revert.as_deref(),
+        });
+        let planned = planned.into_iter().flat_map(|(entries, found, names)| {
+            let mut names = names.iter().peekable();
+            entries
+                .iter()
+                .zip(found)
+                .enumerate()
+                .map(move |(i, (entry, found))| RecordEntry {
+                    path: &entry.path,
+                    before: found.as_deref().or(entry.pre.as_ref()),
+                    after: entry.post.as_ref(),
+                    revert: names.next_if(|(at, _)| *at == i).map(|(_, n)| n.as_str()),
+                })
+        });
+        lent.chain(planned)
+    }
+}
+
+impl Serialize for RecordEntries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
 }
 
 /// An [`InstalledEntry`] to write.

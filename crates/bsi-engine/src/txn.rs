@@ -307,14 +307,16 @@ pub(crate) fn pending(state: &StateDir) -> Result<Option<Interrupted>, TxnError>
     }))
 }
 
-/// Directories above `steps` that are not steps themselves, with their current times.
+/// Directories above `steps` (sorted by path) that are not steps themselves, with their current
+/// times.
 pub(crate) fn times_to_keep(root: &Path, steps: &[Step]) -> Vec<(PkgPath, Mtime)> {
-    let stepped: std::collections::BTreeSet<&PkgPath> = steps.iter().map(|s| s.path).collect();
+    // Looked up where they lie, not in a set of every path (2 MB for 150,750 steps).
+    let stepped = |dir: &PkgPath| steps.binary_search_by(|s| s.path.cmp(dir)).is_ok();
     let mut keep: BTreeMap<PkgPath, Mtime> = BTreeMap::new();
     for step in steps {
         let mut parent = step.path.parent();
         while let Some(dir) = parent {
-            if !stepped.contains(&dir) && !keep.contains_key(&dir) {
+            if !keep.contains_key(&dir) && !stepped(&dir) {
                 if let Ok(meta) = fs::symlink_metadata(root.join(dir.as_str())) {
                     if meta.is_dir() {
                         keep.insert(dir.clone(), mtime_of(&meta));
@@ -813,6 +815,43 @@ mod tests {
         assert_eq!(
             serde_json::to_string_pretty(&back).expect("serialised"),
             owned
+        );
+    }
+
+    /// An apply's record is made from its package's entries as it is written: each entry's
+    /// image found where there is one, else its pre-image, and each revert name at its entry.
+    #[test]
+    fn a_record_made_from_entries_writes_what_an_installed_one_would() {
+        let inst = installed("a", None);
+        let mut entries: Vec<bsi_format::Entry> = inst
+            .entries
+            .iter()
+            .map(|e| bsi_format::Entry {
+                path: e.path.clone(),
+                component: "webkit".into(),
+                pre: e.before.clone(),
+                post: e.after.clone(),
+                op: bsi_format::Operation::Replace,
+                payload: None,
+            })
+            .collect();
+        // The first path held the pre-image at another time; the last has revert data.
+        let found = file(1, 11);
+        entries[0].pre = Some(file(1, 10));
+        let mut expected = inst.clone();
+        expected.entries[0].before = Some(found.clone());
+        expected.entries[2].revert = Some("2.rev".to_owned());
+        let made = crate::state::Record {
+            entries: crate::state::RecordEntries::Planned {
+                entries: &entries,
+                found: &[Some(Box::new(found)), None, None],
+                names: &[(2, "2.rev".to_owned())],
+            },
+            ..inst.record()
+        };
+        assert_eq!(
+            serde_json::to_string_pretty(&made).expect("serialised"),
+            serde_json::to_string_pretty(&expected).expect("serialised")
         );
     }
 

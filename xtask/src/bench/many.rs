@@ -16,7 +16,11 @@ use super::{bsi_build_apply, mib, os, secs, thousands, Measure, Runner, BSI_COPY
 use crate::tree::compare_trees;
 
 /// The trees, by name: how many directories of [`FILES_PER_DIR`] files.
-pub(super) const TREES: &[(&str, usize)] = &[("entries-50k", 250), ("entries-100k", 500)];
+pub(super) const TREES: &[(&str, usize)] = &[
+    ("entries-50k", 250),
+    ("entries-100k", 500),
+    ("entries-150k", 750),
+];
 
 const FILES_PER_DIR: usize = 200;
 
