@@ -42,11 +42,26 @@ pub(crate) struct InstalledHead {
 /// A form of the installed record that can be loaded.
 trait Recorded: serde::de::DeserializeOwned {
     fn format(&self) -> u32;
+
+    /// What makes it damaged beyond its format, if anything.
+    fn flaw(&self) -> Option<String> {
+        None
+    }
 }
 
 impl Recorded for Installed {
     fn format(&self) -> u32 {
         self.format
+    }
+
+    /// Its entries are in path order, each path once, as an apply writes them: a revert rolls
+    /// them in that order and an apply looks them up where they lie.
+    fn flaw(&self) -> Option<String> {
+        let pair = self.entries.windows(2).find(|w| w[0].path >= w[1].path)?;
+        Some(format!(
+            "entry {} is not after {}",
+            pair[1].path, pair[0].path
+        ))
     }
 }
 
@@ -223,6 +238,9 @@ impl StateDir {
                 reason: format!("state format {format} is not 1 to {STATE_FORMAT}"),
             });
         }
+        if let Some(reason) = installed.flaw() {
+            return Err(StateError::Damaged { path, reason });
+        }
         Ok(Some(installed))
     }
 
@@ -231,5 +249,53 @@ impl StateDir {
         crate::fsx::write_atomically_with(&self.installed_path(), |out| {
             serde_json::to_writer_pretty(out, installed).map_err(std::io::Error::from)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An installed record whose entries are out of path order, or name a path twice, is
+    /// damaged: an apply and a revert rely on that order.
+    #[test]
+    fn a_record_out_of_path_order_is_damaged() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let state = StateDir::new(dir.path());
+        let entry = |path: &str| InstalledEntry {
+            path: PkgPath::new(path).expect("a path"),
+            before: None,
+            after: Some(Image::Dir {
+                mode: 0o755,
+                mtime: bsi_format::Mtime { secs: 1, nanos: 0 },
+            }),
+            revert: None,
+        };
+        let record = |paths: &[&str]| Installed {
+            format: STATE_FORMAT,
+            product: "macOS".to_owned(),
+            base: BaseRelease {
+                version: "26.3".parse().expect("a version"),
+                build: None,
+            },
+            letter: "a".parse().expect("a letter"),
+            package_sha256: Digest([7; 32]),
+            signer: "example".to_owned(),
+            entries: paths.iter().map(|p| entry(p)).collect(),
+        };
+        for (paths, ok) in [
+            (&["Lib", "Lib/a", "Lib/b"][..], true),
+            (&["Lib", "Lib/b", "Lib/a"][..], false),
+            (&["Lib", "Lib/a", "Lib/a"][..], false),
+        ] {
+            state.save(&record(paths).record()).expect("saved");
+            match (state.load(), ok) {
+                (Ok(Some(loaded)), true) => assert_eq!(loaded.entries.len(), 3),
+                (Err(StateError::Damaged { reason, .. }), false) => {
+                    assert!(reason.contains("is not after Lib/"), "{reason}")
+                }
+                (got, _) => panic!("{paths:?}: {got:?}"),
+            }
+        }
     }
 }

@@ -104,8 +104,8 @@ pub(crate) struct Journal<'a> {
     pub steps: Vec<Step<'a>>,
     /// Directories above the steps that keep their time whichever way the transaction goes.
     pub keep_times: Vec<(PkgPath, Mtime)>,
-    /// The installed record before and after (`None`: no patch installed).
-    pub before: Option<&'a Installed>,
+    /// The installed record after (`None`: no patch installed). The record before stays in
+    /// its file until the commit replaces it; nothing reads it from the journal.
     pub after: Option<Record<'a>>,
     /// Base files the new revert data keeps as they were: the step whose old file `undo/`
     /// holds once the root holds the new tree, and its name in the revert data.
@@ -122,7 +122,10 @@ struct JournalRead {
     to_title: String,
     steps: Vec<StepRead>,
     keep_times: Vec<(PkgPath, Mtime)>,
-    before: Option<Installed>,
+    /// The record before, which an earlier bsi wrote here (as large as the record): skipped
+    /// as it is read.
+    #[serde(default, rename = "before")]
+    _before: Option<serde::de::IgnoredAny>,
     after: Option<Installed>,
     #[serde(default)]
     kept: Vec<(usize, String)>,
@@ -143,7 +146,6 @@ impl JournalRead {
             to_title: self.to_title.clone(),
             steps: steps.collect(),
             keep_times: self.keep_times.clone(),
-            before: self.before.as_ref(),
             after: self.after.as_ref().map(Installed::record),
             kept: self.kept.clone(),
         }
@@ -877,12 +879,24 @@ mod tests {
                 Mtime { secs: 5, nanos: 0 },
             )],
             steps,
-            before: Some(&before),
             after: Some(after.record()),
             kept: vec![(0, "0.orig".to_owned())],
         };
         let written = serde_json::to_string(&journal).expect("serialised");
         let read: JournalRead = serde_json::from_str(&written).expect("parsed");
+        assert_eq!(
+            serde_json::to_string(&read.journal()).expect("serialised"),
+            written
+        );
+        // An earlier bsi wrote the record before too: its journal reads as the same one.
+        let record = serde_json::to_string(&before).expect("serialised");
+        let older = written.replacen(
+            r#","after":"#,
+            &format!(r#","before":{record},"after":"#),
+            1,
+        );
+        assert!(older.len() > written.len() + record.len());
+        let read: JournalRead = serde_json::from_str(&older).expect("an earlier journal parses");
         assert_eq!(
             serde_json::to_string(&read.journal()).expect("serialised"),
             written

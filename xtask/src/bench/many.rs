@@ -1,8 +1,8 @@
 //! Trees of many small entries: the issue's memory bounds hold "whatever the tree size", and the
 //! pairs above have a few hundred entries at most. Each tree is `dirs` directories of 200 files
 //! of a few bytes; the new tree gives every file and directory another time and one file other
-//! bytes. No peer runs: their patches carry no times, so only bsi's figures and bounds are
-//! shown.
+//! bytes, and the next tree, letter (b) over the same base, gives them a third time. No peer
+//! runs: their patches carry no times, so only bsi's figures and bounds are shown.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context, Result};
 use filetime::FileTime;
 
-use super::{bsi_build_apply, mib, os, secs, thousands, Measure, Runner, BSI_COPY, CACHE};
+use super::{
+    bsi_build_apply, mib, os, secs, thousands, Measure, Runner, BSI_COPY, CACHE, KEY, TRUST,
+};
 use crate::tree::compare_trees;
 
 /// The trees, by name: how many directories of [`FILES_PER_DIR`] files.
@@ -36,6 +38,9 @@ pub(super) struct ManyResult {
     package: u64,
     build: Measure,
     apply: Measure,
+    /// Letter (b) applied over (a): every entry switched.
+    switch: Measure,
+    /// The revert of (b).
     revert: Measure,
 }
 
@@ -49,13 +54,25 @@ impl ManyResult {
     }
 }
 
-/// The old and new trees of `name`, written once into the bench cache.
-fn prepare(ws: &Path, name: &str, dirs: usize) -> Result<(PathBuf, PathBuf)> {
+/// The trees of `name`: old, new (letter (a)) and next (letter (b)).
+struct Trees {
+    old: PathBuf,
+    new: PathBuf,
+    next: PathBuf,
+}
+
+/// The trees of `name`, written once into the bench cache.
+fn prepare(ws: &Path, name: &str, dirs: usize) -> Result<Trees> {
     let top = ws.join(CACHE).join("many").join(name);
-    let (old, new) = (top.join("old"), top.join("new"));
-    let done = top.join(".done");
+    let trees = Trees {
+        old: top.join("old"),
+        new: top.join("new"),
+        next: top.join("next"),
+    };
+    // Named for the trees it vouches for: a cache without `next` is written again.
+    let done = top.join(".done-old-new-next");
     if done.exists() {
-        return Ok((old, new));
+        return Ok(trees);
     }
     if top.exists() {
         fs::remove_dir_all(&top).with_context(|| format!("removing {}", top.display()))?;
@@ -66,7 +83,11 @@ fn prepare(ws: &Path, name: &str, dirs: usize) -> Result<(PathBuf, PathBuf)> {
         dirs * (FILES_PER_DIR + 1)
     );
     let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_000_000);
-    for (tree, shift) in [(&old, 0), (&new, 86_400)] {
+    for (tree, shift) in [
+        (&trees.old, 0),
+        (&trees.new, 86_400),
+        (&trees.next, 172_800),
+    ] {
         let at = |i: usize| {
             FileTime::from_system_time(base + Duration::from_secs(shift + i as u64 % 3_600))
         };
@@ -75,8 +96,12 @@ fn prepare(ws: &Path, name: &str, dirs: usize) -> Result<(PathBuf, PathBuf)> {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for f in 0..FILES_PER_DIR {
                 let file = dir.join(format!("file{f:03}.txt"));
-                let changed = shift > 0 && d == 0 && f == 0;
-                let text = format!("content {d} {f}{}\n", if changed { " changed" } else { "" });
+                let changed = match (shift, d, f) {
+                    (0, _, _) | (_, 1.., _) | (_, _, 1..) => "",
+                    (86_400, ..) => " changed",
+                    _ => " changed again",
+                };
+                let text = format!("content {d} {f}{changed}\n");
                 fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
                 filetime::set_file_mtime(&file, at(f))
                     .with_context(|| format!("setting the time of {}", file.display()))?;
@@ -86,13 +111,57 @@ fn prepare(ws: &Path, name: &str, dirs: usize) -> Result<(PathBuf, PathBuf)> {
         }
     }
     fs::write(&done, b"").with_context(|| format!("writing {}", done.display()))?;
-    Ok((old, new))
+    Ok(trees)
 }
 
-/// Build, apply and revert on the tree `name`, checking the tree after each.
+/// Build, apply, switch to (b) and revert on the tree `name`, checking the tree after each.
 pub(super) fn run(r: &Runner, name: &str, dirs: usize) -> Result<ManyResult> {
-    let (old, new) = prepare(&r.ws, name, dirs)?;
+    let Trees { old, new, next } = prepare(&r.ws, name, dirs)?;
     let done = bsi_build_apply(r, name, &old, &new)?;
+    let next_pkg = r.scratch.join(format!("{name}-b.bsi"));
+    r.run(
+        BSI_COPY,
+        &os(&[
+            &"build",
+            &"--base",
+            &old,
+            &"--target",
+            &next,
+            &"--product",
+            &"bench",
+            &"--base-version",
+            &"1",
+            &"--letter",
+            &"b",
+            &"--key",
+            &KEY,
+            &"--out",
+            &next_pkg,
+            &"--quiet",
+        ]),
+    )?;
+    let switch = r.run(
+        BSI_COPY,
+        &os(&[
+            &"apply",
+            &next_pkg,
+            &"--root",
+            &done.root,
+            &"--trust",
+            &TRUST,
+            &"--state-dir",
+            &done.state,
+            &"--quiet",
+        ]),
+    )?;
+    let diffs = compare_trees(&done.root, &next, &[])?;
+    if let Some(d) = diffs.first() {
+        bail!(
+            "bsi apply of (b) over (a) left a tree that differs from the next one in {} places, \
+             first {d}",
+            diffs.len()
+        );
+    }
     let revert = r.run(
         BSI_COPY,
         &os(&[
@@ -118,6 +187,7 @@ pub(super) fn run(r: &Runner, name: &str, dirs: usize) -> Result<ManyResult> {
         package: done.bytes,
         build: done.build,
         apply: done.apply,
+        switch,
         revert,
     })
 }
@@ -139,10 +209,11 @@ pub(super) fn table(results: &[ManyResult]) -> String {
     let _ = writeln!(
         s,
         "Generated trees of directories of {FILES_PER_DIR} small files ({}): every time \
-         changed, one file's bytes. Run once each (the figures that matter are memory). Bounds (the issue's): \
-         apply at most the largest file plus 64 MiB, build at most 6 times it plus 256 MiB; the \
-         revert is held to the apply's. Every tree is checked after the apply and after the \
-         revert.\n",
+         changed, one file's bytes; then letter (b), every time changed again, applied over (a) \
+         (switch), and reverted. Run once each (the figures that matter are memory). Bounds (the \
+         issue's): apply at most the largest file plus 64 MiB, build at most 6 times it plus 256 \
+         MiB; the switch and the revert are held to the apply's. Every tree is checked after the \
+         apply, the switch and the revert.\n",
         TREES
             .iter()
             .map(|(name, dirs)| format!("{name}: {dirs}"))
@@ -151,11 +222,11 @@ pub(super) fn table(results: &[ManyResult]) -> String {
     );
     let _ = writeln!(
         s,
-        "| tree | entries | package B | build s | build MiB | apply s | apply MiB | revert s | revert MiB | bound MiB (apply / build) | apply | revert | build |"
+        "| tree | entries | package B | build s | build MiB | apply s | apply MiB | switch s | switch MiB | revert s | revert MiB | bound MiB (apply / build) | apply | switch | revert | build |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"
     );
     for m in results {
         let verdict = |measure: &Measure, bound: u64| match measure.rss_kib {
@@ -165,7 +236,7 @@ pub(super) fn table(results: &[ManyResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} |",
             m.name,
             thousands(m.entries as u64),
             thousands(m.package),
@@ -173,11 +244,14 @@ pub(super) fn table(results: &[ManyResult]) -> String {
             mib(m.build.rss_kib),
             secs(m.apply.secs),
             mib(m.apply.rss_kib),
+            secs(m.switch.secs),
+            mib(m.switch.rss_kib),
             secs(m.revert.secs),
             mib(m.revert.rss_kib),
             mib(Some(m.apply_bound_kib())),
             mib(Some(m.build_bound_kib())),
             verdict(&m.apply, m.apply_bound_kib()),
+            verdict(&m.switch, m.apply_bound_kib()),
             verdict(&m.revert, m.apply_bound_kib()),
             verdict(&m.build, m.build_bound_kib()),
         );
