@@ -762,11 +762,9 @@ struct Applied {
     state: PathBuf,
 }
 
-/// bsi builds a package `name.bsi` from `old` to `new` and applies it to a fresh copy of `old`
-/// in the scratch directory; the tree is checked to equal `new`.
-fn bsi_build_apply(r: &Runner, name: &str, old: &Path, new: &Path) -> Result<Applied> {
-    let pkg = r.scratch.join(format!("{name}.bsi"));
-    let build = r.run(
+/// bsi builds a package `out` from `old` to `new`, as letter `letter` of the bench's release.
+fn bsi_build(r: &Runner, old: &Path, new: &Path, letter: &str, out: &Path) -> Result<Measure> {
+    r.run(
         BSI_COPY,
         &os(&[
             &"build",
@@ -779,14 +777,21 @@ fn bsi_build_apply(r: &Runner, name: &str, old: &Path, new: &Path) -> Result<App
             &"--base-version",
             &"1",
             &"--letter",
-            &"a",
+            &letter,
             &"--key",
             &KEY,
             &"--out",
-            &pkg,
+            &out,
             &"--quiet",
         ]),
-    )?;
+    )
+}
+
+/// bsi builds a package `name.bsi` from `old` to `new` and applies it to a fresh copy of `old`
+/// in the scratch directory; the tree is checked to equal `new`.
+fn bsi_build_apply(r: &Runner, name: &str, old: &Path, new: &Path) -> Result<Applied> {
+    let pkg = r.scratch.join(format!("{name}.bsi"));
+    let build = bsi_build(r, old, new, "a", &pkg)?;
     let bytes = fs::metadata(&pkg)
         .with_context(|| format!("bsi build did not write {}", pkg.display()))?
         .len();

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use filetime::FileTime;
 
 use super::{
-    bsi_build_apply, mib, os, secs, thousands, Measure, Runner, BSI_COPY, CACHE, KEY, TRUST,
+    bsi_build, bsi_build_apply, mib, os, secs, thousands, Measure, Runner, BSI_COPY, CACHE, TRUST,
 };
 use crate::tree::compare_trees;
 
@@ -119,27 +119,7 @@ pub(super) fn run(r: &Runner, name: &str, dirs: usize) -> Result<ManyResult> {
     let Trees { old, new, next } = prepare(&r.ws, name, dirs)?;
     let done = bsi_build_apply(r, name, &old, &new)?;
     let next_pkg = r.scratch.join(format!("{name}-b.bsi"));
-    r.run(
-        BSI_COPY,
-        &os(&[
-            &"build",
-            &"--base",
-            &old,
-            &"--target",
-            &next,
-            &"--product",
-            &"bench",
-            &"--base-version",
-            &"1",
-            &"--letter",
-            &"b",
-            &"--key",
-            &KEY,
-            &"--out",
-            &next_pkg,
-            &"--quiet",
-        ]),
-    )?;
+    bsi_build(r, &old, &next, "b", &next_pkg)?;
     let switch = r.run(
         BSI_COPY,
         &os(&[
