@@ -1024,7 +1024,7 @@ fn apply_locked(
             to: touched.before.as_ref(),
         }
     }
-    let before_of = |i: usize| found_images[i].as_deref().or(m.entries[i].pre.as_ref());
+    let before_of = |i: usize| crate::state::before(&m.entries[i], &found_images[i]);
     for (i, entry) in m.entries.iter().enumerate() {
         while let Some((path, touched)) = only_touched.next_if(|(path, _)| *path < &entry.path) {
             steps.push(back_to_base(path, touched));

@@ -152,13 +152,19 @@ impl<'a> RecordEntries<'a> {
                 .enumerate()
                 .map(move |(i, (entry, found))| RecordEntry {
                     path: &entry.path,
-                    before: found.as_deref().or(entry.pre.as_ref()),
+                    before: before(entry, found),
                     after: entry.post.as_ref(),
                     revert: names.next_if(|(at, _)| *at == i).map(|(_, n)| n.as_str()),
                 })
         });
         lent.chain(planned)
     }
+}
+
+/// What `entry`'s path held before an apply: the image `found` there where it is not the
+/// entry's pre-image exactly (its time differs), else that pre-image.
+pub(crate) fn before<'a>(entry: &'a Entry, found: &'a Option<Box<Image>>) -> Option<&'a Image> {
+    found.as_deref().or(entry.pre.as_ref())
 }
 
 impl Serialize for RecordEntries<'_> {
