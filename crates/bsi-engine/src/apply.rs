@@ -896,7 +896,7 @@ fn apply_locked(
     progress: &dyn Progress,
 ) -> Result<ApplyOutcome, ApplyError> {
     let m = &pkg.manifest;
-    let installed = state.load()?;
+    let installed = state.load_sharing(&m.entries)?;
     let seen = Seen::default();
     let package_title = pkg.title();
     if let Some(inst) = &installed {
