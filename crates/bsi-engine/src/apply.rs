@@ -1281,7 +1281,6 @@ fn apply_locked(
     };
     let base_title = format!("{} {}", m.product, m.base.version);
     let journal = Journal {
-        format: txn::JOURNAL_FORMAT,
         kind: if installed.is_some() {
             TxnKind::Switch
         } else {
@@ -1427,7 +1426,6 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
         .inspect_err(|_| txn.abandon())?;
     let letter = inst.letter;
     let journal = Journal {
-        format: txn::JOURNAL_FORMAT,
         kind: TxnKind::Revert,
         from_title: release_title(&inst.product, &inst.base.version, inst.letter),
         to_title: format!("{} {}", inst.product, inst.base.version),

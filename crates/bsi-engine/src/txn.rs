@@ -6,17 +6,20 @@
 //! 1. Prepare, writing nothing in the root: every new file is staged in `STATE/txn/stage/`
 //!    (its writeback started as it is written, all of them synced once all are written), the
 //!    new revert data in `STATE/txn/revert/`.
-//! 2. Write the journal (`STATE/txn/journal.json`, atomically, synced): every step with its
-//!    image before and after, the directory times to keep, and the installed record before and
-//!    after. From here on the transaction can be completed or rolled back from disk alone.
+//! 2. Stage the installed record after as `STATE/txn/installed.json` (synced), then write the
+//!    journal (`STATE/txn/journal.json`, atomically, synced): every step with its image before
+//!    and after, one per line, which recovery reads back a block at a time, then a head line
+//!    (titles, the directory times to keep, the base files kept, whether a record is staged,
+//!    how many steps). From here on the transaction can be completed or rolled back from disk
+//!    alone.
 //! 3. Roll forward, each step idempotent: removals children first (an old file or symlink is
 //!    moved to `STATE/txn/undo/`), placements parents first (an old file is hard-linked into
 //!    `undo/` before the staged file is renamed over it, so that the path always holds a whole
 //!    file), then permission bits and times; every directory that changed is synced; then
 //!    every path is checked against its image.
 //! 4. Commit: link the base files the new revert data keeps as they were from `undo/`, mark
-//!    `committed`, write the installed record, swap in the new revert data, remove the journal,
-//!    then the rest of `STATE/txn/`.
+//!    `committed`, move the staged installed record into place, swap in the new revert data,
+//!    remove the journal, then the rest of `STATE/txn/`.
 //!
 //! A failure before the commit writes the `rollback` mark and runs the same steps backwards with
 //! `undo/` as the source. Recovery after a crash reads the journal: rolls back when marked so,
@@ -38,10 +41,16 @@ use crate::fsx::{self, OwnDir, RootDir};
 use crate::seen::Seen;
 use crate::state::{Installed, Record, StateDir};
 use crate::tree::{describe_mismatch, matches_image, mtime_of, observe_with, Content, ScanError};
-use crate::FsError;
+use crate::{FsContext, FsError};
 
-/// Journal format written: 2 adds `kept`; 1, which an earlier bsi wrote, is still read.
-pub(crate) const JOURNAL_FORMAT: u32 = 2;
+/// Journal format written: 3 is a head line then a line per step, the record after staged in
+/// a file of its own; 2 added `kept` to 1, one document holding the steps and the records.
+/// Formats 1 and 2, which an earlier bsi wrote, are still read.
+pub(crate) const JOURNAL_FORMAT: u32 = 3;
+
+/// The steps of a journal of format 3 that its reader holds at once, and the steps between
+/// the places it notes in the file (see [`JournalLines`]).
+const BLOCK: usize = 4096;
 
 /// What a transaction does, as a person would say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,12 +99,14 @@ struct StepRead {
     to: Option<Image>,
 }
 
-/// What a transaction does, written as the journal before the root is touched. It borrows
-/// what it records: the steps as above, and the installed records before and after from
-/// wherever they are held. [`JournalRead`] is the same journal read back.
-#[derive(Debug, Serialize)]
+/// What a transaction does, written as the journal before the root is touched (format 3, see
+/// [`Journal::write`]; its record after is staged beside it). It borrows what it
+/// records: the steps as above, and the installed record after from wherever it is held.
+/// [`JournalLines`] is such a journal read back, [`JournalRead`] one of format 1 or 2, a
+/// single document, which its serialisation gives in the tests.
+#[derive(Debug)]
+#[cfg_attr(test, derive(Serialize))]
 pub(crate) struct Journal<'a> {
-    pub format: u32,
     pub kind: TxnKind,
     /// The release before and after, for messages: `macOS 26.3`, `macOS 26.3 (a)`.
     pub from_title: String,
@@ -116,7 +127,9 @@ pub(crate) struct Journal<'a> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JournalRead {
-    format: u32,
+    /// 1 or 2, as the journal's first bytes said.
+    #[serde(rename = "format")]
+    _format: u32,
     kind: TxnKind,
     from_title: String,
     to_title: String,
@@ -131,16 +144,21 @@ struct JournalRead {
     kept: Vec<(usize, String)>,
 }
 
+impl StepRead {
+    fn step(&self) -> Step<'_> {
+        Step {
+            path: &self.path,
+            from: self.from.as_ref(),
+            to: self.to.as_ref(),
+        }
+    }
+}
+
 impl JournalRead {
     /// The journal that was written, lent from this one.
     fn journal(&self) -> Journal<'_> {
-        let steps = self.steps.iter().map(|s| Step {
-            path: &s.path,
-            from: s.from.as_ref(),
-            to: s.to.as_ref(),
-        });
+        let steps = self.steps.iter().map(StepRead::step);
         Journal {
-            format: self.format,
             kind: self.kind,
             from_title: self.from_title.clone(),
             to_title: self.to_title.clone(),
@@ -148,6 +166,247 @@ impl JournalRead {
             keep_times: self.keep_times.clone(),
             after: self.after.as_ref().map(Installed::record),
             kept: self.kept.clone(),
+        }
+    }
+}
+
+/// The first line of a journal of format 3, as written: everything but the steps, which
+/// follow one per line, and the record after, staged as `txn/installed.json`.
+#[derive(Debug, Serialize)]
+struct HeadOut<'a> {
+    format: u32,
+    kind: TxnKind,
+    from_title: &'a str,
+    to_title: &'a str,
+    keep_times: &'a [(PkgPath, Mtime)],
+    kept: &'a [(usize, String)],
+    /// Whether an installed record is staged (a revert leaves none).
+    record: bool,
+    /// How many step lines follow.
+    steps: usize,
+}
+
+/// [`HeadOut`] as read back.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Head {
+    format: u32,
+    kind: TxnKind,
+    from_title: String,
+    to_title: String,
+    keep_times: Vec<(PkgPath, Mtime)>,
+    kept: Vec<(usize, String)>,
+    record: bool,
+    steps: usize,
+}
+
+impl Journal<'_> {
+    /// Write this journal as format 3 in `txn` (its record is staged apart, see [`run`]),
+    /// atomically: its steps one per line, then its head on the last line (what the steps are
+    /// is known only once they are written when they are made as they are written).
+    fn write(&self, txn: &TxnDir) -> Result<(), FsError> {
+        let head = HeadOut {
+            format: JOURNAL_FORMAT,
+            kind: self.kind,
+            from_title: &self.from_title,
+            to_title: &self.to_title,
+            keep_times: &self.keep_times,
+            kept: &self.kept,
+            record: self.after.is_some(),
+            steps: self.steps.len(),
+        };
+        fsx::write_atomically_with(&txn.journal(), |out| {
+            write_steps(&self.steps, out)?;
+            serde_json::to_writer(&mut *out, &head)?;
+            out.write_all(b"\n")
+        })
+    }
+}
+
+/// Write `steps` one per line, as a journal of format 3 holds them.
+fn write_steps<'s>(
+    steps: impl IntoIterator<Item = &'s Step<'s>>,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    for step in steps {
+        serde_json::to_writer(&mut *out, step)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// What is done with each block of steps, given the index of its first.
+pub(crate) type EachBlock<'e> = dyn FnMut(usize, &[Step<'_>]) -> Result<(), TxnError> + 'e;
+
+/// The steps of a transaction as the roll walks them: a block of [`BLOCK`] at a time, each
+/// with the index of its first step, from the first block or from the last.
+pub(crate) trait Steps {
+    fn blocks(&self, back: bool, each: &mut EachBlock<'_>) -> Result<(), TxnError>;
+}
+
+impl Steps for Vec<Step<'_>> {
+    fn blocks(&self, back: bool, each: &mut EachBlock<'_>) -> Result<(), TxnError> {
+        let starts = (0..self.len()).step_by(BLOCK);
+        let mut block = |start: usize| each(start, &self[start..(start + BLOCK).min(self.len())]);
+        match back {
+            false => starts.into_iter().try_for_each(&mut block),
+            true => starts.rev().try_for_each(&mut block),
+        }
+    }
+}
+
+/// A journal of format 3 on disk: its head, and where every `block`th step's line starts, so
+/// that the steps are read a block at a time, in either order, and never held all at once
+/// (recovering a switch of 150,750 entries held 74.5 MiB with the journal read whole).
+struct JournalLines {
+    path: PathBuf,
+    head: Head,
+    block: usize,
+    marks: Vec<u64>,
+}
+
+impl JournalLines {
+    /// Read the journal at `path` through: each step's line parsed, so that a damaged journal
+    /// is refused before anything is done from it, and the head, its last line.
+    fn read(path: &Path, block: usize) -> Result<JournalLines, TxnError> {
+        use std::io::BufRead as _;
+        let read_error = |e: std::io::Error| TxnError::from(FsError::new("read", path, e));
+        let damaged = |reason: String| TxnError::Journal {
+            path: path.to_owned(),
+            reason,
+        };
+        let file = fs::File::open(path).map_err(read_error)?;
+        let mut reader = std::io::BufReader::new(file);
+        // The line before the one just read: a step, unless it is the last.
+        let (mut last, mut line) = (String::new(), String::new());
+        let mut marks = Vec::new();
+        let (mut offset, mut count) = (0u64, 0usize);
+        let mut last_len = reader.read_line(&mut last).map_err(read_error)?;
+        loop {
+            line.clear();
+            let len = reader.read_line(&mut line).map_err(read_error)?;
+            if len == 0 {
+                break;
+            }
+            if count.is_multiple_of(block) {
+                marks.push(offset);
+            }
+            serde_json::from_str::<StepRead>(&last)
+                .map_err(|e| damaged(format!("step {count}: {e}")))?;
+            offset += last_len as u64;
+            count += 1;
+            std::mem::swap(&mut last, &mut line);
+            last_len = len;
+        }
+        let head: Head = serde_json::from_str(&last)
+            .map_err(|e| damaged(format!("its last line is not its head: {e}")))?;
+        if head.format != JOURNAL_FORMAT {
+            return Err(damaged(format!("its head names format {}", head.format)));
+        }
+        if count != head.steps {
+            return Err(damaged(format!(
+                "it has {count} steps where its head names {}",
+                head.steps
+            )));
+        }
+        Ok(JournalLines {
+            path: path.to_owned(),
+            head,
+            block,
+            marks,
+        })
+    }
+}
+
+impl Steps for JournalLines {
+    fn blocks(&self, back: bool, each: &mut EachBlock<'_>) -> Result<(), TxnError> {
+        use std::io::{BufRead as _, Seek as _};
+        let path = &self.path;
+        let read_error = |e: std::io::Error| TxnError::from(FsError::new("read", path, e));
+        let mut reader = std::io::BufReader::new(fs::File::open(path).map_err(read_error)?);
+        let mut line = String::new();
+        let mut block = |k: usize| -> Result<(), TxnError> {
+            reader
+                .seek(std::io::SeekFrom::Start(self.marks[k]))
+                .map_err(read_error)?;
+            let first = k * self.block;
+            let count = self.block.min(self.head.steps - first);
+            let mut read = Vec::with_capacity(count);
+            for i in first..first + count {
+                line.clear();
+                reader.read_line(&mut line).map_err(read_error)?;
+                // Each line parsed when the journal was read: one that no longer does was
+                // changed since.
+                let step: StepRead =
+                    serde_json::from_str(&line).map_err(|e| TxnError::Journal {
+                        path: path.clone(),
+                        reason: format!("step {i}: {e}"),
+                    })?;
+                read.push(step);
+            }
+            let steps: Vec<Step> = read.iter().map(StepRead::step).collect();
+            each(first, &steps)
+        };
+        let blocks = 0..self.marks.len();
+        match back {
+            false => blocks.into_iter().try_for_each(&mut block),
+            true => blocks.rev().try_for_each(&mut block),
+        }
+    }
+}
+
+/// The installed record a transaction leaves.
+enum After<'a> {
+    /// None: the root goes back to its base release.
+    Nothing,
+    /// Staged as `txn/installed.json` before the journal was written.
+    Staged,
+    /// Held, as a journal of format 1 or 2 carries it.
+    Held(Record<'a>),
+}
+
+/// What carrying out a journal takes, wherever it is held.
+struct Plan<'j> {
+    steps: &'j dyn Steps,
+    keep_times: &'j [(PkgPath, Mtime)],
+    kept: &'j [(usize, String)],
+    after: After<'j>,
+}
+
+impl Journal<'_> {
+    /// This journal as [`run`] carries it out: its record staged.
+    fn plan(&self) -> Plan<'_> {
+        Plan {
+            steps: &self.steps,
+            keep_times: &self.keep_times,
+            kept: &self.kept,
+            after: match self.after {
+                Some(_) => After::Staged,
+                None => After::Nothing,
+            },
+        }
+    }
+}
+
+/// A journal as read back from disk.
+enum OnDisk {
+    Lines(JournalLines),
+    /// Format 1 or 2, read whole.
+    Whole(Box<JournalRead>),
+}
+
+impl OnDisk {
+    fn kind(&self) -> TxnKind {
+        match self {
+            OnDisk::Lines(lines) => lines.head.kind,
+            OnDisk::Whole(read) => read.kind,
+        }
+    }
+
+    fn titles(&self) -> (&str, &str) {
+        match self {
+            OnDisk::Lines(lines) => (&lines.head.from_title, &lines.head.to_title),
+            OnDisk::Whole(read) => (&read.from_title, &read.to_title),
         }
     }
 }
@@ -222,6 +481,10 @@ impl TxnDir {
     fn journal(&self) -> PathBuf {
         self.dir.join("journal.json")
     }
+    /// The installed record the transaction leaves, staged.
+    fn record(&self) -> PathBuf {
+        self.dir.join("installed.json")
+    }
     fn rollback_mark(&self) -> PathBuf {
         self.dir.join("rollback")
     }
@@ -271,9 +534,16 @@ impl TxnDir {
         remove_if_empty(self.dir.parent());
     }
 
-    fn load(&self) -> Result<Option<JournalRead>, TxnError> {
+    fn load(&self) -> Result<Option<OnDisk>, TxnError> {
+        self.load_with(BLOCK)
+    }
+
+    /// The journal, if there is one, read back in blocks of `block` steps (format 3) or whole
+    /// (formats 1 and 2).
+    fn load_with(&self, block: usize) -> Result<Option<OnDisk>, TxnError> {
+        use std::io::Read as _;
         let path = self.journal();
-        let file = match fs::File::open(&path) {
+        let mut file = match fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(FsError::new("read", &path, e).into()),
@@ -282,30 +552,46 @@ impl TxnDir {
             path: path.clone(),
             reason,
         };
-        // Parsed as it is read, as the installed record is.
-        let journal: JournalRead =
-            serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
-                match e.is_io() {
-                    true => TxnError::from(FsError::new("read", &path, e.into())),
-                    false => damaged(e.to_string()),
-                }
-            })?;
-        if !(1..=JOURNAL_FORMAT).contains(&journal.format) {
-            return Err(damaged(format!(
-                "journal format {} is not 1 to {JOURNAL_FORMAT}",
-                journal.format
-            )));
+        // Formats 1 and 2 begin with it: `{"format":N,`; a journal of format 3 with its first
+        // step (or its head, when it has none).
+        let mut start = Vec::with_capacity(16);
+        (&mut file)
+            .take(16)
+            .read_to_end(&mut start)
+            .map_err(|e| FsError::new("read", &path, e))?;
+        drop(file);
+        let format = start
+            .strip_prefix(br#"{"format":"#)
+            .and_then(|rest| rest.split(|&b| b == b',').next())
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+            .and_then(|digits| digits.parse::<u32>().ok());
+        match format {
+            Some(1 | 2) => {
+                let file = fs::File::open(&path).fs("read", &path)?;
+                // Parsed as it is read, as the installed record is.
+                let read =
+                    serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| match e
+                        .is_io()
+                    {
+                        true => TxnError::from(FsError::new("read", &path, e.into())),
+                        false => damaged(e.to_string()),
+                    })?;
+                Ok(Some(OnDisk::Whole(Box::new(read))))
+            }
+            _ => Ok(Some(OnDisk::Lines(JournalLines::read(&path, block)?))),
         }
-        Ok(Some(journal))
     }
 }
 
 /// The interrupted transaction of a state directory, if any; reads only.
 pub(crate) fn pending(state: &StateDir) -> Result<Option<Interrupted>, TxnError> {
-    Ok(TxnDir::of(state).load()?.map(|j| Interrupted {
-        kind: j.kind,
-        from: j.from_title,
-        to: j.to_title,
+    Ok(TxnDir::of(state).load()?.map(|j| {
+        let (from, to) = j.titles();
+        Interrupted {
+            kind: j.kind(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+        }
     }))
 }
 
@@ -375,113 +661,75 @@ fn exists(path: &Path) -> bool {
 }
 
 /// Bring every step to its end going `way`, then check every path; files `seen` knows unchanged
-/// are not read again.
-fn roll(
-    root: &Path,
-    txn: &TxnDir,
-    journal: &Journal,
-    way: Way,
-    seen: &Seen,
-) -> Result<(), TxnError> {
-    let steps = &journal.steps;
+/// are not read again. The steps are walked a block at a time (see [`Steps`]).
+fn roll(root: &Path, txn: &TxnDir, plan: &Plan, way: Way, seen: &Seen) -> Result<(), TxnError> {
     let confined = RootDir::open(root)?;
     let (stage, undo) = (
         OwnDir::open(&txn.stage_dir())?,
         OwnDir::open(&txn.undo_dir())?,
     );
     // 1. Removals, children first: what goes away or changes kind.
-    for (i, step) in steps.iter().enumerate().rev() {
-        let (origin, target) = ends(step, way);
-        let goes = match (origin, target) {
-            (Some(_), None) => true,
-            (Some(o), Some(t)) => o.kind_name() != t.kind_name(),
-            (None, _) => false,
-        };
-        if !goes {
-            continue;
+    plan.steps.blocks(true, &mut |first, block| {
+        for (i, step) in block.iter().enumerate().rev() {
+            let i = first + i;
+            let (origin, target) = ends(step, way);
+            let goes = match (origin, target) {
+                (Some(_), None) => true,
+                (Some(o), Some(t)) => o.kind_name() != t.kind_name(),
+                (None, _) => false,
+            };
+            if !goes {
+                continue;
+            }
+            let actual = observe_with(root, step.path, Content::Read(Some(seen)))?;
+            if actual.is_none() || same_thing(actual.as_ref(), target) {
+                continue;
+            }
+            expect_either(step, actual.as_ref(), origin, target)?;
+            match (actual, way) {
+                (Some(Image::Dir { .. }), _) => confined.remove_dir(step.path)?,
+                // Keep what the forward way removes, so that it can be rolled back.
+                (_, Way::Forward) => confined.move_out(step.path, &undo, &i.to_string())?,
+                (_, Way::Back) => confined.remove_file(step.path)?,
+            }
         }
-        let actual = observe_with(root, step.path, Content::Read(Some(seen)))?;
-        if actual.is_none() || same_thing(actual.as_ref(), target) {
-            continue;
-        }
-        expect_either(step, actual.as_ref(), origin, target)?;
-        match (actual, way) {
-            (Some(Image::Dir { .. }), _) => confined.remove_dir(step.path)?,
-            // Keep what the forward way removes, so that it can be rolled back.
-            (_, Way::Forward) => confined.move_out(step.path, &undo, &i.to_string())?,
-            (_, Way::Back) => confined.remove_file(step.path)?,
-        }
-    }
+        Ok(())
+    })?;
 
     // 2. Placements, parents first.
-    for (i, step) in steps.iter().enumerate() {
-        let (origin, target) = ends(step, way);
-        let Some(target) = target else { continue };
-        let actual = observe_with(root, step.path, Content::Read(Some(seen)))?;
-        if same_thing(actual.as_ref(), Some(target)) {
-            continue;
+    plan.steps.blocks(false, &mut |first, block| {
+        for (i, step) in (first..).zip(block) {
+            place(root, txn, &confined, (&stage, &undo), i, step, way, seen)?;
         }
-        // What changes kind was moved away by the removals.
-        let moved_away = origin.is_some_and(|o| o.kind_name() != target.kind_name());
-        if !(actual.is_none() && moved_away) {
-            expect_either(step, actual.as_ref(), origin, Some(target))?;
-        }
-        if matches!(target, Image::Dir { .. }) {
-            confined.create_dir(step.path)?;
-            continue;
-        }
-        if actual.is_some() && way == Way::Forward && !exists(&txn.undo(i)) {
-            // The old file or symlink stays reachable until the commit.
-            confined.link_out(step.path, &undo, &i.to_string())?;
-        }
-        match target {
-            Image::Symlink { target: link, .. } => {
-                let tmp = txn.link_tmp(i);
-                fsx::remove_all(&tmp)?;
-                fsx::symlink(link, &tmp)?;
-                confined.move_in(&stage, &format!("link-{i}"), step.path)?;
-            }
-            _ => {
-                let (dir, source) = match way {
-                    Way::Forward => (&stage, txn.stage(i)),
-                    Way::Back => (&undo, txn.undo(i)),
-                };
-                if !exists(&source) {
-                    return Err(TxnError::Missing {
-                        path: step.path.clone(),
-                        file: source,
-                    });
-                }
-                let carried = seen.take(&source);
-                confined.move_in(dir, &i.to_string(), step.path)?;
-                if let Some(carried) = carried {
-                    seen.carry(carried, &confined.full(step.path));
-                }
-            }
-        }
-    }
+        Ok(())
+    })?;
 
     // 3. Permission bits and times: files and symlinks, then directories children first.
-    let mut dirs: BTreeMap<&PkgPath, (Option<u32>, Mtime)> = journal
+    let mut dirs: BTreeMap<PkgPath, (Option<u32>, Mtime)> = plan
         .keep_times
         .iter()
-        .map(|(p, m)| (p, (None, *m)))
+        .map(|(p, m)| (p.clone(), (None, *m)))
         .collect();
-    for step in steps {
-        let path = &step.path;
-        match ends(step, way).1 {
-            // A mode or time set here moves the file's time of change: its record no longer
-            // matches, and step 5 reads it.
-            Some(Image::File { mode, mtime, .. }) => {
-                set_meta(&confined, path, Some(*mode), *mtime, false)?
+    plan.steps.blocks(false, &mut |_, block| {
+        for step in block {
+            let path = step.path;
+            match ends(step, way).1 {
+                // A mode or time set here moves the file's time of change: its record no
+                // longer matches, and step 5 reads it.
+                Some(Image::File { mode, mtime, .. }) => {
+                    set_meta(&confined, path, Some(*mode), *mtime, false)?
+                }
+                Some(Image::Symlink { mtime, .. }) => {
+                    set_meta(&confined, path, None, *mtime, true)?
+                }
+                Some(Image::Dir { mode, mtime }) => {
+                    dirs.insert(path.clone(), (Some(*mode), *mtime));
+                }
+                None => {}
             }
-            Some(Image::Symlink { mtime, .. }) => set_meta(&confined, path, None, *mtime, true)?,
-            Some(Image::Dir { mode, mtime }) => {
-                dirs.insert(step.path, (Some(*mode), *mtime));
-            }
-            None => {}
         }
-    }
+        Ok(())
+    })?;
     for (path, (mode, mtime)) in dirs.iter().rev() {
         set_meta(&confined, path, *mode, *mtime, false)?;
     }
@@ -491,10 +739,13 @@ fn roll(
     //    that changes more than modes and times), and the undo directory that holds what left
     //    the root.
     let mut touched: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
-    for step in steps.iter().filter(|s| !same_thing(s.from, s.to)) {
-        let parent = step.path.parent();
-        touched.insert(parent.map_or(root.to_owned(), |p| root.join(p.as_str())));
-    }
+    plan.steps.blocks(false, &mut |_, block| {
+        for step in block.iter().filter(|s| !same_thing(s.from, s.to)) {
+            let parent = step.path.parent();
+            touched.insert(parent.map_or(root.to_owned(), |p| root.join(p.as_str())));
+        }
+        Ok(())
+    })?;
     for dir in &touched {
         if fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
             fsx::sync_dir(dir)?;
@@ -502,14 +753,77 @@ fn roll(
     }
     fsx::sync_dir(&txn.undo_dir())?;
 
-    // 5. Every path holds its end, times included: looked at on every core (what step 3 gave
-    //    a time or mode is read and hashed again), the first path in order that does not
-    //    reported.
-    let failed = steps
-        .par_iter()
-        .filter_map(|step| check_end(root, step, way, seen).err())
-        .find_first(|_| true);
-    failed.map_or(Ok(()), Err)
+    // 5. Every path holds its end, times included: looked at on every core a block at a time
+    //    (what step 3 gave a time or mode is read and hashed again), the first path in order
+    //    that does not reported.
+    plan.steps.blocks(false, &mut |_, block| {
+        let failed = block
+            .par_iter()
+            .filter_map(|step| check_end(root, step, way, seen).err())
+            .find_first(|_| true);
+        failed.map_or(Ok(()), Err)
+    })
+}
+
+/// Step 2 of [`roll`] for step `i`: put its end going `way` in place, parents first.
+#[allow(clippy::too_many_arguments)]
+fn place(
+    root: &Path,
+    txn: &TxnDir,
+    confined: &RootDir,
+    (stage, undo): (&OwnDir, &OwnDir),
+    i: usize,
+    step: &Step,
+    way: Way,
+    seen: &Seen,
+) -> Result<(), TxnError> {
+    let (origin, target) = ends(step, way);
+    let Some(target) = target else {
+        return Ok(());
+    };
+    let actual = observe_with(root, step.path, Content::Read(Some(seen)))?;
+    if same_thing(actual.as_ref(), Some(target)) {
+        return Ok(());
+    }
+    // What changes kind was moved away by the removals.
+    let moved_away = origin.is_some_and(|o| o.kind_name() != target.kind_name());
+    if !(actual.is_none() && moved_away) {
+        expect_either(step, actual.as_ref(), origin, Some(target))?;
+    }
+    if matches!(target, Image::Dir { .. }) {
+        confined.create_dir(step.path)?;
+        return Ok(());
+    }
+    if actual.is_some() && way == Way::Forward && !exists(&txn.undo(i)) {
+        // The old file or symlink stays reachable until the commit.
+        confined.link_out(step.path, undo, &i.to_string())?;
+    }
+    match target {
+        Image::Symlink { target: link, .. } => {
+            let tmp = txn.link_tmp(i);
+            fsx::remove_all(&tmp)?;
+            fsx::symlink(link, &tmp)?;
+            confined.move_in(stage, &format!("link-{i}"), step.path)?;
+        }
+        _ => {
+            let (dir, source) = match way {
+                Way::Forward => (stage, txn.stage(i)),
+                Way::Back => (undo, txn.undo(i)),
+            };
+            if !exists(&source) {
+                return Err(TxnError::Missing {
+                    path: step.path.clone(),
+                    file: source,
+                });
+            }
+            let carried = seen.take(&source);
+            confined.move_in(dir, &i.to_string(), step.path)?;
+            if let Some(carried) = carried {
+                seen.carry(carried, &confined.full(step.path));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `step`'s path holds its end on the `way` rolled, time included.
@@ -558,14 +872,29 @@ fn set_meta(
 }
 
 /// After the root holds the new tree: record it, swap in its revert data, end the transaction.
-fn commit(state: &StateDir, txn: &TxnDir, journal: &Journal) -> Result<(), FsError> {
-    keep_bases(txn, journal)?;
+fn commit(state: &StateDir, txn: &TxnDir, plan: &Plan) -> Result<(), FsError> {
+    keep_bases(txn, plan.kept)?;
     if !exists(&txn.committed_mark()) {
+        // The record staged is whole from the journal on, and leaves only by the rename below.
+        if let (After::Staged, false) = (&plan.after, exists(&txn.record())) {
+            let reason = std::io::Error::other("the installed record to write is missing");
+            return Err(FsError::new("read", &txn.record(), reason));
+        }
         fsx::write_atomically(&txn.committed_mark(), b"")?;
     }
-    match &journal.after {
-        Some(record) => {
-            state.save(record)?;
+    let record = match &plan.after {
+        After::Nothing => None,
+        After::Staged => {
+            // Moved into place already when it is no longer staged.
+            if exists(&txn.record()) {
+                fsx::rename(&txn.record(), &state.installed_path())?;
+            }
+            Some(())
+        }
+        After::Held(record) => Some(state.save(record)?),
+    };
+    match record {
+        Some(()) => {
             if exists(&txn.revert_dir()) {
                 fsx::remove_all(&state.revert_dir())?;
                 fsx::rename(&txn.revert_dir(), &state.revert_dir())?;
@@ -580,15 +909,15 @@ fn commit(state: &StateDir, txn: &TxnDir, journal: &Journal) -> Result<(), FsErr
     finish(state, txn)
 }
 
-/// Link every base file the new revert data keeps (`journal.kept`) from `undo/`, where the roll
-/// forward left the root's old file, into the revert data; those a crash left linked already
-/// stay. Nothing to do once the revert data was swapped in.
-fn keep_bases(txn: &TxnDir, journal: &Journal) -> Result<(), FsError> {
+/// Link every base file the new revert data keeps (`kept`) from `undo/`, where the roll forward
+/// left the root's old file, into the revert data; those a crash left linked already stay.
+/// Nothing to do once the revert data was swapped in.
+fn keep_bases(txn: &TxnDir, kept: &[(usize, String)]) -> Result<(), FsError> {
     let dir = txn.revert_dir();
-    if journal.kept.is_empty() || !exists(&dir) {
+    if kept.is_empty() || !exists(&dir) {
         return Ok(());
     }
-    for (step, name) in &journal.kept {
+    for (step, name) in kept {
         let to = dir.join(name);
         if Path::new(name).file_name() != Some(name.as_ref()) {
             let reason = std::io::Error::other("not a file name");
@@ -621,16 +950,11 @@ fn remove_if_empty(state_dir: Option<&Path>) {
 /// Roll back: mark it, so that recovery rolls back too, then run the steps backwards, reading
 /// every file: what was placed moments ago has a stamp too recent to vouch for its bytes, and
 /// a foreign write into it must stop the roll back, not be undone by it.
-fn roll_back(
-    root: &Path,
-    state: &StateDir,
-    txn: &TxnDir,
-    journal: &Journal,
-) -> Result<(), TxnError> {
+fn roll_back(root: &Path, state: &StateDir, txn: &TxnDir, plan: &Plan) -> Result<(), TxnError> {
     if !exists(&txn.rollback_mark()) {
         fsx::write_atomically(&txn.rollback_mark(), b"")?;
     }
-    roll(root, txn, journal, Way::Back, &Seen::default())?;
+    roll(root, txn, plan, Way::Back, &Seen::default())?;
     finish(state, txn)?;
     remove_if_empty(Some(&state.dir));
     Ok(())
@@ -657,18 +981,24 @@ pub(crate) fn run(
     seen: &Seen,
 ) -> Result<(), Failed> {
     let kind = journal.kind;
+    let plan = journal.plan();
     let prepare = || -> Result<(), FsError> {
         for d in [txn.stage_dir(), txn.revert_dir(), txn.undo_dir()] {
             fsx::sync_dir(&d)?;
         }
-        fsx::write_atomically_with(&txn.journal(), |out| {
-            serde_json::to_writer(out, journal).map_err(std::io::Error::from)
-        })
+        // The record after, staged whole before the journal that names it (the commit moves
+        // it into place), written as `StateDir::save` writes it.
+        if let Some(record) = &journal.after {
+            fsx::write_atomically_with(&txn.record(), |out| {
+                serde_json::to_writer_pretty(out, record).map_err(std::io::Error::from)
+            })?;
+        }
+        journal.write(txn)
     };
     if let Err(cause) = prepare() {
         // No journal on disk, or a whole one: nothing in the root was touched yet.
         if exists(&txn.journal()) {
-            return match roll_back(root, state, txn, journal) {
+            return match roll_back(root, state, txn, &plan) {
                 Ok(()) => Err(Failed::RolledBack {
                     kind,
                     cause: cause.into(),
@@ -685,15 +1015,15 @@ pub(crate) fn run(
             cause: cause.into(),
         });
     }
-    let forward = roll(root, txn, journal, Way::Forward, seen).and_then(|()| {
-        commit(state, txn, journal)?;
+    let forward = roll(root, txn, &plan, Way::Forward, seen).and_then(|()| {
+        commit(state, txn, &plan)?;
         Ok(())
     });
     match forward {
         Ok(()) => Ok(()),
         Err(cause) if exists(&txn.committed_mark()) => {
             // The new tree is in place and recorded as committed: complete, do not undo.
-            match commit(state, txn, journal) {
+            match commit(state, txn, &plan) {
                 Ok(()) => Ok(()),
                 Err(again) => Err(Failed::Stuck {
                     cause,
@@ -701,7 +1031,7 @@ pub(crate) fn run(
                 }),
             }
         }
-        Err(cause) => match roll_back(root, state, txn, journal) {
+        Err(cause) => match roll_back(root, state, txn, &plan) {
             Ok(()) => Err(Failed::RolledBack { kind, cause }),
             Err(rollback) => Err(Failed::Stuck { cause, rollback }),
         },
@@ -721,31 +1051,53 @@ pub(crate) fn recover(root: &Path, state: &StateDir) -> Result<Option<Recovered>
         fsx::remove_all(&txn.dir)?;
         return Ok(None);
     };
-    let journal = read.journal();
+    let (from, to) = read.titles();
     let completed = Recovered::Completed {
-        kind: journal.kind,
-        to: journal.to_title.clone(),
+        kind: read.kind(),
+        to: to.to_owned(),
     };
     let rolled_back = Recovered::RolledBack {
-        kind: journal.kind,
-        from: journal.from_title.clone(),
+        kind: read.kind(),
+        from: from.to_owned(),
+    };
+    let whole;
+    let plan = match &read {
+        OnDisk::Lines(lines) => Plan {
+            steps: lines,
+            keep_times: &lines.head.keep_times,
+            kept: &lines.head.kept,
+            after: match lines.head.record {
+                true => After::Staged,
+                false => After::Nothing,
+            },
+        },
+        OnDisk::Whole(old) => {
+            whole = old.journal();
+            Plan {
+                steps: &whole.steps,
+                keep_times: &whole.keep_times,
+                kept: &whole.kept,
+                after: whole.after.map_or(After::Nothing, After::Held),
+            }
+        }
     };
     if exists(&txn.rollback_mark()) {
-        roll_back(root, state, &txn, &journal)?;
+        roll_back(root, state, &txn, &plan)?;
         return Ok(Some(rolled_back));
     }
     if exists(&txn.committed_mark()) {
-        roll(root, &txn, &journal, Way::Forward, seen)?;
-        commit(state, &txn, &journal)?;
+        roll(root, &txn, &plan, Way::Forward, seen)?;
+        commit(state, &txn, &plan)?;
         return Ok(Some(completed));
     }
-    match roll(root, &txn, &journal, Way::Forward, seen) {
-        Ok(()) => {
-            commit(state, &txn, &journal)?;
-            Ok(Some(completed))
-        }
+    let forward =
+        roll(root, &txn, &plan, Way::Forward, seen).and_then(|()| Ok(commit(state, &txn, &plan)?));
+    match forward {
+        Ok(()) => Ok(Some(completed)),
+        // Recorded as committed: complete it or fail, never undo it.
+        Err(cause) if exists(&txn.committed_mark()) => Err(cause),
         Err(_) => {
-            roll_back(root, state, &txn, &journal)?;
+            roll_back(root, state, &txn, &plan)?;
             Ok(Some(rolled_back))
         }
     }
@@ -857,20 +1209,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_journal_read_back_lends_the_journal_that_was_written() {
-        let (before, after) = (installed("a", None), installed("b", Some("0.rev")));
-        let steps: Vec<Step> = after
-            .entries
+    fn steps_of(inst: &Installed) -> Vec<Step<'_>> {
+        inst.entries
             .iter()
             .map(|e| Step {
                 path: &e.path,
                 from: e.before.as_ref(),
                 to: e.after.as_ref(),
             })
-            .collect();
-        let journal = Journal {
-            format: JOURNAL_FORMAT,
+            .collect()
+    }
+
+    fn journal_of<'a>(steps: Vec<Step<'a>>, after: Option<Record<'a>>) -> Journal<'a> {
+        Journal {
             kind: TxnKind::Switch,
             from_title: "macOS 26.3 (a)".to_owned(),
             to_title: "macOS 26.3 (b)".to_owned(),
@@ -879,15 +1230,152 @@ mod tests {
                 Mtime { secs: 5, nanos: 0 },
             )],
             steps,
-            after: Some(after.record()),
+            after,
             kept: vec![(0, "0.orig".to_owned())],
+        }
+    }
+
+    /// `journal` as a bsi that wrote format 2 wrote it: one document.
+    fn as_format_2(journal: &Journal) -> String {
+        let text = serde_json::to_string(journal).expect("serialised");
+        text.replacen('{', r#"{"format":2,"#, 1)
+    }
+
+    /// Which steps, by index and path, [`Steps::blocks`] gives, block by block.
+    fn walked(steps: &dyn Steps, back: bool) -> Vec<Vec<(usize, String)>> {
+        let mut blocks = Vec::new();
+        steps
+            .blocks(back, &mut |first, block| {
+                let named = block.iter().enumerate();
+                blocks.push(
+                    named
+                        .map(|(i, s)| (first + i, s.path.to_string()))
+                        .collect(),
+                );
+                Ok(())
+            })
+            .expect("walked");
+        blocks
+    }
+
+    /// A journal is written as its steps, a line each, then its head, and read back a block at
+    /// a time, from the first block or from the last, each step at its index; its head gives
+    /// back what it was written with.
+    #[test]
+    fn a_journal_of_lines_reads_back_in_blocks_either_way() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let txn = TxnDir::begin(&StateDir::new(dir.path())).expect("begun");
+        let mut inst = installed("b", Some("0.orig"));
+        let more = inst.entries[2].clone();
+        for name in ["Lib/new/x", "Lib/new/y"] {
+            inst.entries.push(InstalledEntry {
+                path: PkgPath::new(name).expect("a path"),
+                ..more.clone()
+            });
+        }
+        let journal = journal_of(steps_of(&inst), Some(inst.record()));
+        journal.write(&txn).expect("written");
+        let text = fs::read_to_string(txn.journal()).expect("read");
+        assert_eq!(text.lines().count(), 5 + 1);
+
+        let Some(OnDisk::Lines(lines)) = txn.load_with(2).expect("read") else {
+            panic!("not read as lines");
         };
-        let written = serde_json::to_string(&journal).expect("serialised");
-        let read: JournalRead = serde_json::from_str(&written).expect("parsed");
+        let head = &lines.head;
         assert_eq!(
-            serde_json::to_string(&read.journal()).expect("serialised"),
-            written
+            (head.kind, head.record, head.steps),
+            (TxnKind::Switch, true, 5)
         );
+        assert_eq!(
+            (head.from_title.as_str(), head.to_title.as_str()),
+            ("macOS 26.3 (a)", "macOS 26.3 (b)")
+        );
+        assert_eq!(
+            (&head.keep_times, &head.kept),
+            (&journal.keep_times, &journal.kept)
+        );
+        let paths: Vec<String> = inst.entries.iter().map(|e| e.path.to_string()).collect();
+        let at = |i: usize| (i, paths[i].clone());
+        let forward = vec![vec![at(0), at(1)], vec![at(2), at(3)], vec![at(4)]];
+        assert_eq!(walked(&lines, false), forward);
+        let back: Vec<_> = forward.iter().rev().cloned().collect();
+        assert_eq!(walked(&lines, true), back);
+        // Steps held in memory are walked the same way, in blocks of [`BLOCK`].
+        assert_eq!(walked(&journal.steps, false), vec![forward.concat()]);
+        // A step read back is the step written.
+        let mut read = Vec::new();
+        lines
+            .blocks(false, &mut |_, block| {
+                read.extend(block.iter().map(|s| serde_json::to_string(s).expect("ok")));
+                Ok(())
+            })
+            .expect("walked");
+        let written: Vec<String> = journal
+            .steps
+            .iter()
+            .map(|s| serde_json::to_string(s).expect("serialised"))
+            .collect();
+        assert_eq!(read, written);
+    }
+
+    /// A journal that lost a step line or its head, holds a step that does not parse, or names
+    /// a format this bsi does not read is refused as damaged, with the reason; one of format 2
+    /// is read whole.
+    #[test]
+    fn a_damaged_journal_is_refused_and_an_earlier_one_read_whole() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let txn = TxnDir::begin(&StateDir::new(dir.path())).expect("begun");
+        let inst = installed("b", None);
+        journal_of(steps_of(&inst), None)
+            .write(&txn)
+            .expect("written");
+        let text = fs::read_to_string(txn.journal()).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        let joined = |lines: &[&str]| lines.join("\n") + "\n";
+        let cases = [
+            (
+                joined(&[lines[0], lines[1], lines[3]]),
+                "it has 2 steps where its head names 3",
+            ),
+            (
+                joined(&[lines[0], r#"{"path":1}"#, lines[2], lines[3]]),
+                "step 1: ",
+            ),
+            (joined(&lines[..3]), "its last line is not its head"),
+            ("[]".to_owned(), "its last line is not its head"),
+            (
+                text.replacen(r#""format":3,"#, r#""format":9,"#, 1),
+                "its head names format 9",
+            ),
+        ];
+        for (damaged, reason) in cases {
+            fs::write(txn.journal(), &damaged).expect("written");
+            match txn.load() {
+                Err(TxnError::Journal { reason: got, .. }) => {
+                    assert!(got.contains(reason), "{got:?}, expected {reason:?}")
+                }
+                Err(other) => panic!("{reason}: {other}"),
+                Ok(_) => panic!("{reason}: read"),
+            }
+        }
+        let older = as_format_2(&journal_of(steps_of(&inst), Some(inst.record())));
+        fs::write(txn.journal(), older).expect("written");
+        let Some(OnDisk::Whole(read)) = txn.load().expect("read") else {
+            panic!("not read whole");
+        };
+        assert_eq!((read.kind, read.steps.len()), (TxnKind::Switch, 3));
+        assert!(read.after.is_some());
+    }
+
+    /// A journal of format 1 or 2 (one document, which the journal's serialisation gives) reads
+    /// back as the journal that was written.
+    #[test]
+    fn a_journal_read_back_lends_the_journal_that_was_written() {
+        let (before, after) = (installed("a", None), installed("b", Some("0.rev")));
+        let journal = journal_of(steps_of(&after), Some(after.record()));
+        let written = as_format_2(&journal);
+        let read: JournalRead = serde_json::from_str(&written).expect("parsed");
+        assert_eq!(as_format_2(&read.journal()), written);
         // An earlier bsi wrote the record before too: its journal reads as the same one.
         let record = serde_json::to_string(&before).expect("serialised");
         let older = written.replacen(
@@ -897,12 +1385,84 @@ mod tests {
         );
         assert!(older.len() > written.len() + record.len());
         let read: JournalRead = serde_json::from_str(&older).expect("an earlier journal parses");
-        assert_eq!(
-            serde_json::to_string(&read.journal()).expect("serialised"),
-            written
-        );
+        assert_eq!(as_format_2(&read.journal()), written);
         assert_eq!(read.steps.len(), 3);
         assert!(read.journal().steps[0].needs_content());
         assert!(!read.journal().steps[1].needs_content());
+    }
+
+    /// Recovery completes a journal whose record is staged, also when a crash came after the
+    /// record was moved into place, and one of format 2 that holds its record; a journal whose
+    /// staged record is gone before the commit is rolled back.
+    #[test]
+    fn recovery_installs_the_record_staged_or_held_and_rolls_back_without_it() {
+        let dir = |secs| Image::Dir {
+            mode: 0o755,
+            mtime: Mtime { secs, nanos: 0 },
+        };
+        let (old, new) = (dir(1_000), dir(2_000));
+        let mut inst = installed("b", None);
+        inst.entries = vec![InstalledEntry {
+            path: PkgPath::new("Lib").expect("a path"),
+            before: Some(old.clone()),
+            after: Some(new.clone()),
+            revert: None,
+        }];
+        let record = serde_json::to_string_pretty(&inst).expect("serialised");
+        #[derive(Debug, Clone, Copy)]
+        enum Case {
+            Staged,
+            MovedAlready,
+            Held,
+            StagedLost,
+        }
+        for case in [
+            Case::Staged,
+            Case::MovedAlready,
+            Case::Held,
+            Case::StagedLost,
+        ] {
+            let tmp = tempfile::tempdir().expect("a temporary directory");
+            let root = tmp.path().join("root");
+            fs::create_dir_all(root.join("Lib")).expect("created");
+            fsx::set_mtime(&root.join("Lib"), old.mtime()).expect("set");
+            let state = StateDir::new(&tmp.path().join("state"));
+            let txn = TxnDir::begin(&state).expect("begun");
+            let mut journal = journal_of(steps_of(&inst), Some(inst.record()));
+            journal.keep_times.clear();
+            journal.kept.clear();
+            match case {
+                Case::Held => fs::write(txn.journal(), as_format_2(&journal)).expect("written"),
+                _ => journal.write(&txn).expect("written"),
+            }
+            match case {
+                Case::Staged => fs::write(txn.record(), &record).expect("written"),
+                Case::MovedAlready => {
+                    fs::write(state.installed_path(), &record).expect("written");
+                    fs::write(txn.committed_mark(), b"").expect("written");
+                }
+                Case::Held | Case::StagedLost => {}
+            }
+            let recovered = recover(&root, &state).expect("recovered");
+            let meta = fs::symlink_metadata(root.join("Lib")).expect("there");
+            let installed = fs::read_to_string(state.installed_path()).ok();
+            match case {
+                Case::StagedLost => {
+                    assert!(matches!(recovered, Some(Recovered::RolledBack { .. })));
+                    assert_eq!(mtime_of(&meta), old.mtime());
+                    assert_eq!(installed, None);
+                }
+                _ => {
+                    let what = format!("{case:?}: {recovered:?}");
+                    assert!(
+                        matches!(recovered, Some(Recovered::Completed { .. })),
+                        "{what}"
+                    );
+                    assert_eq!(mtime_of(&meta), new.mtime(), "{what}");
+                    assert_eq!(installed.as_deref(), Some(record.as_str()), "{what}");
+                }
+            }
+            assert!(!txn.dir.exists(), "{case:?}: transaction files left");
+        }
     }
 }
