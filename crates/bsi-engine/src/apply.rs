@@ -765,8 +765,12 @@ fn state_inside_root(root: &Path, state_dir: &Path) -> Option<String> {
 /// Check the installed patch's post-images are all on disk.
 /// A file or symlink rewritten since, even with the same bytes (a full OS update does that), has
 /// another time; directories are not held to theirs, which change whenever an entry is added.
-fn check_installed(root: &Path, installed: &Installed, seen: &Seen) -> Result<(), RevertError> {
-    for entry in &installed.entries {
+fn check_installed(
+    root: &Path,
+    entries: &[InstalledEntry],
+    seen: &Seen,
+) -> Result<(), RevertError> {
+    for entry in entries {
         let actual = observe_with(root, &entry.path, Content::Read(Some(seen)))?;
         let reason = image_mismatch(entry.after.as_ref(), actual.as_ref()).or_else(|| {
             match (&entry.after, &actual) {
@@ -909,7 +913,7 @@ fn apply_locked(
             });
         }
         if inst.letter == m.letter && inst.package_sha256 == pkg.digest {
-            check_installed(root, inst, &seen)?;
+            check_installed(root, &inst.entries, &seen)?;
             return Ok(ApplyOutcome::AlreadyInstalled);
         }
         if inst.letter >= m.letter {
@@ -919,7 +923,7 @@ fn apply_locked(
                 package: package_title,
             });
         }
-        check_installed(root, inst, &seen)?;
+        check_installed(root, &inst.entries, &seen)?;
     }
     let view = BaseView::new(root, state, installed.as_ref(), &seen);
     let state_rel = state_inside_root(root, &state.dir);
@@ -1351,45 +1355,59 @@ fn check_ancestors<'m>(
 }
 
 fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
-    let inst = state
-        .load()?
+    let head = state
+        .load_head()?
         .ok_or_else(|| RevertError::NothingInstalled(root.to_owned()))?;
-    if let Some(patch) = retired_by(root, &inst.product, &inst.base, inst.letter) {
+    if let Some(patch) = retired_by(root, &head.product, &head.base, head.letter) {
         return Err(RevertError::Retired {
             root: root.to_owned(),
             patch,
         });
     }
     let seen = Seen::default();
-    check_installed(root, &inst, &seen)?;
-    let steps: Vec<Step> = inst
-        .entries
-        .iter()
-        .map(|e| Step {
+    fn step_of(e: &InstalledEntry) -> Step<'_> {
+        Step {
             path: &e.path,
             from: e.after.as_ref(),
             to: e.before.as_ref(),
-        })
-        .collect();
-    // Stage every base file from its revert copy (checking it) before the first write.
-    let staging_bytes: u64 = steps
-        .iter()
-        .filter(|s| s.needs_content())
-        .map(|s| file_size(s.to))
-        .sum();
-    Space::check(staging_bytes, 0, &state.dir).map_err(|space| RevertError::NoSpace {
-        root: root.to_owned(),
-        space,
-    })?;
+        }
+    }
+    // The installed record is walked a block at a time, never held whole: once to check every
+    // path as the letter left it and write the journal's steps, then, only where base files
+    // must be restored, to stage them.
     let txn = TxnDir::begin(state)?;
     let revert_dir = state.revert_dir();
-    let unsynced = fsx::Unsynced::default();
-    let staged: Result<(), RevertError> = inst
-        .entries
-        .par_iter()
-        .enumerate()
-        .filter(|(j, _)| steps[*j].needs_content())
-        .try_for_each(|(j, entry)| {
+    let titles = (
+        release_title(&head.product, &head.base.version, head.letter),
+        format!("{} {}", head.product, head.base.version),
+    );
+    let titles = (titles.0.as_str(), titles.1.as_str());
+    let written = txn::write_journal(&txn, TxnKind::Revert, titles, root, |write| {
+        // 1. Every path as the letter left it, its step, and the room the staging takes.
+        let (mut staging_bytes, mut staged) = (0u64, 0usize);
+        let walked =
+            state.walk_entries(txn::BLOCK, &mut |_, block| -> Result<(), RevertError> {
+                check_installed(root, block, &seen)?;
+                block.iter().map(step_of).try_for_each(|step| {
+                    if step.needs_content() {
+                        staging_bytes += file_size(step.to);
+                        staged += 1;
+                    }
+                    write(&step)
+                })
+            })?;
+        let walked = walked.ok_or_else(|| RevertError::NothingInstalled(root.to_owned()))?;
+        Space::check(staging_bytes, 0, &state.dir).map_err(|space| RevertError::NoSpace {
+            root: root.to_owned(),
+            space,
+        })?;
+        if staged == 0 {
+            return Ok(());
+        }
+        // 2. Every base file restored from its revert data (checked as it is written), before
+        //    the journal is, from the record checked above.
+        let unsynced = fsx::Unsynced::default();
+        let stage = |j: usize, entry: &InstalledEntry| -> Result<(), RevertError> {
             let (
                 Some(
                     img @ Image::File {
@@ -1420,25 +1438,28 @@ fn revert_locked(root: &Path, state: &StateDir) -> Result<Letter, RevertError> {
             // The restored bytes were checked against the base image as written.
             seen.wrote(&file, *sha256);
             Ok(())
-        });
-    staged
-        .and_then(|()| Ok(unsynced.sync()?))
-        .inspect_err(|_| txn.abandon())?;
-    let letter = inst.letter;
-    let journal = Journal {
-        kind: TxnKind::Revert,
-        from_title: release_title(&inst.product, &inst.base.version, inst.letter),
-        to_title: format!("{} {}", inst.product, inst.base.version),
-        keep_times: txn::times_to_keep(root, &steps),
-        steps,
-        after: None,
-        kept: Vec::new(),
-    };
-    txn::run(root, state, &txn, &journal, &seen).map_err(|source| RevertError::Txn {
+        };
+        let again = state.walk_entries(txn::BLOCK, &mut |first, block| {
+            block
+                .par_iter()
+                .enumerate()
+                .filter(|(_, e)| step_of(e).needs_content())
+                .try_for_each(|(i, entry)| stage(first + i, entry))
+        })?;
+        if again != Some(walked) {
+            return Err(RevertError::State(StateError::Damaged {
+                path: state.installed_path(),
+                reason: "it changed while it was read".to_owned(),
+            }));
+        }
+        Ok(unsynced.sync()?)
+    });
+    let written = written.inspect_err(|_| txn.abandon())?;
+    txn::run_written(root, state, &txn, written, &seen).map_err(|source| RevertError::Txn {
         root: root.to_owned(),
         source: Box::new(source),
     })?;
-    Ok(letter)
+    Ok(head.letter)
 }
 
 #[derive(Debug, thiserror::Error)]

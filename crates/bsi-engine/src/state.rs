@@ -218,6 +218,145 @@ fn shared_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PkgPath, D::Err
     }))
 }
 
+/// What a walk of the installed record does with each block of entries, given the index of its
+/// first.
+pub(crate) type EachEntries<'e, E> = dyn FnMut(usize, &[InstalledEntry]) -> Result<(), E> + 'e;
+
+/// A reader that hashes what it reads.
+struct Hashing<R> {
+    inner: R,
+    sha256: sha2::Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.inner.read(buf)?;
+        self.sha256.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// A walk of an installed record's entries (see [`StateDir::walk_entries`]): parsed as
+/// [`Installed`] is, the entries handed over a block at a time instead of kept.
+struct Walk<'w, E> {
+    block: usize,
+    each: &'w mut EachEntries<'w, E>,
+    /// What `each` failed with, which stopped the parse.
+    failed: Option<E>,
+}
+
+const RECORD_FIELDS: &[&str] = &[
+    "format",
+    "product",
+    "base",
+    "letter",
+    "package_sha256",
+    "signer",
+    "entries",
+];
+
+impl<'de, E> serde::de::DeserializeSeed<'de> for &mut Walk<'_, E> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_struct("Installed", RECORD_FIELDS, self)
+    }
+}
+
+impl<'de, E> serde::de::Visitor<'de> for &mut Walk<'_, E> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an installed record")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        use serde::de::Error as _;
+        let mut seen = [false; 7];
+        while let Some(key) = map.next_key::<String>()? {
+            let Some(at) = RECORD_FIELDS.iter().position(|f| *f == key) else {
+                return Err(A::Error::unknown_field(&key, RECORD_FIELDS));
+            };
+            if std::mem::replace(&mut seen[at], true) {
+                return Err(A::Error::duplicate_field(RECORD_FIELDS[at]));
+            }
+            match RECORD_FIELDS[at] {
+                "format" => {
+                    let format: u32 = map.next_value()?;
+                    if !(1..=STATE_FORMAT).contains(&format) {
+                        return Err(A::Error::custom(format!(
+                            "state format {format} is not 1 to {STATE_FORMAT}"
+                        )));
+                    }
+                }
+                "product" | "signer" => drop(map.next_value::<String>()?),
+                "base" => drop(map.next_value::<BaseRelease>()?),
+                "letter" => drop(map.next_value::<Letter>()?),
+                "package_sha256" => drop(map.next_value::<Digest>()?),
+                _ => map.next_value_seed(Entries(&mut *self))?,
+            }
+        }
+        match seen.iter().position(|s| !s) {
+            Some(at) => Err(A::Error::missing_field(RECORD_FIELDS[at])),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The entries of a [`Walk`].
+struct Entries<'a, 'w, E>(&'a mut Walk<'w, E>);
+
+impl<'de, E> serde::de::DeserializeSeed<'de> for Entries<'_, '_, E> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, E> serde::de::Visitor<'de> for Entries<'_, '_, E> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("the entries of an installed record")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        use serde::de::Error as _;
+        let walk = self.0;
+        let mut block: Vec<InstalledEntry> = Vec::with_capacity(walk.block);
+        let mut first = 0;
+        let mut last: Option<PkgPath> = None;
+        let mut hand = |block: &mut Vec<InstalledEntry>, first: &mut usize| {
+            if block.is_empty() {
+                return Ok(());
+            }
+            if let Err(e) = (walk.each)(*first, block) {
+                walk.failed = Some(e);
+                return Err(A::Error::custom("stopped"));
+            }
+            *first += block.len();
+            block.clear();
+            Ok(())
+        };
+        while let Some(entry) = seq.next_element::<InstalledEntry>()? {
+            if let Some(last) = last.as_ref().filter(|l| **l >= entry.path) {
+                return Err(A::Error::custom(format!(
+                    "entry {} is not after {last}",
+                    entry.path
+                )));
+            }
+            last = Some(entry.path.clone());
+            block.push(entry);
+            if block.len() == walk.block {
+                hand(&mut block, &mut first)?;
+            }
+        }
+        hand(&mut block, &mut first)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
@@ -246,6 +385,7 @@ impl StateDir {
         self.dir.join("revert")
     }
 
+    #[cfg(test)]
     pub fn load(&self) -> Result<Option<Installed>, StateError> {
         self.load_as()
     }
@@ -261,6 +401,50 @@ impl StateDir {
     /// status shows.
     pub fn load_head(&self) -> Result<Option<InstalledHead>, StateError> {
         self.load_as()
+    }
+
+    /// Walk the installed record's entries `block` at a time, in order, each block given with
+    /// the index of its first, never holding more than a block (a revert of 150,750 entries
+    /// held the whole record, 47 MiB). The record is checked as [`load`](Self::load) checks it
+    /// (its format, its fields, its entries in path order), a block at a time: a damaged one
+    /// may be refused after blocks were given. `Ok(None)` when there is no record, else the
+    /// digest of the bytes read, by which a second walk knows it read the same record.
+    pub fn walk_entries<E: From<StateError>>(
+        &self,
+        block: usize,
+        each: &mut EachEntries<'_, E>,
+    ) -> Result<Option<Digest>, E> {
+        let path = self.installed_path();
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StateError::from(FsError::new("read", &path, e)).into()),
+        };
+        // Hashed a buffer at a time (the parser reads a byte at a time).
+        let mut reader = std::io::BufReader::new(Hashing {
+            inner: file,
+            sha256: sha2::Sha256::default(),
+        });
+        let mut walk = Walk {
+            block,
+            each,
+            failed: None,
+        };
+        let mut de = serde_json::Deserializer::from_reader(&mut reader);
+        let walked =
+            serde::de::DeserializeSeed::deserialize(&mut walk, &mut de).and_then(|()| de.end());
+        if let Some(failed) = walk.failed {
+            return Err(failed);
+        }
+        walked.map_err(|e| match e.is_io() {
+            true => StateError::from(FsError::new("read", &path, e.into())),
+            false => StateError::Damaged {
+                path: path.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+        use sha2::Digest as _;
+        Ok(Some(Digest(reader.into_inner().sha256.finalize().into())))
     }
 
     fn load_as<T: Recorded>(&self) -> Result<Option<T>, StateError> {
@@ -393,5 +577,81 @@ mod tests {
             .expect("saved");
         let after_error = state.load().expect("loaded").expect("a record");
         assert!(!same(&after_error.entries[1].path, &entries[0].path));
+    }
+
+    /// The entries of a record are walked a block at a time, each block with the index of its
+    /// first, and the walk gives the digest of the bytes read; a record out of order, with a
+    /// field it should not have, or of another format is refused as damaged, and an error of
+    /// the walker stops the walk and is the walk's.
+    #[test]
+    fn a_record_is_walked_a_block_at_a_time_and_checked_as_it_is_loaded() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let state = StateDir::new(dir.path());
+        let mut each = |_: usize, _: &[InstalledEntry]| -> Result<(), StateError> { Ok(()) };
+        assert!(matches!(state.walk_entries(2, &mut each), Ok(None)));
+        let paths = ["Lib", "Lib-x", "Lib/a", "Lib/b", "Lib/c"];
+        state.save(&record(&paths).record()).expect("saved");
+        let mut blocks = Vec::new();
+        let digest = state
+            .walk_entries(2, &mut |first, block| -> Result<(), StateError> {
+                let named = block.iter().map(|e| e.path.to_string());
+                blocks.push((first, named.collect::<Vec<_>>()));
+                Ok(())
+            })
+            .expect("walked");
+        let expected: Vec<(usize, Vec<String>)> = paths
+            .chunks(2)
+            .enumerate()
+            .map(|(k, c)| (2 * k, c.iter().map(|p| p.to_string()).collect()))
+            .collect();
+        assert_eq!(blocks, expected);
+        use sha2::Digest as _;
+        let bytes = fs::read(state.installed_path()).expect("read");
+        assert_eq!(digest, Some(Digest(sha2::Sha256::digest(&bytes).into())));
+
+        let text = String::from_utf8(bytes).expect("text");
+        for (damaged, reason) in [
+            (
+                text.replacen("Lib/b", "Lib/d", 1),
+                "entry Lib/c is not after Lib/d",
+            ),
+            (
+                text.replacen(r#""signer""#, r#""signed""#, 1),
+                "unknown field `signed`",
+            ),
+            (
+                text.replacen(r#""format": 2"#, r#""format": 7"#, 1),
+                "state format 7",
+            ),
+            (
+                text.replacen(r#""letter": "a","#, "", 1),
+                "missing field `letter`",
+            ),
+        ] {
+            assert_ne!(damaged, text, "{reason}");
+            fs::write(state.installed_path(), damaged).expect("written");
+            match state.walk_entries(2, &mut each) {
+                Err(StateError::Damaged { reason: got, .. }) => {
+                    assert!(got.contains(reason), "{got:?}, expected {reason:?}")
+                }
+                other => panic!("{reason}: {other:?}"),
+            }
+        }
+        fs::write(state.installed_path(), &text).expect("written");
+        let mut given = 0;
+        let stopped = state.walk_entries(2, &mut |first, _| -> Result<(), StateError> {
+            given += 1;
+            match first {
+                2 => Err(StateError::Damaged {
+                    path: PathBuf::from("walker"),
+                    reason: "stop".to_owned(),
+                }),
+                _ => Ok(()),
+            }
+        });
+        assert!(
+            matches!(stopped, Err(StateError::Damaged { path, .. }) if path == Path::new("walker"))
+        );
+        assert_eq!(given, 2);
     }
 }

