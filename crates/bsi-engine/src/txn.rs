@@ -918,28 +918,28 @@ fn commit(state: &StateDir, txn: &TxnDir, plan: &Plan) -> Result<(), FsError> {
         }
         fsx::write_atomically(&txn.committed_mark(), b"")?;
     }
-    let record = match &plan.after {
-        After::Nothing => None,
+    let installs = match &plan.after {
+        After::Nothing => false,
         After::Staged => {
             // Moved into place already when it is no longer staged.
             if exists(&txn.record()) {
                 fsx::rename(&txn.record(), &state.installed_path())?;
             }
-            Some(())
+            true
         }
-        After::Held(record) => Some(state.save(record)?),
+        After::Held(record) => {
+            state.save(record)?;
+            true
+        }
     };
-    match record {
-        Some(()) => {
-            if exists(&txn.revert_dir()) {
-                fsx::remove_all(&state.revert_dir())?;
-                fsx::rename(&txn.revert_dir(), &state.revert_dir())?;
-            }
-        }
-        None => {
-            fsx::remove_all(&state.installed_path())?;
+    if installs {
+        if exists(&txn.revert_dir()) {
             fsx::remove_all(&state.revert_dir())?;
+            fsx::rename(&txn.revert_dir(), &state.revert_dir())?;
         }
+    } else {
+        fsx::remove_all(&state.installed_path())?;
+        fsx::remove_all(&state.revert_dir())?;
     }
     fsx::sync_dir(&state.dir)?;
     finish(state, txn)
