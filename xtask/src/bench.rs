@@ -236,6 +236,18 @@ fn parse(ws: &Path, args: &[&str]) -> Result<Options> {
     Ok(Options { smoke, pairs, out })
 }
 
+/// Fail unless `what` (`bsi apply`) left `root` as the tree `expected` (`the new one`) is.
+fn check_left(root: &Path, expected: &Path, what: &str, name: &str) -> Result<()> {
+    let diffs = compare_trees(root, expected, &[])?;
+    match diffs.first() {
+        Some(d) => bail!(
+            "{what} left a tree that differs from {name} in {} places, first {d}",
+            diffs.len()
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Wall time and peak memory of one child process.
 #[derive(Clone, Copy, Debug, Default)]
 struct Measure {
@@ -823,13 +835,7 @@ fn bsi_build_apply(r: &Runner, name: &str, old: &Path, new: &Path) -> Result<App
             &"--quiet",
         ]),
     )?;
-    let diffs = compare_trees(&root, new, &[])?;
-    if let Some(d) = diffs.first() {
-        bail!(
-            "bsi apply left a tree that differs from the new one in {} places, first {d}",
-            diffs.len()
-        );
-    }
+    check_left(&root, new, "bsi apply", "the new one")?;
     Ok(Applied {
         bytes,
         build,

@@ -9,13 +9,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use filetime::FileTime;
 
 use super::{
-    bsi_build, bsi_build_apply, mib, os, secs, thousands, Measure, Runner, BSI_COPY, CACHE, TRUST,
+    bsi_build, bsi_build_apply, check_left, mib, os, secs, thousands, Measure, Runner, BSI_COPY,
+    CACHE, TRUST,
 };
-use crate::tree::compare_trees;
 
 /// The trees, by name: how many directories of [`FILES_PER_DIR`] files.
 pub(super) const TREES: &[(&str, usize)] = &[
@@ -134,14 +134,12 @@ pub(super) fn run(r: &Runner, name: &str, dirs: usize) -> Result<ManyResult> {
             &"--quiet",
         ]),
     )?;
-    let diffs = compare_trees(&done.root, &next, &[])?;
-    if let Some(d) = diffs.first() {
-        bail!(
-            "bsi apply of (b) over (a) left a tree that differs from the next one in {} places, \
-             first {d}",
-            diffs.len()
-        );
-    }
+    check_left(
+        &done.root,
+        &next,
+        "bsi apply of (b) over (a)",
+        "the next one",
+    )?;
     let revert = r.run(
         BSI_COPY,
         &os(&[
@@ -153,13 +151,7 @@ pub(super) fn run(r: &Runner, name: &str, dirs: usize) -> Result<ManyResult> {
             &"--quiet",
         ]),
     )?;
-    let diffs = compare_trees(&done.root, &old, &[])?;
-    if let Some(d) = diffs.first() {
-        bail!(
-            "bsi revert left a tree that differs from the old one in {} places, first {d}",
-            diffs.len()
-        );
-    }
+    check_left(&done.root, &old, "bsi revert", "the old one")?;
     Ok(ManyResult {
         name: name.to_string(),
         entries: crate::tree::count_entries(&new, &[])?,
