@@ -7,6 +7,7 @@
 
 mod container;
 mod digest;
+mod fields;
 mod manifest;
 mod name;
 mod path;
