@@ -416,13 +416,33 @@ impl Manifest {
     /// the key to check its signature with (the signature check decides, see
     /// `Manifest::from_packed` for the checked manifest).
     pub fn signer_of_packed(packed: &[u8]) -> Option<String> {
-        #[derive(Deserialize)]
-        struct Signer {
-            signer: String,
+        /// The top-level object read up to its `signer`, which is kept; the rest is left unread
+        /// (the parser then fails on it, which does not matter here): the signer comes fifth,
+        /// and reading a manifest of 150,750 entries through took 0.3 s.
+        struct UpToSigner<'s>(&'s mut Option<String>);
+        impl<'de> serde::de::Visitor<'de> for UpToSigner<'_> {
+            type Value = ();
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a manifest")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                while let Some(key) = map.next_key::<std::borrow::Cow<'_, str>>()? {
+                    if key == "signer" {
+                        *self.0 = Some(map.next_value()?);
+                        return Ok(());
+                    }
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(())
+            }
         }
-        serde_json::from_reader::<_, Signer>(std::io::BufReader::new(unpacking(packed).ok()?))
-            .ok()
-            .map(|s| s.signer)
+        let mut signer = None;
+        let mut de =
+            serde_json::Deserializer::from_reader(std::io::BufReader::new(unpacking(packed).ok()?));
+        let _ = serde::Deserializer::deserialize_map(&mut de, UpToSigner(&mut signer));
+        signer
     }
 
     /// Check the rules every manifest obeys: supported format, sane names, sorted unique paths
@@ -649,10 +669,29 @@ mod tests {
             Some(manifest.signer.as_str())
         );
         // Only the signer is read: a manifest that is not canonical still names one.
-        let loose = String::from_utf8(bytes).expect("text").replace(",", ", ");
+        let loose = String::from_utf8(bytes.clone()).expect("text").replace(",", ", ");
         assert_eq!(
             Manifest::signer_of_packed(&pack_manifest(loose.as_bytes())).as_deref(),
             Some("df0f1484c5634cb1")
+        );
+        // Only what comes before it is read: what follows may be anything.
+        let cut = format!(
+            "{}\"signer\":\"abc\", this is not JSON",
+            String::from_utf8_lossy(
+                &bytes[..bytes
+                    .windows(9)
+                    .position(|w| w == b"\"signer\":")
+                    .unwrap_or(0)]
+            )
+        );
+        assert_eq!(
+            Manifest::signer_of_packed(&pack_manifest(cut.as_bytes())).as_deref(),
+            Some("abc")
+        );
+        let unsigned = String::from_utf8_lossy(&bytes).replace("\"signer\"", "\"signed\"");
+        assert_eq!(
+            Manifest::signer_of_packed(&pack_manifest(unsigned.as_bytes())),
+            None
         );
         assert_eq!(Manifest::signer_of_packed(b"not a zstd frame"), None);
         assert_eq!(Manifest::signer_of_packed(&pack_manifest(b"{}")), None);
