@@ -37,6 +37,7 @@ pub(crate) struct InstalledHead {
     pub product: String,
     pub base: BaseRelease,
     pub letter: Letter,
+    pub package_sha256: Digest,
 }
 
 /// A form of the installed record that can be loaded.
@@ -76,7 +77,6 @@ impl Recorded for InstalledHead {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct InstalledEntry {
-    #[serde(deserialize_with = "shared_path")]
     pub path: PkgPath,
     pub before: Option<Image>,
     pub after: Option<Image>,
@@ -181,41 +181,6 @@ pub(crate) struct RecordEntry<'a> {
     pub before: Option<&'a Image>,
     pub after: Option<&'a Image>,
     pub revert: Option<&'a str>,
-}
-
-thread_local! {
-    /// The paths, sorted, whose text a record parsed on this thread shares (see
-    /// [`StateDir::load_sharing`]).
-    static KNOWN: std::cell::RefCell<Vec<PkgPath>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The known paths of this thread while it lives.
-struct Known;
-
-impl Known {
-    fn set(paths: Vec<PkgPath>) -> Known {
-        KNOWN.with(|known| *known.borrow_mut() = paths);
-        Known
-    }
-}
-
-impl Drop for Known {
-    fn drop(&mut self) {
-        KNOWN.with(|known| *known.borrow_mut() = Vec::new());
-    }
-}
-
-/// A path as parsed, or the known one with the same text: the parsed one is freed at once, and
-/// its room is what the next path parsed takes.
-fn shared_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PkgPath, D::Error> {
-    let path = PkgPath::deserialize(d)?;
-    Ok(KNOWN.with(|known| {
-        let known = known.borrow();
-        match known.binary_search(&path) {
-            Ok(i) => known[i].clone(),
-            Err(_) => path,
-        }
-    }))
 }
 
 /// What a walk of the installed record does with each block of entries, given the index of its
@@ -390,13 +355,6 @@ impl StateDir {
         self.load_as()
     }
 
-    /// [`load`](Self::load), each path the record shares with `entries` (a package's, sorted
-    /// by path) held once, in both: a switch of 100,500 entries held 4.8 MB more for them.
-    pub fn load_sharing(&self, entries: &[Entry]) -> Result<Option<Installed>, StateError> {
-        let _known = Known::set(entries.iter().map(|e| e.path.clone()).collect());
-        self.load_as()
-    }
-
     /// What the installed record says of the release, its entries skipped unread: what a
     /// status shows.
     pub fn load_head(&self) -> Result<Option<InstalledHead>, StateError> {
@@ -536,47 +494,6 @@ mod tests {
                 (got, _) => panic!("{paths:?}: {got:?}"),
             }
         }
-    }
-
-    /// A record loaded beside a package's entries holds each path they share once, in both;
-    /// the paths it does not share, and every path of a record loaded after, are its own.
-    #[test]
-    fn a_record_loaded_beside_entries_shares_their_paths() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let state = StateDir::new(dir.path());
-        state
-            .save(&record(&["Lib", "Lib/a", "Lib/b"]).record())
-            .expect("saved");
-        let entries: Vec<Entry> = ["Lib/a", "Lib/c"]
-            .iter()
-            .map(|p| Entry {
-                path: PkgPath::new(p).expect("a path"),
-                component: "webkit".into(),
-                pre: None,
-                post: None,
-                op: bsi_format::Operation::Delete,
-                payload: None,
-            })
-            .collect();
-        let same = |a: &PkgPath, b: &PkgPath| a.as_str().as_ptr() == b.as_str().as_ptr();
-        let loaded = state
-            .load_sharing(&entries)
-            .expect("loaded")
-            .expect("a record");
-        let paths: Vec<&str> = loaded.entries.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["Lib", "Lib/a", "Lib/b"]);
-        assert!(same(&loaded.entries[1].path, &entries[0].path));
-        assert!(!same(&loaded.entries[0].path, &entries[0].path));
-        let again = state.load().expect("loaded").expect("a record");
-        assert!(!same(&again.entries[1].path, &entries[0].path));
-        // Nor after a load that failed.
-        fs::write(state.installed_path(), b"{").expect("written");
-        assert!(state.load_sharing(&entries).is_err());
-        state
-            .save(&record(&["Lib", "Lib/a", "Lib/b"]).record())
-            .expect("saved");
-        let after_error = state.load().expect("loaded").expect("a record");
-        assert!(!same(&after_error.entries[1].path, &entries[0].path));
     }
 
     /// The entries of a record are walked a block at a time, each block with the index of its

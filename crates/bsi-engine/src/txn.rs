@@ -99,13 +99,13 @@ struct StepRead {
     to: Option<Image>,
 }
 
-/// What a transaction does, written as the journal before the root is touched (format 3, see
-/// [`Journal::write`]; its record after is staged beside it). It borrows what it
-/// records: the steps as above, and the installed record after from wherever it is held.
-/// [`JournalLines`] is such a journal read back, [`JournalRead`] one of format 1 or 2, a
-/// single document, which its serialisation gives in the tests.
-#[derive(Debug)]
-#[cfg_attr(test, derive(Serialize))]
+/// What a transaction does, held whole, as the tests write it (format 3, see
+/// [`Journal::write`]); a live run writes its journal as its steps are made
+/// ([`write_journal`]). It borrows what it records: the steps as above, and the installed
+/// record after from wherever it is held. [`JournalLines`] is such a journal read back,
+/// [`JournalRead`] one of format 1 or 2, a single document, which its serialisation gives.
+#[cfg(test)]
+#[derive(Debug, Serialize)]
 pub(crate) struct Journal<'a> {
     pub kind: TxnKind,
     /// The release before and after, for messages: `macOS 26.3`, `macOS 26.3 (a)`.
@@ -155,7 +155,13 @@ impl StepRead {
 }
 
 impl JournalRead {
+    /// Its steps, lent from it.
+    fn steps(&self) -> Vec<Step<'_>> {
+        self.steps.iter().map(StepRead::step).collect()
+    }
+
     /// The journal that was written, lent from this one.
+    #[cfg(test)]
     fn journal(&self) -> Journal<'_> {
         let steps = self.steps.iter().map(StepRead::step);
         Journal {
@@ -172,6 +178,7 @@ impl JournalRead {
 
 /// The last line of a journal of format 3, as written: everything but the steps, which come
 /// before it one per line, and the record after, staged as `txn/installed.json`.
+#[cfg(test)]
 #[derive(Debug, Serialize)]
 struct HeadOut<'a> {
     format: u32,
@@ -200,8 +207,9 @@ struct Head {
     steps: usize,
 }
 
+#[cfg(test)]
 impl Journal<'_> {
-    /// Write this journal as format 3 in `txn` (its record is staged apart, see [`run`]),
+    /// Write this journal as format 3 in `txn` (its record is staged apart),
     /// atomically: its steps one per line, then its head on the last line (what the steps are
     /// is known only once they are written when they are made as they are written).
     fn write(&self, txn: &TxnDir) -> Result<(), FsError> {
@@ -224,6 +232,7 @@ impl Journal<'_> {
 }
 
 /// Write `steps` one per line, as a journal of format 3 holds them.
+#[cfg(test)]
 fn write_steps<'s>(
     steps: impl IntoIterator<Item = &'s Step<'s>>,
     out: &mut dyn std::io::Write,
@@ -388,21 +397,6 @@ struct Plan<'j> {
     after: After<'j>,
 }
 
-impl Journal<'_> {
-    /// This journal as [`run`] carries it out: its record staged.
-    fn plan(&self) -> Plan<'_> {
-        Plan {
-            steps: &self.steps,
-            keep_times: &self.keep_times,
-            kept: &self.kept,
-            after: match self.after {
-                Some(_) => After::Staged,
-                None => After::Nothing,
-            },
-        }
-    }
-}
-
 /// A journal as read back from disk.
 enum OnDisk {
     Lines(JournalLines),
@@ -523,6 +517,14 @@ impl TxnDir {
         self.undo_dir().join(i.to_string())
     }
     /// The revert data of the record the transaction installs.
+    /// Stage the installed record after, whole, before the journal that names it (the commit
+    /// moves it into place), written as `StateDir::save` writes it.
+    pub fn stage_record(&self, record: &Record) -> Result<(), FsError> {
+        fsx::write_atomically_with(&self.record(), |out| {
+            serde_json::to_writer_pretty(out, record).map_err(std::io::Error::from)
+        })
+    }
+
     pub fn revert_dir(&self) -> PathBuf {
         self.dir.join("revert")
     }
@@ -612,6 +614,7 @@ pub(crate) fn pending(state: &StateDir) -> Result<Option<Interrupted>, TxnError>
 
 /// Directories above `steps` (sorted by path) that are not steps themselves, with their current
 /// times.
+#[cfg(test)]
 pub(crate) fn times_to_keep(root: &Path, steps: &[Step]) -> Vec<(PkgPath, Mtime)> {
     let mut keep = KeepTimes::default();
     for step in steps {
@@ -1007,63 +1010,27 @@ pub enum Failed {
     Stuck { cause: TxnError, rollback: TxnError },
 }
 
-/// Write `journal` (whose staged files and revert data are ready in `txn`) and carry it out;
-/// `seen` holds what this process read and wrote since it checked the root.
-pub(crate) fn run(
-    root: &Path,
-    state: &StateDir,
-    txn: &TxnDir,
-    journal: &Journal,
-    seen: &Seen,
-) -> Result<(), Failed> {
-    let kind = journal.kind;
-    let plan = journal.plan();
-    let prepare = || -> Result<(), FsError> {
-        for d in [txn.stage_dir(), txn.revert_dir(), txn.undo_dir()] {
-            fsx::sync_dir(&d)?;
-        }
-        // The record after, staged whole before the journal that names it (the commit moves
-        // it into place), written as `StateDir::save` writes it.
-        if let Some(record) = &journal.after {
-            fsx::write_atomically_with(&txn.record(), |out| {
-                serde_json::to_writer_pretty(out, record).map_err(std::io::Error::from)
-            })?;
-        }
-        journal.write(txn)
-    };
-    if let Err(cause) = prepare() {
-        // No journal on disk, or a whole one: nothing in the root was touched yet.
-        if exists(&txn.journal()) {
-            return match roll_back(root, state, txn, &plan) {
-                Ok(()) => Err(Failed::RolledBack {
-                    kind,
-                    cause: cause.into(),
-                }),
-                Err(rollback) => Err(Failed::Stuck {
-                    cause: cause.into(),
-                    rollback,
-                }),
-            };
-        }
-        txn.abandon();
-        return Err(Failed::RolledBack {
-            kind,
-            cause: cause.into(),
-        });
-    }
-    carry_out(root, state, txn, kind, &plan, seen)
+/// What a journal names after its steps, once they are made (see [`write_journal`]).
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    /// Base files the new revert data keeps as they were (see [`Journal::kept`]).
+    pub kept: Vec<(usize, String)>,
+    /// Whether the installed record after was staged ([`TxnDir::stage_record`]); none is
+    /// left otherwise.
+    pub record: bool,
 }
 
-/// Write the journal of a transaction whose steps are made as they are written: `make` stages
-/// what they need and hands each over, in path order, to the function it is given, then makes
-/// what it staged durable; the journal then names them with the directory times to keep
-/// above them, and leaves no installed record. Written atomically, as [`run`] writes one.
+/// Write the journal of a transaction whose steps are made as they are written: `make` hands
+/// each over, in path order, to the function it is given, stages what they need (and the
+/// installed record after, if any), makes what it staged durable and says what the journal
+/// names after the steps; the journal then names them with the directory times to keep
+/// above them. Written atomically: recovery finds a whole journal or none.
 pub(crate) fn write_journal<E: From<FsError>>(
     txn: &TxnDir,
     kind: TxnKind,
     (from_title, to_title): (&str, &str),
     root: &Path,
-    make: impl FnOnce(&mut dyn FnMut(&Step) -> Result<(), E>) -> Result<(), E>,
+    make: impl FnOnce(&mut dyn FnMut(&Step) -> Result<(), E>) -> Result<Tail, E>,
 ) -> Result<Written, E> {
     let mut failed = None;
     let path = txn.journal();
@@ -1093,7 +1060,7 @@ pub(crate) fn write_journal<E: From<FsError>>(
             *failed = Some(e);
             std::io::Error::other("stopped")
         };
-        make(&mut write).map_err(|e| stop(e, &mut failed))?;
+        let tail = make(&mut write).map_err(|e| stop(e, &mut failed))?;
         for d in [txn.stage_dir(), txn.revert_dir(), txn.undo_dir()] {
             fsx::sync_dir(&d).map_err(|e| stop(e.into(), &mut failed))?;
         }
@@ -1103,8 +1070,8 @@ pub(crate) fn write_journal<E: From<FsError>>(
             from_title: from_title.to_owned(),
             to_title: to_title.to_owned(),
             keep_times: keep.into_vec(),
-            kept: Vec::new(),
-            record: false,
+            kept: tail.kept,
+            record: tail.record,
             steps: count,
         };
         serde_json::to_writer(&mut *out, &head)?;
@@ -1129,7 +1096,7 @@ pub(crate) fn write_journal<E: From<FsError>>(
 /// A journal [`write_journal`] wrote, as it is on disk.
 pub(crate) struct Written(JournalLines);
 
-/// Carry out the journal [`write_journal`] wrote, as [`run`] carries out its own.
+/// Carry out the journal [`write_journal`] wrote: roll forward and commit, else roll back.
 pub(crate) fn run_written(
     root: &Path,
     state: &StateDir,
@@ -1198,12 +1165,15 @@ pub(crate) fn recover(root: &Path, state: &StateDir) -> Result<Option<Recovered>
     let plan = match &read {
         OnDisk::Lines(lines) => lines.plan(),
         OnDisk::Whole(old) => {
-            whole = old.journal();
+            whole = old.steps();
             Plan {
-                steps: &whole.steps,
-                keep_times: &whole.keep_times,
-                kept: &whole.kept,
-                after: whole.after.map_or(After::Nothing, After::Held),
+                steps: &whole,
+                keep_times: &old.keep_times,
+                kept: &old.kept,
+                after: old
+                    .after
+                    .as_ref()
+                    .map_or(After::Nothing, |a| After::Held(a.record())),
             }
         }
     };
@@ -1666,9 +1636,16 @@ mod tests {
                     from: Some(&image),
                     to: None,
                 })
+            })?;
+            // What follows the steps is named in the head.
+            Ok(Tail {
+                kept: vec![(3, "3.orig".to_owned())],
+                record: true,
             })
         });
         let Written(written) = written.expect("written");
+        assert_eq!(written.head.kept, [(3, "3.orig".to_owned())]);
+        assert!(written.head.record);
         let read = JournalLines::read(&txn.journal(), BLOCK).expect("read");
         assert_eq!(written.marks, read.marks);
         assert_eq!(written.marks.len(), 3);

@@ -669,7 +669,9 @@ mod tests {
             Some(manifest.signer.as_str())
         );
         // Only the signer is read: a manifest that is not canonical still names one.
-        let loose = String::from_utf8(bytes.clone()).expect("text").replace(",", ", ");
+        let loose = String::from_utf8(bytes.clone())
+            .expect("text")
+            .replace(",", ", ");
         assert_eq!(
             Manifest::signer_of_packed(&pack_manifest(loose.as_bytes())).as_deref(),
             Some("df0f1484c5634cb1")

@@ -142,6 +142,75 @@ fn a_switch_sends_the_installed_letters_own_paths_back_between_its_own() {
     );
 }
 
+/// A switch walks the installed record beside its package's entries, and looks up out of
+/// path order what the installed letter did: inside a directory the new letter removes, (a)
+/// added a file (the directory holds nothing of the base but what (b) removes); the source of
+/// a copy (b) adds, which lies after it, is a file (a) changed (its base bytes are in the
+/// revert data, not on disk); and the directory of a file (b) changes, which (b) leaves as it
+/// is, (a) removed (it is a directory in the base, though not on disk), 5,000 paths of (a)
+/// lying between them, so that the record is walked past the directory before the file.
+#[test]
+fn a_switch_finds_what_the_installed_letter_did_out_of_path_order() {
+    use crate::fixture::{pattern, put, Node};
+    let file = |bytes: Vec<u8>| Node::File {
+        bytes,
+        mode: 0o644,
+        mtime: (1_650_000_000, 0),
+    };
+    let library = pattern(21, 300_000);
+    let mut changed = library.clone();
+    changed[5000..5008].copy_from_slice(b"patched!");
+    let mut base = Model::new();
+    put(&mut base, "x/old", file(pattern(22, 2000)));
+    put(&mut base, "z/lib.so", file(library.clone()));
+    put(&mut base, "m/keep", file(pattern(23, 2000)));
+    put(&mut base, "d/f", file(pattern(25, 2000)));
+    let mut target_a = base.clone();
+    put(&mut target_a, "x/new", file(pattern(24, 2000)));
+    put(&mut target_a, "z/lib.so", file(changed));
+    target_a.remove("d/f");
+    target_a.remove("d");
+    // Between `d` and `d/f`: `.` comes before `/`.
+    for i in 0..5000 {
+        put(
+            &mut target_a,
+            &format!("d.x/{i:04}"),
+            file(vec![i as u8; 3]),
+        );
+    }
+    let mut target_b = base.clone();
+    target_b.remove("x/old");
+    target_b.remove("x");
+    put(&mut target_b, "a/lib.so", file(library));
+    put(&mut target_b, "d/f", file(pattern(26, 2000)));
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (base_dir, a_dir, b_dir, root, state) = letters(tmp.path(), &base, &target_a, &target_b);
+    let pkg_b = package(&base_dir, &b_dir, 'b');
+    let copy = pkg_b
+        .manifest
+        .entries
+        .iter()
+        .find(|e| e.path.as_str() == "a/lib.so")
+        .expect("the copy's entry");
+    assert!(
+        matches!(&copy.op, bsi_format::Operation::Delta { source: Some(src), .. } if src.path.as_str() == "z/lib.so"),
+        "{:?}",
+        copy.op
+    );
+    apply(&package(&base_dir, &a_dir, 'a'), &root, &state, &NoProgress).expect("apply a");
+    apply(&pkg_b, &root, &state, &NoProgress).expect("switch to b");
+    assert_eq!(
+        scan(&root, &[]).expect("scan"),
+        scan(&b_dir, &[]).expect("scan b")
+    );
+    revert(&root, &state).expect("revert b");
+    assert_eq!(
+        scan(&root, &[]).expect("scan"),
+        scan(&base_dir, &[]).expect("scan base")
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
