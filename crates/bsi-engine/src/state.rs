@@ -438,9 +438,18 @@ impl StateDir {
     /// Write the installed record atomically (synced, directory synced).
     pub fn save(&self, installed: &Record<'_>) -> Result<(), FsError> {
         crate::fsx::write_atomically_with(&self.installed_path(), |out| {
-            serde_json::to_writer_pretty(out, installed).map_err(std::io::Error::from)
+            write_record(out, installed)
         })
     }
+}
+
+/// Write an installed record as its file holds it: compact JSON, read back a byte at a time (as
+/// pretty JSON, 38% of a record of 150,750 entries was indentation: 88 MB against 54.6).
+pub(crate) fn write_record(
+    out: &mut dyn std::io::Write,
+    record: &Record<'_>,
+) -> std::io::Result<()> {
+    serde_json::to_writer(out, record).map_err(std::io::Error::from)
 }
 
 #[cfg(test)]
@@ -537,11 +546,11 @@ mod tests {
                 "unknown field `signed`",
             ),
             (
-                text.replacen(r#""format": 2"#, r#""format": 7"#, 1),
+                text.replacen(r#""format":2"#, r#""format":7"#, 1),
                 "state format 7",
             ),
             (
-                text.replacen(r#""letter": "a","#, "", 1),
+                text.replacen(r#""letter":"a","#, "", 1),
                 "missing field `letter`",
             ),
         ] {

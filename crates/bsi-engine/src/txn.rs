@@ -521,7 +521,7 @@ impl TxnDir {
     /// moves it into place), written as `StateDir::save` writes it.
     pub fn stage_record(&self, record: &Record) -> Result<(), FsError> {
         fsx::write_atomically_with(&self.record(), |out| {
-            serde_json::to_writer_pretty(out, record).map_err(std::io::Error::from)
+            crate::state::write_record(out, record)
         })
     }
 
@@ -1504,7 +1504,7 @@ mod tests {
             after: Some(new.clone()),
             revert: None,
         }];
-        let record = serde_json::to_string_pretty(&inst).expect("serialised");
+        let record = serde_json::to_string(&inst).expect("serialised");
         #[derive(Debug, Clone, Copy)]
         enum Case {
             Staged,

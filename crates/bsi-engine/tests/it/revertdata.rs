@@ -305,8 +305,8 @@ fn a_base_file_with_another_name_gets_its_own_revert_data() {
 }
 
 /// The installed record says which revert data it may hold: format 1 (copies and reverse
-/// deltas, from an earlier bsi) still reads, and a format this bsi does not know is refused by
-/// name rather than misread.
+/// deltas, from an earlier bsi, which wrote it as pretty JSON) still reads, and a format this
+/// bsi does not know is refused by name rather than misread.
 #[test]
 fn installed_records_of_earlier_formats_read_and_later_ones_are_refused() {
     let old = noise(3, 200_000);
@@ -321,11 +321,15 @@ fn installed_records_of_earlier_formats_read_and_later_ones_are_refused() {
     } = applied(&base, &target);
     let record = state.join("installed.json");
     let written = fs::read_to_string(&record).expect("record");
-    assert!(written.contains("\"format\": 2"), "{written}");
-    fs::write(&record, written.replace("\"format\": 2", "\"format\": 3")).expect("write");
+    assert!(written.contains("\"format\":2"), "{written}");
+    fs::write(&record, written.replace("\"format\":2", "\"format\":3")).expect("write");
     let err = revert(&root, &state).expect_err("a later format is refused");
     assert!(err.to_string().contains("state format 3"), "{err}");
-    fs::write(&record, written.replace("\"format\": 2", "\"format\": 1")).expect("write");
+    let format_1 = written.replace("\"format\":2", "\"format\":1");
+    let value: serde_json::Value = serde_json::from_str(&format_1).expect("JSON");
+    let pretty = serde_json::to_string_pretty(&value).expect("serialised");
+    assert!(pretty.contains("\"format\": 1"), "{pretty}");
+    fs::write(&record, pretty).expect("write");
     revert(&root, &state).expect("revert from a format 1 record");
     assert_eq!(
         scan(&root, &[]).expect("scan").entries,
