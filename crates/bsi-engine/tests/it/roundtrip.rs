@@ -126,19 +126,20 @@ fn a_switch_sends_the_installed_letters_own_paths_back_between_its_own() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (base_dir, a_dir, b_dir, root, state) = letters(tmp.path(), &base, &target_a, &target_b);
     apply(&package(&base_dir, &a_dir, 'a'), &root, &state, &NoProgress).expect("apply a");
-    assert_eq!(
-        scan(&root, &[]).expect("scan"),
-        scan(&a_dir, &[]).expect("scan a")
-    );
+    holds(&root, &a_dir);
     apply(&package(&base_dir, &b_dir, 'b'), &root, &state, &NoProgress).expect("switch to b");
-    assert_eq!(
-        scan(&root, &[]).expect("scan"),
-        scan(&b_dir, &[]).expect("scan b")
-    );
+    holds(&root, &b_dir);
     revert(&root, &state).expect("revert b");
+    holds(&root, &base_dir);
+}
+
+/// The root holds exactly the tree at `dir`, times and modes included.
+fn holds(root: &Path, dir: &Path) {
     assert_eq!(
-        scan(&root, &[]).expect("scan"),
-        scan(&base_dir, &[]).expect("scan base")
+        scan(root, &[]).expect("scan the root"),
+        scan(dir, &[]).expect("scan the tree"),
+        "{}",
+        dir.display()
     );
 }
 
@@ -200,15 +201,9 @@ fn a_switch_finds_what_the_installed_letter_did_out_of_path_order() {
     );
     apply(&package(&base_dir, &a_dir, 'a'), &root, &state, &NoProgress).expect("apply a");
     apply(&pkg_b, &root, &state, &NoProgress).expect("switch to b");
-    assert_eq!(
-        scan(&root, &[]).expect("scan"),
-        scan(&b_dir, &[]).expect("scan b")
-    );
+    holds(&root, &b_dir);
     revert(&root, &state).expect("revert b");
-    assert_eq!(
-        scan(&root, &[]).expect("scan"),
-        scan(&base_dir, &[]).expect("scan base")
-    );
+    holds(&root, &base_dir);
 }
 
 proptest! {
