@@ -1,5 +1,6 @@
 //! Apply, revert and status on a root.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs;
@@ -17,7 +18,7 @@ use crate::seen::{ReadWhole, Seen};
 use crate::state::{InstalledEntry, Record, RecordEntries, StateDir, StateError, STATE_FORMAT};
 use crate::tree::{image_mismatch, mtime_of, observe, observe_with, Content, ScanError};
 use crate::txn::{self, Failed, Interrupted, Recovered, Step, TxnDir, TxnError, TxnKind};
-use crate::{largest_first, FsContext, FsError, Progress, LARGE_FILE};
+use crate::{largest_first, Entries, FsContext, FsError, Progress, LARGE_FILE};
 use bsi_delta::DeltaEncoder as _;
 
 /// zstd level of revert data (copies and reverse deltas): made on the device while it applies,
@@ -895,40 +896,34 @@ struct Touched {
 
 /// The paths an apply looks up out of path order: the package's entries' ancestors (one for
 /// each directory above an entry), the sources its deltas name, the directories it removes.
-struct Wanted<'m> {
+#[derive(Default)]
+struct Wanted {
     ancestors: BTreeSet<PkgPath>,
-    sources: BTreeSet<&'m PkgPath>,
-    removed_dirs: BTreeSet<&'m PkgPath>,
+    sources: BTreeSet<PkgPath>,
+    removed_dirs: BTreeSet<PkgPath>,
 }
 
-impl<'m> Wanted<'m> {
-    fn of(entries: &'m [Entry]) -> Wanted<'m> {
-        let sources = entries
-            .iter()
-            .filter_map(|e| match reference(e) {
-                Some((_, Some(src))) => Some(&src.path),
-                _ => None,
-            })
-            .collect();
-        let removed_dirs = entries
-            .iter()
-            .filter(|e| removes_dir(e))
-            .map(|e| &e.path)
-            .collect();
-        let mut ancestors = BTreeSet::new();
-        for entry in entries {
-            let mut up = entry.path.parent();
-            // Those above one already known are known.
-            while let Some(dir) = up.filter(|d| !ancestors.contains(d)) {
-                up = dir.parent();
-                ancestors.insert(dir);
+impl Wanted {
+    fn of(entries: &Entries) -> Result<Wanted, FsError> {
+        let mut wanted = Wanted::default();
+        entries.walk(0..entries.len(), txn::BLOCK, &mut |_, block| {
+            for entry in block {
+                if let Some((_, Some(src))) = reference(entry) {
+                    wanted.sources.insert(src.path.clone());
+                }
+                if removes_dir(entry) {
+                    wanted.removed_dirs.insert(entry.path.clone());
+                }
+                let mut up = entry.path.parent();
+                // Those above one already known are known.
+                while let Some(dir) = up.filter(|d| !wanted.ancestors.contains(d)) {
+                    up = dir.parent();
+                    wanted.ancestors.insert(dir);
+                }
             }
-        }
-        Wanted {
-            ancestors,
-            sources,
-            removed_dirs,
-        }
+            Ok::<(), FsError>(())
+        })?;
+        Ok(wanted)
     }
 }
 
@@ -980,6 +975,11 @@ struct Lookup<'t> {
 }
 
 impl<'t> Lookup<'t> {
+    /// Where `path` lies in the block, if it does.
+    fn index(&self, path: &PkgPath) -> Option<usize> {
+        self.block.binary_search_by(|e| e.path.cmp(path)).ok()
+    }
+
     fn get(&self, path: &PkgPath) -> Option<&'t InstalledEntry> {
         match self.block.binary_search_by(|e| e.path.cmp(path)) {
             Ok(i) => Some(&self.block[i]),
@@ -988,13 +988,51 @@ impl<'t> Lookup<'t> {
     }
 }
 
+/// What the entries say of the directories above the entries being checked, looked up by path
+/// (among entries kept aside, a binary search reads one entry a step): the images before and
+/// after of each directory's entry, if it has one. The entries are checked in path order, so
+/// that those above them repeat; a few thousand are kept.
+struct DirEntries<'m> {
+    entries: &'m Entries,
+    known: std::collections::HashMap<PkgPath, Option<DirImages>>,
+}
+
+/// The images before and after of an entry.
+type DirImages = (Option<Image>, Option<Image>);
+
+impl<'m> DirEntries<'m> {
+    fn new(entries: &'m Entries) -> DirEntries<'m> {
+        DirEntries {
+            entries,
+            known: std::collections::HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, dir: &PkgPath) -> Result<Option<DirImages>, FsError> {
+        if let Some(known) = self.known.get(dir) {
+            return Ok(known.clone());
+        }
+        if self.known.len() >= txn::BLOCK {
+            self.known.clear();
+        }
+        let found = self
+            .entries
+            .find(dir)?
+            .map(|(_, e)| (e.pre.clone(), e.post.clone()));
+        self.known.insert(dir.clone(), found.clone());
+        Ok(found)
+    }
+}
+
 /// A step that has something to prepare (a file to stage, a base file to keep in the revert
-/// data), taken out of the walk that makes the steps: 32 bytes, and what the installed record
+/// data), taken out of the walk that makes the steps: 40 bytes, and what the installed record
 /// says of its path when the installed letter touched it (the record being walked is not
-/// held).
+/// held). Its entry is read again when it is prepared.
 struct Work {
     /// Its index among the steps.
     j: usize,
+    /// The larger of its file before and after.
+    weight: u64,
     of: WorkOf,
 }
 
@@ -1007,21 +1045,6 @@ enum WorkOf {
 }
 
 impl Work {
-    /// The step, from the package's `entries` and the images `found` at their paths.
-    fn step<'w>(&'w self, entries: &'w [Entry], found: &'w [Option<Box<Image>>]) -> Step<'w> {
-        match &self.of {
-            WorkOf::Entry(i, touched) => Step {
-                path: &entries[*i].path,
-                from: match touched {
-                    Some(t) => t.after.as_ref(),
-                    None => base_of(entries, found, *i),
-                },
-                to: entries[*i].post.as_ref(),
-            },
-            WorkOf::Touched(t) => back_to_base(&t.path, t),
-        }
-    }
-
     /// Its entry's index, unless the installed letter alone touched its path.
     fn entry(&self) -> Option<usize> {
         match self.of {
@@ -1030,12 +1053,60 @@ impl Work {
         }
     }
 
+    /// Its entry read again, unless the installed letter alone touched its path.
+    fn resolve<'e>(&self, entries: &'e Entries) -> Result<Resolved<'_, 'e>, FsError> {
+        Ok(match &self.of {
+            WorkOf::Entry(i, touched) => Resolved::Entry(*i, entries.get(*i)?, touched.as_deref()),
+            WorkOf::Touched(t) => Resolved::Touched(t),
+        })
+    }
+}
+
+/// A [`Work`] with its entry (one at a time, while it is prepared).
+#[allow(clippy::large_enum_variant)]
+enum Resolved<'w, 'e> {
+    /// The entry of this index, and the installed record's entry of its path, if any.
+    Entry(usize, Cow<'e, Entry>, Option<&'w InstalledEntry>),
+    /// A path only the installed letter touched, going back to its base.
+    Touched(&'w InstalledEntry),
+}
+
+impl Resolved<'_, '_> {
+    /// The step, with the images `found` at the entries' paths.
+    fn step<'s>(&'s self, found: &'s [Option<Box<Image>>]) -> Step<'s> {
+        match self {
+            Resolved::Entry(i, entry, touched) => entry_step(entry, &found[*i], *touched),
+            Resolved::Touched(t) => back_to_base(&t.path, t),
+        }
+    }
+
+    fn entry(&self) -> Option<(usize, &Entry)> {
+        match self {
+            Resolved::Entry(i, entry, _) => Some((*i, entry)),
+            Resolved::Touched(_) => None,
+        }
+    }
+
     /// What the installed record says of its path, if anything.
     fn touched(&self) -> Option<&InstalledEntry> {
-        match &self.of {
-            WorkOf::Entry(_, touched) => touched.as_deref(),
-            WorkOf::Touched(t) => Some(t),
+        match self {
+            Resolved::Entry(_, _, touched) => *touched,
+            Resolved::Touched(t) => Some(t),
         }
+    }
+}
+
+/// The step of `entry`, with the image `found` at its path (where not its pre-image exactly)
+/// and the installed record's entry of its path (`on`), if any.
+fn entry_step<'a>(
+    entry: &'a Entry,
+    found: &'a Option<Box<Image>>,
+    on: Option<&'a InstalledEntry>,
+) -> Step<'a> {
+    Step {
+        path: &entry.path,
+        from: on.map_or(crate::state::before(entry, found), |t| t.after.as_ref()),
+        to: entry.post.as_ref(),
     }
 }
 
@@ -1074,7 +1145,8 @@ fn apply_locked(
     }
     let view = BaseView::new(root, state, &seen);
     let state_rel = state_inside_root(root, &state.dir);
-    let by_path = |path: &PkgPath| entry_at(&m.entries, path);
+    let entries = &m.entries;
+    let mut dirs = DirEntries::new(entries);
 
     // 1. Every pre-image, every ancestor, before any write; with a letter installed, every
     //    path as it left it, its record walked a block at a time beside the entries (both
@@ -1082,16 +1154,18 @@ fn apply_locked(
     //    the entry's pre-image exactly (its time differs; `None`: it is): the installed
     //    record's `before`, which the record after borrows, as it borrows the rest from the
     //    entries (8 bytes an entry, where an image of its own takes 64).
-    let mut found_images: Vec<Option<Box<Image>>> = Vec::with_capacity(m.entries.len());
+    let mut found_images: Vec<Option<Box<Image>>> = Vec::with_capacity(entries.len());
     let inside_state = |path: &PkgPath| state_rel.as_deref().is_some_and(|s| path.is_within(s));
     // The room the staging and the revert data take.
     let (mut staging_bytes, mut revert_bytes) = (0u64, 0u64);
     // The entries whose checks need what lies after them in the installed record: a removed
     // directory's children, a delta's source.
     let mut later = Vec::new();
-    // The room the staging and the revert data of entries `range` take.
+    // The room the staging and the revert data of entries `range` take; `matched` marks the
+    // entries of the record's block that have an entry.
     let mut check = |range: std::ops::Range<usize>,
                      touched: Lookup,
+                     matched: &mut [bool],
                      found_images: &mut Vec<Option<Box<Image>>>|
      -> Result<(u64, u64), ApplyError> {
         let (mut staging_bytes, mut revert_bytes) = (0u64, 0u64);
@@ -1099,8 +1173,7 @@ fn apply_locked(
         // nor a base hashed beside its decoding), a few thousand entries at a time (what was
         // found, with room for an error each, took 17.6 MB for 100,500 entries at once); what
         // was found is looked at in order.
-        let entries = &m.entries[range.clone()];
-        let found = entries.chunks(txn::BLOCK).flat_map(|chunk| {
+        entries.walk(range, txn::BLOCK, &mut |first, chunk| {
             let images: Vec<Result<Option<Image>, ScanError>> = chunk
                 .par_iter()
                 .map(|e| {
@@ -1116,56 +1189,60 @@ fn apply_locked(
                     }
                 })
                 .collect();
-            chunk.iter().zip(images)
-        });
-        for (i, (entry, image)) in range.zip(found) {
-            if inside_state(&entry.path) {
-                return Err(ApplyError::InsideState {
-                    root: root.to_owned(),
-                    path: entry.path.clone(),
-                });
-            }
-            // Ancestors first: a path below a symlink reads as missing, which would hide the
-            // reason.
-            check_ancestors(root, &view, &by_path, entry, touched)?;
-            let actual = image?;
-            if let Some(reason) = image_mismatch(entry.pre.as_ref(), actual.as_ref()) {
-                return Err(ApplyError::PreImage {
-                    root: root.to_owned(),
-                    path: entry.path.clone(),
-                    reason,
-                });
-            }
-            if removes_dir(entry) || matches!(reference(entry), Some((_, Some(_)))) {
-                later.push(i);
-            }
-            found_images.push(
-                actual
-                    .filter(|a| entry.pre.as_ref() != Some(a))
-                    .map(Box::new),
-            );
-            let on = touched.get(&entry.path);
-            let base = base_of(&m.entries, found_images, i);
-            let step = Step {
-                path: &entry.path,
-                from: on.map_or(base, |t| t.after.as_ref()),
-                to: entry.post.as_ref(),
-            };
-            if step.needs_content() {
-                staging_bytes += file_size(step.to);
-            }
-            let changes = !matches!((base, &entry.post), (Some(b), Some(p)) if b.same_content(p));
-            if changes {
-                // A base file kept as it is, or linked, takes no room, but a reverse delta
-                // from a blocks payload may be kept instead (up to 1/64 of it).
-                let size = file_size(base);
-                let revert = on.and_then(|t| t.revert.as_deref());
-                revert_bytes += match view.keep(&entry.path, revert) == Keep::Make {
-                    true => size,
-                    false => size / SURELY_SMALLER,
+            for (k, (entry, image)) in chunk.iter().zip(images).enumerate() {
+                let i = first + k;
+                if inside_state(&entry.path) {
+                    return Err(ApplyError::InsideState {
+                        root: root.to_owned(),
+                        path: entry.path.clone(),
+                    });
+                }
+                // Ancestors first: a path below a symlink reads as missing, which would hide
+                // the reason.
+                check_ancestors(root, &view, &mut dirs, entry, touched)?;
+                let actual = image?;
+                if let Some(reason) = image_mismatch(entry.pre.as_ref(), actual.as_ref()) {
+                    return Err(ApplyError::PreImage {
+                        root: root.to_owned(),
+                        path: entry.path.clone(),
+                        reason,
+                    });
+                }
+                if removes_dir(entry) || matches!(reference(entry), Some((_, Some(_)))) {
+                    later.push(i);
+                }
+                found_images.push(
+                    actual
+                        .filter(|a| entry.pre.as_ref() != Some(a))
+                        .map(Box::new),
+                );
+                let on = match touched.index(&entry.path) {
+                    Some(k) => {
+                        matched[k] = true;
+                        Some(&touched.block[k])
+                    }
+                    None => touched.get(&entry.path),
                 };
+                let base = crate::state::before(entry, &found_images[i]);
+                let step = entry_step(entry, &found_images[i], on);
+                if step.needs_content() {
+                    staging_bytes += file_size(step.to);
+                }
+                let changes =
+                    !matches!((base, &entry.post), (Some(b), Some(p)) if b.same_content(p));
+                if changes {
+                    // A base file kept as it is, or linked, takes no room, but a reverse delta
+                    // from a blocks payload may be kept instead (up to 1/64 of it).
+                    let size = file_size(base);
+                    let revert = on.and_then(|t| t.revert.as_deref());
+                    revert_bytes += match view.keep(&entry.path, revert) == Keep::Make {
+                        true => size,
+                        false => size / SURELY_SMALLER,
+                    };
+                }
             }
-        }
+            Ok(())
+        })?;
         Ok((staging_bytes, revert_bytes))
     };
     let mut touched = Touched::default();
@@ -1173,23 +1250,24 @@ fn apply_locked(
     let walked = match installed {
         None => None,
         Some(_) => {
-            let wanted = Wanted::of(&m.entries);
+            let wanted = Wanted::of(entries)?;
             state.walk_entries(txn::BLOCK, &mut |_, block| -> Result<(), ApplyError> {
                 check_installed(root, block, &seen)?;
                 touched.keep(block, &wanted);
                 let Some(last) = block.last() else {
                     return Ok(());
                 };
-                let end = next + m.entries[next..].partition_point(|e| e.path <= last.path);
+                let end = entries.after(next, &last.path)?;
                 let lookup = Lookup {
                     block,
                     touched: &touched,
                 };
-                let (staging, revert) = check(next..end, lookup, &mut found_images)?;
+                let mut matched = vec![false; block.len()];
+                let (staging, revert) = check(next..end, lookup, &mut matched, &mut found_images)?;
                 (staging_bytes, revert_bytes) = (staging_bytes + staging, revert_bytes + revert);
                 next = end;
                 // The paths only the installed letter touched go back to their base.
-                for t in block.iter().filter(|t| by_path(&t.path).is_none()) {
+                for (t, _) in block.iter().zip(matched).filter(|(_, m)| !m) {
                     let step = back_to_base(&t.path, t);
                     if step.needs_content() {
                         staging_bytes += file_size(step.to);
@@ -1203,11 +1281,11 @@ fn apply_locked(
         block: &[],
         touched: &touched,
     };
-    let (staging, revert) = check(next..m.entries.len(), rest, &mut found_images)?;
+    let (staging, revert) = check(next..entries.len(), rest, &mut [], &mut found_images)?;
     (staging_bytes, revert_bytes) = (staging_bytes + staging, revert_bytes + revert);
     for i in later {
-        let entry = &m.entries[i];
-        if removes_dir(entry) {
+        let entry = entries.get(i)?;
+        if removes_dir(&entry) {
             for child in view.children(&entry.path, &touched)? {
                 let child_path = PkgPath::new(&format!("{}/{child}", entry.path)).map_err(|e| {
                     FsError::new(
@@ -1216,7 +1294,9 @@ fn apply_locked(
                         std::io::Error::other(e),
                     )
                 })?;
-                let removed = by_path(&child_path).is_some_and(|c| c.post.is_none());
+                let removed = entries
+                    .find(&child_path)?
+                    .is_some_and(|(_, c)| c.post.is_none());
                 if !removed {
                     return Err(ApplyError::DirectoryNotEmpty {
                         root: root.to_owned(),
@@ -1226,7 +1306,7 @@ fn apply_locked(
                 }
             }
         }
-        if let Some((_, Some(src))) = reference(entry) {
+        if let Some((_, Some(src))) = reference(&entry) {
             let image = view.image(&src.path, touched.get(&src.path))?;
             let inside_state = state_rel.as_deref().is_some_and(|s| src.path.is_within(s));
             if inside_state || !source_matches(src, image.as_ref()) {
@@ -1263,47 +1343,40 @@ fn apply_locked(
     let found_images = &found_images;
     let written = txn::write_journal(&txn, kind, titles, root, |write| {
         let mut works: Vec<Work> = Vec::new();
+        // The bytes of the files to decode or copy into the staging.
+        let mut staged_bytes = 0u64;
         let mut j = 0;
         let mut step = |step: Step,
-                        entry: Option<usize>,
+                        entry: Option<(usize, &Entry)>,
                         on: Option<&InstalledEntry>|
          -> Result<(), ApplyError> {
             write(&step)?;
-            let keeps_bytes = match (entry, step.from) {
-                (Some(i), _) => {
-                    let base = base_of(&m.entries, found_images, i);
-                    let post = m.entries[i].post.as_ref();
+            let keeps_bytes = match entry {
+                Some((i, entry)) => {
+                    let base = crate::state::before(entry, &found_images[i]);
+                    let post = entry.post.as_ref();
                     !matches!(base, Some(Image::File { .. }))
                         || post.is_some_and(|p| base.is_some_and(|b| b.same_content(p)))
                 }
-                (None, _) => true,
+                None => true,
             };
             if step.needs_content() || !keeps_bytes {
                 let on = on.cloned().map(Box::new);
                 // A step without an entry is of a path the installed letter touched.
                 let of = match (entry, on) {
-                    (Some(i), on) => Some(WorkOf::Entry(i, on)),
+                    (Some((i, _)), on) => Some(WorkOf::Entry(i, on)),
                     (None, on) => on.map(WorkOf::Touched),
                 };
-                works.extend(of.map(|of| Work { j, of }));
+                if step.needs_content() {
+                    staged_bytes += file_size(step.to);
+                }
+                let weight = file_size(step.from).max(file_size(step.to));
+                works.extend(of.map(|of| Work { j, weight, of }));
             }
             j += 1;
             Ok(())
         };
         let mut next = 0;
-        let entry_step = |i: usize, on: Option<&InstalledEntry>, step_to: &mut StepTo| {
-            let entry = &m.entries[i];
-            let from = on.map_or(base_of(&m.entries, found_images, i), |t| t.after.as_ref());
-            step_to(
-                Step {
-                    path: &entry.path,
-                    from,
-                    to: entry.post.as_ref(),
-                },
-                Some(i),
-                on,
-            )
-        };
         let again = match installed {
             None => None,
             Some(_) => {
@@ -1311,23 +1384,23 @@ fn apply_locked(
                     let Some(last) = block.last() else {
                         return Ok(());
                     };
-                    let end = next + m.entries[next..].partition_point(|e| e.path <= last.path);
-                    let mut only = block
-                        .iter()
-                        .filter(|t| by_path(&t.path).is_none())
-                        .peekable();
-                    for i in next..end {
-                        let path = &m.entries[i].path;
-                        while let Some(t) = only.next_if(|t| t.path < *path) {
-                            step(back_to_base(&t.path, t), None, Some(t))?;
+                    let end = entries.after(next, &last.path)?;
+                    // Both in path order, each path once: a record's entry without an entry
+                    // comes between them; one with an entry, with it.
+                    let mut record = block.iter().peekable();
+                    entries.walk::<ApplyError>(next..end, txn::BLOCK, &mut |first, chunk| {
+                        for (k, entry) in chunk.iter().enumerate() {
+                            let i = first + k;
+                            while let Some(t) = record.next_if(|t| t.path < entry.path) {
+                                step(back_to_base(&t.path, t), None, Some(t))?;
+                            }
+                            let on = record.next_if(|t| t.path == entry.path);
+                            let step_i = entry_step(entry, &found_images[i], on);
+                            step(step_i, Some((i, entry)), on)?;
                         }
-                        let on = block
-                            .binary_search_by(|e| e.path.cmp(path))
-                            .ok()
-                            .map(|k| &block[k]);
-                        entry_step(i, on, &mut step)?;
-                    }
-                    for t in only {
+                        Ok(())
+                    })?;
+                    for t in record {
                         step(back_to_base(&t.path, t), None, Some(t))?;
                     }
                     next = end;
@@ -1341,16 +1414,21 @@ fn apply_locked(
                 reason: "it changed while it was read".to_owned(),
             }));
         }
-        for i in next..m.entries.len() {
-            entry_step(i, None, &mut step)?;
-        }
+        entries.walk::<ApplyError>(next..entries.len(), txn::BLOCK, &mut |first, chunk| {
+            for (k, entry) in chunk.iter().enumerate() {
+                let i = first + k;
+                let step_i = entry_step(entry, &found_images[i], None);
+                step(step_i, Some((i, entry)), None)?;
+            }
+            Ok(())
+        })?;
         let kept_and_names = prepare_works(
             pkg,
             root,
             &txn,
             &view,
             &touched,
-            works,
+            (works, staged_bytes),
             found_images,
             progress,
         )?;
@@ -1365,7 +1443,7 @@ fn apply_locked(
             package_sha256: pkg.digest,
             signer: &m.signer,
             entries: RecordEntries::Planned {
-                entries: &m.entries,
+                entries,
                 found: found_images,
                 names: &revert_names,
             },
@@ -1386,20 +1464,6 @@ fn apply_locked(
         },
         None => ApplyOutcome::Installed,
     })
-}
-
-/// What is done with each step as it is made: given its entry's index, unless the installed
-/// letter alone touched its path, and the installed record's entry of its path.
-type StepTo<'s> =
-    dyn FnMut(Step, Option<usize>, Option<&InstalledEntry>) -> Result<(), ApplyError> + 's;
-
-/// The base image of entry `i` of `entries`, with what was `found` at their paths.
-fn base_of<'a>(
-    entries: &'a [Entry],
-    found: &'a [Option<Box<Image>>],
-    i: usize,
-) -> Option<&'a Image> {
-    crate::state::before(&entries[i], &found[i])
 }
 
 /// The step of a path only the installed letter touched: back to its base.
@@ -1424,31 +1488,26 @@ fn prepare_works(
     txn: &TxnDir,
     view: &BaseView,
     touched: &Touched,
-    works: Vec<Work>,
+    (works, total): (Vec<Work>, u64),
     found_images: &[Option<Box<Image>>],
     progress: &dyn Progress,
 ) -> Result<Kept, ApplyError> {
     let m = &pkg.manifest;
     let seen = view.seen;
-    let total: u64 = works
-        .iter()
-        .map(|w| w.step(&m.entries, found_images))
-        .filter(|s| s.needs_content())
-        .map(|s| file_size(s.to))
-        .sum();
     progress.start("decoding", total);
     let unsynced = fsx::Unsynced::default();
     let prepare = |w: &Work| -> Result<Option<Revert>, ApplyError> {
-        let step = w.step(&m.entries, found_images);
-        let was_touched = w.touched().is_some();
+        let resolved = w.resolve(&m.entries)?;
+        let step = resolved.step(found_images);
+        let was_touched = resolved.touched().is_some();
         let j = w.j;
-        let entry = w.entry().map(|i| &m.entries[i]);
-        let base = match w.entry() {
-            Some(i) => base_of(&m.entries, found_images, i),
+        let entry = resolved.entry().map(|(_, e)| e);
+        let base = match resolved.entry() {
+            Some((i, entry)) => crate::state::before(entry, &found_images[i]),
             // A path only the installed letter touched goes back to its base.
             None => step.to,
         };
-        let revert = w.touched().and_then(|t| t.revert.as_deref());
+        let revert = resolved.touched().and_then(|t| t.revert.as_deref());
         let keeps_bytes = match (entry, &base) {
             (Some(e), Some(b)) => e.post.as_ref().is_some_and(|p| b.same_content(p)),
             _ => true,
@@ -1560,7 +1619,7 @@ fn prepare_works(
         let revert = match (keep, entry) {
             (Some(keep), Some(entry)) => Some(keep_revert(
                 &txn.revert_dir(),
-                w.entry().unwrap_or(j),
+                resolved.entry().map_or(j, |(i, _)| i),
                 old.as_ref(),
                 keep,
                 pkg,
@@ -1575,10 +1634,7 @@ fn prepare_works(
     // first: the small files, decoded in parallel, leave the allocator's heaps holding freed
     // memory that a large file would otherwise find there (Firefox: 248 MiB at libxul.so's
     // peak after them, 208 MiB before them); then the rest in parallel.
-    let weight = |k: usize| {
-        let step = works[k].step(&m.entries, found_images);
-        file_size(step.from).max(file_size(step.to))
-    };
+    let weight = |k: usize| works[k].weight;
     let (mut large, small): (Vec<usize>, Vec<usize>) =
         (0..works.len()).partition(|&k| weight(k) >= LARGE_FILE);
     large.sort_by_key(|&k| std::cmp::Reverse(weight(k)));
@@ -1619,28 +1675,20 @@ fn prepare_works(
     Ok((kept, revert_names))
 }
 
-/// The entry of `path` among `entries`, which are sorted by path (the manifest's validation
-/// checked): looked up where it lies rather than in a map of every path (0.8 MB for a tree of
-/// 50,250 entries).
-fn entry_at<'m>(entries: &'m [Entry], path: &PkgPath) -> Option<&'m Entry> {
-    let i = entries.binary_search_by(|e| e.path.cmp(path)).ok()?;
-    Some(&entries[i])
-}
-
 /// Every ancestor of an entry is a real directory before (when the entry has a pre-image) and
 /// after (when it has a post-image): no write may go through a symlink or a file.
-fn check_ancestors<'m>(
+fn check_ancestors(
     root: &Path,
     view: &BaseView<'_>,
-    by_path: &dyn Fn(&PkgPath) -> Option<&'m Entry>,
+    dirs: &mut DirEntries,
     entry: &Entry,
     touched: Lookup,
 ) -> Result<(), ApplyError> {
     let mut ancestor = entry.path.parent();
     while let Some(dir) = ancestor {
         let on_base = view.image(&dir, touched.get(&dir))?;
-        let (pre, post) = match by_path(&dir) {
-            Some(e) => (e.pre.clone(), e.post.clone()),
+        let (pre, post) = match dirs.get(&dir)? {
+            Some(images) => images,
             None => (on_base.clone(), on_base.clone()),
         };
         for (needed, image) in [(entry.pre.is_some(), &pre), (entry.post.is_some(), &post)] {

@@ -7,6 +7,7 @@
 
 mod apply;
 mod build;
+mod entries;
 #[doc(hidden)]
 pub mod fault;
 mod fsx;
@@ -26,6 +27,7 @@ pub use apply::{
 pub use build::{
     build, build_to_file, write_atomically, BuildError, BuildOptions, BuildSummary, ComponentSpec,
 };
+pub use entries::Entries;
 pub use package::{signer_key, verify_against_tree, OpenError, TreeVerifyError, VerifiedPackage};
 pub use state::default_state_dir;
 pub use tree::{scan, ScanError, Tree, STATE_DIR_NAME};

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use bsi_format::{
-    ContainerError, Digest, Entry, Image, Manifest, Operation, Payload, PkgPath, RawPackage,
+    ContainerError, Digest, Entry, EntryStore, Image, Manifest, Operation, PkgPath, RawPackage,
     Source, HEADER_LEN,
 };
 use bsi_sign::{BadSignature, PublicKey};
 
+use crate::entries::{Entries, HELD};
 use crate::tree::{image_mismatch, observe, ScanError};
 use crate::{FsContext, FsError};
 
@@ -38,20 +39,24 @@ pub enum OpenError {
     },
 }
 
-/// Check the signature over a package's head with `trust`, then its manifest's structure and
-/// that it names `trust` as its signer.
-fn check_head(raw: &RawPackage<'_>, trust: &PublicKey, path: &Path) -> Result<Manifest, OpenError> {
+/// Check the signature over a package's head with `trust`, then its manifest's structure (its
+/// entries put into `entries`) and that it names `trust` as its signer.
+fn check_head<S: EntryStore + serde::Serialize>(
+    raw: &RawPackage<'_>,
+    trust: &PublicKey,
+    path: &Path,
+    entries: S,
+) -> Result<Manifest<S>, OpenError> {
     trust
         .verify(raw.signed, raw.signature)
         .map_err(|source| OpenError::Signature {
             path: path.to_owned(),
             source,
         })?;
-    let manifest = raw
-        .manifest_after_signature()
-        .map_err(|source| OpenError::Container {
+    let manifest =
+        Manifest::from_packed_into(raw.manifest, entries).map_err(|e| OpenError::Container {
             path: path.to_owned(),
-            source,
+            source: ContainerError::Manifest(e),
         })?;
     let trusted = trust.key_id().to_string();
     if manifest.signer != trusted {
@@ -89,7 +94,8 @@ pub fn signer_key<'k>(bytes: &[u8], keys: &'k [PublicKey]) -> Option<&'k PublicK
 pub struct VerifiedPackage {
     section: Section,
     len: u64,
-    pub manifest: Manifest,
+    /// Its entries held, or kept aside when they are many (see [`Entries`]).
+    pub manifest: Manifest<Entries>,
     /// sha256 of the whole package file.
     pub digest: Digest,
     /// Where it was read from, for messages.
@@ -108,7 +114,7 @@ enum Section {
 
 /// A new file in `dir` that has no name (`O_TMPFILE`), readable and writable by this process
 /// only; `None` when the filesystem cannot make one.
-fn unnamed_file(dir: &Path) -> std::io::Result<Option<File>> {
+pub(crate) fn unnamed_file(dir: &Path) -> std::io::Result<Option<File>> {
     use std::os::unix::fs::OpenOptionsExt;
     let opened = std::fs::OpenOptions::new()
         .read(true)
@@ -179,7 +185,7 @@ impl VerifiedPackage {
             path: path.to_owned(),
         })?;
         let raw = RawPackage::split(&head).map_err(container)?;
-        let manifest = check_head(&raw, key, path)?;
+        let manifest = check_head(&raw, key, path, Entries::new(path, private_in))?;
         let declared = manifest.payload_len;
         let actual = file_len - head_len as u64;
         if actual != declared {
@@ -190,47 +196,49 @@ impl VerifiedPackage {
         }
         let mut whole = Sha256::new();
         whole.update(&head);
-        let mut spans: Vec<(&Payload, &PkgPath)> = manifest
-            .entries
-            .iter()
-            .filter_map(|e| e.payload.as_deref().map(|p| (p, &e.path)))
-            .collect();
-        // validate() proved the payloads contiguous, covering the whole section.
-        spans.sort_by_key(|(p, _)| p.offset);
         let mut copy = match private_in {
             Some(dir) => unnamed_file(dir).fs("create a private copy of a package in", dir)?,
             None => None,
         };
         let mut chunk = vec![0; READ_CHUNK];
         let mut done = 0u64;
-        for (payload, entry_path) in spans {
-            let mut hasher = Sha256::new();
-            let mut left = payload.len;
-            while left > 0 {
-                let want = left.min(READ_CHUNK as u64) as usize;
-                let got = file.read(&mut chunk[..want]).map_err(read)?;
-                if got == 0 {
-                    // The file shrank since its length was taken.
-                    return Err(container(ContainerError::PayloadSection {
-                        actual: done,
-                        declared,
+        // validate() proved the payloads contiguous in the entries' order, covering the whole
+        // section.
+        let entries = &manifest.entries;
+        entries.walk(0..entries.len(), HELD, &mut |_, block| {
+            for entry in block {
+                let Some(payload) = &entry.payload else {
+                    continue;
+                };
+                let mut hasher = Sha256::new();
+                let mut left = payload.len;
+                while left > 0 {
+                    let want = left.min(READ_CHUNK as u64) as usize;
+                    let got = file.read(&mut chunk[..want]).map_err(read)?;
+                    if got == 0 {
+                        // The file shrank since its length was taken.
+                        return Err(container(ContainerError::PayloadSection {
+                            actual: done,
+                            declared,
+                        }));
+                    }
+                    hasher.update(&chunk[..got]);
+                    whole.update(&chunk[..got]);
+                    if let (Some(copy), Some(dir)) = (&mut copy, private_in) {
+                        copy.write_all(&chunk[..got])
+                            .fs("write a private copy of a package in", dir)?;
+                    }
+                    left -= got as u64;
+                    done += got as u64;
+                }
+                if Digest(hasher.finalize().into()) != payload.sha256 {
+                    return Err(container(ContainerError::PayloadDigest {
+                        path: entry.path.to_string(),
                     }));
                 }
-                hasher.update(&chunk[..got]);
-                whole.update(&chunk[..got]);
-                if let (Some(copy), Some(dir)) = (&mut copy, private_in) {
-                    copy.write_all(&chunk[..got])
-                        .fs("write a private copy of a package in", dir)?;
-                }
-                left -= got as u64;
-                done += got as u64;
             }
-            if Digest(hasher.finalize().into()) != payload.sha256 {
-                return Err(container(ContainerError::PayloadDigest {
-                    path: entry_path.to_string(),
-                }));
-            }
-        }
+            Ok(())
+        })?;
         if file.read(&mut chunk[..1]).map_err(read)? != 0 {
             // The file grew since its length was taken.
             return Err(container(ContainerError::PayloadSection {
@@ -258,13 +266,57 @@ impl VerifiedPackage {
         trust: &PublicKey,
         path: &Path,
     ) -> Result<VerifiedPackage, OpenError> {
+        VerifiedPackage::from_bytes_into(bytes, trust, path, Entries::new(path, None))
+    }
+
+    /// [`from_bytes`](Self::from_bytes), its entries past the first `hold` kept aside in `dir`,
+    /// as those of a package of many entries are: for testing that with small packages.
+    #[doc(hidden)]
+    pub fn from_bytes_keeping_aside(
+        bytes: Vec<u8>,
+        trust: &PublicKey,
+        path: &Path,
+        hold: usize,
+        dir: &Path,
+    ) -> Result<VerifiedPackage, OpenError> {
+        let entries = Entries::holding(hold, path, Some(dir));
+        VerifiedPackage::from_bytes_into(bytes, trust, path, entries)
+    }
+
+    fn from_bytes_into(
+        bytes: Vec<u8>,
+        trust: &PublicKey,
+        path: &Path,
+        entries: Entries,
+    ) -> Result<VerifiedPackage, OpenError> {
         let container = |source| OpenError::Container {
             path: path.to_owned(),
             source,
         };
         let raw = RawPackage::split(&bytes).map_err(container)?;
-        let manifest = check_head(&raw, trust, path)?;
-        raw.check_payloads(&manifest).map_err(container)?;
+        let manifest = check_head(&raw, trust, path, entries)?;
+        let actual = raw.payloads.len() as u64;
+        if actual != manifest.payload_len {
+            return Err(container(ContainerError::PayloadSection {
+                actual,
+                declared: manifest.payload_len,
+            }));
+        }
+        let entries = &manifest.entries;
+        entries.walk(0..entries.len(), HELD, &mut |_, block| {
+            // validate() proved the payloads lie inside the section.
+            for entry in block {
+                let Some(payload) = &entry.payload else {
+                    continue;
+                };
+                if bsi_format::sha256(raw.payload(payload)) != payload.sha256 {
+                    return Err(container(ContainerError::PayloadDigest {
+                        path: entry.path.to_string(),
+                    }));
+                }
+            }
+            Ok(())
+        })?;
         let head_len = bytes.len() - raw.payloads.len();
         let digest = bsi_format::sha256(&bytes);
         Ok(VerifiedPackage {
@@ -582,6 +634,12 @@ pub enum TreeVerifyError {
     },
 }
 
+impl From<FsError> for TreeVerifyError {
+    fn from(e: FsError) -> TreeVerifyError {
+        TreeVerifyError::Scan(ScanError::from(e))
+    }
+}
+
 /// Prove offline that `pkg` turns the tree at `root` into its target: every pre-image matches
 /// and every payload decodes against it to the post-image. Writes nothing. Returns the number of
 /// payloads decoded.
@@ -589,49 +647,56 @@ pub fn verify_against_tree(pkg: &VerifiedPackage, root: &Path) -> Result<usize, 
     if !root.is_dir() {
         return Err(TreeVerifyError::NotADirectory(root.to_owned()));
     }
-    for entry in &pkg.manifest.entries {
-        let image = observe(root, &entry.path)?;
-        if let Some(reason) = image_mismatch(entry.pre.as_ref(), image.as_ref()) {
-            return Err(TreeVerifyError::PreImage {
-                tree: root.to_owned(),
-                path: entry.path.clone(),
-                reason,
-            });
-        }
-    }
-    let mut decoded = 0;
-    for entry in pkg.manifest.entries.iter().filter(|e| e.payload.is_some()) {
-        let old = match reference(entry) {
-            Some((path, source)) => {
-                if let Some(src) = source {
-                    let image = observe(root, &src.path)?;
-                    if !source_matches(src, image.as_ref()) {
-                        return Err(TreeVerifyError::PreImage {
-                            tree: root.to_owned(),
-                            path: src.path.clone(),
-                            reason: format!(
-                                "it is not the source of {} the package names",
-                                entry.path
-                            ),
-                        });
-                    }
-                }
-                let full = root.join(path.as_str());
-                Some(
-                    std::fs::read(&full)
-                        .fs("read", &full)
-                        .map_err(ScanError::from)?,
-                )
+    let entries = &pkg.manifest.entries;
+    entries.walk(0..entries.len(), HELD, &mut |_, block| {
+        for entry in block {
+            let image = observe(root, &entry.path)?;
+            if let Some(reason) = image_mismatch(entry.pre.as_ref(), image.as_ref()) {
+                return Err(TreeVerifyError::PreImage {
+                    tree: root.to_owned(),
+                    path: entry.path.clone(),
+                    reason,
+                });
             }
-            None => None,
-        };
-        pkg.decode_into(entry, old.as_deref(), &mut std::io::sink())
-            .map_err(|failure| TreeVerifyError::Decode {
-                tree: root.to_owned(),
-                failure,
-            })?;
-        decoded += 1;
-    }
+        }
+        Ok(())
+    })?;
+    let mut decoded = 0;
+    entries.walk(0..entries.len(), HELD, &mut |_, block| {
+        for entry in block.iter().filter(|e| e.payload.is_some()) {
+            let old = match reference(entry) {
+                Some((path, source)) => {
+                    if let Some(src) = source {
+                        let image = observe(root, &src.path)?;
+                        if !source_matches(src, image.as_ref()) {
+                            return Err(TreeVerifyError::PreImage {
+                                tree: root.to_owned(),
+                                path: src.path.clone(),
+                                reason: format!(
+                                    "it is not the source of {} the package names",
+                                    entry.path
+                                ),
+                            });
+                        }
+                    }
+                    let full = root.join(path.as_str());
+                    Some(
+                        std::fs::read(&full)
+                            .fs("read", &full)
+                            .map_err(ScanError::from)?,
+                    )
+                }
+                None => None,
+            };
+            pkg.decode_into(entry, old.as_deref(), &mut std::io::sink())
+                .map_err(|failure| TreeVerifyError::Decode {
+                    tree: root.to_owned(),
+                    failure,
+                })?;
+            decoded += 1;
+        }
+        Ok(())
+    })?;
     Ok(decoded)
 }
 

@@ -112,7 +112,8 @@ pub(crate) struct Record<'a> {
 }
 
 /// Where the entries of a [`Record`] come from: nothing is held for them but what they borrow
-/// (a vector of entries that borrowed took 40 bytes an entry, 6 MB for 150,750 entries).
+/// (a vector of entries that borrowed took 40 bytes an entry, 6 MB for 150,750 entries), and
+/// a package's entries kept aside are read back a block at a time.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum RecordEntries<'a> {
     /// Those of an installed record.
@@ -122,44 +123,10 @@ pub(crate) enum RecordEntries<'a> {
     /// pre-image (in the entries' order); and the revert data's name where `names` has one
     /// (by entry, in order).
     Planned {
-        entries: &'a [Entry],
+        entries: &'a crate::Entries,
         found: &'a [Option<Box<Image>>],
         names: &'a [(usize, String)],
     },
-}
-
-impl<'a> RecordEntries<'a> {
-    /// The entries, in order.
-    pub fn iter(self) -> impl Iterator<Item = RecordEntry<'a>> {
-        let (lent, planned) = match self {
-            RecordEntries::Lent(entries) => (Some(entries), None),
-            RecordEntries::Planned {
-                entries,
-                found,
-                names,
-            } => (None, Some((entries, found, names))),
-        };
-        let lent = lent.into_iter().flatten().map(|e| RecordEntry {
-            path: &e.path,
-            before: e.before.as_ref(),
-            after: e.after.as_ref(),
-            revert: e.revert.as_deref(),
-        });
-        let planned = planned.into_iter().flat_map(|(entries, found, names)| {
-            let mut names = names.iter().peekable();
-            entries
-                .iter()
-                .zip(found)
-                .enumerate()
-                .map(move |(i, (entry, found))| RecordEntry {
-                    path: &entry.path,
-                    before: before(entry, found),
-                    after: entry.post.as_ref(),
-                    revert: names.next_if(|(at, _)| *at == i).map(|(_, n)| n.as_str()),
-                })
-        });
-        lent.chain(planned)
-    }
 }
 
 /// What `entry`'s path held before an apply: the image `found` there where it is not the
@@ -170,7 +137,52 @@ pub(crate) fn before<'a>(entry: &'a Entry, found: &'a Option<Box<Image>>) -> Opt
 
 impl Serialize for RecordEntries<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.iter())
+        use serde::ser::{Error, SerializeSeq};
+        let (entries, found, names) = match *self {
+            RecordEntries::Lent(entries) => {
+                return serializer.collect_seq(entries.iter().map(|e| RecordEntry {
+                    path: &e.path,
+                    before: e.before.as_ref(),
+                    after: e.after.as_ref(),
+                    revert: e.revert.as_deref(),
+                }))
+            }
+            RecordEntries::Planned {
+                entries,
+                found,
+                names,
+            } => (entries, found, names),
+        };
+        /// Why the walk stopped: the entries could not be read, or one written.
+        enum Stop<E> {
+            Read(FsError),
+            Write(E),
+        }
+        impl<E> From<FsError> for Stop<E> {
+            fn from(e: FsError) -> Stop<E> {
+                Stop::Read(e)
+            }
+        }
+        let mut seq = serializer.serialize_seq(Some(entries.len()))?;
+        let mut names = names.iter().peekable();
+        let walked = entries.walk(0..entries.len(), crate::txn::BLOCK, &mut |first, block| {
+            for (k, entry) in block.iter().enumerate() {
+                let i = first + k;
+                seq.serialize_element(&RecordEntry {
+                    path: &entry.path,
+                    before: before(entry, &found[i]),
+                    after: entry.post.as_ref(),
+                    revert: names.next_if(|(at, _)| *at == i).map(|(_, n)| n.as_str()),
+                })
+                .map_err(Stop::Write)?;
+            }
+            Ok(())
+        });
+        match walked {
+            Ok(()) => seq.end(),
+            Err(Stop::Write(e)) => Err(e),
+            Err(Stop::Read(e)) => Err(S::Error::custom(e)),
+        }
     }
 }
 

@@ -1291,18 +1291,29 @@ mod tests {
         let mut expected = inst.clone();
         expected.entries[0].before = Some(found.clone());
         expected.entries[2].revert = Some("2.rev".to_owned());
-        let made = crate::state::Record {
-            entries: crate::state::RecordEntries::Planned {
-                entries: &entries,
-                found: &[Some(Box::new(found)), None, None],
-                names: &[(2, "2.rev".to_owned())],
-            },
-            ..inst.record()
-        };
-        assert_eq!(
-            serde_json::to_string_pretty(&made).expect("serialised"),
-            serde_json::to_string_pretty(&expected).expect("serialised")
-        );
+        // Held, and kept aside past the first.
+        let package = Path::new("a.bsi");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut aside = crate::Entries::holding(1, package, Some(tmp.path()));
+        for entry in &entries {
+            bsi_format::EntryStore::push(&mut aside, entry.clone()).expect("kept aside");
+        }
+        bsi_format::EntryStore::done(&mut aside).expect("kept aside");
+        for entries in [crate::Entries::held(entries, package), aside] {
+            let made = crate::state::Record {
+                entries: crate::state::RecordEntries::Planned {
+                    entries: &entries,
+                    found: &[Some(Box::new(found.clone())), None, None],
+                    names: &[(2, "2.rev".to_owned())],
+                },
+                ..inst.record()
+            };
+            assert_eq!(
+                serde_json::to_string_pretty(&made).expect("serialised"),
+                serde_json::to_string_pretty(&expected).expect("serialised"),
+                "{entries:?}"
+            );
+        }
     }
 
     fn steps_of(inst: &Installed) -> Vec<Step<'_>> {

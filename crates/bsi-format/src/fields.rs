@@ -11,7 +11,7 @@ use crate::manifest::{Entry, Image, Mtime, Operation, Payload, Source};
 use crate::{Digest, Name, PkgPath};
 
 /// The value of a field, refused if it was given already.
-fn once<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
+pub(crate) fn once<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
     map: &mut A,
     slot: &mut Option<T>,
     name: &'static str,

@@ -11,6 +11,7 @@ mod fields;
 mod manifest;
 mod name;
 mod path;
+mod stream;
 mod version;
 
 pub use container::{
@@ -24,4 +25,5 @@ pub use manifest::{
 };
 pub use name::Name;
 pub use path::{PathError, PkgPath};
+pub use stream::EntryStore;
 pub use version::{Letter, LetteredVersion, Version, VersionError};

@@ -2,6 +2,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::stream::{EntryRules, EntryStore};
 use crate::{Digest, Letter, Name, PkgPath, Version};
 
 /// The manifest format this crate writes and the only one it reads.
@@ -162,10 +163,10 @@ pub struct BaseRelease {
     pub build: Option<String>,
 }
 
-/// Everything a package promises, signed as one canonical byte string.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
+/// Everything a package promises, signed as one canonical byte string. Its entries are held in
+/// a vector, or kept by an [`EntryStore`] of the reader's (see [`Manifest::from_packed_into`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Manifest<E = Vec<Entry>> {
     pub format: u32,
     pub product: String,
     pub base: BaseRelease,
@@ -173,7 +174,7 @@ pub struct Manifest {
     /// Key id (see `bsi-sign`) of the key that signed the package.
     pub signer: String,
     pub components: Vec<Component>,
-    pub entries: Vec<Entry>,
+    pub entries: E,
     /// Length of the payload section that follows the signature.
     pub payload_len: u64,
 }
@@ -216,6 +217,10 @@ pub enum ManifestError {
     },
     #[error("payloads cover {covered} bytes but the manifest declares {declared}")]
     PayloadLength { covered: u64, declared: u64 },
+    #[error("entry {path}: payloads cover more than 2^64 bytes")]
+    PayloadOverflow { path: PkgPath },
+    #[error("manifest entries cannot be kept aside: {0}")]
+    Store(String),
 }
 
 /// zstd level of packed manifests. Manifests repeat themselves (paths, kinds, equal digests of
@@ -287,6 +292,8 @@ impl<R: std::io::Read> std::io::Read for Limited<R> {
 struct SameAs<R> {
     expected: R,
     chunk: Vec<u8>,
+    /// Whether a difference was found (else a failure came from the bytes written).
+    differs: bool,
 }
 
 /// How many bytes of canonical JSON are compared at a time: the serialiser writes a few bytes
@@ -319,8 +326,9 @@ impl<R: std::io::Read> std::io::Write for SameAs<R> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         for piece in buf.chunks(self.chunk.len()) {
             let expected = &mut self.chunk[..piece.len()];
-            self.expected.read_exact(expected)?;
-            if expected != piece {
+            let read = self.expected.read_exact(expected);
+            if read.is_err() || expected != piece {
+                self.differs = true;
                 return Err(std::io::Error::other("not the canonical bytes"));
             }
         }
@@ -332,7 +340,23 @@ impl<R: std::io::Read> std::io::Write for SameAs<R> {
     }
 }
 
-impl Manifest {
+impl<E> Manifest<E> {
+    /// This manifest with its entries `kept` elsewhere.
+    pub fn map_entries<F>(self, kept: impl FnOnce(E) -> F) -> Manifest<F> {
+        Manifest {
+            format: self.format,
+            product: self.product,
+            base: self.base,
+            letter: self.letter,
+            signer: self.signer,
+            components: self.components,
+            entries: kept(self.entries),
+            payload_len: self.payload_len,
+        }
+    }
+}
+
+impl<E: Serialize> Manifest<E> {
     /// The packed canonical bytes of this manifest: what a package carries and signs, the same
     /// bytes as [`pack_manifest`] of its canonical bytes. Those are compressed as they are
     /// written, never held: a tree of 150,750 changed entries has 60 MB of manifest JSON, which
@@ -355,13 +379,6 @@ impl Manifest {
         pack().expect("compressing into memory cannot fail")
     }
 
-    /// Unpack and parse a packed manifest (see [`Manifest::from_bytes`]). It is unpacked
-    /// twice, as it is parsed and as its canonical form is compared, and never held whole: a
-    /// tree of 50,250 changed entries has 20 MB of manifest JSON.
-    pub fn from_packed(packed: &[u8]) -> Result<Manifest, ManifestError> {
-        Manifest::from_json(|| unpacking(packed))
-    }
-
     /// The canonical bytes of this manifest (JSON), before packing.
     pub fn to_canonical_bytes(&self) -> Vec<u8> {
         let mut bytes = Vec::new();
@@ -375,41 +392,113 @@ impl Manifest {
         serde_json::to_writer(out, self).map_err(std::io::Error::from)
     }
 
-    /// Parse canonical manifest bytes and check every structural rule.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        Manifest::from_json(|| Ok(bytes))
-    }
-
-    /// Parse the manifest JSON `json()` reads, check that it is this manifest's canonical
-    /// form, read a second time from `json()`, and check every structural rule.
-    fn from_json<R: std::io::Read>(
-        json: impl Fn() -> Result<R, ManifestError>,
-    ) -> Result<Manifest, ManifestError> {
-        let packing = |e: serde_json::Error| match e.is_io() {
-            true => ManifestError::Packing(std::io::Error::from(e).to_string()),
-            false => ManifestError::Json(e),
-        };
-        let mut manifest: Manifest =
-            serde_json::from_reader(std::io::BufReader::new(json()?)).map_err(packing)?;
-        // Parsed into a vector grown by doubling: 50,250 entries took 16.8 MB for 12.9.
-        manifest.entries.shrink_to_fit();
-        if !manifest.serialises_to(json()?) {
-            return Err(ManifestError::NotCanonical);
-        }
-        manifest.validate()?;
-        Ok(manifest)
-    }
-
     /// Whether the canonical bytes of this manifest are what `json` reads, compared as they are
-    /// written rather than held: they are as large as the manifest's JSON.
-    fn serialises_to(&self, json: impl std::io::Read) -> bool {
+    /// written rather than held: they are as large as the manifest's JSON. Fails only when its
+    /// entries cannot be read back from their store.
+    fn serialises_to(&self, json: impl std::io::Read) -> Result<bool, ManifestError> {
         let same = SameAs {
             expected: std::io::BufReader::new(json),
             chunk: vec![0; COMPARED],
+            differs: false,
         };
         let mut rest = std::io::BufWriter::with_capacity(COMPARED, same);
-        self.write_canonical(&mut rest).is_ok()
-            && rest.into_inner().is_ok_and(|mut same| same.at_end())
+        let written = self.write_canonical(&mut rest);
+        if rest.get_ref().differs {
+            return Ok(false);
+        }
+        written.map_err(|e| ManifestError::Store(e.to_string()))?;
+        // The last bytes are compared as they are flushed.
+        Ok(rest.into_inner().is_ok_and(|mut same| same.at_end()))
+    }
+
+    /// Check the rules of a manifest's head: supported format, sane names, components named
+    /// once that do not overlap.
+    fn validate_head(&self) -> Result<(), ManifestError> {
+        if self.format != FORMAT_VERSION {
+            return Err(ManifestError::Format(self.format));
+        }
+        check_name("product", &self.product)?;
+        if let Some(build) = &self.base.build {
+            check_name("base build", build)?;
+        }
+        let mut names = BTreeSet::new();
+        for (i, c) in self.components.iter().enumerate() {
+            check_name("component", &c.name)?;
+            if !c.path.is_empty() {
+                PkgPath::new(&c.path).map_err(|_| ManifestError::BadName {
+                    what: "component path",
+                    value: c.path.clone(),
+                })?;
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(ManifestError::DuplicateComponent(c.name.clone()));
+            }
+            for other in &self.components[..i] {
+                let overlap = match (PkgPath::new(&c.path), PkgPath::new(&other.path)) {
+                    (Ok(a), Ok(b)) => a.is_within(b.as_str()) || b.is_within(a.as_str()),
+                    _ => true,
+                };
+                if overlap {
+                    return Err(ManifestError::OverlappingComponents(
+                        other.name.clone(),
+                        c.name.clone(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: EntryStore + Serialize> Manifest<S> {
+    /// Unpack and parse a packed manifest, each entry handed to `store` as it is parsed, and
+    /// check it as [`Manifest::from_bytes`] does. It is unpacked twice, as it is parsed and as
+    /// its canonical form is compared (its entries read back from `store`), and never held
+    /// whole: a tree of 50,250 changed entries has 20 MB of manifest JSON.
+    pub fn from_packed_into(packed: &[u8], store: S) -> Result<Manifest<S>, ManifestError> {
+        Manifest::from_json_into(|| unpacking(packed), store)
+    }
+
+    /// Parse the manifest JSON `json()` reads into `store`, check that it is this manifest's
+    /// canonical form, read a second time from `json()`, and check every structural rule.
+    fn from_json_into<R: std::io::Read>(
+        json: impl Fn() -> Result<R, ManifestError>,
+        store: S,
+    ) -> Result<Manifest<S>, ManifestError> {
+        let mut failed = None;
+        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(json()?));
+        let parsed = crate::stream::parse(&mut de, store, &mut failed).and_then(|parsed| {
+            de.end()?;
+            Ok(parsed)
+        });
+        let parsed = match (parsed, failed) {
+            (_, Some(why)) => return Err(ManifestError::Store(why)),
+            (Err(e), None) if e.is_io() => {
+                return Err(ManifestError::Packing(std::io::Error::from(e).to_string()))
+            }
+            (Err(e), None) => return Err(ManifestError::Json(e)),
+            (Ok(parsed), None) => parsed,
+        };
+        if !parsed.manifest.serialises_to(json()?)? {
+            return Err(ManifestError::NotCanonical);
+        }
+        parsed.manifest.validate_head()?;
+        let covered = parsed.entries.ok_or(ManifestError::NotCanonical)??;
+        crate::stream::covers(covered, parsed.manifest.payload_len)?;
+        Ok(parsed.manifest)
+    }
+}
+
+impl Manifest {
+    /// Unpack and parse a packed manifest (see [`Manifest::from_bytes`]), its entries into a
+    /// vector.
+    pub fn from_packed(packed: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::from_packed_into(packed, Vec::new())
+    }
+
+    /// Parse canonical manifest bytes and check every structural rule.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::from_json_into(|| Ok(bytes), Vec::new())
     }
 
     /// The signer a packed manifest names, read without checking anything else, for picking
@@ -448,85 +537,17 @@ impl Manifest {
     /// Check the rules every manifest obeys: supported format, sane names, sorted unique paths
     /// inside their components, operations consistent with their images, payloads contiguous.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.format != FORMAT_VERSION {
-            return Err(ManifestError::Format(self.format));
-        }
-        check_name("product", &self.product)?;
-        if let Some(build) = &self.base.build {
-            check_name("base build", build)?;
-        }
-        let mut names = BTreeSet::new();
-        for (i, c) in self.components.iter().enumerate() {
-            check_name("component", &c.name)?;
-            if !c.path.is_empty() {
-                PkgPath::new(&c.path).map_err(|_| ManifestError::BadName {
-                    what: "component path",
-                    value: c.path.clone(),
-                })?;
-            }
-            if !names.insert(c.name.as_str()) {
-                return Err(ManifestError::DuplicateComponent(c.name.clone()));
-            }
-            for other in &self.components[..i] {
-                let overlap = match (PkgPath::new(&c.path), PkgPath::new(&other.path)) {
-                    (Ok(a), Ok(b)) => a.is_within(b.as_str()) || b.is_within(a.as_str()),
-                    _ => true,
-                };
-                if overlap {
-                    return Err(ManifestError::OverlappingComponents(
-                        other.name.clone(),
-                        c.name.clone(),
-                    ));
-                }
-            }
-        }
-        let mut previous: Option<&PkgPath> = None;
-        let mut next_offset = 0u64;
+        self.validate_head()?;
+        let mut rules = EntryRules::new(&self.components);
         for entry in &self.entries {
-            if previous.is_some_and(|p| p >= &entry.path) {
-                return Err(ManifestError::EntryOrder(entry.path.clone()));
-            }
-            previous = Some(&entry.path);
-            let holds = self
-                .components
-                .iter()
-                .any(|c| c.name == entry.component && entry.path.is_within(&c.path));
-            if !holds {
-                return Err(ManifestError::EntryComponent {
-                    path: entry.path.clone(),
-                    component: entry.component.to_string(),
-                });
-            }
-            entry.check_consistent()?;
-            if let Some(payload) = &entry.payload {
-                if payload.offset != next_offset {
-                    return Err(ManifestError::PayloadGap {
-                        path: entry.path.clone(),
-                        offset: payload.offset,
-                        expected: next_offset,
-                    });
-                }
-                next_offset =
-                    next_offset
-                        .checked_add(payload.len)
-                        .ok_or(ManifestError::PayloadLength {
-                            covered: u64::MAX,
-                            declared: self.payload_len,
-                        })?;
-            }
+            rules.check(entry)?;
         }
-        if next_offset != self.payload_len {
-            return Err(ManifestError::PayloadLength {
-                covered: next_offset,
-                declared: self.payload_len,
-            });
-        }
-        Ok(())
+        rules.finish(self.payload_len)
     }
 }
 
 impl Entry {
-    fn check_consistent(&self) -> Result<(), ManifestError> {
+    pub(crate) fn check_consistent(&self) -> Result<(), ManifestError> {
         let fail = |reason| ManifestError::Inconsistent {
             path: self.path.clone(),
             op: self.op.name(),

@@ -52,13 +52,11 @@ fn rewrite_before_every_step(base: &Model, target: &Model, victim: &str, encoder
         &materialized(trees_dir.path(), "target", target),
         'a',
     );
-    let op = pkg
-        .manifest
-        .entries
-        .iter()
-        .find(|e| e.path.as_str() == victim);
+    let victim_path = bsi_format::PkgPath::new(victim).expect("a path");
+    let op = pkg.manifest.entries.find(&victim_path).expect("entries");
+    let op = op.map(|(_, e)| e.into_owned());
     assert!(
-        matches!(op.map(|e| &e.op), Some(Operation::Delta { encoder: e, .. }) if e == encoder),
+        matches!(op.as_ref().map(|e| &e.op), Some(Operation::Delta { encoder: e, .. }) if e == encoder),
         "{victim} is not a {encoder} delta: {op:?}"
     );
     let probe = tempfile::tempdir().expect("tempdir");
@@ -260,10 +258,11 @@ fn a_base_hashed_as_it_is_read_that_differs_is_refused_as_a_pre_image() {
         &materialized(trees_dir.path(), "target", &target),
         'a',
     );
+    let first = pkg.manifest.entries.get(0).expect("an entry");
     assert!(
-        matches!(&pkg.manifest.entries[0].op, Operation::Delta { encoder, .. } if encoder == "bsdiff"),
+        matches!(&first.op, Operation::Delta { encoder, .. } if encoder == "bsdiff"),
         "{:?}",
-        pkg.manifest.entries[0].op
+        first.op
     );
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = materialized(tmp.path(), "root", &base);

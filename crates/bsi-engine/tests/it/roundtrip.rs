@@ -6,6 +6,7 @@ use bsi_engine::{
     apply, build, build_to_file, revert, scan, verify_against_tree, BuildOptions, NoProgress,
     VerifiedPackage,
 };
+use bsi_format::PkgPath;
 use bsi_sign::SecretKey;
 use proptest::prelude::*;
 
@@ -44,6 +45,28 @@ pub fn package(base: &Path, target: &Path, letter: char) -> VerifiedPackage {
         package_bytes(base, target, letter),
         &key().public(),
         Path::new("test.bsi"),
+    )
+    .expect("verifies")
+}
+
+/// [`package`], its entries past the first `hold` kept aside in a file in `dir`, as those of a
+/// package of many entries are (`None`: all held).
+pub fn package_holding(
+    base: &Path,
+    target: &Path,
+    letter: char,
+    hold: Option<usize>,
+    dir: &Path,
+) -> VerifiedPackage {
+    let Some(hold) = hold else {
+        return package(base, target, letter);
+    };
+    VerifiedPackage::from_bytes_keeping_aside(
+        package_bytes(base, target, letter),
+        &key().public(),
+        Path::new("test.bsi"),
+        hold,
+        dir,
     )
     .expect("verifies")
 }
@@ -187,19 +210,23 @@ fn a_switch_finds_what_the_installed_letter_did_out_of_path_order() {
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let (base_dir, a_dir, b_dir, root, state) = letters(tmp.path(), &base, &target_a, &target_b);
-    let pkg_b = package(&base_dir, &b_dir, 'b');
-    let copy = pkg_b
+    // (a)'s 5,006 entries are many: past 4,096 they are kept aside; (b)'s all but one.
+    let pkg_a = package(&base_dir, &a_dir, 'a');
+    let pkg_b = package_holding(&base_dir, &b_dir, 'b', Some(1), tmp.path());
+    assert!(pkg_a.manifest.entries.kept_aside() && pkg_b.manifest.entries.kept_aside());
+    let copy_path = PkgPath::new("a/lib.so").expect("a path");
+    let (_, copy) = pkg_b
         .manifest
         .entries
-        .iter()
-        .find(|e| e.path.as_str() == "a/lib.so")
+        .find(&copy_path)
+        .expect("entries")
         .expect("the copy's entry");
     assert!(
         matches!(&copy.op, bsi_format::Operation::Delta { source: Some(src), .. } if src.path.as_str() == "z/lib.so"),
         "{:?}",
         copy.op
     );
-    apply(&package(&base_dir, &a_dir, 'a'), &root, &state, &NoProgress).expect("apply a");
+    apply(&pkg_a, &root, &state, &NoProgress).expect("apply a");
     apply(&pkg_b, &root, &state, &NoProgress).expect("switch to b");
     holds(&root, &b_dir);
     revert(&root, &state).expect("revert b");
@@ -214,14 +241,16 @@ proptest! {
         base in model_strategy(),
         edits_a in proptest::collection::vec(edit_strategy(), 1..10),
         edits_b in proptest::collection::vec(edit_strategy(), 1..10),
+        hold in proptest::option::of(0usize..4),
     ) {
         let target_a = apply_edits(&base, &edits_a);
         let target_b = apply_edits(&target_a, &edits_b);
         let tmp = tempfile::tempdir().expect("tempdir");
         let (base_dir, a_dir, b_dir, root, state) = letters(tmp.path(), &base, &target_a, &target_b);
 
-        let pkg_a = package(&base_dir, &a_dir, 'a');
-        let pkg_b = package(&base_dir, &b_dir, 'b');
+        // Their entries held, or some kept aside as a large package's are.
+        let pkg_a = package_holding(&base_dir, &a_dir, 'a', hold, tmp.path());
+        let pkg_b = package_holding(&base_dir, &b_dir, 'b', hold, tmp.path());
         verify_against_tree(&pkg_a, &base_dir).expect("a verifies against its base");
 
         apply(&pkg_a, &root, &state, &NoProgress).expect("apply a");
