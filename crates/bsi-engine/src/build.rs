@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use bsi_format::{
     signed_bytes, BaseRelease, Component, Digest, Entry, Image, Letter, Manifest, ManifestError,
-    Name, Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, MAX_MANIFEST_LEN,
-    SIGNATURE_LEN,
+    Name, Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, SIGNATURE_LEN,
 };
 use bsi_sign::SecretKey;
 
@@ -62,8 +61,6 @@ pub enum BuildError {
     MissingComponent { name: String, path: String },
     #[error("package would be invalid: {0}")]
     Manifest(#[from] ManifestError),
-    #[error("manifest of {0} bytes is too large")]
-    ManifestTooLarge(usize),
     #[error(transparent)]
     Fs(#[from] FsError),
 }
@@ -248,10 +245,7 @@ fn make(
         payload_len: offset,
     };
     manifest.validate()?;
-    let manifest_bytes = manifest.to_packed_bytes();
-    if manifest_bytes.len() > MAX_MANIFEST_LEN {
-        return Err(BuildError::ManifestTooLarge(manifest_bytes.len()));
-    }
+    let manifest_bytes = manifest.to_packed_bytes_within_limit()?;
     let signed = signed_bytes(&manifest_bytes);
     let signature = opts.key.sign(&signed);
     Ok(Made {

@@ -221,6 +221,11 @@ pub enum ManifestError {
     PayloadOverflow { path: PkgPath },
     #[error("manifest entries cannot be kept aside: {0}")]
     Store(String),
+    #[error(
+        "manifest is {0} bytes, over the limit of {limit} that every reader holds to; make fewer changes per package",
+        limit = crate::MAX_MANIFEST_LEN
+    )]
+    Oversized(u64),
 }
 
 /// zstd level of packed manifests. Manifests repeat themselves (paths, kinds, equal digests of
@@ -363,12 +368,35 @@ impl<E: Serialize> Manifest<E> {
     /// took 67 MB as a vector and 60 MB more as room for one-shot compression's output.
     /// zstd picks its parameters from the size pledged, counted by writing the bytes once first.
     pub fn to_packed_bytes(&self) -> Vec<u8> {
-        let len = {
-            let mut counted = Counted(0);
-            self.write_canonical(&mut counted)
-                .expect("a manifest always serialises: it holds no maps or floats");
-            counted.0
-        };
+        self.pack(self.canonical_len())
+    }
+
+    /// [`to_packed_bytes`](Self::to_packed_bytes), refused where every reader would refuse
+    /// it: over [`MAX_MANIFEST_LEN`](crate::MAX_MANIFEST_LEN) bytes unpacked (checked before
+    /// packing) or packed.
+    pub fn to_packed_bytes_within_limit(&self) -> Result<Vec<u8>, ManifestError> {
+        let limit = crate::MAX_MANIFEST_LEN as u64;
+        let len = self.canonical_len();
+        if len > limit {
+            return Err(ManifestError::Oversized(len));
+        }
+        let packed = self.pack(len);
+        match packed.len() as u64 > limit {
+            true => Err(ManifestError::Oversized(packed.len() as u64)),
+            false => Ok(packed),
+        }
+    }
+
+    /// The length of the canonical bytes, counted as they are written.
+    fn canonical_len(&self) -> u64 {
+        let mut counted = Counted(0);
+        self.write_canonical(&mut counted)
+            .expect("a manifest always serialises: it holds no maps or floats");
+        counted.0
+    }
+
+    /// The canonical bytes, `len` of them, packed as they are written.
+    fn pack(&self, len: u64) -> Vec<u8> {
         let pack = || -> std::io::Result<Vec<u8>> {
             let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), PACK_LEVEL)?;
             encoder.include_contentsize(true)?;
@@ -766,6 +794,37 @@ mod tests {
             "the frame declares its size"
         );
         assert_eq!(Manifest::from_packed(&packed).expect("unpacks"), manifest);
+    }
+
+    /// A manifest every reader would refuse (over the limit unpacked) is refused when it is
+    /// packed, before packing (every build packs its manifest this way, within the limit).
+    #[test]
+    fn a_manifest_over_the_readers_limit_is_refused_when_packed() {
+        let (mut manifest, _) = sample();
+        let target = "t".repeat(4000);
+        let link = |secs| Image::Symlink {
+            target: target.clone(),
+            mtime: Mtime { secs, nanos: 0 },
+        };
+        let one = |i: usize| Entry {
+            path: PkgPath::new(&format!("lib/l{i:05}")).expect("a path"),
+            component: "webkit".into(),
+            pre: Some(link(1)),
+            post: Some(link(2)),
+            op: Operation::Metadata,
+            payload: None,
+        };
+        // Each entry and its comma; one entry more than fits.
+        let per = serde_json::to_vec(&one(0)).expect("serialised").len() as u64 + 1;
+        let limit = crate::MAX_MANIFEST_LEN as u64;
+        let fit = (limit - manifest.canonical_len()) / per;
+        manifest.entries.extend((0..=fit as usize).map(one));
+        let len = manifest.canonical_len();
+        assert!(len > limit && len - per <= limit, "{len}");
+        match manifest.to_packed_bytes_within_limit() {
+            Err(ManifestError::Oversized(refused)) => assert_eq!(refused, len),
+            other => panic!("{:?}", other.map(|p| p.len())),
+        }
     }
 
     /// A frame without its content size (a streaming encoder's) unpacks as well, and one that
