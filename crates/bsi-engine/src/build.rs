@@ -1,6 +1,6 @@
 //! Turning two trees into a signed package.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -131,7 +131,7 @@ fn make(
             continue;
         }
         let path = PkgPath::new(&c.path).expect("component paths were validated");
-        if !base.entries.contains_key(&path) && !target.entries.contains_key(&path) {
+        if !base.contains(&path) && !target.contains(&path) {
             return Err(BuildError::MissingComponent {
                 name: c.name.clone(),
                 path: c.path.clone(),
@@ -139,71 +139,38 @@ fn make(
         }
     }
 
-    // Pair paths and decide each entry's operation; payloads come next.
-    let mut paths: Vec<&PkgPath> = base.entries.keys().chain(target.entries.keys()).collect();
-    paths.sort();
-    paths.dedup();
-    paths.retain(|path| base.entries.get(*path) != target.entries.get(*path));
-    // One entry a changed path, room made once: grown by doubling, 150,750 entries took 63 MB
-    // for 36.
-    let mut planned = Vec::with_capacity(paths.len());
     // Each component's name, shared by its entries.
     let names: Vec<Name> = components.iter().map(|c| c.name.as_str().into()).collect();
-    for path in paths {
-        let pre = base.entries.get(path);
-        let post = target.entries.get(path);
-        let at = components
-            .iter()
-            .position(|c| path.is_within(&c.path))
-            .expect("scanned paths lie inside a component");
-        let component = names[at].clone();
-        let op = match (pre, post) {
-            (None, Some(_)) => Operation::Add,
-            (Some(_), None) => Operation::Delete,
-            (Some(a), Some(b)) if a.same_content(b) => Operation::Metadata,
-            (Some(Image::File { .. }), Some(Image::File { .. })) => Operation::Replace, // maybe delta
-            _ => Operation::Replace,
-        };
-        planned.push(Entry {
-            path: path.clone(),
-            component,
-            pre: pre.cloned(),
-            post: post.cloned(),
-            op,
-            payload: None,
-        });
-    }
+    let references = References::new(&base, &target);
+    let mut planned = plan(base, target, &components, &names);
 
-    let to_encode: u64 = planned
+    // Only entries with new bytes are encoded, each result kept with its entry's index.
+    let to_encode: Vec<usize> = (0..planned.len())
+        .filter(|&i| needs_payload(&planned[i]))
+        .collect();
+    let total: u64 = to_encode
         .iter()
-        .filter(|e| needs_payload(e))
-        .filter_map(|e| match &e.post {
+        .filter_map(|&i| match &planned[i].post {
             Some(Image::File { size, .. }) => Some(*size),
             _ => None,
         })
         .sum();
-    progress.start("encoding", to_encode);
-    let references = References::new(&base);
+    progress.start("encoding", total);
     // Small files on every core, largest first, then large ones in batches (see LARGE_FILE).
-    let (large, small): (Vec<usize>, Vec<usize>) =
-        (0..planned.len()).partition(|&i| entry_weight(&planned[i]) >= LARGE_FILE);
+    let (large, small): (Vec<usize>, Vec<usize>) = to_encode
+        .into_iter()
+        .partition(|&i| entry_weight(&planned[i]) >= LARGE_FILE);
     // Each payload waits in an unnamed file from the moment it is made, so that memory holds
     // the files being encoded, not every payload of the tree.
     let spill = Spill::new(spill_dir)?;
-    let encode_and_spill = |i: usize| -> Result<Option<(Operation, Spilled)>, BuildError> {
-        Ok(
-            match encode_entry(opts, &planned[i], &references, progress)? {
-                Some((op, payload)) => Some((op, spill.put(&payload)?)),
-                None => None,
-            },
-        )
+    let encode_and_spill = |i: usize| -> Result<(Operation, Spilled), BuildError> {
+        let (op, payload) = encode_entry(opts, &planned[i], &references, progress)?;
+        Ok((op, spill.put(&payload)?))
     };
-    let mut encoded: Vec<Option<(Operation, Spilled)>> = vec![None; planned.len()];
+    let mut encoded: Vec<(usize, (Operation, Spilled))> = Vec::new();
     let weight = |i: usize| entry_weight(&planned[i]);
     let mut encode_together = |indices: Vec<usize>| -> Result<(), BuildError> {
-        for (i, result) in largest_first(indices, weight, encode_and_spill)? {
-            encoded[i] = result;
-        }
+        encoded.extend(largest_first(indices, weight, encode_and_spill)?);
         Ok(())
     };
     encode_together(small)?;
@@ -212,24 +179,22 @@ fn make(
         encode_together(batch.into_iter().map(|b| large[b]).collect())?;
     }
     progress.finish();
-    // The trees as scanned are not needed past the encoding; the manifest is packed without
-    // them (a tree of 150,750 entries a side scanned into 38 MB).
     drop(references);
-    drop((base, target));
 
+    // Payloads in manifest order.
+    encoded.sort_unstable_by_key(|(i, _)| *i);
     let mut offset = 0u64;
-    let mut order = Vec::new();
-    for (entry, encoded) in planned.iter_mut().zip(encoded) {
-        if let Some((op, spilled)) = encoded {
-            entry.op = op;
-            entry.payload = Some(Box::new(Payload {
-                offset,
-                len: spilled.len,
-                sha256: spilled.sha256,
-            }));
-            offset += spilled.len;
-            order.push(spilled);
-        }
+    let mut order = Vec::with_capacity(encoded.len());
+    for (i, (op, spilled)) in encoded {
+        let entry = &mut planned[i];
+        entry.op = op;
+        entry.payload = Some(Box::new(Payload {
+            offset,
+            len: spilled.len,
+            sha256: spilled.sha256,
+        }));
+        offset += spilled.len;
+        order.push(spilled);
     }
     let manifest = Manifest {
         format: FORMAT_VERSION,
@@ -365,34 +330,144 @@ impl Spill {
     }
 }
 
+/// One entry per path whose image differs between the trees, in path order, with the operation
+/// its images call for (an encoder may turn a `Replace` into a `Delta`). The trees' paths and
+/// images are moved into the entries, not copied.
+fn plan(base: Tree, target: Tree, components: &[Component], names: &[Name]) -> Vec<Entry> {
+    // Counted first: grown by doubling, 150,750 entries took 63 MB for 36.
+    let changed = Paired::new(
+        base.entries.iter().map(pair),
+        target.entries.iter().map(pair),
+    )
+    .filter(|(_, pre, post)| pre != post)
+    .count();
+    let mut planned = Vec::with_capacity(changed);
+    for (path, pre, post) in Paired::new(base.entries.into_iter(), target.entries.into_iter()) {
+        if pre == post {
+            continue;
+        }
+        let at = components
+            .iter()
+            .position(|c| path.is_within(&c.path))
+            .expect("scanned paths lie inside a component");
+        let op = match (&pre, &post) {
+            (None, _) => Operation::Add,
+            (_, None) => Operation::Delete,
+            (Some(a), Some(b)) if a.same_content(b) => Operation::Metadata,
+            _ => Operation::Replace, // a file over a file may become a delta
+        };
+        planned.push(Entry {
+            path,
+            component: names[at].clone(),
+            pre,
+            post,
+            op,
+            payload: None,
+        });
+    }
+    planned
+}
+
+/// A tree's entry as a pair of references.
+fn pair<K, V>((k, v): &(K, V)) -> (&K, &V) {
+    (k, v)
+}
+
+/// Two sorted maps' entries walked together: each key once, with its value on either side.
+struct Paired<K, V, A: Iterator<Item = (K, V)>, B: Iterator<Item = (K, V)>> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+impl<K: Ord, V, A: Iterator<Item = (K, V)>, B: Iterator<Item = (K, V)>> Paired<K, V, A, B> {
+    fn new(a: A, b: B) -> Self {
+        Paired {
+            a: a.peekable(),
+            b: b.peekable(),
+        }
+    }
+}
+
+impl<K: Ord, V, A: Iterator<Item = (K, V)>, B: Iterator<Item = (K, V)>> Iterator
+    for Paired<K, V, A, B>
+{
+    type Item = (K, Option<V>, Option<V>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::cmp::Ordering;
+        let order = match (self.a.peek(), self.b.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+        };
+        match order {
+            Ordering::Less => self.a.next().map(|(k, v)| (k, Some(v), None)),
+            Ordering::Greater => self.b.next().map(|(k, v)| (k, None, Some(v))),
+            Ordering::Equal => {
+                let (k, a) = self.a.next()?;
+                let (_, b) = self.b.next()?;
+                Some((k, Some(a), Some(b)))
+            }
+        }
+    }
+}
+
 fn needs_payload(entry: &Entry) -> bool {
     matches!(entry.post, Some(Image::File { .. })) && entry.op != Operation::Metadata
 }
 
 /// Old files a new file can be encoded against, besides its own pre-image: by content (a rename
 /// or copy) and by name with version numbers removed (a library renamed for its new version).
-struct References<'t> {
-    by_digest: HashMap<Digest, (&'t PkgPath, u64)>,
-    by_stem: HashMap<StemKey, Vec<OldFile<'t>>>,
+/// Only the old files that some new file may ask for are kept, not every file of the old tree.
+struct References {
+    by_digest: HashMap<Digest, (PkgPath, u64)>,
+    by_stem: HashMap<StemKey, Vec<OldFile>>,
 }
 
 /// Parent directory and name stem (see [`name_stem`]).
 type StemKey = (Option<PkgPath>, String);
 /// An old file: path, size, digest.
-type OldFile<'t> = (&'t PkgPath, u64, Digest);
+type OldFile = (PkgPath, u64, Digest);
 
-impl<'t> References<'t> {
-    fn new(base: &'t Tree) -> References<'t> {
+impl References {
+    fn new(base: &Tree, target: &Tree) -> References {
+        // What the new files with new bytes may look for: their digest, and their stem where
+        // they have no old file at their path.
+        let mut digests = HashSet::new();
+        let mut stems = HashSet::new();
+        for (path, image) in &target.entries {
+            let Image::File { sha256, .. } = image else {
+                continue;
+            };
+            let pre = base.get(path);
+            if pre.is_some_and(|pre| pre.same_content(image)) {
+                continue;
+            }
+            digests.insert(*sha256);
+            if !matches!(pre, Some(Image::File { .. })) {
+                stems.insert((path.parent(), name_stem(path)));
+            }
+        }
         let mut by_digest = HashMap::new();
         let mut by_stem: HashMap<_, Vec<_>> = HashMap::new();
         // Trees iterate in path order, so the first path of a digest wins: deterministic.
         for (path, image) in &base.entries {
-            if let Image::File { sha256, size, .. } = image {
-                by_digest.entry(*sha256).or_insert((path, *size));
+            let Image::File { sha256, size, .. } = image else {
+                continue;
+            };
+            if digests.contains(sha256) {
+                by_digest.entry(*sha256).or_insert((path.clone(), *size));
+            }
+            if stems.is_empty() {
+                continue;
+            }
+            let key = (path.parent(), name_stem(path));
+            if stems.contains(&key) {
                 by_stem
-                    .entry((path.parent(), name_stem(path)))
+                    .entry(key)
                     .or_default()
-                    .push((path, *size, *sha256));
+                    .push((path.clone(), *size, *sha256));
             }
         }
         References { by_digest, by_stem }
@@ -404,9 +479,9 @@ impl<'t> References<'t> {
             return None;
         };
         if let Some((path, old_size)) = self.by_digest.get(sha256) {
-            if *path != &entry.path {
+            if path != &entry.path {
                 return Some(Source {
-                    path: (*path).clone(),
+                    path: path.clone(),
                     sha256: *sha256,
                     size: *old_size,
                 });
@@ -421,13 +496,15 @@ impl<'t> References<'t> {
         candidates
             .iter()
             .filter(|(path, old_size, _)| {
-                *path != &entry.path
+                path != &entry.path
                     && *old_size <= size.saturating_mul(2)
                     && *size <= old_size.saturating_mul(2)
             })
-            .min_by_key(|(path, old_size, _)| (old_size.abs_diff(*size), *path))
+            .min_by(|(a, a_size, _), (b, b_size, _)| {
+                (a_size.abs_diff(*size), a).cmp(&(b_size.abs_diff(*size), b))
+            })
             .map(|(path, old_size, digest)| Source {
-                path: (*path).clone(),
+                path: path.clone(),
                 sha256: *digest,
                 size: *old_size,
             })
@@ -443,16 +520,13 @@ fn name_stem(path: &PkgPath) -> String {
         .collect()
 }
 
-/// The operation and payload for one entry, or `None` when it carries no bytes.
+/// The operation and payload for one entry that carries new bytes.
 fn encode_entry(
     opts: &BuildOptions<'_>,
     entry: &Entry,
-    references: &References<'_>,
+    references: &References,
     progress: &dyn Progress,
-) -> Result<Option<(Operation, Vec<u8>)>, BuildError> {
-    if !needs_payload(entry) {
-        return Ok(None);
-    }
+) -> Result<(Operation, Vec<u8>), BuildError> {
     let new_path = opts.target.join(entry.path.as_str());
     let new = std::fs::read(&new_path).fs("read", &new_path)?;
     let source = references.source_for(entry);
@@ -477,7 +551,7 @@ fn encode_entry(
         },
         None => entry.op.clone(),
     };
-    Ok(Some((op, best.payload)))
+    Ok((op, best.payload))
 }
 
 /// Write `bytes` to `path` (mode 0644) through a temporary file in the same directory, so that

@@ -49,6 +49,10 @@ fn renames_copies_and_new_versions_use_the_old_file() {
         write(tree, "Resources/old-name.png", &resource);
     }
     write(&target, "usr/lib/libcrypto.3.1.dylib", &next_version); // re-versioned, edited
+                                                                  // Another version kept: of the same stem too, but further in size.
+    for tree in [&base, &target, &root] {
+        write(tree, "usr/lib/libcrypto.2.dylib", &pattern(3, 200_000));
+    }
     write(&target, "Resources/new-name.png", &resource); // pure rename
     write(&target, "Resources/copy.png", &resource); // copy
     for dir in ["usr/lib", "usr", "Resources"] {
