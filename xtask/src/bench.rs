@@ -1466,9 +1466,12 @@ pub fn bench(ws: &Path, args: &[&str]) -> Result<()> {
     let mut trees = Vec::new();
     let mut generated = false;
     for name in &opts.pairs {
-        if let Some(&(_, dirs)) = many::TREES.iter().find(|t| t.0 == name) {
-            eprintln!("== {name}: {dirs} directories of small files, every time changed");
-            trees.push(many::run(&runner, name, dirs)?);
+        if let Some(&(_, dirs, shape)) = many::TREES.iter().find(|t| t.0 == name) {
+            eprintln!(
+                "== {name}: {dirs} directories of {}, every time changed",
+                shape.what()
+            );
+            trees.push(many::run(&runner, name, dirs, shape)?);
             println!("\n{}", many::table(&trees));
             continue;
         }

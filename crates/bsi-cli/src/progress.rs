@@ -20,8 +20,9 @@ impl Bar {
 impl bsi_engine::Progress for Bar {
     fn start(&self, phase: &str, total: u64) {
         if let Some(bar) = &self.bar {
+            // A phase after a finished one (a build's encoding, then its packing) starts over.
+            bar.reset();
             bar.set_length(total);
-            bar.set_position(0);
             bar.set_style(
                 ProgressStyle::with_template("{msg:>10} [{bar:30}] {bytes}/{total_bytes} {eta}")
                     .expect("template is valid")

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use bsi_format::{
     signed_bytes, BaseRelease, Component, Digest, Entry, Image, Letter, Manifest, ManifestError,
-    Name, Operation, Payload, PkgPath, Source, Version, FORMAT_VERSION, SIGNATURE_LEN,
+    Name, Operation, Packing, Payload, PkgPath, Source, Version, FORMAT_VERSION, SIGNATURE_LEN,
 };
 use bsi_sign::SecretKey;
 
@@ -210,7 +210,12 @@ fn make(
         payload_len: offset,
     };
     manifest.validate()?;
-    let manifest_bytes = manifest.to_packed_bytes_within_limit()?;
+    let manifest_bytes = manifest.to_packed_bytes_within_limit(&mut |told| match told {
+        Packing::Counted(len) => progress.start("packing", len),
+        Packing::Packed(more) => progress.advance(more),
+    });
+    progress.finish();
+    let manifest_bytes = manifest_bytes?;
     let signed = signed_bytes(&manifest_bytes);
     let signature = opts.key.sign(&signed);
     Ok(Made {

@@ -21,7 +21,7 @@ pub use container::{
 pub use digest::{sha256, Digest};
 pub use manifest::{
     pack_manifest, unpack_manifest, BaseRelease, Component, Entry, Image, Manifest, ManifestError,
-    Mtime, Operation, Payload, Source, FORMAT_VERSION,
+    Mtime, Operation, Packing, Payload, Source, FORMAT_VERSION,
 };
 pub use name::Name;
 pub use path::{PathError, PkgPath};
