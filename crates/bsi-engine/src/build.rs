@@ -378,7 +378,7 @@ fn pair<K, V>((k, v): &(K, V)) -> (&K, &V) {
     (k, v)
 }
 
-/// Two sorted maps' entries walked together: each key once, with its value on either side.
+/// Two lists sorted by key walked together: each key once, with its value on either side.
 struct Paired<K, V, A: Iterator<Item = (K, V)>, B: Iterator<Item = (K, V)>> {
     a: std::iter::Peekable<A>,
     b: std::iter::Peekable<B>,
@@ -574,4 +574,32 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     tmp.persist(path)
         .map_err(|e| FsError::new("write", path, e.error))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key of either list comes once, in order, with the value each side has.
+    #[test]
+    fn paired_gives_each_key_once_with_both_sides() {
+        let a = [(1, 'a'), (3, 'c'), (4, 'd'), (9, 'i')];
+        let b = [(0, 'Z'), (3, 'C'), (5, 'E'), (9, 'I'), (12, 'L')];
+        let paired: Vec<_> = Paired::new(a.into_iter(), b.into_iter()).collect();
+        assert_eq!(
+            paired,
+            [
+                (0, None, Some('Z')),
+                (1, Some('a'), None),
+                (3, Some('c'), Some('C')),
+                (4, Some('d'), None),
+                (5, None, Some('E')),
+                (9, Some('i'), Some('I')),
+                (12, None, Some('L')),
+            ]
+        );
+        let none: [(u8, char); 0] = [];
+        assert_eq!(Paired::new(none.into_iter(), none.into_iter()).count(), 0);
+        assert_eq!(Paired::new(a.into_iter(), none.into_iter()).count(), 4);
+    }
 }
