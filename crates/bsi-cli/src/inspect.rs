@@ -37,10 +37,10 @@ fn report(m: &Manifest, payloads: &[u8], package_bytes: u64) -> serde_json::Valu
         .map(|c| {
             let (mut added, mut deleted, mut changed) = (Vec::new(), Vec::new(), Vec::new());
             for e in m.entries.iter().filter(|e| e.component == c.name) {
-                let encoder = match &e.op {
-                    Operation::Delta { encoder, .. } => Some(encoder.as_str()),
-                    _ if e.payload.is_some() => Some(bsi_delta_plain()),
-                    _ => None,
+                let encoder = match e.op.encoder() {
+                    Some(encoder) => Some(encoder.as_str()),
+                    None if e.payload.is_some() => Some(bsi_delta_plain()),
+                    None => None,
                 };
                 let payload_bytes = e.payload.as_ref().map_or(0, |p| p.len);
                 let converted = match (encoder, &e.payload) {
@@ -69,7 +69,7 @@ fn report(m: &Manifest, payloads: &[u8], package_bytes: u64) -> serde_json::Valu
                     },
                 });
                 match e.op {
-                    Operation::Add => added.push(item),
+                    Operation::Add { .. } => added.push(item),
                     Operation::Delete => deleted.push(item),
                     _ => changed.push(item),
                 }

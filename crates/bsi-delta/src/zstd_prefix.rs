@@ -196,6 +196,27 @@ impl DeltaEncoder for ZstdPrefix {
 
 /// The payload of `new` against `old` at zstd `level` (see [`ZstdPrefix::encode`]).
 fn encode_at(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    encode_with(old, new, level, true)?.ok_or_else(|| {
+        io::Error::other("zstd-prefix made no payload where it makes one without the code filter")
+    })
+}
+
+/// The payload of a new file, `new`, against the empty file with the code filter, or only its
+/// code signature's slots zeroed where the filter finds no code: what [`crate::encode_best`]
+/// compares with plain compression for a file with no old one. `None` where there is neither.
+pub(crate) fn encode_code(new: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    encode_with(&[], new, LEVEL, false)
+}
+
+/// [`encode_at`], where `unfiltered` says whether the payload without the code filter is made
+/// too (where the filter finds no code, or up to [`BOTH_MAX`]); `None` where it is not, the
+/// filter finds no code and there is no code signature.
+fn encode_with(
+    old: &[u8],
+    new: &[u8],
+    level: i32,
+    unfiltered: bool,
+) -> io::Result<Option<Vec<u8>>> {
     let dirs = codesign::directories(new);
     let mut payload = Vec::new();
     if !dirs.is_empty() {
@@ -207,8 +228,11 @@ fn encode_at(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
     }
     let head = payload.len();
     let Some(mut filtered) = code_filter::filter(new, &crate::bsdiff::code_ranges(new)) else {
+        if !unfiltered && dirs.is_empty() {
+            return Ok(None);
+        }
         payload.extend_from_slice(&encode_plain(old, &zeroed(new, &dirs), level)?);
-        return Ok(payload);
+        return Ok(Some(payload));
     };
     zero_slots(&mut filtered.bytes, &dirs);
     let (magic, ..) = FILTERED
@@ -219,14 +243,14 @@ fn encode_at(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
     payload.extend_from_slice(&filtered.header);
     payload.extend_from_slice(&encode_plain(old, &filtered.bytes, level)?);
     drop(filtered);
-    if new.len() <= BOTH_MAX {
+    if unfiltered && new.len() <= BOTH_MAX {
         let plain = encode_plain(old, &zeroed(new, &dirs), level)?;
         if plain.len() <= payload.len() - head {
             payload.truncate(head);
             payload.extend_from_slice(&plain);
         }
     }
-    Ok(payload)
+    Ok(Some(payload))
 }
 
 /// `new` with the slots of `dirs` zeroed (itself where there are none).

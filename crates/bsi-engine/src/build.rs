@@ -356,10 +356,10 @@ fn plan(base: Tree, target: Tree, components: &[Component], names: &[Name]) -> V
             .position(|c| path.is_within(&c.path))
             .expect("scanned paths lie inside a component");
         let op = match (&pre, &post) {
-            (None, _) => Operation::Add,
+            (None, _) => Operation::ADD,
             (_, None) => Operation::Delete,
             (Some(a), Some(b)) if a.same_content(b) => Operation::Metadata,
-            _ => Operation::Replace, // a file over a file may become a delta
+            _ => Operation::REPLACE, // a file over a file may become a delta
         };
         planned.push(Entry {
             path,
@@ -549,12 +549,19 @@ fn encode_entry(
     };
     let best = bsi_delta::encode_best(old.as_deref(), &new).fs("encode", &new_path)?;
     progress.advance(new.len() as u64);
-    let op = match best.encoder {
-        Some(name) => Operation::Delta {
+    let op = match (best.encoder, &old, &entry.op) {
+        (None, ..) => entry.op.clone(),
+        (Some(name), Some(_), _) => Operation::Delta {
             encoder: name.into(),
             source: source.map(Box::new),
         },
-        None => entry.op.clone(),
+        // Against the empty file: a new file, or one over a symlink or a directory.
+        (Some(name), None, Operation::Add { .. }) => Operation::Add {
+            encoder: Some(name.into()),
+        },
+        (Some(name), None, _) => Operation::Replace {
+            encoder: Some(name.into()),
+        },
     };
     Ok((op, best.payload))
 }

@@ -433,12 +433,17 @@ impl VerifiedPackage {
         else {
             return Err(fail("entry carries no file payload".to_owned()));
         };
+        let encoder = |name: &str| bsi_delta::delta_encoder(name).map_err(|e| fail(e.to_string()));
         let delta = match &entry.op {
-            Operation::Delta { encoder, .. } => Some((
-                bsi_delta::delta_encoder(encoder).map_err(|e| fail(e.to_string()))?,
+            Operation::Delta { encoder: name, .. } => Some((
+                encoder(name)?,
                 old.ok_or_else(|| fail("delta has no reference bytes".to_owned()))?,
             )),
-            _ => None,
+            // An add's or a replace's payload by an encoder is against the empty file.
+            op => match op.plain_encoder() {
+                Some(name) => Some((encoder(name)?, &[][..])),
+                None => None,
+            },
         };
         let mut hashing = HashingWriter::new(out);
         let decoded = match &self.section {

@@ -1281,7 +1281,7 @@ mod tests {
                 component: "webkit".into(),
                 pre: e.before.clone(),
                 post: e.after.clone(),
-                op: bsi_format::Operation::Replace,
+                op: bsi_format::Operation::REPLACE,
                 payload: None,
             })
             .collect();

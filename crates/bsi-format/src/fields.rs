@@ -142,6 +142,15 @@ enum OpName {
 }
 
 const OTHER_OP_FIELDS: &[&str] = &["path", "component", "pre", "post", "op", "payload"];
+const PLAIN_OP_FIELDS: &[&str] = &[
+    "path",
+    "component",
+    "pre",
+    "post",
+    "op",
+    "encoder",
+    "payload",
+];
 
 impl<'de> Deserialize<'de> for Entry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Entry, D::Error> {
@@ -179,10 +188,20 @@ impl<'de> Deserialize<'de> for Entry {
                     (_, Some(_)) => Err(A::Error::unknown_field("source", OTHER_OP_FIELDS)),
                     (None, None) => Ok(op),
                 };
+                let no_source = || match &source {
+                    Some(_) => Err(A::Error::unknown_field("source", PLAIN_OP_FIELDS)),
+                    None => Ok(()),
+                };
                 let op = match given(op, "op")? {
-                    OpName::Add => simple(Operation::Add)?,
+                    OpName::Add => {
+                        no_source()?;
+                        Operation::Add { encoder }
+                    }
                     OpName::Delete => simple(Operation::Delete)?,
-                    OpName::Replace => simple(Operation::Replace)?,
+                    OpName::Replace => {
+                        no_source()?;
+                        Operation::Replace { encoder }
+                    }
                     OpName::Metadata => simple(Operation::Metadata)?,
                     OpName::Delta => Operation::Delta {
                         encoder: given(encoder, "encoder")?,
@@ -251,9 +270,15 @@ mod tests {
     #[derive(serde::Deserialize, Debug, PartialEq)]
     #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
     enum DerivedOperation {
-        Add,
+        Add {
+            #[serde(default)]
+            encoder: Option<Name>,
+        },
         Delete,
-        Replace,
+        Replace {
+            #[serde(default)]
+            encoder: Option<Name>,
+        },
         Delta {
             encoder: Name,
             #[serde(default)]
@@ -281,9 +306,9 @@ mod tests {
                 pre: d.pre.map(Image::from),
                 post: d.post.map(Image::from),
                 op: match d.op {
-                    DerivedOperation::Add => Operation::Add,
+                    DerivedOperation::Add { encoder } => Operation::Add { encoder },
                     DerivedOperation::Delete => Operation::Delete,
-                    DerivedOperation::Replace => Operation::Replace,
+                    DerivedOperation::Replace { encoder } => Operation::Replace { encoder },
                     DerivedOperation::Delta { encoder, source } => {
                         Operation::Delta { encoder, source }
                     }
@@ -396,7 +421,7 @@ mod tests {
         assert!(refused > 100, "{refused} refused");
         // The derived form let an unknown field through (the canonical check refused it).
         let unknown = format!(
-            "{{\"path\":\"a\",\"component\":\"c\",\"pre\":null,\"post\":{file},\"op\":\"add\",\"payload\":null,\"extra\":1}}"
+            "{{\"path\":\"a\",\"component\":\"c\",\"pre\":{file},\"post\":null,\"op\":\"delete\",\"payload\":null,\"extra\":1}}"
         );
         assert!(serde_json::from_str::<DerivedEntry>(&unknown).is_ok());
         let refused = serde_json::from_str::<Entry>(&unknown).map(drop);

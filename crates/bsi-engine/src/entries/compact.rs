@@ -14,10 +14,22 @@ pub(super) fn put(out: &mut Vec<u8>, entry: &Entry) {
     put_image(out, entry.pre.as_ref());
     put_image(out, entry.post.as_ref());
     match &entry.op {
-        Operation::Add => out.push(0),
+        Operation::Add { encoder: None } => out.push(0),
         Operation::Delete => out.push(1),
-        Operation::Replace => out.push(2),
+        Operation::Replace { encoder: None } => out.push(2),
         Operation::Metadata => out.push(3),
+        Operation::Add {
+            encoder: Some(encoder),
+        } => {
+            out.push(5);
+            put_str(out, encoder);
+        }
+        Operation::Replace {
+            encoder: Some(encoder),
+        } => {
+            out.push(6);
+            put_str(out, encoder);
+        }
         Operation::Delta { encoder, source } => {
             out.push(4);
             put_str(out, encoder);
@@ -204,10 +216,16 @@ impl<'a> Reader<'a> {
         let pre = self.image()?;
         let post = self.image()?;
         let op = match self.byte()? {
-            0 => Operation::Add,
+            0 => Operation::ADD,
             1 => Operation::Delete,
-            2 => Operation::Replace,
+            2 => Operation::REPLACE,
             3 => Operation::Metadata,
+            5 => Operation::Add {
+                encoder: Some(self.name(|r| &mut r.encoder)?),
+            },
+            6 => Operation::Replace {
+                encoder: Some(self.name(|r| &mut r.encoder)?),
+            },
             4 => Operation::Delta {
                 encoder: self.name(|r| &mut r.encoder)?,
                 source: match self.byte()? {
@@ -289,16 +307,34 @@ mod tests {
             size: 128,
         };
         vec![
-            entry("a", None, Some(&dir), Operation::Add, None),
+            entry("a", None, Some(&dir), Operation::ADD, None),
             entry(
                 "a/f",
                 None,
                 Some(&file),
-                Operation::Add,
+                Operation::ADD,
+                Some(Box::new(payload.clone())),
+            ),
+            entry(
+                "a/g",
+                None,
+                Some(&file),
+                Operation::Add {
+                    encoder: Some(Name::from("zstd-prefix")),
+                },
                 Some(Box::new(payload.clone())),
             ),
             entry("a/l", Some(&link), None, Operation::Delete, None),
-            entry("b/f", Some(&file), Some(&link), Operation::Replace, None),
+            entry("b/f", Some(&file), Some(&link), Operation::REPLACE, None),
+            entry(
+                "b/fa",
+                Some(&link),
+                Some(&file),
+                Operation::Replace {
+                    encoder: Some(Name::from("zstd-prefix")),
+                },
+                Some(Box::new(payload.clone())),
+            ),
             entry("b/g", Some(&file), Some(&file), Operation::Metadata, None),
             entry(
                 "b/h",

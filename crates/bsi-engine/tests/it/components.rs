@@ -138,7 +138,7 @@ fn a_refused_apply_leaves_no_state_behind() {
         .manifest
         .entries
         .iter()
-        .any(|e| matches!(e.op, Operation::Replace | Operation::Delta { .. })));
+        .any(|e| matches!(e.op, Operation::Replace { .. } | Operation::Delta { .. })));
     let pkg = VerifiedPackage::from_bytes(built.bytes, &key.public(), Path::new("p.bsi"))
         .expect("verify");
     let before = scan(&root, &[]).expect("scan");

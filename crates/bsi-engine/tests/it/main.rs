@@ -5,6 +5,7 @@ mod confine;
 mod faults;
 mod fixture;
 mod foreign;
+mod newcode;
 mod renames;
 mod revertdata;
 mod roundtrip;
