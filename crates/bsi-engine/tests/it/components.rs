@@ -3,32 +3,11 @@
 use std::fs;
 use std::path::Path;
 
-use bsi_engine::{
-    apply, build, scan, ApplyError, BuildOptions, ComponentSpec, NoProgress, VerifiedPackage,
-};
+use bsi_engine::{apply, build, scan, ApplyError, ComponentSpec, NoProgress, VerifiedPackage};
 use bsi_format::{Image, Operation};
 use bsi_sign::SecretKey;
 
-fn opts<'a>(
-    base: &Path,
-    target: &Path,
-    key: &'a SecretKey,
-    components: &[&str],
-) -> BuildOptions<'a> {
-    BuildOptions {
-        base: base.to_owned(),
-        target: target.to_owned(),
-        product: "macOS".to_owned(),
-        base_version: "26.3".parse().expect("version"),
-        base_build: None,
-        letter: "a".parse().expect("letter"),
-        components: components
-            .iter()
-            .map(|c| c.parse().expect("component spec"))
-            .collect(),
-        key,
-    }
-}
+use crate::fixture::opts;
 
 /// Give every entry of `root` the same time, so that only content differs between trees.
 fn pin_times(root: &Path) {

@@ -230,3 +230,34 @@ pub fn materialize(model: &Model, root: &Path) {
         }
     }
 }
+
+/// Options of a build of `base` -> `target` as macOS 26.3 (a), with `components` as
+/// `--component` gives them.
+pub fn opts<'a>(
+    base: &Path,
+    target: &Path,
+    key: &'a bsi_sign::SecretKey,
+    components: &[&str],
+) -> bsi_engine::BuildOptions<'a> {
+    bsi_engine::BuildOptions {
+        base: base.to_owned(),
+        target: target.to_owned(),
+        product: "macOS".to_owned(),
+        base_version: "26.3".parse().expect("version"),
+        base_build: None,
+        letter: "a".parse().expect("letter"),
+        components: components
+            .iter()
+            .map(|c| c.parse().expect("component spec"))
+            .collect(),
+        key,
+    }
+}
+
+/// Write `bytes` at `rel` under `root` (its directories made), with a fixed modification time.
+pub fn write(root: &Path, rel: &str, bytes: &[u8]) {
+    let full = root.join(rel);
+    fs::create_dir_all(full.parent().expect("has parent")).expect("mkdir");
+    fs::write(&full, bytes).expect("write");
+    filetime::set_file_mtime(&full, FileTime::from_unix_time(1_700_000_000, 0)).expect("mtime");
+}

@@ -3,11 +3,11 @@
 use std::fs;
 use std::path::Path;
 
-use bsi_engine::{apply, build, revert, scan, BuildOptions, NoProgress, VerifiedPackage};
+use bsi_engine::{apply, build, revert, scan, NoProgress, VerifiedPackage};
 use bsi_format::{Entry, Name, Operation};
 use bsi_sign::SecretKey;
 
-use crate::fixture::pattern;
+use crate::fixture::{opts, pattern, write};
 
 /// A small library of bsi-delta's stored test data.
 fn library(name: &str) -> Vec<u8> {
@@ -15,12 +15,6 @@ fn library(name: &str) -> Vec<u8> {
         .join("../bsi-delta/tests/data")
         .join(name);
     fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn write(root: &Path, rel: &str, bytes: &[u8]) {
-    let full = root.join(rel);
-    fs::create_dir_all(full.parent().expect("has parent")).expect("mkdir");
-    fs::write(&full, bytes).expect("write");
 }
 
 fn entry<'m>(manifest: &'m bsi_format::Manifest, path: &str) -> &'m Entry {
@@ -51,17 +45,7 @@ fn new_executables_are_encoded_with_their_code_converted() {
     write(&target, "share/notes.txt", &pattern(4, 20_000));
 
     let key = SecretKey::from_seed([6; 32]);
-    let opts = BuildOptions {
-        base: base.clone(),
-        target: target.clone(),
-        product: "macOS".to_owned(),
-        base_version: "26.3".parse().expect("version"),
-        base_build: None,
-        letter: "a".parse().expect("letter"),
-        components: Vec::new(),
-        key: &key,
-    };
-    let built = build(&opts, &NoProgress).expect("build");
+    let built = build(&opts(&base, &target, &key, &[]), &NoProgress).expect("build");
     let m = &built.manifest;
     let by_code = Some(Name::from("zstd-prefix"));
     assert_eq!(

@@ -1,23 +1,12 @@
 //! Renamed, copied and re-versioned files are encoded against their old file elsewhere.
 
-use std::fs;
 use std::path::Path;
 
-use bsi_engine::{
-    apply, build, revert, scan, ApplyError, BuildOptions, NoProgress, VerifiedPackage,
-};
+use bsi_engine::{apply, build, revert, scan, ApplyError, NoProgress, VerifiedPackage};
 use bsi_format::{Operation, Source};
 use bsi_sign::SecretKey;
 
-use crate::fixture::pattern;
-
-fn write(root: &Path, rel: &str, bytes: &[u8]) {
-    let full = root.join(rel);
-    fs::create_dir_all(full.parent().expect("has parent")).expect("mkdir");
-    fs::write(&full, bytes).expect("write");
-    filetime::set_file_mtime(&full, filetime::FileTime::from_unix_time(1_700_000_000, 0))
-        .expect("mtime");
-}
+use crate::fixture::{opts, pattern, write};
 
 fn source_of<'m>(manifest: &'m bsi_format::Manifest, path: &str) -> (Option<&'m Source>, u64) {
     let entry = manifest
@@ -66,17 +55,7 @@ fn renames_copies_and_new_versions_use_the_old_file() {
     }
 
     let key = SecretKey::from_seed([5; 32]);
-    let opts = BuildOptions {
-        base: base.clone(),
-        target: target.clone(),
-        product: "macOS".to_owned(),
-        base_version: "26.3".parse().expect("version"),
-        base_build: None,
-        letter: "a".parse().expect("letter"),
-        components: Vec::new(),
-        key: &key,
-    };
-    let built = build(&opts, &NoProgress).expect("build");
+    let built = build(&opts(&base, &target, &key, &[]), &NoProgress).expect("build");
     let m = &built.manifest;
     let (src, bytes) = source_of(m, "usr/lib/libcrypto.3.1.dylib");
     assert_eq!(
