@@ -142,23 +142,27 @@ impl DeltaEncoder for ZstdPrefix {
     }
 
     /// The x86-64 or AArch64 code of an ELF or Mach-O file is converted first (see
-    /// [`crate::code_filter`]); up to [`BOTH_MAX`] bytes, the payload without conversion is also
-    /// made and the smaller kept. A signed Mach-O file's code signature slots are zeroed first
-    /// (see [`SIGNED_MAGIC`]).
+    /// [`crate::code_filter`]); up to [`BOTH_MAX`] bytes, the file as it is is also a candidate
+    /// (see [`CHOOSE_MIN`] for which of the two forms are encoded at level 19), and the smaller
+    /// payload kept. A signed Mach-O file's code signature slots are zeroed first (see
+    /// [`SIGNED_MAGIC`]).
     fn encode(&self, old: &[u8], new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        encode_at(old, new, LEVEL).map(Some)
+        encode_at(old, new, LEVEL, None).map(|coded| Some(coded.payload))
     }
 
-    /// Estimated first for large binaries (see [`ESTIMATE_MIN`]).
+    /// Estimated first for large binaries (see [`ESTIMATE_MIN`]); the estimate also chooses the
+    /// form encoded at level 19.
     fn encode_below(&self, old: &[u8], new: &[u8], bound: usize) -> io::Result<Option<Vec<u8>>> {
+        let mut estimate = None;
         if new.len() >= ESTIMATE_MIN && !crate::is_text(new) && !crate::is_far(bound, new.len()) {
-            let estimate = encode_at(old, new, ESTIMATE_LEVEL)?.len();
+            let coded = encode_at(old, new, ESTIMATE_LEVEL, None)?;
             let (part, whole) = ESTIMATE_SHARE;
-            if bound.saturating_mul(whole) < estimate.saturating_mul(part) {
+            if bound.saturating_mul(whole) < coded.payload.len().saturating_mul(part) {
                 return Ok(None);
             }
+            estimate = Some(coded.estimate());
         }
-        self.encode(old, new)
+        encode_at(old, new, LEVEL, estimate).map(|coded| Some(coded.payload))
     }
 
     fn decode_into(
@@ -194,9 +198,34 @@ impl DeltaEncoder for ZstdPrefix {
     }
 }
 
-/// The payload of `new` against `old` at zstd `level` (see [`ZstdPrefix::encode`]).
-fn encode_at(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
-    encode_with(old, new, level, true)?.ok_or_else(|| {
+/// A payload of zstd-prefix, and whether it holds the new file with its code converted (else
+/// the file as it is, a signed file's slots zeroed).
+struct Coded {
+    payload: Vec<u8>,
+    converted: bool,
+}
+
+/// What a payload at [`ESTIMATE_LEVEL`] showed of a new file: its length, and which form gave
+/// it.
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    len: usize,
+    converted: bool,
+}
+
+impl Coded {
+    fn estimate(&self) -> Estimate {
+        Estimate {
+            len: self.payload.len(),
+            converted: self.converted,
+        }
+    }
+}
+
+/// The payload of `new` against `old` at zstd `level` (see [`ZstdPrefix::encode`]), with the
+/// `estimate` made of it at [`ESTIMATE_LEVEL`], if any.
+fn encode_at(old: &[u8], new: &[u8], level: i32, estimate: Option<Estimate>) -> io::Result<Coded> {
+    encode_with(old, new, level, true, estimate)?.ok_or_else(|| {
         io::Error::other("zstd-prefix made no payload where it makes one without the code filter")
     })
 }
@@ -205,18 +234,29 @@ fn encode_at(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
 /// code signature's slots zeroed where the filter finds no code: what [`crate::encode_best`]
 /// compares with plain compression for a file with no old one. `None` where there is neither.
 pub(crate) fn encode_code(new: &[u8]) -> io::Result<Option<Vec<u8>>> {
-    encode_with(&[], new, LEVEL, false)
+    Ok(encode_with(&[], new, LEVEL, false, None)?.map(|coded| coded.payload))
 }
 
-/// [`encode_at`], where `unfiltered` says whether the payload without the code filter is made
-/// too (where the filter finds no code, or up to [`BOTH_MAX`]); `None` where it is not, the
-/// filter finds no code and there is no code signature.
+/// New files from this length (exclusive) up to [`BOTH_MAX`] whose code the filter converts are
+/// encoded in both forms at [`ESTIMATE_LEVEL`] (or the estimate's payload is taken, which did
+/// that), and at level 19 only in the form that was smaller there, instead of in both. Level
+/// 6's choice was level 19's on all 17 such files of the bench's pairs (15 of Firefox ESR 140
+/// -> 153, 75 KB to 4.1 MB, and Pillow's libjpeg and libbrotlidec), where the second form's
+/// level 19 had cost 8.6 s of CPU on Firefox (3.2 s for a 4.1 MB library) and 0.16 s on
+/// Pillow. Below, level 19 takes milliseconds and both are encoded: on one of Firefox's files
+/// (13,512 bytes) the forms were 1 byte apart at level 6 and the other won at level 19.
+const CHOOSE_MIN: usize = 64 << 10;
+
+/// [`encode_at`], where `unfiltered` says whether the file as it is is a candidate too (where
+/// the filter finds no code, or up to [`BOTH_MAX`]); `None` where it is not, the filter finds no
+/// code and there is no code signature.
 fn encode_with(
     old: &[u8],
     new: &[u8],
     level: i32,
     unfiltered: bool,
-) -> io::Result<Option<Vec<u8>>> {
+    estimate: Option<Estimate>,
+) -> io::Result<Option<Coded>> {
     let dirs = codesign::directories(new);
     let mut payload = Vec::new();
     if !dirs.is_empty() {
@@ -231,8 +271,11 @@ fn encode_with(
         if !unfiltered && dirs.is_empty() {
             return Ok(None);
         }
-        payload.extend_from_slice(&encode_plain(old, &zeroed(new, &dirs), level)?);
-        return Ok(Some(payload));
+        payload.extend_from_slice(&encode_plain(old, &zeroed(new, &dirs), level, true)?);
+        return Ok(Some(Coded {
+            payload,
+            converted: false,
+        }));
     };
     zero_slots(&mut filtered.bytes, &dirs);
     let (magic, ..) = FILTERED
@@ -241,16 +284,43 @@ fn encode_with(
         .expect("every way of giving the ranges' machines has a magic number");
     payload.extend_from_slice(*magic);
     payload.extend_from_slice(&filtered.header);
-    payload.extend_from_slice(&encode_plain(old, &filtered.bytes, level)?);
+    let as_is = (unfiltered && new.len() <= BOTH_MAX).then(|| zeroed(new, &dirs));
+    // Which forms are encoded at `level`, and whether level 12's probe is made first (not where
+    // level 6's payload is already over what the probe keeps).
+    let (convert, keep_as_is, probe) = match &as_is {
+        Some(as_is) if level == LEVEL && new.len() > CHOOSE_MIN => {
+            let estimate = match estimate {
+                Some(estimate) => estimate,
+                None => {
+                    let converted = encode_plain(old, &filtered.bytes, ESTIMATE_LEVEL, true)?;
+                    let plain = encode_plain(old, as_is, ESTIMATE_LEVEL, true)?;
+                    Estimate {
+                        len: converted.len().min(plain.len()),
+                        converted: converted.len() < plain.len(),
+                    }
+                }
+            };
+            let probe = estimate.len <= new.len() / TINY;
+            (estimate.converted, !estimate.converted, probe)
+        }
+        Some(_) => (true, true, true),
+        None => (true, false, true),
+    };
+    let as_is = as_is.filter(|_| keep_as_is);
+    if convert {
+        payload.extend_from_slice(&encode_plain(old, &filtered.bytes, level, probe)?);
+    }
     drop(filtered);
-    if unfiltered && new.len() <= BOTH_MAX {
-        let plain = encode_plain(old, &zeroed(new, &dirs), level)?;
-        if plain.len() <= payload.len() - head {
+    let mut converted = convert;
+    if let Some(as_is) = as_is {
+        let plain = encode_plain(old, &as_is, level, probe)?;
+        if !convert || plain.len() <= payload.len() - head {
             payload.truncate(head);
             payload.extend_from_slice(&plain);
+            converted = false;
         }
     }
-    Ok(Some(payload))
+    Ok(Some(Coded { payload, converted }))
 }
 
 /// `new` with the slots of `dirs` zeroed (itself where there are none).
@@ -352,10 +422,10 @@ pub fn converted_code(payload: &[u8]) -> Option<&'static str> {
 /// The payload of `new` against `old` at zstd `level`, without the code filter: one frame or
 /// frames (see [`frame_len`]); at level 19, a probe at a low level first for a file that may be
 /// nearly the old one.
-fn encode_plain(old: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
+fn encode_plain(old: &[u8], new: &[u8], level: i32, probe: bool) -> io::Result<Vec<u8>> {
     Ok(match frame_len(old.len(), new.len()) {
         Some(len) => encode_framed(old, new, level, len, FRAMES_AT_ONCE)?,
-        None if level == LEVEL && (PROBE_MIN..=PROBE_MAX).contains(&new.len()) => {
+        None if probe && level == LEVEL && (PROBE_MIN..=PROBE_MAX).contains(&new.len()) => {
             let probe = encode_in(old, new, PROBE_LEVEL)?;
             match probe.len() <= new.len() / TINY {
                 true => probe,
@@ -608,7 +678,10 @@ mod tests {
             ZstdPrefix.encode_below(old, new, bound).expect("encode")
         };
         let full = |old: &[u8], new: &[u8]| ZstdPrefix.encode(old, new).expect("encode");
-        let estimate = encode_at(&old, &new, ESTIMATE_LEVEL).expect("encode").len();
+        let estimate = encode_at(&old, &new, ESTIMATE_LEVEL, None)
+            .expect("encode")
+            .payload
+            .len();
         let line = (estimate * 2).div_ceil(3);
         assert!(line > 1 && line <= new.len() / 4, "estimate {estimate}");
         assert_eq!(below(&old, &new, line - 1), None);
@@ -616,8 +689,9 @@ mod tests {
         // An unrelated file: a far bound under 2/3 of the estimate is not given up on.
         let unrelated = crate::test_data::noise(32, new.len());
         let far = unrelated.len() / 4 + 1;
-        let estimate = encode_at(&old, &unrelated, ESTIMATE_LEVEL)
+        let estimate = encode_at(&old, &unrelated, ESTIMATE_LEVEL, None)
             .expect("encode")
+            .payload
             .len();
         assert!(far * 3 < estimate * 2, "estimate {estimate}");
         assert_eq!(below(&old, &unrelated, far), full(&old, &unrelated));
@@ -696,6 +770,52 @@ mod tests {
     fn universal_code_is_converted_where_that_is_smaller() {
         let new = universal_program(256 << 10);
         check_converted(&new, FILTERED_TAGGED_MAGIC);
+    }
+
+    /// From [`CHOOSE_MIN`], level 19 encodes only the form that was smaller at level 6: the one
+    /// an estimate names, even where the other would be smaller, and without an estimate the
+    /// one level 6 picks. Below, both forms are encoded and the smaller kept.
+    #[test]
+    fn level_19_encodes_the_form_level_6_chose() {
+        let old = text(8, 64 << 10);
+        let estimate = |converted| {
+            Some(Estimate {
+                len: usize::MAX,
+                converted,
+            })
+        };
+        let large = crate::bsdiff::elf_with_code(&x86_program(256 << 10));
+        let small = crate::bsdiff::elf_with_code(&x86_program(32 << 10));
+        assert!(small.len() <= CHOOSE_MIN && large.len() > CHOOSE_MIN);
+        for new in [&large, &small] {
+            let ranges = crate::bsdiff::code_ranges(new);
+            let filtered = code_filter::filter(new, &ranges).expect("code to convert");
+            let at = |bytes: &[u8], level| encode_plain(&old, bytes, level, true).expect("encode");
+            let as_is = at(new, LEVEL);
+            let mut converted = FILTERED_MAGIC.to_vec();
+            converted.extend_from_slice(&filtered.header);
+            converted.extend_from_slice(&at(&filtered.bytes, LEVEL));
+            assert!(converted.len() < as_is.len());
+            let named = |converted| {
+                encode_at(&old, new, LEVEL, estimate(converted))
+                    .expect("encode")
+                    .payload
+            };
+            if new.len() > CHOOSE_MIN {
+                assert_eq!(named(false), as_is);
+                assert_eq!(named(true), converted);
+                let level_6 =
+                    at(&filtered.bytes, ESTIMATE_LEVEL).len() < at(new, ESTIMATE_LEVEL).len();
+                let chosen = if level_6 { &converted } else { &as_is };
+                assert_eq!(
+                    &ZstdPrefix.encode(&old, new).expect("encode"),
+                    &Some(chosen.clone())
+                );
+            } else {
+                assert_eq!(named(false), converted);
+                assert_eq!(named(true), converted);
+            }
+        }
     }
 
     /// A universal Mach-O file of an x86-64 slice and an arm64 one, each with `len` bytes of code.
@@ -791,7 +911,7 @@ mod tests {
             .expect("encode")
             .expect("applies");
         assert_eq!(&payload[..4], magic);
-        let plain = encode_plain(&old, new, LEVEL).expect("encode");
+        let plain = encode_plain(&old, new, LEVEL, true).expect("encode");
         assert!(
             payload.len() < plain.len() * 9 / 10,
             "{} B converted, {} B not",
