@@ -289,14 +289,17 @@ fn encode_with(
     // level 6's payload is already over what the probe keeps).
     let (convert, keep_as_is, probe) = match &as_is {
         Some(as_is) if level == LEVEL && new.len() > CHOOSE_MIN => {
+            // What `encode_with` at that level would give: the converted payload counts its
+            // magic number and the filter's header.
             let estimate = match estimate {
                 Some(estimate) => estimate,
                 None => {
-                    let converted = encode_plain(old, &filtered.bytes, ESTIMATE_LEVEL, true)?;
-                    let plain = encode_plain(old, as_is, ESTIMATE_LEVEL, true)?;
+                    let converted = payload.len() - head
+                        + encode_plain(old, &filtered.bytes, ESTIMATE_LEVEL, false)?.len();
+                    let plain = encode_plain(old, as_is, ESTIMATE_LEVEL, false)?.len();
                     Estimate {
-                        len: converted.len().min(plain.len()),
-                        converted: converted.len() < plain.len(),
+                        len: head + converted.min(plain),
+                        converted: converted < plain,
                     }
                 }
             };
@@ -804,9 +807,16 @@ mod tests {
             if new.len() > CHOOSE_MIN {
                 assert_eq!(named(false), as_is);
                 assert_eq!(named(true), converted);
-                let level_6 =
-                    at(&filtered.bytes, ESTIMATE_LEVEL).len() < at(new, ESTIMATE_LEVEL).len();
+                let header = FILTERED_MAGIC.len() + filtered.header.len();
+                let level_6 = header + at(&filtered.bytes, ESTIMATE_LEVEL).len()
+                    < at(new, ESTIMATE_LEVEL).len();
                 let chosen = if level_6 { &converted } else { &as_is };
+                assert_eq!(
+                    encode_at(&old, new, ESTIMATE_LEVEL, None)
+                        .expect("encode")
+                        .converted,
+                    level_6
+                );
                 assert_eq!(
                     &ZstdPrefix.encode(&old, new).expect("encode"),
                     &Some(chosen.clone())
