@@ -263,9 +263,76 @@ pub enum ManifestError {
 /// entries whose only change is a time), so they shrink about tenfold.
 const PACK_LEVEL: i32 = 19;
 
+/// Canonical manifests of more than this many bytes are packed with [`LARGE_PARAMETERS`] on
+/// up to [`LARGE_WORKERS`] threads. Level 19 packs manifest JSON at about 1 MB/s (a tree of
+/// 150,750 changed entries, 60 MB of JSON, spent 64 s of its 84 s build packing it), and past
+/// about 12 MB also packs it larger than the large form does: the manifest of a copy of this
+/// machine's /usr/share with every time changed (50,138 entries), cut after 12 MB packed 0.15%
+/// smaller at level 19, after 14 MB 0.9% larger, after 16 MB 2.0% larger, whole (20 MB) 1.4%
+/// larger. Below, level 19 takes about 10 s at most and is kept: /usr/include's 3.5 MB packed
+/// 0.8% smaller than in the large form, the bench's real pairs' (up to 56 KB) 0 to 81 B.
+const LARGE_FROM: u64 = 12 << 20;
+
+/// Level 19's parameters but for the strategy (btopt instead of btultra2) and the window and
+/// tables (2 MiB, 2^21 and 2^20 entries, instead of 8 MiB, 2^24 and 2^22): four to five times
+/// faster on one core, in a sixth of the tables' memory. zstd cuts the input into jobs of 8
+/// MiB whatever the number of workers, so the bytes are the same on every machine.
+const LARGE_PARAMETERS: [zstd::stream::raw::CParameter; 7] = {
+    use zstd::stream::raw::CParameter as P;
+    [
+        P::WindowLog(21),
+        P::ChainLog(21),
+        P::HashLog(20),
+        P::SearchLog(7),
+        P::MinMatch(3),
+        P::TargetLength(256),
+        P::Strategy(zstd::zstd_safe::Strategy::ZSTD_btopt),
+    ]
+};
+
+/// Threads that pack a large manifest at most: each holds about 14 MB, within what a build of
+/// a tree of small files may take (256 MiB).
+const LARGE_WORKERS: usize = 4;
+
+/// Bytes of canonical manifest gathered before each write to the encoder.
+const PACK_BUFFER: usize = 128 << 10;
+
+/// The encoder that packs `len` bytes of canonical manifest into a vector, its size declared
+/// in the frame.
+fn packer(len: u64) -> std::io::Result<zstd::stream::write::Encoder<'static, Vec<u8>>> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    packer_on(
+        len,
+        (len > LARGE_FROM).then_some(workers.clamp(1, LARGE_WORKERS)),
+    )
+}
+
+/// [`packer`]: at level 19 on the calling thread (`large_on` `None`), or with
+/// [`LARGE_PARAMETERS`] on `large_on` threads (at least one).
+fn packer_on(
+    len: u64,
+    large_on: Option<usize>,
+) -> std::io::Result<zstd::stream::write::Encoder<'static, Vec<u8>>> {
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), PACK_LEVEL)?;
+    encoder.include_contentsize(true)?;
+    encoder.set_pledged_src_size(Some(len))?;
+    if let Some(workers) = large_on {
+        for parameter in LARGE_PARAMETERS {
+            encoder.set_parameter(parameter)?;
+        }
+        encoder.multithread(workers.max(1) as u32)?;
+    }
+    Ok(encoder)
+}
+
 /// Compress canonical manifest JSON into the form a package carries (and signs).
 pub fn pack_manifest(json: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(json, PACK_LEVEL).expect("compressing into memory cannot fail")
+    let pack = || -> std::io::Result<Vec<u8>> {
+        let mut encoder = packer(json.len() as u64)?;
+        std::io::Write::write_all(&mut encoder, json)?;
+        encoder.finish()
+    };
+    pack().expect("compressing into memory cannot fail")
 }
 
 /// Decompress a packed manifest, refusing anything that would exceed `MAX_MANIFEST_LEN`.
@@ -445,7 +512,7 @@ impl<E: Serialize> Manifest<E> {
     /// [`to_packed_bytes`](Self::to_packed_bytes), refused where every reader would refuse
     /// it: over [`MAX_MANIFEST_LEN`](crate::MAX_MANIFEST_LEN) bytes unpacked (checked before
     /// packing) or packed. `told` hears the canonical length once counted, then the bytes
-    /// packed a MiB at a time: at level 19, 66 MB of small entries take about a minute.
+    /// packed a MiB at a time: 66 MB of small entries take about 20 s on 2 cores.
     pub fn to_packed_bytes_within_limit(
         &self,
         told: &mut dyn FnMut(Packing),
@@ -474,16 +541,20 @@ impl<E: Serialize> Manifest<E> {
     /// The canonical bytes, `len` of them, packed as they are written, `told` of them.
     fn pack(&self, len: u64, told: &mut dyn FnMut(Packing)) -> Vec<u8> {
         let mut pack = || -> std::io::Result<Vec<u8>> {
-            let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), PACK_LEVEL)?;
-            encoder.include_contentsize(true)?;
-            encoder.set_pledged_src_size(Some(len))?;
+            let mut encoder = packer(len)?;
+            // serde_json writes a few bytes at a time; each write to zstd's threads takes a
+            // lock (the 60 MB manifest: 13 s of system time unbuffered).
+            let mut buffered = std::io::BufWriter::with_capacity(PACK_BUFFER, &mut encoder);
             let mut telling = Telling {
-                inner: &mut encoder,
+                inner: &mut buffered,
                 untold: 0,
                 told: &mut *told,
             };
             self.write_canonical(&mut telling)?;
             telling.tell();
+            // Not `flush`, which would end a block (and a job) there: the bytes would differ
+            // from `pack_manifest`'s.
+            buffered.into_inner().map_err(|e| e.into_error())?;
             encoder.finish()
         };
         pack().expect("compressing into memory cannot fail")
@@ -939,15 +1010,12 @@ mod tests {
         assert!(manifest.entries.iter().all(|e| e.payload.is_none()));
     }
 
-    /// A manifest packed as it is written is what one-shot compression of its canonical bytes
-    /// gives, over many of zstd's blocks (128 KiB each), and unpacks to the same manifest.
-    /// (Past zstd's window, 8 MiB at this level, the streaming buffer wraps and a few bytes
-    /// may differ: 150,750 changed entries packed into 2 bytes less.)
-    #[test]
-    fn a_manifest_packed_as_it_is_written_has_the_one_shot_bytes() {
+    /// `sample()` with `n` entries more, each a file of its own with a size and time of its
+    /// own: 4,000 of them take a little over 1 MiB of canonical JSON.
+    fn sample_of(n: u32) -> Manifest {
         let (mut manifest, _) = sample();
         let file = manifest.entries[1].clone();
-        for i in 0..4000u32 {
+        for i in 0..n {
             let mut entry = file.clone();
             entry.path = PkgPath::new(&format!("lib/w{i:05}")).expect("a path");
             if let Some(Image::File { mtime, size, .. }) = &mut entry.post {
@@ -958,6 +1026,14 @@ mod tests {
             }
             manifest.entries.push(entry);
         }
+        manifest
+    }
+
+    /// A manifest packed as it is written is what compression of its canonical bytes at once
+    /// gives, over many of zstd's blocks (128 KiB each), and unpacks to the same manifest.
+    #[test]
+    fn a_manifest_packed_as_it_is_written_has_the_one_shot_bytes() {
+        let manifest = sample_of(4000);
         let canonical = manifest.to_canonical_bytes();
         assert!(
             canonical.len() > 8 * 128 * 1024,
@@ -996,6 +1072,53 @@ mod tests {
             "{parts:?}"
         );
         assert!(*last > 0, "{parts:?}");
+    }
+
+    /// A manifest over [`LARGE_FROM`] is packed in the large form (a window of 2 MiB), into
+    /// the same bytes whatever the number of threads (zstd cuts it into jobs of a size of its
+    /// own); a smaller one into level 19's bytes (a window of 8 MiB past 8 MiB).
+    #[test]
+    fn packed_bytes_do_not_depend_on_the_machine() {
+        use std::io::Write;
+        let pack_on = |json: &[u8], large_on| {
+            let mut encoder = packer_on(json.len() as u64, large_on).expect("encoder");
+            encoder.write_all(json).expect("write");
+            encoder.finish().expect("finish")
+        };
+        // The window a frame declares, where it declares one (not a single segment).
+        let window = |frame: &[u8]| {
+            let (single_segment, descriptor) = (frame[4] & 0x20 != 0, frame[5]);
+            (!single_segment).then(|| {
+                let base = 1u64 << (10 + (descriptor >> 3));
+                base + base / 8 * u64::from(descriptor & 7)
+            })
+        };
+
+        let large = sample_of(36_000).to_canonical_bytes();
+        assert!(large.len() as u64 > LARGE_FROM, "{}", large.len());
+        let packed = pack_manifest(&large);
+        assert_eq!(window(&packed), Some(2 << 20), "the large form");
+        assert!(
+            packed == pack_on(&large, Some(3)),
+            "the same bytes on 3 threads"
+        );
+        assert!(unpack_manifest(&packed).expect("unpacks") == large);
+
+        let small = sample_of(25_000).to_canonical_bytes();
+        assert!(
+            small.len() as u64 <= LARGE_FROM && small.len() > 8 << 20,
+            "{}",
+            small.len()
+        );
+        let packed = pack_manifest(&small);
+        assert_eq!(window(&packed), Some(8 << 20), "level 19");
+        let mut level_19 = zstd::stream::write::Encoder::new(Vec::new(), 19).expect("encoder");
+        level_19
+            .set_pledged_src_size(Some(small.len() as u64))
+            .expect("pledged");
+        level_19.write_all(&small).expect("write");
+        let level_19 = level_19.finish().expect("finish");
+        assert!(packed == level_19, "level 19's bytes, on one thread");
     }
 
     /// A manifest every reader would refuse (over the limit unpacked) is refused when it is
