@@ -263,14 +263,15 @@ pub enum ManifestError {
 /// entries whose only change is a time), so they shrink about tenfold.
 const PACK_LEVEL: i32 = 19;
 
-/// Canonical manifests of more than this many bytes are packed with [`LARGE_PARAMETERS`] on
-/// up to [`LARGE_WORKERS`] threads. Level 19 packs manifest JSON at about 1 MB/s (a tree of
-/// 150,750 changed entries, 60 MB of JSON, spent 64 s of its 84 s build packing it), and past
-/// about 12 MB also packs it larger than the large form does: the manifest of a copy of this
-/// machine's /usr/share with every time changed (50,138 entries), cut after 12 MB packed 0.15%
-/// smaller at level 19, after 14 MB 0.9% larger, after 16 MB 2.0% larger, whole (20 MB) 1.4%
-/// larger. Below, level 19 takes about 10 s at most and is kept: /usr/include's 3.5 MB packed
-/// 0.8% smaller than in the large form, the bench's real pairs' (up to 56 KB) 0 to 81 B.
+/// Canonical manifests of more than this many bytes are packed with [`LARGE_PARAMETERS`] on up
+/// to [`LARGE_WORKERS`] threads. Level 19 packs manifest JSON at about 1 MB/s (a tree of
+/// 150,750 changed entries, 60 MB of JSON, built in 63 to 69 s, a minute of it packing), and
+/// past about 12 MB also packs it larger than the large form does: the manifest of a copy of
+/// this machine's /usr/share with every time changed (50,138 entries), cut after 12 MB packed
+/// 0.15% smaller at level 19, after 14 MB 0.9% larger, after 16 MB 2.0% larger, whole (20 MB)
+/// 1.4% larger. Below, level 19 takes about 10 s at most and is kept: /usr/include's 3.5 MB
+/// packed 0.8% smaller than in the large form, the bench's real pairs' (up to 56 KB) within
+/// 81 B of it either way.
 const LARGE_FROM: u64 = 12 << 20;
 
 /// Level 19's parameters but for the strategy (btopt instead of btultra2) and the window and
