@@ -6,6 +6,7 @@
 //! - `cargo xtask encoders OLD NEW [--min BYTES] [--max BYTES]`: every encoder on every changed file
 //! - `cargo xtask killbench [--trials N]`: kill -9 during apply and revert, then recover
 //! - `cargo xtask release PLAN`: build, sign, verify and publish the packages of a release plan
+//! - `cargo xtask fuzz-seeds [--out DIR]`: starting corpora for the fuzz targets
 
 mod bench;
 mod demo;
@@ -14,6 +15,7 @@ mod exe;
 mod killbench;
 mod release;
 mod rng;
+mod seeds;
 mod testdata;
 mod tree;
 
@@ -35,7 +37,9 @@ commands:
                          plain zstd, and the encoder bsi chooses
   killbench [--trials N] kill -9 bsi apply/revert at random moments, recover, compare (default 200)
   release PLAN           build, sign, verify and publish a release plan's packages to its channel
-                         (example: testdata/release-plan.toml)";
+                         (example: testdata/release-plan.toml)
+  fuzz-seeds [--out DIR] starting corpora for the fuzz targets, from real payloads and packages
+                         (default DIR: target/fuzz-seeds)";
 
 fn main() -> ExitCode {
     match run() {
@@ -63,6 +67,7 @@ fn run() -> Result<()> {
         ["encoders", rest @ ..] => encoders::encoders(rest),
         ["killbench", rest @ ..] => killbench::killbench(&ws, rest),
         ["release", rest @ ..] => release::release(&ws, rest),
+        ["fuzz-seeds", rest @ ..] => seeds::fuzz_seeds(&ws, rest),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())
