@@ -59,7 +59,7 @@ fn metadata_path(dir: &Path) -> PathBuf {
 
 fn load(dir: &Path) -> Result<SignedChannel> {
     let path = metadata_path(dir);
-    let bytes = fs::read(&path).with_context(|| {
+    let bytes = crate::read_input(&path).with_context(|| {
         format!(
             "cannot read {}; make the channel with `bsi channel init --dir {}`",
             path.display(),
@@ -116,7 +116,7 @@ pub fn run(command: ChannelCommand) -> Result<()> {
         }
         ChannelCommand::Add { dir, package } => {
             let mut channel = load(&dir)?.signed;
-            let bytes = fs::read(&package)
+            let bytes = crate::read_input(&package)
                 .with_context(|| format!("cannot read package {}", package.display()))?;
             let raw = RawPackage::split(&bytes)
                 .with_context(|| format!("{} is not a bsi package", package.display()))?;
@@ -338,7 +338,8 @@ pub fn run_trust(command: TrustCommand) -> Result<()> {
                 bail!("{} already exists", out.display());
             }
             let current = SignedTrust::from_bytes(
-                &fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?,
+                &crate::read_input(&from)
+                    .with_context(|| format!("cannot read {}", from.display()))?,
             )
             .with_context(|| format!("{}", from.display()))?;
             let load_secret = |paths: &[PathBuf]| -> Result<Vec<SecretKey>> {

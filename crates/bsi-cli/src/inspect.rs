@@ -7,8 +7,8 @@ use bsi_format::{Image, Manifest, Operation, RawPackage};
 use serde_json::json;
 
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read package {}", path.display()))?;
+    let bytes = crate::read_input(path)
+        .with_context(|| format!("cannot read package {}", path.display()))?;
     let raw = RawPackage::split(&bytes).with_context(|| format!("{}", path.display()))?;
     let manifest =
         Manifest::from_packed(raw.manifest).with_context(|| format!("{}", path.display()))?;

@@ -501,8 +501,18 @@ enum Trusted {
     File(bsi_channel::trust::SignedTrust),
 }
 
+/// The bytes of a file the user names as input, which must be a regular file (see
+/// [`bsi_sign::open_regular`]).
+fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    bsi_sign::open_regular(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn load_trust(trust: &Path) -> Result<Trusted> {
-    let text = std::fs::read_to_string(trust)
+    let text = read_input(trust)
+        .and_then(|bytes| String::from_utf8(bytes).map_err(std::io::Error::other))
         .with_context(|| format!("cannot read trust file {}", trust.display()))?;
     if text.trim_start().starts_with("-----BEGIN") {
         return Ok(Trusted::Key(PublicKey::load(trust)?));

@@ -168,7 +168,7 @@ impl VerifiedPackage {
             source,
         };
         let read = |e| FsError::new("read package", path, e);
-        let mut file = File::open(path).map_err(read)?;
+        let mut file = bsi_sign::open_regular(path).map_err(read)?;
         let file_len = file.metadata().map_err(read)?.len();
         let mut head = vec![0; HEADER_LEN.min(file_len as usize)];
         file.read_exact(&mut head).map_err(read)?;

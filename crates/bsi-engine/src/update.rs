@@ -210,7 +210,7 @@ impl ChannelSource {
         let mut bytes = Vec::new();
         match self {
             ChannelSource::Dir(_) => {
-                let file = fs::File::open(&location).fs("read", &location)?;
+                let file = bsi_sign::open_regular(&location).fs("read", &location)?;
                 file.take(limit + 1)
                     .read_to_end(&mut bytes)
                     .fs("read", &location)?;

@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::fs::File;
+use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
@@ -91,7 +93,7 @@ impl SecretKey {
     }
 
     pub fn load(path: &Path) -> Result<SecretKey, KeyError> {
-        let text = read_text(path)?;
+        let text = read_text(path, |path| KeyError::NotPrivateKey { path })?;
         SigningKey::from_pkcs8_pem(&text)
             .map(SecretKey)
             .map_err(|_| KeyError::NotPrivateKey {
@@ -128,7 +130,7 @@ impl fmt::Debug for PublicKey {
 
 impl PublicKey {
     pub fn load(path: &Path) -> Result<PublicKey, KeyError> {
-        let text = read_text(path)?;
+        let text = read_text(path, |path| KeyError::NotPublicKey { path })?;
         VerifyingKey::from_public_key_pem(&text)
             .map(PublicKey)
             .map_err(|_| KeyError::NotPublicKey {
@@ -208,15 +210,43 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
     file.sync_all().map_err(wrap)
 }
 
-fn read_text(path: &Path) -> Result<String, KeyError> {
-    let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+/// A key file is a few hundred bytes: a larger one is not a key.
+const KEY_FILE_MAX: u64 = 64 << 10;
+
+/// The text of a key file, at most [`KEY_FILE_MAX`] bytes; `not_key` for anything else.
+fn read_text(path: &Path, not_key: fn(PathBuf) -> KeyError) -> Result<String, KeyError> {
+    let read_error = |source| KeyError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    // A key file is a few hundred bytes; anything else is not a key.
-    String::from_utf8(bytes).map_err(|_| KeyError::NotPrivateKey {
-        path: path.to_owned(),
-    })
+    };
+    let mut bytes = Vec::new();
+    open_regular(path)
+        .and_then(|file| file.take(KEY_FILE_MAX + 1).read_to_end(&mut bytes))
+        .map_err(read_error)?;
+    if bytes.len() as u64 > KEY_FILE_MAX {
+        return Err(not_key(path.to_owned()));
+    }
+    String::from_utf8(bytes).map_err(|_| not_key(path.to_owned()))
+}
+
+/// Open a file that a user names as input (a key, a trust file, a package) for reading,
+/// refusing anything but a regular file (after symlinks) with an error that says so: a device
+/// such as `/dev/zero` would be read without end. The file is opened without blocking, so that
+/// a FIFO is refused at once instead of waiting for a writer; reads of a regular file never
+/// block on that flag.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    match file.metadata()?.is_file() {
+        true => Ok(file),
+        false => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )),
+    }
 }
 
 use rand_core::RngCore as _;
@@ -262,5 +292,57 @@ mod tests {
         let b = SecretKey::from_seed([2; 32]).public().key_id();
         assert_ne!(a, b);
         assert_eq!(a.as_str().len(), 16);
+    }
+
+    /// What is not a key file is refused as the kind of key asked for, and a directory or a
+    /// FIFO (opened without waiting for a writer) as not a regular file.
+    #[test]
+    fn files_that_cannot_be_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = SecretKey::from_seed([3; 32]).to_pem();
+        // A valid key followed by more than a key file can hold.
+        let long = dir.path().join("long.pem");
+        let mut text = pem.clone().into_bytes();
+        text.resize(KEY_FILE_MAX as usize + 1, b'\n');
+        std::fs::write(&long, &text).expect("write");
+        assert!(matches!(
+            SecretKey::load(&long),
+            Err(KeyError::NotPrivateKey { .. })
+        ));
+        let binary = dir.path().join("binary.pem");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00]).expect("write");
+        assert!(matches!(
+            PublicKey::load(&binary),
+            Err(KeyError::NotPublicKey { .. })
+        ));
+        assert!(matches!(
+            SecretKey::load(&binary),
+            Err(KeyError::NotPrivateKey { .. })
+        ));
+
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        for path in [dir.path(), fifo.as_path()] {
+            let err = open_regular(path).expect_err("not a regular file");
+            assert_eq!(
+                err.kind(),
+                io::ErrorKind::InvalidInput,
+                "{}",
+                path.display()
+            );
+            let err = SecretKey::load(path).expect_err("not a key");
+            assert!(
+                err.to_string().ends_with("not a regular file"),
+                "{}: {err}",
+                path.display()
+            );
+        }
     }
 }

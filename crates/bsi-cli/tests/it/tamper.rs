@@ -335,3 +335,74 @@ fn truncated_and_extended_packages_are_refused() {
     }
     assert!(!root.join(".bsi").exists());
 }
+
+/// A package, trust file or key named by something other than a regular file is refused at
+/// once, in one sentence, and nothing is written: a FIFO would have held bsi waiting for a
+/// writer, and `/dev/zero` would have been read until memory ran out.
+#[test]
+fn inputs_that_are_not_regular_files_are_refused_at_once() {
+    let fx = Fixture::release_a();
+    let fifo = fx.path("pipe");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo failed");
+    let dir = fx.path("a-directory");
+    fs::create_dir(&dir).expect("make a directory");
+    let pkg = fx.path("a.bsi");
+    build(&fx.base, &fx.target, "a", &example_key(), &pkg, &COMPONENTS);
+    let root = fx.base_root("root");
+    let before = tree_snapshot(&root);
+    let out = fx.path("out.bsi");
+    let public = example_pub();
+    let zero = Path::new("/dev/zero");
+    for bad in [fifo.as_path(), zero, dir.as_path()] {
+        let b = p(bad);
+        let root = p(&root);
+        let cases: [(&str, Vec<&str>); 6] = [
+            ("package", vec!["inspect", b]),
+            ("package", vec!["verify", b, "--trust", p(&public)]),
+            (
+                "package",
+                vec!["apply", b, "--root", root, "--trust", p(&public)],
+            ),
+            ("trust file", vec!["verify", p(&pkg), "--trust", b]),
+            (
+                "trust file",
+                vec!["apply", p(&pkg), "--root", root, "--trust", b],
+            ),
+            (
+                "key file",
+                vec![
+                    "build",
+                    "--base",
+                    p(&fx.base),
+                    "--target",
+                    p(&fx.target),
+                    "--product",
+                    "macOS",
+                    "--base-version",
+                    "26.3",
+                    "--letter",
+                    "a",
+                    "--key",
+                    b,
+                    "--out",
+                    p(&out),
+                ],
+            ),
+        ];
+        for (what, args) in cases {
+            let done = bsi()
+                .args(&args)
+                .timeout(std::time::Duration::from_secs(30))
+                .output()
+                .expect("run bsi");
+            refused(&done, &[what, b, "not a regular file"]);
+        }
+    }
+    assert_eq!(tree_snapshot(&root), before, "apply wrote in the root");
+    assert!(!root.join(".bsi").exists(), "apply made a state directory");
+    assert!(!out.exists(), "build wrote a package");
+}
