@@ -360,6 +360,7 @@ fn inputs_that_are_not_regular_files_are_refused_at_once() {
     for bad in [fifo.as_path(), zero, dir.as_path()] {
         let b = p(bad);
         let root = p(&root);
+        let build = build_args(&fx.base, &fx.target, "a", bad, &out, &COMPONENTS);
         let cases: [(&str, Vec<&str>); 6] = [
             ("package", vec!["inspect", b]),
             ("package", vec!["verify", b, "--trust", p(&public)]),
@@ -372,26 +373,7 @@ fn inputs_that_are_not_regular_files_are_refused_at_once() {
                 "trust file",
                 vec!["apply", p(&pkg), "--root", root, "--trust", b],
             ),
-            (
-                "key file",
-                vec![
-                    "build",
-                    "--base",
-                    p(&fx.base),
-                    "--target",
-                    p(&fx.target),
-                    "--product",
-                    "macOS",
-                    "--base-version",
-                    "26.3",
-                    "--letter",
-                    "a",
-                    "--key",
-                    b,
-                    "--out",
-                    p(&out),
-                ],
-            ),
+            ("key file", build.iter().map(String::as_str).collect()),
         ];
         for (what, args) in cases {
             let done = bsi()
