@@ -146,6 +146,17 @@ fn package_seeds(pairs: &[(&str, Vec<u8>, Vec<u8>)]) -> Result<Vec<(String, Vec<
     symlink("added.txt", target.join("doc/latest"))?;
     fs::create_dir(target.join("empty"))?;
     fs::set_permissions(target.join("lib"), fs::Permissions::from_mode(0o700))?;
+    // One time for every entry of both trees: the packages hold the changes above and no
+    // change of time, whatever the clock did while the trees were written, and are the same
+    // bytes on every run.
+    let time = filetime::FileTime::from_unix_time(1_770_681_600, 0);
+    for root in [&base, &target] {
+        for entry in walkdir::WalkDir::new(root).contents_first(true) {
+            let path = entry?.into_path();
+            filetime::set_symlink_file_times(&path, time, time)
+                .with_context(|| format!("setting the time of {}", path.display()))?;
+        }
+    }
 
     let key = SecretKey::from_seed(VERIFY_KEY_SEED);
     let mut seeds = Vec::new();
