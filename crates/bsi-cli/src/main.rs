@@ -515,7 +515,10 @@ fn load_trust(trust: &Path) -> Result<Trusted> {
         .and_then(|bytes| String::from_utf8(bytes).map_err(std::io::Error::other))
         .with_context(|| format!("cannot read trust file {}", trust.display()))?;
     if text.trim_start().starts_with("-----BEGIN") {
-        return Ok(Trusted::Key(PublicKey::load(trust)?));
+        let key = PublicKey::from_pem(&text).map_err(|_| bsi_sign::KeyError::NotPublicKey {
+            path: trust.to_owned(),
+        })?;
+        return Ok(Trusted::Key(key));
     }
     let file = bsi_channel::trust::SignedTrust::from_bytes(text.as_bytes())
         .with_context(|| format!("{}", trust.display()))?;

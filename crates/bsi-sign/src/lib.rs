@@ -131,11 +131,9 @@ impl fmt::Debug for PublicKey {
 impl PublicKey {
     pub fn load(path: &Path) -> Result<PublicKey, KeyError> {
         let text = read_text(path, |path| KeyError::NotPublicKey { path })?;
-        VerifyingKey::from_public_key_pem(&text)
-            .map(PublicKey)
-            .map_err(|_| KeyError::NotPublicKey {
-                path: path.to_owned(),
-            })
+        PublicKey::from_pem(&text).map_err(|BadPem| KeyError::NotPublicKey {
+            path: path.to_owned(),
+        })
     }
 
     /// Parse an SPKI PEM held in memory (a trust file carries its keys that way).
