@@ -225,7 +225,7 @@ impl ChannelSource {
                     path: location.clone(),
                     reason: match e {
                         ureq::Error::Status(code, _) => format!("the server answered {code}"),
-                        other => other.to_string(),
+                        ureq::Error::Transport(t) => transport_reason(&t),
                     },
                 })?;
                 response
@@ -243,6 +243,22 @@ impl ChannelSource {
         }
         Ok(bytes)
     }
+}
+
+/// Why a request failed before any answer, without the URL that ureq's own message starts
+/// with (the error names it already): "connection failed: Connect error: Connection refused".
+fn transport_reason(t: &ureq::Transport) -> String {
+    let mut reason = t.kind().to_string().to_lowercase();
+    for more in [
+        t.message().map(str::to_owned),
+        std::error::Error::source(t).map(ToString::to_string),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        reason = format!("{reason}: {more}");
+    }
+    reason
 }
 
 /// Read the channel's metadata, check it against the trust and the device record, and record it.

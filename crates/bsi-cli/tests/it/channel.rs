@@ -631,6 +631,13 @@ fn update_reads_a_channel_over_http_with_bounded_downloads() {
         &update_url(&format!("{url}/nowhere")),
         &["nowhere/channel.json", "the server answered 404"],
     );
+    // No server at all: the reason, and the address once.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", listener.local_addr().expect("addr"))
+    };
+    let err = refused(&update_url(&closed), &["connection failed"]);
+    assert_eq!(err.matches(&closed).count(), 1, "{err}");
     assert_eq!(tree_snapshot(&root), tree_snapshot(&fx.base));
 
     let out = ok(&update_url(&url));
