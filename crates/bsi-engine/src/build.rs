@@ -248,6 +248,8 @@ pub fn build_to_file(
     progress: &dyn Progress,
 ) -> Result<(Manifest, u64), BuildError> {
     use std::os::unix::fs::PermissionsExt;
+    // Refused now rather than once the package is made.
+    not_a_directory(out)?;
     let dir = parent_dir(out);
     let made = make(opts, &dir, progress)?;
     // Named only once the package is made, so that a refused build leaves nothing behind.
@@ -263,6 +265,17 @@ pub fn build_to_file(
     tmp.persist(out)
         .map_err(|e| FsError::new("write", out, e.error))?;
     Ok((made.manifest, len))
+}
+
+/// Refuse a file to be written at `path` where a directory is, or a symlink to one: the rename
+/// that puts the file in place would fail on the one, and replace the other with the file.
+fn not_a_directory(path: &Path) -> Result<(), FsError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            Err(FsError::new("write", path, rustix::io::Errno::ISDIR.into()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The directory a file at `path` goes in.
@@ -571,6 +584,7 @@ fn encode_entry(
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
+    not_a_directory(path)?;
     let dir = parent_dir(path);
     let mut tmp = tempfile::NamedTempFile::new_in(&dir).fs("create a file in", &dir)?;
     tmp.write_all(bytes).fs("write", tmp.path())?;

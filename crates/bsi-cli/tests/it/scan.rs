@@ -129,3 +129,40 @@ fn an_unreadable_file_is_refused() {
     refused(&output, &[p(&secret), "Permission denied", "target tree"]);
     assert!(!pkg.exists(), "--out is not created on failure");
 }
+
+/// An `--out` that is a directory, or a symlink to one, is refused before the trees are read
+/// (the target's FIFO would be reported otherwise), and stays as it was: the rename that puts
+/// the package in place would have failed on the one only once the package was made, and
+/// replaced the other with the package.
+#[test]
+fn an_out_that_is_a_directory_is_refused_before_the_trees_are_read() {
+    let fx = Fixture::release_a();
+    let status = Command::new("mkfifo")
+        .arg(fx.target.join("Applications/Safari.app/Contents/pipe"))
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo failed");
+    let dir = fx.path("packages");
+    std::fs::create_dir(&dir).expect("make the directory");
+    let link = fx.path("packages-link");
+    std::os::unix::fs::symlink(&dir, &link).expect("make the symlink");
+    for out in [&dir, &link] {
+        refused(
+            &run(build_args(
+                &fx.base,
+                &fx.target,
+                "a",
+                &example_key(),
+                out,
+                &COMPONENTS,
+            )),
+            &["cannot write", p(out), "Is a directory"],
+        );
+    }
+    assert!(dir_listing(&dir).is_empty(), "the directory was written in");
+    assert!(link.is_symlink(), "the symlink was replaced");
+    assert_eq!(
+        dir_listing(fx.dir.path()),
+        ["base", "packages", "packages-link", "target"]
+    );
+}
