@@ -779,11 +779,20 @@ fn predicted_search(
         };
         let found = match ways.len() {
             1 => ways.pop().and_then(|way| {
-                let moved = move_back(way);
-                let alike = searched
-                    .take()
-                    .is_some_and(|before| moved_alike(&before, &moved, left));
-                (!alike).then(|| search_moved(&moved, matcher::Search::Full))
+                // Moved back over the file the last pass searched, counting what changed.
+                let mover = predict::Predictor::with(new_prepared, way);
+                let (moved, changed) = match searched.take() {
+                    Some(mut moved) => {
+                        let changed = mover.transform_over(new, &mut moved);
+                        (moved, Some(changed))
+                    }
+                    None => (mover.transform(new), None),
+                };
+                drop(mover);
+                match changed {
+                    Some(changed) if changed <= left / MOVED_ALIKE => None,
+                    _ => Some(search_moved(&moved, matcher::Search::Full)),
+                }
             }),
             _ => {
                 let quick: Vec<(Pass, Vec<u8>)> = ways
@@ -822,13 +831,6 @@ fn predicted_search(
         (steps, preferred) = (pass.steps, same);
     }
     best
-}
-
-/// Whether `moved` differs from `before`, the moved-back file a pass searched and left `left`
-/// bytes to code, in too few bytes for another search to be worth it (see [`MOVED_ALIKE`]).
-fn moved_alike(before: &[u8], moved: &[u8], left: u64) -> bool {
-    let differ = before.iter().zip(moved).filter(|(a, b)| a != b).count();
-    before.len() == moved.len() && differ as u64 <= left / MOVED_ALIKE
 }
 
 /// `ops` with the new bytes of each piece `(old, new, len)` of `pieces` made by one add step
@@ -2640,35 +2642,6 @@ mod tests {
         let full = search(&index, &new, REGION, matcher::Search::Full);
         let quick = search(&index, &new, REGION, matcher::Search::Quick);
         assert_eq!(add_steps(&quick), add_steps(&full));
-    }
-
-    #[test]
-    fn a_pass_is_not_searched_again_for_a_few_bytes_moved() {
-        let before = noise(15, 100_000);
-        let left = 64_000;
-        assert!(moved_alike(&before, &before, left), "the same file");
-        assert!(
-            moved_alike(&before, &before, 0),
-            "the same file, nothing left"
-        );
-        let mut moved = before.clone();
-        for k in 0..1_000 {
-            moved[k * 97] ^= 0x40;
-        }
-        assert!(
-            moved_alike(&before, &moved, left),
-            "1,000 bytes of 64,000 left"
-        );
-        assert!(
-            !moved_alike(&before, &moved, left - 64),
-            "1,000 bytes of 63,936 left"
-        );
-        moved[99_999] ^= 1;
-        assert!(
-            !moved_alike(&before, &moved, left),
-            "1,001 bytes of 64,000 left"
-        );
-        assert!(!moved_alike(&before, &before[1..], left), "another length");
     }
 
     /// In an ELF file, and in a universal Mach-O file whose two slices moved alike.

@@ -387,9 +387,19 @@ impl Predictor {
     /// Rewritten in parallel, in pieces that each start at a reference's site (sites are
     /// sorted and do not overlap).
     pub fn transform(&self, old: &[u8]) -> Vec<u8> {
+        let mut out = old.to_vec();
+        self.transform_over(old, &mut out);
+        out
+    }
+
+    /// [`transform`](Self::transform) written over `out`, which holds `old` or its transform
+    /// by another predictor of the same references (another alignment); returns how many bytes
+    /// that changed. Only the references' bytes are written: a reference whose value does not
+    /// fit gets its old bytes back.
+    pub fn transform_over(&self, old: &[u8], out: &mut [u8]) -> u64 {
         const PIECES: usize = 16;
         let refs = &self.prepared.refs[..];
-        let mut out = old.to_vec();
+        let len = old.len().min(out.len());
         let per_piece = refs.len().div_ceil(PIECES).max(1);
         let mut pieces = Vec::with_capacity(PIECES);
         let mut rest = &mut out[..];
@@ -397,34 +407,37 @@ impl Predictor {
         for (k, piece) in refs.chunks(per_piece).enumerate() {
             let end = refs
                 .get((k + 1) * per_piece)
-                .map_or(old.len(), |next| next.site.offset() as usize)
-                .clamp(rest_at, old.len());
+                .map_or(len, |next| next.site.offset() as usize)
+                .clamp(rest_at, len);
             let (bytes, after) = rest.split_at_mut(end - rest_at);
             pieces.push((piece, rest_at, bytes));
             (rest, rest_at) = (after, end);
         }
-        pieces.into_par_iter().for_each(|(piece, at, bytes)| {
-            for r in piece {
-                let (site, width) = (r.site.offset() as usize, r.width() as usize);
-                let Some(was) = old.get(site..site + width) else {
-                    continue;
-                };
-                let Some(value) = self
-                    .alignment
-                    .map(r.site.offset())
-                    .and_then(|s| self.value(r, was, s))
-                else {
-                    continue;
-                };
-                if let Some(to) = site
-                    .checked_sub(at)
-                    .and_then(|local| bytes.get_mut(local..local + width))
-                {
-                    to.copy_from_slice(&value[..width]);
+        pieces
+            .into_par_iter()
+            .map(|(piece, at, bytes)| {
+                let mut changed = 0u64;
+                for r in piece {
+                    let (site, width) = (r.site.offset() as usize, r.width() as usize);
+                    let Some(was) = old.get(site..site + width) else {
+                        continue;
+                    };
+                    let value = self
+                        .alignment
+                        .map(r.site.offset())
+                        .and_then(|s| self.value(r, was, s));
+                    let value = value.as_ref().map_or(was, |v| &v[..width]);
+                    if let Some(to) = site
+                        .checked_sub(at)
+                        .and_then(|local| bytes.get_mut(local..local + width))
+                    {
+                        changed += to.iter().zip(value).filter(|(a, b)| a != b).count() as u64;
+                        to.copy_from_slice(value);
+                    }
                 }
-            }
-        });
-        out
+                changed
+            })
+            .sum()
     }
 
     /// Append to `out` the predicted bytes `chunk` (offsets within the step) of the add step
@@ -554,6 +567,14 @@ mod tests {
     /// An image of one segment (file offset 0 at 0x1000) with a reference of every kind every
     /// 13 bytes, moved by steps.
     fn predictor(len: u64) -> Predictor {
+        predictor_moved(
+            len,
+            &[(0, 40, 300), (300, 200, 500), (600, 1000, len - 600)],
+        )
+    }
+
+    /// [`predictor`] moved by `steps`.
+    fn predictor_moved(len: u64, steps: &[(u64, u64, u64)]) -> Predictor {
         let segments = vec![refs::Segment {
             offset: 0,
             vaddr: 0x1000,
@@ -579,8 +600,7 @@ mod tests {
             bases: vec![0x1010],
             ..refs::Image::default()
         };
-        let steps = [(0, 40, 300), (300, 200, 500), (600, 1000, len - 600)];
-        Predictor::new(&image, Alignment::new(&steps)).expect("references")
+        Predictor::new(&image, Alignment::new(steps)).expect("references")
     }
 
     /// Rewriting the references in pieces, in parallel, gives what rewriting them one after
@@ -603,6 +623,37 @@ mod tests {
             assert_ne!(want, old, "{len} bytes: something rewritten");
             assert_eq!(predictor.transform(&old), want, "{len} bytes");
         }
+    }
+
+    /// Written over the file or over its transform by another alignment, the transform is the
+    /// same, and the bytes it changed are counted; references whose values no longer fit (moved
+    /// by 2^40) get their old bytes back.
+    #[test]
+    fn a_transform_over_another_counts_what_it_changed() {
+        let len = 100_000;
+        let old = crate::test_data::noise(4, len as usize);
+        let first = predictor(len);
+        for steps in [[(0, 0, len)], [(0, 1 << 40, len)]] {
+            let other = predictor_moved(len, &steps);
+            let want = other.transform(&old);
+            let mut over = old.clone();
+            let changed = other.transform_over(&old, &mut over);
+            assert_eq!(over, want);
+            assert_eq!(changed, differing(&old, &want));
+            let mut over = first.transform(&old);
+            let before = over.clone();
+            let changed = other.transform_over(&old, &mut over);
+            assert_eq!(over, want);
+            assert_eq!(changed, differing(&before, &want));
+            assert!(changed > 0, "something changed");
+        }
+        // Over its own transform, nothing.
+        let mut over = first.transform(&old);
+        assert_eq!(first.transform_over(&old, &mut over), 0);
+    }
+
+    fn differing(a: &[u8], b: &[u8]) -> u64 {
+        a.iter().zip(b).filter(|(x, y)| x != y).count() as u64
     }
 
     #[test]
