@@ -2,29 +2,31 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use crate::support::*;
+
+/// `bsi build` of letter (a) from `fx`'s trees into `out`, with the example key.
+fn build_a(fx: &Fixture, out: &Path, components: &[&str]) -> Output {
+    run(build_args(
+        &fx.base,
+        &fx.target,
+        "a",
+        &example_key(),
+        out,
+        components,
+    ))
+}
 
 #[test]
 fn a_fifo_in_the_target_is_refused() {
     let fx = Fixture::release_a();
     let fifo = fx.target.join("Applications/Safari.app/Contents/pipe");
-    let status = Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("run mkfifo");
-    assert!(status.success(), "mkfifo failed");
+    mkfifo(&fifo);
     let pkg = fx.path("a.bsi");
     refused(
-        &run(build_args(
-            &fx.base,
-            &fx.target,
-            "a",
-            &example_key(),
-            &pkg,
-            &COMPONENTS,
-        )),
+        &build_a(&fx, &pkg, &COMPONENTS),
         &[
             p(&fifo),
             "is a fifo, which a package cannot carry",
@@ -38,21 +40,10 @@ fn a_fifo_in_the_target_is_refused() {
 fn a_fifo_in_the_base_is_refused() {
     let fx = Fixture::release_a();
     let fifo = fx.base.join("usr/share/empty/pipe");
-    let status = Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("run mkfifo");
-    assert!(status.success(), "mkfifo failed");
+    mkfifo(&fifo);
     let pkg = fx.path("a.bsi");
     refused(
-        &run(build_args(
-            &fx.base,
-            &fx.target,
-            "a",
-            &example_key(),
-            &pkg,
-            &[],
-        )),
+        &build_a(&fx, &pkg, &[]),
         &[p(&fifo), "is a fifo", "base tree"],
     );
     assert!(!pkg.exists(), "--out is not created on failure");
@@ -65,14 +56,7 @@ fn a_name_that_is_not_utf8_is_refused() {
     std::fs::write(dir.join(OsStr::from_bytes(b"bad\xff")), "x").expect("write");
     let pkg = fx.path("a.bsi");
     refused(
-        &run(build_args(
-            &fx.base,
-            &fx.target,
-            "a",
-            &example_key(),
-            &pkg,
-            &COMPONENTS,
-        )),
+        &build_a(&fx, &pkg, &COMPONENTS),
         &[p(&dir), "bad", "has a name that is not UTF-8"],
     );
     assert!(!pkg.exists(), "--out is not created on failure");
@@ -137,25 +121,14 @@ fn an_unreadable_file_is_refused() {
 #[test]
 fn an_out_that_is_a_directory_is_refused_before_the_trees_are_read() {
     let fx = Fixture::release_a();
-    let status = Command::new("mkfifo")
-        .arg(fx.target.join("Applications/Safari.app/Contents/pipe"))
-        .status()
-        .expect("run mkfifo");
-    assert!(status.success(), "mkfifo failed");
+    mkfifo(&fx.target.join("Applications/Safari.app/Contents/pipe"));
     let dir = fx.path("packages");
     std::fs::create_dir(&dir).expect("make the directory");
     let link = fx.path("packages-link");
     std::os::unix::fs::symlink(&dir, &link).expect("make the symlink");
     for out in [&dir, &link] {
         refused(
-            &run(build_args(
-                &fx.base,
-                &fx.target,
-                "a",
-                &example_key(),
-                out,
-                &COMPONENTS,
-            )),
+            &build_a(&fx, out, &COMPONENTS),
             &["cannot write", p(out), "Is a directory"],
         );
     }

@@ -239,6 +239,15 @@ where
     bsi().args(args).output().expect("run bsi")
 }
 
+/// Make a FIFO at `path` (with mkfifo(1): the tests forbid unsafe code).
+pub fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo failed");
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -343,11 +343,7 @@ fn truncated_and_extended_packages_are_refused() {
 fn inputs_that_are_not_regular_files_are_refused_at_once() {
     let fx = Fixture::release_a();
     let fifo = fx.path("pipe");
-    let status = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("run mkfifo");
-    assert!(status.success(), "mkfifo failed");
+    mkfifo(&fifo);
     let dir = fx.path("a-directory");
     fs::create_dir(&dir).expect("make a directory");
     let pkg = fx.path("a.bsi");
