@@ -842,16 +842,11 @@ mod tests {
 
     use super::{hashed_writing, HASHED_BESIDE_FROM, HASH_CHUNK};
 
-    /// Bytes that do not repeat within a chunk.
+    /// Bytes that do not repeat within a chunk: the digests of 0, 1, 2...
     fn bytes(len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
+        (0u64..)
+            .flat_map(|i| <[u8; 32]>::from(Sha256::digest(i.to_le_bytes())))
+            .take(len)
             .collect()
     }
 
