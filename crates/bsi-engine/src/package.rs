@@ -491,8 +491,10 @@ const HASHED_BESIDE_FROM: u64 = 1 << 20;
 /// Bytes of a post-image handed to its hashing thread at a time.
 const HASH_CHUNK: usize = 256 << 10;
 
-/// Chunks a post-image's hashing may hold, waiting and being hashed: 1 MiB in all.
-const HASH_CHUNKS: usize = 4;
+/// Chunks that wait for the hashing thread. With the one it hashes, the one being filled and
+/// one waiting to be sent, at most five chunks (1.25 MiB) exist at once; hashed ones come
+/// back to be filled again.
+const HASH_QUEUE: usize = 2;
 
 /// `write` to a writer that passes its bytes to `out` and hashes them, with the digest of all
 /// the bytes it passed. From [`HASHED_BESIDE_FROM`] bytes (`size`, the post-image's) the
@@ -509,8 +511,8 @@ pub(crate) fn hashed_writing<T>(
         return hashed_inline(out, write);
     }
     std::thread::scope(|scope| {
-        let (full, to_hash) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_CHUNKS - 2);
-        let (empty, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_CHUNKS);
+        let (full, to_hash) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
+        let (empty, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE + 3);
         let hashing = std::thread::Builder::new().spawn_scoped(scope, move || {
             let mut hasher = Sha256::new();
             for chunk in to_hash {
