@@ -5,15 +5,16 @@
 //!
 //! Input: 1 byte selects the mode (its value mod 4), the library (bits 2 and 3: x86-64,
 //! AArch64, the universal Mach-O pair `macho-1.*`, or `macho-4.*`) and the stored payload
-//! (bit 4: format 3, else format 2, which the Mach-O pairs have not), the rest is the mode's
+//! (bit 4: format 3, or format 5 with bit 7 too, else format 2, which the Mach-O pairs have
+//! not; `macho-4.*` has format 3 only), the rest is the mode's
 //! data. Modes 0 and 2 damage the old library:
 //! 2 bytes give an offset into it and the rest overwrites it from there.
 //! - 0: the damaged library is encoded against the new one, which the payload must give back
 //!   (the encoder and the decoder find the same references, or none); with bit 5 set, one of
 //!   the pairs `elf-2.*` instead (bit 2: x86-64 or AArch64), whose linkage stubs the encoder
 //!   matches by symbol, its old library damaged, or its new one with bit 6 set;
-//! - 2: a stored payload (`bsdiff-2.bin`, `bsdiff-3-elf.bin`, those of AArch64 or Mach-O) is decoded
-//!   against the damaged library;
+//! - 2: a stored payload (`bsdiff-2.bin`, `bsdiff-3-elf.bin`, `bsdiff-5-elf.bin`, those of
+//!   AArch64 or Mach-O) is decoded against the damaged library;
 //! - 1, 3: the rest is a payload, decoded against the undamaged library, so that a hostile
 //!   control stream builds the alignment the predictor uses (with a length of the new file
 //!   from its first 3 bytes, as the verified manifest would give it).
@@ -24,14 +25,15 @@
 use bsi_delta::{Bsdiff, DeltaEncoder};
 use libfuzzer_sys::fuzz_target;
 
-/// (old library, new library, stored payloads between them: format 2, format 3).
-const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 4] = [
+/// (old library, new library, stored payloads between them: format 2, format 3, format 5).
+const LIBRARIES: [(&[u8], &[u8], [&[u8]; 3]); 4] = [
     (
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.old.so"),
         include_bytes!("../../crates/bsi-delta/tests/data/elf-1.new.so"),
         [
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2.bin"),
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-elf.bin"),
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-5-elf.bin"),
         ],
     ),
     (
@@ -40,6 +42,7 @@ const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 4] = [
         [
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-2-arm64.bin"),
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-arm64.bin"),
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-5-arm64.bin"),
         ],
     ),
     (
@@ -48,12 +51,14 @@ const LIBRARIES: [(&[u8], &[u8], [&[u8]; 2]); 4] = [
         [
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-macho.bin"),
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-macho.bin"),
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-5-macho.bin"),
         ],
     ),
     (
         include_bytes!("../../crates/bsi-delta/tests/data/macho-4.old"),
         include_bytes!("../../crates/bsi-delta/tests/data/macho-4.new"),
         [
+            include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-symbols.bin"),
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-symbols.bin"),
             include_bytes!("../../crates/bsi-delta/tests/data/bsdiff-3-symbols.bin"),
         ],
@@ -95,7 +100,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (library, new, stored) = LIBRARIES[usize::from(mode >> 2 & 3) % LIBRARIES.len()];
-    let stored = stored[usize::from(mode >> 4 & 1)];
+    let stored = stored[match (mode >> 4 & 1, mode >> 7) {
+        (0, _) => 0,
+        (_, 0) => 1,
+        _ => 2,
+    }];
     match mode % 4 {
         0 => {
             let (old, new) = match (mode >> 5 & 1, mode >> 6 & 1) {

@@ -54,7 +54,7 @@
 //! count x { varint old_start,      where the part starts in the old file (0 for the first,
 //!           varint new_len,        rising; it runs to the next one's start or the end), how
 //!           varint payload_len }   long it is in the new file, and its payload's length
-//! count x payload                  each of format 3 or 2, as above
+//! count x payload                  each of format 5, 6 or 2, as above
 //! ```
 //!
 //! The parts' new lengths add up to the new file's. The parts are encoded at once and decoded
@@ -62,10 +62,12 @@
 //! code differs in kind, so each finds its matches in the old slice of its own machine.
 //!
 //! The diff stream codes its zero flags near changes only and the gaps between them as numbers
-//! (see `cm`). Format 2 (`"BSD" 0x02`) is format 3 with every zero flag coded, which the
-//! encoder still writes where it predicts nothing (see [`flags_for`]), and format 1
-//! (`"BSD" 0x01`, then a filter byte that must be 0) is format 2 without a predictor; both are
-//! still decoded.
+//! (see `cm`). Formats 5 and 6 (`"BSD" 0x05` and `0x06`), which the encoder writes, are formats
+//! 3 and 4 whose diff stream codes the zero flags of 16 bytes after a change before it codes a
+//! gap, not 32 (see `cm::WINDOW`). Format 2 (`"BSD" 0x02`) is format 3 with every zero flag
+//! coded, which the encoder still writes where it predicts nothing (see [`flags_for`]), and
+//! format 1 (`"BSD" 0x01`, then a filter byte that must be 0) is format 2 without a predictor;
+//! they, formats 3 and 4 are still decoded.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,10 +92,15 @@ pub(crate) use refs::{code_ranges, rip_relative, Machine};
 const MAGIC: &[u8; 4] = b"BSD\x03";
 /// Format 3 with the diff stream in segments, each coded on its own.
 const MAGIC_4: &[u8; 4] = b"BSD\x04";
+/// Format 3 whose diff stream codes fewer zero flags before a gap (see `cm::WINDOW`): what the
+/// encoder writes where it predicts references.
+const MAGIC_5: &[u8; 4] = b"BSD\x05";
+/// Format 4 whose diff stream codes fewer zero flags before a gap, as format 5's.
+const MAGIC_6: &[u8; 4] = b"BSD\x06";
 /// Format 2: format 3 whose diff stream codes every zero flag (see `cm`).
 const MAGIC_2: &[u8; 4] = b"BSD\x02";
-/// A universal Mach-O file coded slice by slice: a payload of format 3 (or 2) for each part of
-/// the new file, see the module documentation.
+/// A universal Mach-O file coded slice by slice: a payload of format 5 (or 6, or 2) for each
+/// part of the new file, see the module documentation.
 const MAGIC_SLICES: &[u8; 4] = b"BSU\x01";
 /// Parts of a [`MAGIC_SLICES`] payload at most, as many as a universal file has slices.
 const MAX_PARTS: u64 = 8;
@@ -127,19 +134,19 @@ pub struct Bsdiff {
     segment_limit: usize,
 }
 
-/// The predictor byte of a format 2 or 3 payload.
+/// The predictor byte of a payload of format 2 or later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Predictor {
     None = 0,
     /// The references [`refs::Version::First`] finds.
     Refs = 1,
-    /// The references [`refs::Version::SplitPairs`] finds (format 3 only), written where they
+    /// The references [`refs::Version::SplitPairs`] finds (format 3 or later), written where they
     /// differ from the first ones: where the old file has AArch64 code.
     SplitPairs = 2,
-    /// The references [`refs::Version::Symbols`] finds (format 3 only), written where they
+    /// The references [`refs::Version::Symbols`] finds (format 3 or later), written where they
     /// differ from the ones before: where the old file is a Mach-O file with symbols.
     Symbols = 3,
-    /// The references [`refs::Version::Wide`] finds (format 3 only), written where they differ
+    /// The references [`refs::Version::Wide`] finds (format 3 or later), written where they differ
     /// from the ones before: where the old file has more than 2^19 references (the
     /// `cryptography` wheel's universal `_rust.abi3.so` has 632,510, symbols included).
     Wide = 4,
@@ -245,7 +252,7 @@ impl DeltaEncoder for Bsdiff {
 }
 
 impl Bsdiff {
-    /// The payload of format 3 (or 2) that rebuilds `new` from `old`.
+    /// The payload of format 5 (or 6, or 2) that rebuilds `new` from `old`.
     fn encode_file(&self, old: &[u8], new: &[u8]) -> io::Result<Vec<u8>> {
         // The suffix array is the longest step of the chain that ends with the payload, and
         // starts at once on this core; what prediction needs of both files besides (their
@@ -318,8 +325,8 @@ impl Bsdiff {
         let packed = [control?, streams.diff, extra?];
         let mut out = Vec::with_capacity(64 + packed.iter().map(Vec::len).sum::<usize>());
         out.extend_from_slice(match (streams.segments.is_empty(), streams.flags) {
-            (false, _) => MAGIC_4,
-            (true, cm::Flags::Near) => MAGIC,
+            (false, _) => MAGIC_6,
+            (true, cm::Flags::Near(_)) => MAGIC_5,
             (true, cm::Flags::Every) => MAGIC_2,
         });
         match pages {
@@ -524,13 +531,13 @@ const OUT_CHUNK: usize = 1 << 20;
 
 /// Coded bytes after which a predicted file's diff stream starts a new segment, coded with a
 /// model of its own, which a decoder can decode on another core ahead of the bytes before it
-/// (format 4); a signed file's segment also ends where its first code directory's slots start
+/// (format 6); a signed file's segment also ends where its first code directory's slots start
 /// once it has 1/8 of this, since the slots are predicted from the pages written before them.
 /// About 20 ms of decoding on one core. Pillow 10.0.0 -> 10.0.1's arm64 libharfbuzz (4.3 MB,
 /// 248 KB of diff stream) is coded in 3 segments (64, 64 and 2 KB, the last with the slots)
 /// for 18 bytes more; the `cryptography` wheel's universal library 42.0.7 -> 42.0.8 in 2 per
 /// slice for 328 bytes more (0.2%); libcrypto's 31 KB and every smaller stream in one, byte
-/// for byte as in format 3. Segments of 32 KB and 48 KB cost 1.3% and 1.2% of libharfbuzz's
+/// for byte as in format 5. Segments of 32 KB and 48 KB cost 1.3% and 1.2% of libharfbuzz's
 /// payload, and their applies were no faster (medians of 15 runs, within this VM's noise).
 const SEGMENT_CODED: usize = 64 << 10;
 /// Diff bytes coded at a time, between which a segment can end.
@@ -539,11 +546,11 @@ const SEGMENT_PIECE: usize = 64 << 10;
 struct Streams {
     control: Vec<u8>,
     /// Raw length and coded bytes of the diff stream (see `cm`), and how its zero flags are
-    /// coded: near changes only (format 3) or every one (format 2).
+    /// coded: near changes only (format 5) or every one (format 2).
     diff_len: u64,
     diff: Vec<u8>,
     /// The raw and coded lengths of the diff stream's segments, one after the other, where it
-    /// has more than one (format 4); else none.
+    /// has more than one (format 6); else none.
     segments: Vec<(u64, u64)>,
     flags: cm::Flags,
     extra: Vec<u8>,
@@ -1072,7 +1079,7 @@ struct StreamBuilder<'a> {
     diff: cm::DiffEncoder,
     diff_len: u64,
     /// Coded bytes after which the diff stream starts a new segment, where it may have more
-    /// than one (format 4).
+    /// than one (format 6).
     segment_limit: Option<usize>,
     /// The segments done: their raw lengths and coded bytes.
     segments: Vec<(u64, Vec<u8>)>,
@@ -1086,7 +1093,7 @@ struct StreamBuilder<'a> {
 }
 
 /// How the diff stream codes its zero flags: with predicted references, near changes only
-/// (format 3); without, every one (format 2). Predicted references leave sparse changes, which
+/// (format 3, and 5 since `cm::WINDOW`); without, every one (format 2). Predicted references leave sparse changes, which
 /// gaps code well: libcrypto 3.0.17 -> 3.0.20 64,583 B against about 60,500 B coding every flag,
 /// decoded in 61 ms against 107, libxml2 14,435 against 14,000 B, AArch64 and Mach-O libraries
 /// 3% to 7% more. Without prediction, where the old bytes tell where changes fall better than
@@ -1095,7 +1102,7 @@ struct StreamBuilder<'a> {
 /// decoding 20% faster.
 fn flags_for(predictor: Option<&predict::Predictor>) -> cm::Flags {
     match predictor {
-        Some(_) => cm::Flags::Near,
+        Some(_) => cm::Flags::Near(cm::WINDOW),
         None => cm::Flags::Every,
     }
 }
@@ -1313,7 +1320,7 @@ struct Header<'a> {
     control: StreamSpec<'a>,
     diff: StreamSpec<'a>,
     extra: StreamSpec<'a>,
-    /// The diff stream's segments, in order: one in formats 1 to 3, none when it is empty.
+    /// The diff stream's segments, in order: one in formats 1 to 3 and 5, none when it is empty.
     segments: Vec<Segment<'a>>,
 }
 
@@ -1332,16 +1339,23 @@ impl Segment<'_> {
     }
 }
 
-/// Most segments a format 4 payload may have: about 16 GiB of coded diff stream.
+/// Most segments a format 4 or 6 payload may have: about 16 GiB of coded diff stream.
 const MAX_SEGMENTS: u64 = 1 << 18;
 
 impl<'a> Header<'a> {
     /// Parse and check the header against the new file's length.
     fn parse(payload: &'a [u8], new_len: u64) -> Result<Self, DecodeError> {
-        let (rest, format) = [(MAGIC_4, 4), (MAGIC, 3), (MAGIC_2, 2), (MAGIC_1, 1)]
-            .into_iter()
-            .find_map(|(magic, format)| Some((payload.strip_prefix(magic)?, format)))
-            .ok_or_else(|| corrupt("not a bsdiff payload of format 1 to 4"))?;
+        let (rest, format) = [
+            (MAGIC_6, 6),
+            (MAGIC_5, 5),
+            (MAGIC_4, 4),
+            (MAGIC, 3),
+            (MAGIC_2, 2),
+            (MAGIC_1, 1),
+        ]
+        .into_iter()
+        .find_map(|(magic, format)| Some((payload.strip_prefix(magic)?, format)))
+        .ok_or_else(|| corrupt("not a bsdiff payload of format 1 to 6"))?;
         let (&predictor, mut rest) = rest
             .split_first()
             .ok_or_else(|| corrupt("truncated header"))?;
@@ -1363,7 +1377,7 @@ impl<'a> Header<'a> {
             *len = (varint::take(&mut rest)?, varint::take(&mut rest)?);
         }
         let segment_lens = match format {
-            4 => segment_lens(&mut rest, lens[1])?,
+            4 | 6 => segment_lens(&mut rest, lens[1])?,
             _ => vec![lens[1]],
         };
         let mut specs = [StreamSpec {
@@ -1410,7 +1424,8 @@ impl<'a> Header<'a> {
         }
         Ok(Header {
             flags: match format {
-                3 | 4 => cm::Flags::Near,
+                3 | 4 => cm::Flags::Near(cm::WINDOW_3),
+                5 | 6 => cm::Flags::Near(cm::WINDOW),
                 _ => cm::Flags::Every,
             },
             predictor,
@@ -1423,7 +1438,7 @@ impl<'a> Header<'a> {
     }
 }
 
-/// The segment table of a format 4 payload whose diff stream has raw and coded lengths `diff`:
+/// The segment table of a format 4 or 6 payload whose diff stream has raw and coded lengths `diff`:
 /// 2 to [`MAX_SEGMENTS`] segments, none empty, whose lengths add up to the diff stream's.
 fn segment_lens(rest: &mut &[u8], diff: (u64, u64)) -> Result<Vec<(u64, u64)>, DecodeError> {
     let count = varint::take(rest)?;
@@ -2335,7 +2350,7 @@ mod tests {
                 .encode(&old, &new)
                 .expect("encode")
                 .expect("applies");
-            assert_eq!(&payload[..4], MAGIC_4);
+            assert_eq!(&payload[..4], MAGIC_6);
             let segments = Header::parse(&payload, len).expect("parse").segments.len();
             assert!(segments >= 3, "{segments} segments");
             // With the default limit, the same files keep one diff stream.
@@ -2343,7 +2358,7 @@ mod tests {
                 .encode(&old, &new)
                 .expect("encode")
                 .expect("applies");
-            assert_eq!(&plain[..4], MAGIC);
+            assert_eq!(&plain[..4], MAGIC_5);
             assert_eq!(
                 Bsdiff::PLAIN.decode(&old, &payload, len).expect("decode"),
                 new
@@ -2441,11 +2456,11 @@ mod tests {
         );
     }
 
-    /// A format 4 payload with its segment table replaced by `table` (count, then raw and coded
-    /// lengths).
+    /// A format 4 or 6 payload with its segment table replaced by `table` (count, then raw and
+    /// coded lengths).
     fn with_segment_table(payload: &[u8], len: u64, table: &[u64]) -> Vec<u8> {
         let header = Header::parse(payload, len).expect("parse");
-        let mut out = MAGIC_4.to_vec();
+        let mut out = payload[..4].to_vec();
         out.push(header.predictor as u8);
         assert!(header.directories.is_empty(), "an unsigned file");
         for spec in [header.control, header.diff, header.extra] {
@@ -2461,11 +2476,20 @@ mod tests {
         out
     }
 
+    /// Format 6, which the encoder writes, and format 4 (the stored payload of the test below).
     #[test]
     fn refuses_bad_segment_tables() {
         let (old, new, payload) = segmented_library();
+        assert_eq!(&payload[..4], MAGIC_6);
+        refuses_bad_segment_tables_of(&old, &new, &payload);
+        let stored = refs::tests::fixture("bsdiff-segments.bin");
+        assert_eq!(&stored[..4], MAGIC_4);
+        refuses_bad_segment_tables_of(&old, &new, &stored);
+    }
+
+    fn refuses_bad_segment_tables_of(old: &[u8], new: &[u8], payload: &[u8]) {
         let len = new.len() as u64;
-        let header = Header::parse(&payload, len).expect("parse");
+        let header = Header::parse(payload, len).expect("parse");
         let mut good = vec![header.segments.len() as u64];
         good.extend(
             header
@@ -2473,7 +2497,7 @@ mod tests {
                 .iter()
                 .flat_map(|s| [s.raw, s.packed.len() as u64]),
         );
-        let rebuilt = with_segment_table(&payload, len, &good);
+        let rebuilt = with_segment_table(payload, len, &good);
         assert_eq!(rebuilt, payload, "the table as the encoder wrote it");
         let (raw, coded) = (header.diff.raw, header.diff.packed.len() as u64);
         let (r0, c0) = (good[1], good[2]);
@@ -2492,16 +2516,16 @@ mod tests {
             good[..good.len() - 1].to_vec(),
         ];
         for table in &tables {
-            let bad = with_segment_table(&payload, len, table);
+            let bad = with_segment_table(payload, len, table);
             assert!(
-                Bsdiff::PLAIN.decode(&old, &bad, len).is_err(),
+                Bsdiff::PLAIN.decode(old, &bad, len).is_err(),
                 "table {table:?} accepted"
             );
         }
         for cut in 0..payload.len() {
-            assert!(Bsdiff::PLAIN.decode(&old, &payload[..cut], len).is_err());
+            assert!(Bsdiff::PLAIN.decode(old, &payload[..cut], len).is_err());
         }
-        every_flip_is_caught_or_keeps_the_length(&old, &payload, len);
+        every_flip_is_caught_or_keeps_the_length(old, payload, len);
     }
 
     #[test]
@@ -2509,6 +2533,13 @@ mod tests {
         let [(old, new), _] = segmented_pairs();
         let stored = stored_payload_of(SEGMENTED, "bsdiff-segments.bin", &old, &new);
         assert_eq!(&stored[..4], MAGIC_4);
+    }
+
+    #[test]
+    fn the_stored_format_6_payload_still_decodes() {
+        let [(old, new), _] = segmented_pairs();
+        let stored = stored_payload_of(SEGMENTED, "bsdiff-segments-6.bin", &old, &new);
+        assert_eq!(&stored[..4], MAGIC_6);
     }
 
     #[test]
@@ -2585,7 +2616,7 @@ mod tests {
         let old = refs::tests::fixture("elf-1.old.so");
         let new = refs::tests::fixture("elf-1.new.so");
         let predicted = predicted_within(&old, &new, Predictor::Refs, (7, 10));
-        assert_eq!(&predicted[..4], b"BSD\x03", "format 3");
+        assert_eq!(&predicted[..4], MAGIC_5, "format 5");
         assert_eq!(unpredicted(&old, &new)[4], Predictor::None as u8);
         // The same library built for AArch64, whose ADRPs gcc often completes further on.
         let old = refs::tests::fixture("elf-1.arm64.old.so");
@@ -2866,7 +2897,7 @@ mod tests {
     }
 
     /// Without predicted references every zero flag is coded (format 2), with them only those
-    /// near changes (format 3); both decode.
+    /// near changes (format 5); both decode.
     #[test]
     fn gaps_only_after_prediction() {
         let (old, mut new) = (program(50_000, 3), program(50_000, 3));
@@ -2876,7 +2907,7 @@ mod tests {
         assert_eq!(&round_trip(&old, &new)[..4], MAGIC_2);
         let old = refs::tests::elf_with_code(&relinked_code(usize::MAX, 0));
         let new = refs::tests::elf_with_code(&relinked_code(10_000, 64));
-        assert_eq!(&round_trip(&old, &new)[..4], MAGIC);
+        assert_eq!(&round_trip(&old, &new)[..4], MAGIC_5);
     }
 
     /// The steps the encoder ends with take every stub of the procedure linkage table and every

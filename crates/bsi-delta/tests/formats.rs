@@ -103,6 +103,26 @@ fn bsdiff_3() {
     }
 }
 
+/// Format 5: format 3 whose diff stream codes the zero flags of 16 bytes after a change before
+/// it codes a gap, not 32; the libraries of the test above, whose payloads keep format 3.
+#[test]
+fn bsdiff_5() {
+    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
+    for (old, new, payload) in [
+        ("elf-1.old.so", "elf-1.new.so", "bsdiff-5-elf.bin"),
+        (
+            "elf-1.arm64.old.so",
+            "elf-1.arm64.new.so",
+            "bsdiff-5-arm64.bin",
+        ),
+        ("macho-1.old", "macho-1.new", "bsdiff-5-macho.bin"),
+    ] {
+        let (old, new) = (read(old), read(new));
+        check("bsdiff", payload, &old, &new);
+        stored_format(payload, b"BSD\x05", "format 5");
+    }
+}
+
 /// Format 3 with predictor 2: the AArch64 library's references include ADRPs that an ADD or a
 /// load or store completes further on.
 #[test]
