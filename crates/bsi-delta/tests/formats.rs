@@ -87,39 +87,30 @@ fn bsdiff_3() {
     let (old, new) = moved_program();
     check("bsdiff", "bsdiff-3.bin", &old, &new);
     stored_format("bsdiff-3.bin", b"BSD\x03\x00", "format 3, no predictor");
-    let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
-    for (old, new, payload) in [
-        ("elf-1.old.so", "elf-1.new.so", "bsdiff-3-elf.bin"),
-        (
-            "elf-1.arm64.old.so",
-            "elf-1.arm64.new.so",
-            "bsdiff-3-arm64.bin",
-        ),
-        ("macho-1.old", "macho-1.new", "bsdiff-3-macho.bin"),
-    ] {
-        let (old, new) = (read(old), read(new));
-        check("bsdiff", payload, &old, &new);
-        stored_format(payload, b"BSD\x03\x01", "format 3, reference predictor");
-    }
+    check_libraries(3, b"BSD\x03\x01", "format 3, reference predictor");
 }
 
 /// Format 5: format 3 whose diff stream codes the zero flags of 16 bytes after a change before
 /// it codes a gap, not 32; the libraries of the test above, whose payloads keep format 3.
 #[test]
 fn bsdiff_5() {
+    check_libraries(5, b"BSD\x05", "format 5");
+}
+
+/// The stored payloads `bsdiff-{format}-elf.bin`, `-arm64.bin` and `-macho.bin` of gcc's
+/// x86-64 and AArch64 builds of `elf-1.gen.py`'s library and of a universal Mach-O file, each
+/// checked to decode and to start with `magic`.
+fn check_libraries(format: u8, magic: &[u8], what: &str) {
     let read = |name: &str| std::fs::read(data(name)).expect("read a stored library");
-    for (old, new, payload) in [
-        ("elf-1.old.so", "elf-1.new.so", "bsdiff-5-elf.bin"),
-        (
-            "elf-1.arm64.old.so",
-            "elf-1.arm64.new.so",
-            "bsdiff-5-arm64.bin",
-        ),
-        ("macho-1.old", "macho-1.new", "bsdiff-5-macho.bin"),
+    for (old, new, kind) in [
+        ("elf-1.old.so", "elf-1.new.so", "elf"),
+        ("elf-1.arm64.old.so", "elf-1.arm64.new.so", "arm64"),
+        ("macho-1.old", "macho-1.new", "macho"),
     ] {
+        let payload = format!("bsdiff-{format}-{kind}.bin");
         let (old, new) = (read(old), read(new));
-        check("bsdiff", payload, &old, &new);
-        stored_format(payload, b"BSD\x05", "format 5");
+        check("bsdiff", &payload, &old, &new);
+        stored_format(&payload, magic, what);
     }
 }
 
