@@ -1093,10 +1093,10 @@ struct StreamBuilder<'a> {
 }
 
 /// How the diff stream codes its zero flags: with predicted references, near changes only
-/// (format 3, and 5 since `cm::WINDOW`); without, every one (format 2). Predicted references leave sparse changes, which
-/// gaps code well: libcrypto 3.0.17 -> 3.0.20 64,583 B against about 60,500 B coding every flag,
-/// decoded in 61 ms against 107, libxml2 14,435 against 14,000 B, AArch64 and Mach-O libraries
-/// 3% to 7% more. Without prediction, where the old bytes tell where changes fall better than
+/// (format 3, and 5 since `cm::WINDOW`); without, every one (format 2). Predicted references
+/// leave sparse changes, which gaps code well: libcrypto 3.0.17 -> 3.0.20 64,583 B against
+/// about 60,500 B coding every flag, decoded in 61 ms against 107, libxml2 14,435 against
+/// 14,000 B, AArch64 and Mach-O libraries 3% to 7% more. Without prediction, where the old bytes tell where changes fall better than
 /// the gaps between them do, gaps cost more for less: libcrypto 177,344 against 169,508 B, the
 /// synthetic testdata's binaries 22% to 42% more (WebKit 150,191 against 110,909 B) for
 /// decoding 20% faster.
