@@ -25,6 +25,7 @@ use walkdir::WalkDir;
 
 use crate::tree::{compare_trees, copy_tree};
 
+mod chosen;
 mod many;
 
 /// How long the bench lets a copied tree stand before applying to it: files whose time of
@@ -941,6 +942,8 @@ struct PairResult {
     /// bsdiff's (or the slowest tool's) first build time, which decided `runs`.
     slow_secs: f64,
     outcomes: Vec<(Tool, Outcome)>,
+    /// What each encoder took of bsi's package, where bsi ran.
+    chosen: Option<chosen::Chosen>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -1039,12 +1042,25 @@ fn bench_pair(r: &Runner, pair: Pair, tools: &[Tool], smoke: bool) -> Result<Pai
         }
         round += 1;
     }
+    let bsi_ran = outcomes
+        .iter()
+        .any(|(t, o)| *t == Tool::Bsi && o.as_ref().is_ok_and(|c| !c.is_empty()));
+    // A package bsi built and applied that its own inspect cannot read is a bug: the bench
+    // stops (CI's smoke runs this too).
+    let chosen = match bsi_ran {
+        true => Some(chosen::of_package(
+            r,
+            &r.scratch.join(format!("{}.bsi", pair.name)),
+        )?),
+        false => None,
+    };
     Ok(PairResult {
         pair,
         files,
         runs,
         slow_secs,
         outcomes,
+        chosen,
     })
 }
 
@@ -1261,6 +1277,15 @@ fn summary_table(results: &[PairResult]) -> String {
     s
 }
 
+/// [`chosen::table`] of the pairs where bsi ran.
+fn chosen_table(results: &[PairResult]) -> String {
+    chosen::table(
+        results
+            .iter()
+            .filter_map(|p| Some((p.pair.name.as_str(), p.chosen.as_ref()?))),
+    )
+}
+
 fn command_line(program: &str, args: &[&str]) -> String {
     Command::new(program)
         .args(args)
@@ -1412,6 +1437,16 @@ fn document(
          slower than xdelta3 -9; apply time <= 0.5x bspatch's.\n"
     );
     s.push_str(&summary_table(results));
+    let _ = writeln!(s, "\n## Encoders chosen\n");
+    let _ = writeln!(
+        s,
+        "What each encoder took of bsi's package, from `bsi inspect --json` of the package built \
+         in the last run: the files it was chosen for (the smallest payload of those tried on each \
+         file; new files are compressed by zstd alone), how many were encoded against an old file \
+         at another path or had their code converted first, their bytes in the new tree and their \
+         payloads' bytes.\n"
+    );
+    s.push_str(&chosen_table(results));
     if !trees.is_empty() {
         let _ = writeln!(s, "\n## Trees of many entries\n");
         s.push_str(&many::table(trees));
@@ -1523,6 +1558,7 @@ pub fn bench(ws: &Path, args: &[&str]) -> Result<()> {
         }
     }
     println!("## Summary\n\n{}", summary_table(&results));
+    println!("## Encoders chosen\n\n{}", chosen_table(&results));
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(out) = &opts.out {
         let doc = document(&head, &notes, &results, &trees, elapsed, true);
