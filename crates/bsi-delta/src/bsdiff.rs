@@ -71,13 +71,13 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rayon::prelude::*;
 use zstd::stream::raw::CParameter;
 
-use crate::{corrupt, initial_capacity, varint, window_log, DecodeError, DeltaEncoder};
+use crate::{corrupt, varint, window_log, DecodeError, DeltaEncoder};
 
 mod cm;
 pub(crate) mod codesign;
@@ -430,9 +430,9 @@ fn split_at_cuts<'a>(
 }
 
 /// Decode the parts of a [`MAGIC_SLICES`] payload (`rest`, after its magic) into `sink`: the
-/// first as it is decoded, the others meanwhile on another thread into memory, written after
-/// it (one after the other, each as it is decoded, beyond [`BUFFERED_MAX`]). Every part's
-/// header is checked before anything is written.
+/// first as it is decoded, the others meanwhile on another thread into memory, handed over to
+/// be written after it as they are decoded (one after the other, each as it is decoded, beyond
+/// [`BUFFERED_MAX`]). Every part's header is checked before anything is written.
 fn decode_slices(
     old: &[u8],
     mut rest: &[u8],
@@ -490,27 +490,86 @@ fn decode_slices(
         }
         return Ok(());
     }
-    let (first, others) = std::thread::scope(|scope| {
-        let decoding = scope.spawn(|| {
-            others
-                .iter()
-                .map(|(old, header, len)| {
-                    let mut out = Vec::with_capacity(initial_capacity(*len));
-                    apply(old, header, *len, &mut out).map(|()| out)
-                })
-                .collect::<Result<Vec<Vec<u8>>, DecodeError>>()
+    let (pieces, decoded) = mpsc::channel();
+    let (spares, spare) = mpsc::channel();
+    let (first, written, others) = std::thread::scope(|scope| {
+        let decoding = scope.spawn(move || {
+            let mut out = Handover {
+                piece: Vec::new(),
+                pieces,
+                spare,
+            };
+            for (old, header, len) in others {
+                apply(old, header, *len, &mut out)?;
+            }
+            out.hand_over().map_err(DecodeError::Output)
         });
         let first = apply(old, header, *len, sink);
+        // The other parts' bytes decoded so far, then the rest as it comes; if anything failed,
+        // the receiver goes and the decoding thread stops at its next piece.
+        let written = first.is_ok().then(|| {
+            decoded.iter().try_for_each(|piece| {
+                sink.write_all(&piece).map_err(DecodeError::Output)?;
+                let _ = spares.send(piece);
+                Ok(())
+            })
+        });
+        drop(decoded);
         let others = decoding
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (first, others)
+        (first, written, others)
     });
     first?;
-    for out in others? {
-        sink.write_all(&out).map_err(DecodeError::Output)?;
+    // A writer that failed stopped the decoding: its error comes first.
+    written.unwrap_or(Ok(()))?;
+    others
+}
+
+/// The sink of the parts of a universal file decoded beside the first: their bytes go to the
+/// thread that writes the file in pieces of [`OUT_CHUNK`], which it writes out once the first
+/// part is written, as they come, instead of all of them once the last is decoded. The
+/// `cryptography` wheel 42.0.7 -> 42.0.8 (a universal library of 9.5 and 8.2 MB, decoded in
+/// about the same time) applied in 130.5 ms instead of 139.0 (medians of 31 interleaved runs;
+/// 142.1 against 146.3 in 21 before): the writer takes the arm64 part's pieces as soon as its
+/// own part is done, rather than waiting for the last one.
+struct Handover {
+    piece: Vec<u8>,
+    pieces: mpsc::Sender<Vec<u8>>,
+    /// Pieces written out, to be filled again.
+    spare: mpsc::Receiver<Vec<u8>>,
+}
+
+impl Handover {
+    fn hand_over(&mut self) -> io::Result<()> {
+        if self.piece.is_empty() {
+            return Ok(());
+        }
+        let mut next = self.spare.try_recv().unwrap_or_default();
+        next.clear();
+        let piece = std::mem::replace(&mut self.piece, next);
+        self.pieces
+            .send(piece)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the writer stopped"))
     }
-    Ok(())
+}
+
+impl Write for Handover {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if self.piece.capacity() == 0 {
+            self.piece.reserve_exact(OUT_CHUNK);
+        }
+        let n = bytes.len().min(OUT_CHUNK - self.piece.len());
+        self.piece.extend_from_slice(&bytes[..n]);
+        if self.piece.len() == OUT_CHUNK {
+            self.hand_over()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The page hashes of `new`'s code directories that a decoder can rebuild, where it has any
@@ -2221,17 +2280,14 @@ mod tests {
         every_flip_is_caught_or_keeps_the_length(&old, &good, len);
     }
 
-    /// Parts beyond [`BUFFERED_MAX`] together are decoded one after the other, as they are
-    /// written: the same bytes.
-    #[test]
-    fn large_parts_are_decoded_in_turn() {
-        let old = noise(9, (BUFFERED_MAX + 5000) as usize);
+    /// Noise of `len` bytes, a byte changed near each end, coded slice by slice in two parts
+    /// cut at `cut` (the same place in both files): the old file, the new one and the payload.
+    fn two_parts(len: usize, cut: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let old = noise(9, len);
         let mut new = old.clone();
         new[10] ^= 1;
-        let last = new.len() - 10;
-        new[last] ^= 1;
-        let cut = 4000;
-        let parts: Vec<Vec<u8>> = [0..cut, cut..old.len()]
+        new[len - 10] ^= 1;
+        let parts: Vec<Vec<u8>> = [0..cut, cut..len]
             .into_iter()
             .map(|r| {
                 Bsdiff::PLAIN
@@ -2239,14 +2295,81 @@ mod tests {
                     .expect("encode")
             })
             .collect();
-        let rest = (new.len() - cut) as u64;
         let table = [
             [0, cut as u64, parts[0].len() as u64],
-            [cut as u64, rest, parts[1].len() as u64],
+            [cut as u64, (len - cut) as u64, parts[1].len() as u64],
         ];
         let payload = slices_payload(&table, 2, &[&parts[0], &parts[1]]);
+        (old, new, payload)
+    }
+
+    /// Parts beyond [`BUFFERED_MAX`] together are decoded one after the other, as they are
+    /// written: the same bytes.
+    #[test]
+    fn large_parts_are_decoded_in_turn() {
+        let (old, new, payload) = two_parts((BUFFERED_MAX + 5000) as usize, 4000);
         let decoded = Bsdiff::PLAIN.decode(&old, &payload, new.len() as u64);
         assert!(decoded.expect("decode") == new);
+    }
+
+    /// A sink that takes `room` bytes, then fails; it records the size of every write.
+    struct Filling {
+        room: usize,
+        writes: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+
+    impl Write for Filling {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.bytes.len() + buf.len() > self.room {
+                return Err(io::Error::other("no room left"));
+            }
+            self.writes.push(buf.len());
+            self.bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The second part, decoded beside the first, reaches the sink in pieces of at most
+    /// [`OUT_CHUNK`] (the spare pieces filled again); a sink that fails, in the first part or
+    /// in the second, has its own error returned.
+    #[test]
+    fn parts_decoded_beside_the_first_are_handed_over_in_pieces() {
+        let (len, cut) = (4 * OUT_CHUNK + 123, 70_000);
+        let (old, new, payload) = two_parts(len, cut);
+        let mut sink = Filling {
+            room: usize::MAX,
+            writes: Vec::new(),
+            bytes: Vec::new(),
+        };
+        Bsdiff::PLAIN
+            .decode_into(&old, &payload, len as u64, &mut sink)
+            .expect("decode");
+        assert!(sink.bytes == new);
+        assert!(
+            sink.writes.iter().all(|&n| n <= OUT_CHUNK),
+            "{:?}",
+            sink.writes
+        );
+        assert!(sink.writes.len() >= 5, "{:?}", sink.writes);
+        for room in [cut / 2, cut + OUT_CHUNK + 10, len - 1] {
+            let mut sink = Filling {
+                room,
+                writes: Vec::new(),
+                bytes: Vec::new(),
+            };
+            let err = Bsdiff::PLAIN
+                .decode_into(&old, &payload, len as u64, &mut sink)
+                .expect_err("the sink is full");
+            match err {
+                DecodeError::Output(e) => assert_eq!(e.to_string(), "no room left", "room {room}"),
+                other => panic!("room {room}: {other}"),
+            }
+            assert!(new.starts_with(&sink.bytes));
+        }
     }
 
     /// `tests/data/bsdiff-slices.bin`, the payload of [`universal_pair`], still decodes to its
