@@ -1442,7 +1442,8 @@ fn document(
         s,
         "What each encoder took of bsi's package, from `bsi inspect --json` of the package built \
          in the last run: the files it was chosen for (the smallest payload of those tried on each \
-         file; new files are compressed by zstd alone), how many were encoded against an old file \
+         file; a new file is compressed by zstd, or a new executable by zstd-prefix against the \
+         empty file where that is smaller), how many were encoded against an old file \
          at another path or had their code converted first, their bytes in the new tree and their \
          payloads' bytes.\n"
     );
