@@ -291,14 +291,16 @@ struct Runner {
 }
 
 impl Runner {
+    /// Where [`Runner::run`] leaves the standard output of the last command it ran.
+    fn stdout(&self) -> PathBuf {
+        self.scratch.join("stdout.txt")
+    }
+
     /// Runs `program args` to completion under /usr/bin/time; an error names the command and
     /// shows the end of its stderr.
     fn run(&self, program: &str, args: &[OsString]) -> Result<Measure> {
         let rss_file = self.scratch.join("rss.txt");
-        let (stdout_file, stderr_file) = (
-            self.scratch.join("stdout.txt"),
-            self.scratch.join("stderr.txt"),
-        );
+        let (stdout_file, stderr_file) = (self.stdout(), self.scratch.join("stderr.txt"));
         let mut cmd = if self.have_time {
             let mut c = Command::new(TIME);
             c.args(["-f", "%M", "-o"]).arg(&rss_file).arg(program);

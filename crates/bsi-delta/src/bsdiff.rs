@@ -521,7 +521,8 @@ fn decode_slices(
         (first, written, others)
     });
     first?;
-    // A writer that failed stopped the decoding: its error comes first.
+    // The writer's failure is on bytes before any the later parts have left to give, so it comes
+    // before their own error, if they have one.
     written.unwrap_or(Ok(()))?;
     others
 }
@@ -2369,6 +2370,50 @@ mod tests {
                 other => panic!("room {room}: {other}"),
             }
             assert!(new.starts_with(&sink.bytes));
+        }
+
+        // A part whose steps read old bytes past its slice fails as it is decoded: the first
+        // (its bytes are the old file's after the cut), then the second's decoding stops at
+        // its next piece; or the second, in its last 50 KB (new bytes that only an old file
+        // longer than its slice holds), after the pieces before. Either way the payload's error
+        // comes back, not the stopped handover's.
+        let encode = |old: &[u8], new: &[u8]| Bsdiff::PLAIN.encode_file(old, new).expect("encode");
+        let tail = noise(12, 50_000);
+        let late = [&new[cut..len - tail.len()], &tail[..]].concat();
+        let cases = [
+            (
+                encode(&old[..2 * cut], &old[cut..2 * cut]),
+                encode(&old[cut..], &new[cut..]),
+            ),
+            (
+                encode(&old[..cut], &new[..cut]),
+                encode(&[&old[cut..], &tail[..]].concat(), &late),
+            ),
+        ];
+        for (k, (first, second)) in cases.iter().enumerate() {
+            let table = [
+                [0, cut as u64, first.len() as u64],
+                [cut as u64, (len - cut) as u64, second.len() as u64],
+            ];
+            let payload = slices_payload(&table, 2, &[first, second]);
+            let mut sink = Filling {
+                room: usize::MAX,
+                writes: Vec::new(),
+                bytes: Vec::new(),
+            };
+            let err = Bsdiff::PLAIN
+                .decode_into(&old, &payload, len as u64, &mut sink)
+                .expect_err("a part reads past its slice");
+            assert!(matches!(err, DecodeError::Corrupt(_)), "case {k}: {err}");
+            let written = match k {
+                0 => 0,
+                _ => cut + OUT_CHUNK,
+            };
+            assert!(
+                sink.bytes.len() >= written,
+                "case {k}: {}",
+                sink.bytes.len()
+            );
         }
     }
 

@@ -56,8 +56,8 @@ pub(super) struct Chosen {
 /// Reads the package at `pkg` with `bsi inspect --json`.
 pub(super) fn of_package(r: &Runner, pkg: &Path) -> Result<Chosen> {
     r.run(BSI_COPY, &os(&[&"inspect", &"--json", &pkg]))?;
-    let json = std::fs::read_to_string(r.scratch.join("stdout.txt"))
-        .context("reading the output of bsi inspect --json")?;
+    let json =
+        std::fs::read_to_string(r.stdout()).context("reading the output of bsi inspect --json")?;
     parse(&json).with_context(|| format!("bsi inspect --json {}", pkg.display()))
 }
 
