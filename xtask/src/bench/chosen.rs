@@ -34,7 +34,7 @@ struct Entry {
 }
 
 /// The files one encoder was chosen for.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub(super) struct Use {
     pub files: u64,
     /// Of them, encoded against an old file at another path (a rename or a copy).
@@ -46,7 +46,7 @@ pub(super) struct Use {
 }
 
 /// A package's payload bytes by encoder, and what the rest of it took.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) struct Chosen {
     pub by_encoder: BTreeMap<String, Use>,
     pub package: u64,
