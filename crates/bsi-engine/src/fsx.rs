@@ -278,18 +278,6 @@ impl OwnDir {
     }
 }
 
-fn system_time(m: Mtime) -> cap_fs_ext::SystemTimeSpec {
-    let epoch = std::time::UNIX_EPOCH;
-    let offset = std::time::Duration::new(m.secs.unsigned_abs(), m.nanos);
-    let time = if m.secs >= 0 {
-        epoch + offset
-    } else {
-        epoch - std::time::Duration::from_secs(m.secs.unsigned_abs())
-            + std::time::Duration::from_nanos(u64::from(m.nanos))
-    };
-    cap_fs_ext::SystemTimeSpec::Absolute(cap_std::time::SystemTime::from_std(time))
-}
-
 impl RootDir {
     pub fn open(root: &Path) -> Result<RootDir, FsError> {
         let dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority())
@@ -304,31 +292,27 @@ impl RootDir {
         self.path.join(rel.as_str())
     }
 
-    /// The directory holding the last component of `rel`, reached without following any
-    /// symlink, and that component.
-    fn parent<'p>(&self, rel: &'p PkgPath) -> io::Result<(cap_std::fs::Dir, &'p str)> {
-        use cap_fs_ext::DirExt;
-        let (dirs, name) = match rel.as_str().rsplit_once('/') {
-            Some((dirs, name)) => (Some(dirs), name),
-            None => (None, rel.as_str()),
-        };
-        let mut dir = self.dir.try_clone()?;
-        for part in dirs.into_iter().flat_map(|d| d.split('/')) {
-            dir = dir.open_dir_nofollow(part)?;
-        }
-        Ok((dir, name))
-    }
-
+    /// Run `op` on the directory holding the last component of `rel`, reached without
+    /// following any symlink (the root's own handle for a path at the top), and that component.
     fn step<T>(
         &self,
         action: &'static str,
         rel: &PkgPath,
-        op: impl FnOnce(cap_std::fs::Dir, &str) -> io::Result<T>,
+        op: impl FnOnce(&cap_std::fs::Dir, &str) -> io::Result<T>,
     ) -> Result<T, FsError> {
+        use cap_fs_ext::DirExt;
         let full = self.full(rel);
-        hooked(action, &full, || {
-            let (dir, name) = self.parent(rel)?;
-            op(dir, name)
+        hooked(action, &full, || match rel.as_str().rsplit_once('/') {
+            None => op(&self.dir, rel.as_str()),
+            Some((dirs, name)) => {
+                let mut parts = dirs.split('/');
+                let first = parts.next().unwrap_or(dirs);
+                let mut dir = self.dir.open_dir_nofollow(first)?;
+                for part in parts {
+                    dir = dir.open_dir_nofollow(part)?;
+                }
+                op(&dir, name)
+            }
         })
     }
 
@@ -358,7 +342,7 @@ impl RootDir {
 
     /// Move `from/name` to `rel`, replacing a file or symlink there.
     pub fn move_in(&self, from: &OwnDir, name: &str, rel: &PkgPath) -> Result<(), FsError> {
-        self.step("move into place", rel, |d, n| from.dir.rename(name, &d, n))
+        self.step("move into place", rel, |d, n| from.dir.rename(name, d, n))
     }
 
     /// Permission bits of a file or directory (`rel` is not a symlink: checked by the caller,
@@ -370,15 +354,34 @@ impl RootDir {
         })
     }
 
-    /// The modification time of a file or directory, or of a symlink itself.
+    /// The modification time of a file or directory, or of a symlink itself (a symlink's time
+    /// of access is set to it too), set by name in the directory that holds it, never through
+    /// a symlink: `utimensat` on that directory's handle, without following the last
+    /// component. (cap-std opened a file, or a directory, to set its times through the handle:
+    /// two more calls, and an open for writing first. Applying 50,250 changed times, the
+    /// placements took 580 ms.)
     pub fn set_mtime(&self, rel: &PkgPath, mtime: Mtime, symlink: bool) -> Result<(), FsError> {
-        use cap_fs_ext::DirExt;
+        use rustix::fs::{AtFlags, Timespec, Timestamps, UTIME_OMIT};
+        let time = Timespec {
+            tv_sec: mtime.secs,
+            tv_nsec: mtime.nanos.into(),
+        };
+        let omit = Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        };
+        let times = Timestamps {
+            last_access: if symlink { time } else { omit },
+            last_modification: time,
+        };
         self.step("set the time of", rel, |d, n| {
-            if symlink {
-                d.set_symlink_times(n, Some(system_time(mtime)), Some(system_time(mtime)))
-            } else {
-                d.set_times(n, None, Some(system_time(mtime)))
-            }
+            // `n` is one component, neither `.` nor `..` (see `PkgPath`).
+            Ok(rustix::fs::utimensat(
+                d,
+                n,
+                &times,
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?)
         })
     }
 }
@@ -421,5 +424,71 @@ mod tests {
                 "{early}: bytes differ"
             );
         }
+    }
+
+    /// A time is set on the path itself: a file's and a directory's modification time (their
+    /// access time kept), a symlink's own times (not its target's), at the top and below; a
+    /// path through a symlinked directory is refused, and nothing is changed.
+    #[test]
+    fn times_are_set_by_name_never_through_a_symlink() {
+        use std::os::unix::fs::MetadataExt as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("root");
+        fs::create_dir_all(root.join("a/d")).expect("mkdir");
+        fs::write(root.join("a/f"), b"f").expect("write");
+        fs::write(root.join("top"), b"t").expect("write");
+        std::os::unix::fs::symlink("f", root.join("a/l")).expect("symlink");
+        std::os::unix::fs::symlink("a", root.join("via")).expect("symlink");
+        let old = FileTime::from_unix_time(1_600_000_000, 0);
+        for p in ["a/f", "top", "a/d"] {
+            filetime::set_file_times(root.join(p), old, old).expect("times");
+        }
+        filetime::set_symlink_file_times(root.join("a/l"), old, old).expect("times");
+        let confined = RootDir::open(&root).expect("open");
+        let path = |p: &str| PkgPath::new(p).expect("path");
+        let new = Mtime {
+            secs: 1_700_000_000,
+            nanos: 250,
+        };
+        for (p, symlink) in [
+            ("a/f", false),
+            ("top", false),
+            ("a/d", false),
+            ("a/l", true),
+        ] {
+            confined.set_mtime(&path(p), new, symlink).expect("set");
+            let meta = fs::symlink_metadata(root.join(p)).expect("lstat");
+            assert_eq!((meta.mtime(), meta.mtime_nsec()), (new.secs, 250), "{p}");
+            let atime = match symlink {
+                true => (new.secs, 250),
+                false => (old.unix_seconds(), 0),
+            };
+            assert_eq!((meta.atime(), meta.atime_nsec()), atime, "{p}");
+        }
+        // The symlink's target kept the time set on it above, not the symlink's.
+        let target = fs::metadata(root.join("a/f")).expect("stat");
+        assert_eq!(target.mtime(), new.secs);
+        filetime::set_file_times(root.join("a/f"), old, old).expect("times");
+        confined
+            .set_mtime(
+                &path("a/l"),
+                Mtime {
+                    secs: 1_800_000_000,
+                    nanos: 0,
+                },
+                true,
+            )
+            .expect("set");
+        assert_eq!(
+            fs::metadata(root.join("a/f")).expect("stat").mtime(),
+            old.unix_seconds()
+        );
+        // Through the symlinked directory: refused, the file beyond it untouched.
+        let err = confined.set_mtime(&path("via/f"), new, false);
+        assert!(err.is_err(), "set a time through a symlink");
+        assert_eq!(
+            fs::metadata(root.join("a/f")).expect("stat").mtime(),
+            old.unix_seconds()
+        );
     }
 }

@@ -754,14 +754,15 @@ fn roll(root: &Path, txn: &TxnDir, plan: &Plan, way: Way, seen: &Seen) -> Result
     let mut touched: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
     plan.steps.blocks(false, &mut |first, block| {
         for (i, step) in (first..).zip(block) {
-            place(root, txn, &confined, (&stage, &undo), i, step, way, seen)?;
+            let left = place(root, txn, &confined, (&stage, &undo), i, step, way, seen)?;
             let path = step.path;
+            let left = left.as_ref();
             match ends(step, way).1 {
                 Some(Image::File { mode, mtime, .. }) => {
-                    set_meta(&confined, path, Some(*mode), *mtime, false)?
+                    set_meta(&confined, path, Some(*mode), *mtime, false, left)?
                 }
                 Some(Image::Symlink { mtime, .. }) => {
-                    set_meta(&confined, path, None, *mtime, true)?
+                    set_meta(&confined, path, None, *mtime, true, left)?
                 }
                 Some(Image::Dir { mode, mtime }) => {
                     dirs.insert(path.clone(), (Some(*mode), *mtime));
@@ -778,7 +779,7 @@ fn roll(root: &Path, txn: &TxnDir, plan: &Plan, way: Way, seen: &Seen) -> Result
 
     // 3. Directories' permission bits and times, children first.
     for (path, (mode, mtime)) in dirs.iter().rev() {
-        set_meta(&confined, path, *mode, *mtime, false)?;
+        set_meta(&confined, path, *mode, *mtime, false, None)?;
     }
 
     // 4. Make the renames durable before anything is recorded as done: every directory that
@@ -804,7 +805,9 @@ fn roll(root: &Path, txn: &TxnDir, plan: &Plan, way: Way, seen: &Seen) -> Result
     })
 }
 
-/// Step 2 of [`roll`] for step `i`: put its end going `way` in place, parents first.
+/// Step 2 of [`roll`] for step `i`: put its end going `way` in place, parents first. Returns
+/// what the path held when its content was the end's already and it was left as it was (a
+/// change of mode or time only, or a step done before a crash): its mode and time as just seen.
 #[allow(clippy::too_many_arguments)]
 fn place(
     root: &Path,
@@ -815,14 +818,14 @@ fn place(
     step: &Step,
     way: Way,
     seen: &Seen,
-) -> Result<(), TxnError> {
+) -> Result<Option<Image>, TxnError> {
     let (origin, target) = ends(step, way);
     let Some(target) = target else {
-        return Ok(());
+        return Ok(None);
     };
     let actual = observe_with(root, step.path, Content::Read(Some(seen)))?;
     if same_thing(actual.as_ref(), Some(target)) {
-        return Ok(());
+        return Ok(actual);
     }
     // What changes kind was moved away by the removals.
     let moved_away = origin.is_some_and(|o| o.kind_name() != target.kind_name());
@@ -831,7 +834,7 @@ fn place(
     }
     if matches!(target, Image::Dir { .. }) {
         confined.create_dir(step.path)?;
-        return Ok(());
+        return Ok(None);
     }
     if actual.is_some() && way == Way::Forward && !exists(&txn.undo(i)) {
         // The old file or symlink stays reachable until the commit.
@@ -862,7 +865,7 @@ fn place(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Whether `step`'s path holds its end on the `way` rolled, time included.
@@ -889,25 +892,41 @@ fn check_end(root: &Path, step: &Step, way: Way, seen: &Seen) -> Result<(), TxnE
     })
 }
 
-/// Set permission bits (when given) and the time of `full`, skipping what is already right.
+/// Set permission bits (when given) and the time of `path`, skipping what is already right:
+/// what it holds is looked at, unless `left` says (what [`place`] saw and left there).
 fn set_meta(
     root: &RootDir,
     path: &PkgPath,
     mode: Option<u32>,
     mtime: Mtime,
     symlink: bool,
+    left: Option<&Image>,
 ) -> Result<(), FsError> {
-    let full = root.full(path);
-    let meta = fs::symlink_metadata(&full).map_err(|e| FsError::new("read", &full, e))?;
+    let (now_mode, now_mtime) = match left {
+        Some(image) => (image_mode(image), image.mtime()),
+        None => {
+            let full = root.full(path);
+            let meta = fs::symlink_metadata(&full).map_err(|e| FsError::new("read", &full, e))?;
+            (Some(meta.mode() & 0o7777), mtime_of(&meta))
+        }
+    };
     if let Some(mode) = mode {
-        if meta.mode() & 0o7777 != mode {
+        if now_mode != Some(mode) {
             root.set_mode(path, mode)?;
         }
     }
-    if mtime_of(&meta) != mtime {
+    if now_mtime != mtime {
         root.set_mtime(path, mtime, symlink)?;
     }
     Ok(())
+}
+
+/// The permission bits of a file or directory image (a symlink's are not kept).
+fn image_mode(image: &Image) -> Option<u32> {
+    match image {
+        Image::File { mode, .. } | Image::Dir { mode, .. } => Some(*mode),
+        Image::Symlink { .. } => None,
+    }
 }
 
 /// After the root holds the new tree: record it, swap in its revert data, end the transaction.
