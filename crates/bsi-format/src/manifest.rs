@@ -12,12 +12,39 @@ pub const FORMAT_VERSION: u32 = 1;
 /// against this before anything is allocated for them.
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
 
-/// A modification time: seconds and nanoseconds since the Unix epoch.
+/// A modification time: seconds and nanoseconds since the Unix epoch. Its nanoseconds are
+/// below 10^9: a time spelled otherwise is refused where it is read (the kernel refuses to
+/// set one, and it could never match the time a file shows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "MtimeFields")]
 pub struct Mtime {
     pub secs: i64,
     pub nanos: u32,
+}
+
+/// [`Mtime`] as spelled, before its nanoseconds are checked.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MtimeFields {
+    secs: i64,
+    nanos: u32,
+}
+
+impl TryFrom<MtimeFields> for Mtime {
+    type Error = String;
+
+    fn try_from(t: MtimeFields) -> Result<Mtime, String> {
+        if t.nanos >= 1_000_000_000 {
+            return Err(format!(
+                "a time of {} nanoseconds past a second (at most 999999999)",
+                t.nanos
+            ));
+        }
+        Ok(Mtime {
+            secs: t.secs,
+            nanos: t.nanos,
+        })
+    }
 }
 
 /// What one path holds, before or after the patch. (Parsed by hand: see `fields`.)
@@ -915,6 +942,25 @@ mod tests {
                 Err(ManifestError::NotCanonical) | Err(ManifestError::Json(_)) => {}
                 got => panic!("{other} gave {got:?}"),
             }
+        }
+    }
+
+    /// A time's nanoseconds are below 10^9; 10^9 or more is refused with a reason that says so.
+    #[test]
+    fn a_time_past_its_second_is_refused() {
+        let (_, bytes) = sample();
+        let json = String::from_utf8(bytes).expect("JSON is text");
+        let edge = json.replacen(r#""nanos":7"#, r#""nanos":999999999"#, 1);
+        assert!(
+            Manifest::from_bytes(edge.as_bytes()).is_ok(),
+            "999999999 is a time"
+        );
+        let past = json.replacen(r#""nanos":7"#, r#""nanos":1000000000"#, 1);
+        match Manifest::from_bytes(past.as_bytes()) {
+            Err(ManifestError::Json(e)) => {
+                assert!(e.to_string().contains("1000000000 nanoseconds"), "{e}")
+            }
+            got => panic!("10^9 nanoseconds gave {got:?}"),
         }
     }
 

@@ -5,7 +5,6 @@ use std::fs;
 use std::path::Path;
 
 use bsi_format::RawPackage;
-use bsi_sign::SecretKey;
 
 use crate::support::*;
 
@@ -23,37 +22,6 @@ fn escape_target() -> Model {
     m.insert("d/file".into(), file("patched content\n", 0o644, T1));
     m.insert("d/new".into(), file("added below d\n", 0o644, T1));
     m
-}
-
-/// `original` with its manifest replaced by `manifest` (JSON), packed and re-signed with the
-/// example key.
-fn resign(original: &[u8], manifest: &[u8]) -> Vec<u8> {
-    let raw = RawPackage::split(original).expect("package splits");
-    let key = SecretKey::load(&example_key()).expect("example key loads");
-    let signed = bsi_format::signed_bytes(&bsi_format::pack_manifest(manifest));
-    let mut out = signed.clone();
-    out.extend_from_slice(&key.sign(&signed));
-    out.extend_from_slice(raw.payloads);
-    out
-}
-
-fn replace_once(haystack: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
-    let at: Vec<usize> = haystack
-        .windows(old.len())
-        .enumerate()
-        .filter(|(_, w)| *w == old)
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(
-        at.len(),
-        1,
-        "{:?} occurs once",
-        String::from_utf8_lossy(old)
-    );
-    let mut out = haystack[..at[0]].to_vec();
-    out.extend_from_slice(new);
-    out.extend_from_slice(&haystack[at[0] + old.len()..]);
-    out
 }
 
 #[test]

@@ -590,3 +590,34 @@ pub fn manifest_json(bytes: &[u8]) -> serde_json::Value {
 pub fn manifest_len(bytes: &[u8]) -> usize {
     u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize
 }
+
+/// `original` with its manifest replaced by `manifest` (JSON), packed and re-signed with the
+/// example key.
+pub fn resign(original: &[u8], manifest: &[u8]) -> Vec<u8> {
+    let raw = bsi_format::RawPackage::split(original).expect("package splits");
+    let key = bsi_sign::SecretKey::load(&example_key()).expect("example key loads");
+    let signed = bsi_format::signed_bytes(&bsi_format::pack_manifest(manifest));
+    let mut out = signed.clone();
+    out.extend_from_slice(&key.sign(&signed));
+    out.extend_from_slice(raw.payloads);
+    out
+}
+
+pub fn replace_once(haystack: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
+    let at: Vec<usize> = haystack
+        .windows(old.len())
+        .enumerate()
+        .filter(|(_, w)| *w == old)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        at.len(),
+        1,
+        "{:?} occurs once",
+        String::from_utf8_lossy(old)
+    );
+    let mut out = haystack[..at[0]].to_vec();
+    out.extend_from_slice(new);
+    out.extend_from_slice(&haystack[at[0] + old.len()..]);
+    out
+}

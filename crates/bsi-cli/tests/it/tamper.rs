@@ -384,3 +384,59 @@ fn inputs_that_are_not_regular_files_are_refused_at_once() {
     assert!(!root.join(".bsi").exists(), "apply made a state directory");
     assert!(!out.exists(), "build wrote a package");
 }
+
+/// A validly signed manifest whose time has a billion nanoseconds or more (a time no file can
+/// show, and one the kernel refuses to set) is refused by `bsi verify` and `bsi apply` in one
+/// sentence naming the package and the time, and nothing is written; 999,999,999 is a time.
+#[test]
+fn a_signed_time_past_its_second_is_refused() {
+    let mut base = Model::new();
+    base.insert("f".into(), file("old\n", 0o644, (T0.0, 0)));
+    let mut target = base.clone();
+    target.insert("f".into(), file("new\n", 0o644, (T1.0, 0)));
+    let fx = Fixture::new(&base, &target);
+    let pkg = fx.path("pkg.bsi");
+    let bytes = build(&fx.base, &fx.target, "a", &example_key(), &pkg, &[]);
+    let raw = bsi_format::RawPackage::split(&bytes).expect("package splits");
+    let manifest = bsi_format::unpack_manifest(raw.manifest).expect("manifest unpacks");
+    let post = format!(r#""mtime":{{"secs":{},"nanos":0}}"#, T1.0);
+    let root = fx.path("root");
+    write_tree(&root, &base, false);
+    for (nanos, accepted) in [
+        (999_999_999u32, true),
+        (1_000_000_000, false),
+        (u32::MAX, false),
+    ] {
+        let crafted_manifest = replace_once(
+            &manifest,
+            post.as_bytes(),
+            format!(r#""mtime":{{"secs":{},"nanos":{nanos}}}"#, T1.0).as_bytes(),
+        );
+        let crafted = fx.path("crafted.bsi");
+        fs::write(&crafted, resign(&bytes, &crafted_manifest)).expect("write crafted package");
+        let verify = run(["verify", p(&crafted), "--trust", p(&example_pub())]);
+        if accepted {
+            ok(&verify);
+            continue;
+        }
+        let phrase = format!("{nanos} nanoseconds");
+        refused(&verify, &[p(&crafted), &phrase]);
+        let before = tree_snapshot(&root);
+        let state = fx.path("state");
+        refused(
+            &run([
+                "apply",
+                p(&crafted),
+                "--root",
+                p(&root),
+                "--trust",
+                p(&example_pub()),
+                "--state-dir",
+                p(&state),
+            ]),
+            &[p(&crafted), &phrase],
+        );
+        assert_eq!(tree_snapshot(&root), before, "{nanos}: the root changed");
+        assert!(!state.exists(), "{nanos}: a state directory was made");
+    }
+}
