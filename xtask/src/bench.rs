@@ -1169,12 +1169,17 @@ fn pair_table(p: &PairResult) -> String {
     s
 }
 
-/// The median cell of a tool on a pair, if it ran and succeeded.
-fn cell_of(p: &PairResult, tool: Tool) -> Option<Cell> {
+/// The cells of a tool's runs on a pair, round by round, if it ran and succeeded.
+fn cells_of(p: &PairResult, tool: Tool) -> Option<&[Cell]> {
     p.outcomes.iter().find_map(|(t, o)| match o {
-        Ok(cells) if *t == tool && !cells.is_empty() => Some(summarize(cells)),
+        Ok(cells) if *t == tool && !cells.is_empty() => Some(cells.as_slice()),
         _ => None,
     })
+}
+
+/// The median cell of a tool on a pair, if it ran and succeeded.
+fn cell_of(p: &PairResult, tool: Tool) -> Option<Cell> {
+    cells_of(p, tool).map(summarize)
 }
 
 /// One line of the summary: the ratio, the target, and whether it is met.
@@ -1227,14 +1232,9 @@ fn checks(results: &[PairResult]) -> Vec<Check> {
         let bsi = cell_of(p, Tool::Bsi);
         // bsi's figure over the peer's, if both ran
         let r = |t: Tool, f: &dyn Fn(&Cell) -> f64| Some(f(&bsi?) / f(&cell_of(p, t)?));
-        let cells = |want: Tool| {
-            p.outcomes.iter().find_map(|(t, o)| match o {
-                Ok(cells) if *t == want => Some(cells.as_slice()),
-                _ => None,
-            })
+        let spread = |t: Tool, f: &dyn Fn(&Cell) -> f64| {
+            round_spread(cells_of(p, Tool::Bsi)?, cells_of(p, t)?, f)
         };
-        let spread =
-            |t: Tool, f: &dyn Fn(&Cell) -> f64| round_spread(cells(Tool::Bsi)?, cells(t)?, f);
         let mut push = |what: String,
                         value: Option<f64>,
                         rounds: Option<(f64, f64)>,
