@@ -11,6 +11,7 @@ mod blocks;
 mod bsdiff;
 mod code_filter;
 mod gzip;
+pub mod pages;
 mod varint;
 mod zstd_prefix;
 
