@@ -77,7 +77,6 @@ use std::time::Duration;
 use rayon::prelude::*;
 use zstd::stream::raw::CParameter;
 
-use crate::pages::Pages;
 use crate::{corrupt, varint, window_log, DecodeError, DeltaEncoder};
 
 mod cm;
@@ -491,18 +490,14 @@ fn decode_slices(
         }
         return Ok(());
     }
-    let others_len = others.iter().map(|part| part.2).sum::<u64>();
-    // At most BUFFERED_MAX, checked above.
-    let mut buffer = Pages::<u8>::zeroed(others_len as usize).map_err(DecodeError::Output)?;
-    let free = buffer.chunks_mut(OUT_CHUNK);
     let (pieces, decoded) = mpsc::channel();
+    let (spares, spare) = mpsc::channel();
     let (first, written, others) = std::thread::scope(|scope| {
         let decoding = scope.spawn(move || {
             let mut out = Handover {
-                free,
-                piece: &mut [],
-                filled: 0,
+                piece: Vec::new(),
                 pieces,
+                spare,
             };
             for (old, header, len) in others {
                 apply(old, header, *len, &mut out)?;
@@ -513,9 +508,11 @@ fn decode_slices(
         // The other parts' bytes decoded so far, then the rest as it comes; if anything failed,
         // the receiver goes and the decoding thread stops at its next piece.
         let written = first.is_ok().then(|| {
-            decoded
-                .iter()
-                .try_for_each(|piece: &[u8]| sink.write_all(piece).map_err(DecodeError::Output))
+            decoded.iter().try_for_each(|piece| {
+                sink.write_all(&piece).map_err(DecodeError::Output)?;
+                let _ = spares.send(piece);
+                Ok(())
+            })
         });
         drop(decoded);
         let others = decoding
@@ -531,48 +528,41 @@ fn decode_slices(
 }
 
 /// The sink of the parts of a universal file decoded beside the first: their bytes go to the
-/// thread that writes the file in pieces of [`OUT_CHUNK`] of one buffer (see [`Pages`]: the
-/// wheel's 8.2 MB in four huge pages, not 2,000 pages faulted in one at a time), which it
-/// writes out once the first part is written, as they come, instead of all of them once the
-/// last is decoded. The
+/// thread that writes the file in pieces of [`OUT_CHUNK`], which it writes out once the first
+/// part is written, as they come, instead of all of them once the last is decoded. The
 /// `cryptography` wheel 42.0.7 -> 42.0.8 (a universal library of 9.5 and 8.2 MB, decoded in
 /// about the same time) applied in 130.5 ms instead of 139.0 (medians of 31 interleaved runs;
 /// 142.1 against 146.3 in 21 before): the writer takes the arm64 part's pieces as soon as its
 /// own part is done, rather than waiting for the last one.
-struct Handover<'a, I> {
-    /// The pieces of the buffer not filled yet.
-    free: I,
-    /// The piece being filled, `filled` bytes of it so far.
-    piece: &'a mut [u8],
-    filled: usize,
-    pieces: mpsc::Sender<&'a [u8]>,
+struct Handover {
+    piece: Vec<u8>,
+    pieces: mpsc::Sender<Vec<u8>>,
+    /// Pieces written out, to be filled again.
+    spare: mpsc::Receiver<Vec<u8>>,
 }
 
-impl<'a, I: Iterator<Item = &'a mut [u8]>> Handover<'a, I> {
+impl Handover {
     fn hand_over(&mut self) -> io::Result<()> {
-        if self.filled == 0 {
+        if self.piece.is_empty() {
             return Ok(());
         }
-        let (piece, _) = std::mem::take(&mut self.piece).split_at_mut(self.filled);
-        self.filled = 0;
+        let mut next = self.spare.try_recv().unwrap_or_default();
+        next.clear();
+        let piece = std::mem::replace(&mut self.piece, next);
         self.pieces
             .send(piece)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the writer stopped"))
     }
 }
 
-impl<'a, I: Iterator<Item = &'a mut [u8]>> Write for Handover<'a, I> {
+impl Write for Handover {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        if self.filled == self.piece.len() {
-            self.hand_over()?;
-            self.piece = self.free.next().ok_or_else(|| {
-                io::Error::other("the slices decode to more bytes than their lengths")
-            })?;
+        if self.piece.capacity() == 0 {
+            self.piece.reserve_exact(OUT_CHUNK);
         }
-        let n = bytes.len().min(self.piece.len() - self.filled);
-        self.piece[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
-        self.filled += n;
-        if self.filled == self.piece.len() {
+        let n = bytes.len().min(OUT_CHUNK - self.piece.len());
+        self.piece.extend_from_slice(&bytes[..n]);
+        if self.piece.len() == OUT_CHUNK {
             self.hand_over()?;
         }
         Ok(n)
@@ -2345,7 +2335,7 @@ mod tests {
     }
 
     /// The second part, decoded beside the first, reaches the sink in pieces of at most
-    /// [`OUT_CHUNK`] (pieces of one buffer); a sink that fails, in the first part or
+    /// [`OUT_CHUNK`] (the spare pieces filled again); a sink that fails, in the first part or
     /// in the second, has its own error returned.
     #[test]
     fn parts_decoded_beside_the_first_are_handed_over_in_pieces() {

@@ -11,7 +11,6 @@ mod blocks;
 mod bsdiff;
 mod code_filter;
 mod gzip;
-pub mod pages;
 mod varint;
 mod zstd_prefix;
 

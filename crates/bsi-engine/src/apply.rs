@@ -19,7 +19,6 @@ use crate::state::{InstalledEntry, Record, RecordEntries, StateDir, StateError, 
 use crate::tree::{image_mismatch, mtime_of, observe, observe_with, Content, ScanError};
 use crate::txn::{self, Failed, Interrupted, Recovered, Step, TxnDir, TxnError, TxnKind};
 use crate::{largest_first, Entries, FsContext, FsError, Progress, LARGE_FILE};
-use bsi_delta::pages::Pages;
 use bsi_delta::DeltaEncoder as _;
 
 /// zstd level of revert data (copies and reverse deltas): made on the device while it applies,
@@ -407,18 +406,17 @@ impl<'a> BaseView<'a> {
         path: &PkgPath,
         image: &Image,
         revert: Option<&str>,
-    ) -> Result<Pages<u8>, RevertError> {
+    ) -> Result<Vec<u8>, RevertError> {
         match revert {
             Some(name) => read_revert(
                 &self.revert_dir.join(name),
                 path,
                 image,
                 &self.root.join(path.as_str()),
-            )
-            .map(Pages::from),
+            ),
             None => {
                 let full = self.root.join(path.as_str());
-                Ok(bsi_delta::pages::read_file(&full).fs("read", &full)?)
+                Ok(fs::read(&full).fs("read", &full)?)
             }
         }
     }
@@ -489,7 +487,7 @@ fn read_revert(
 /// only the ranges it copies) the file itself, so that a 92 MB library is not read into memory
 /// for the few bytes that change.
 enum Base {
-    Bytes(Pages<u8>),
+    Bytes(Vec<u8>),
     OnDisk {
         file: fs::File,
         len: u64,

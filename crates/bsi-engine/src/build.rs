@@ -546,7 +546,7 @@ fn encode_entry(
     progress: &dyn Progress,
 ) -> Result<(Operation, Vec<u8>), BuildError> {
     let new_path = opts.target.join(entry.path.as_str());
-    let new = bsi_delta::pages::read_file(&new_path).fs("read", &new_path)?;
+    let new = std::fs::read(&new_path).fs("read", &new_path)?;
     let source = references.source_for(entry);
     let reference_path = match (&source, &entry.pre) {
         (Some(src), _) => Some(&src.path),
@@ -556,7 +556,7 @@ fn encode_entry(
     let old = match reference_path {
         Some(path) => {
             let old_path = opts.base.join(path.as_str());
-            Some(bsi_delta::pages::read_file(&old_path).fs("read", &old_path)?)
+            Some(std::fs::read(&old_path).fs("read", &old_path)?)
         }
         None => None,
     };

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bsi_delta::pages::Pages;
 use bsi_format::Digest;
 
 use crate::tree::hash_open;
@@ -68,7 +67,7 @@ pub(crate) fn settled(ctime: (i64, i64), started: SystemTime) -> bool {
 
 /// A file read whole by [`Seen::read`].
 pub(crate) struct ReadWhole {
-    pub bytes: Pages<u8>,
+    pub bytes: Vec<u8>,
     /// Its metadata after the read.
     pub meta: fs::Metadata,
     /// Its stamp, when it stood still during the read and was settled.
@@ -190,6 +189,7 @@ impl Seen {
     /// [`digest`](Self::digest) records one. `None` when the file holds more than `limit` bytes
     /// (nothing is read then).
     pub fn read(&self, full: &Path, limit: u64) -> Result<Option<ReadWhole>, FsError> {
+        use std::io::Read as _;
         let mut file = fs::File::open(full).fs("open", full)?;
         let meta = file.metadata().fs("read", full)?;
         if meta.len() > limit {
@@ -197,7 +197,11 @@ impl Seen {
         }
         let before = Stamp::of(&meta);
         let started = SystemTime::now();
-        let bytes = bsi_delta::pages::read_whole(&mut file, meta.len(), limit).fs("read", full)?;
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        (&mut file)
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .fs("read", full)?;
         if bytes.len() as u64 > limit {
             return Ok(None);
         }

@@ -11,8 +11,6 @@ use std::io;
 
 use rayon::prelude::*;
 
-use crate::pages::Pages;
-
 /// One step of the reconstruction: `add` bytes of old (from old position `from`) + diff, then
 /// `copy` bytes from the extra stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,9 +25,9 @@ pub(super) struct Op {
 const MIN_GAIN: i64 = 8;
 
 /// Suffix array of `old`, built single-threaded (libsais), as `u32`-ranged `i32` positions.
-fn suffix_array(old: &[u8]) -> io::Result<Pages<i32>> {
+fn suffix_array(old: &[u8]) -> io::Result<Vec<i32>> {
     if old.is_empty() {
-        return Ok(Pages::default());
+        return Ok(Vec::new());
     }
     if i32::try_from(old.len()).is_err() {
         return Err(io::Error::new(
@@ -37,12 +35,12 @@ fn suffix_array(old: &[u8]) -> io::Result<Pages<i32>> {
             format!("old file of {} bytes is too large for bsdiff", old.len()),
         ));
     }
-    let mut sa = Pages::zeroed(old.len())?;
-    libsais::SuffixArrayConstruction::for_text(old)
-        .in_borrowed_buffer(&mut sa)
+    let sa = libsais::SuffixArrayConstruction::for_text(old)
+        .in_owned_buffer()
         .single_threaded()
         .run()
-        .map_err(|e| io::Error::other(format!("suffix array construction failed: {e:?}")))?;
+        .map_err(|e| io::Error::other(format!("suffix array construction failed: {e:?}")))?
+        .into_vec();
     Ok(sa)
 }
 
@@ -125,10 +123,10 @@ fn agreeing_at(old: &[u8], new: &[u8], from: usize, to: usize, offset: i64) -> i
 /// The old file, its suffix array, and where each two-byte prefix's suffixes start in it.
 pub(super) struct Index<'a> {
     old: &'a [u8],
-    sa: Pages<i32>,
+    sa: Vec<i32>,
     /// The inverse of `sa` (the rank of each old position), for files of up to [`RANKS_MAX`]
     /// bytes: see [`Index::longest_match_near`].
-    ranks: Option<Pages<u32>>,
+    ranks: Option<Vec<u32>>,
     /// `buckets[k]` is the first rank of the suffixes whose first two bytes, big-endian, are
     /// at least `k` (a one-byte suffix `x` counts as `x 0`: it sorts first among those starting
     /// with `x`); `buckets[65536]` is the number of suffixes.
@@ -206,12 +204,12 @@ const NEAR_MIN: usize = 5;
 /// ranks of its own range of positions, reading the whole suffix array in order; the ranks of
 /// other positions go to a spare slot, which costs no branch. libcrypto (4.7 MB): 19 ms on two
 /// cores instead of 28 ms on one.
-fn inverse(sa: &[i32]) -> io::Result<Pages<u32>> {
+fn inverse(sa: &[i32]) -> Vec<u32> {
     let part = sa
         .len()
         .div_ceil(rayon::current_num_threads().max(1))
         .max(1 << 20);
-    let mut ranks = Pages::zeroed(sa.len())?;
+    let mut ranks = vec![0u32; sa.len()];
     ranks
         .par_chunks_mut(part)
         .enumerate()
@@ -227,7 +225,7 @@ fn inverse(sa: &[i32]) -> io::Result<Pages<u32>> {
                 *slot = rank as u32;
             }
         });
-    Ok(ranks)
+    ranks
 }
 
 /// The two-byte key of a suffix, see [`Index::buckets`].
@@ -255,7 +253,7 @@ impl<'a> Index<'a> {
         let (sa, (grams, buckets)) =
             rayon::join(|| suffix_array(old), || (Grams::new(old), buckets(old)));
         let sa = sa?;
-        let ranks = (old.len() <= RANKS_MAX).then(|| inverse(&sa)).transpose()?;
+        let ranks = (old.len() <= RANKS_MAX).then(|| inverse(&sa));
         Ok(Index {
             old,
             sa,
@@ -677,7 +675,7 @@ mod tests {
         for len in [1usize, 5, 1000, (1 << 20) + 3, 3 << 20] {
             let old = letters(len as u64, len, 4);
             let sa = suffix_array(&old).expect("suffix array");
-            let ranks = inverse(&sa).expect("ranks");
+            let ranks = inverse(&sa);
             assert_eq!(ranks.len(), len);
             for (rank, &pos) in sa.iter().enumerate() {
                 assert_eq!(
